@@ -1,0 +1,90 @@
+"""What a VLM family adapter provides: where the visual tokens are, how positions and rotary tables are built, and
+access to the decoder's layers. Adapters are stateless: everything about one request lives in ``Encoded``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Encoded:
+    """One batch, embedded and ready for the LLM. Shapes: B samples, L positions, H hidden, P position rows."""
+
+    embeds: torch.Tensor  # (B, L, H)
+    attn_mask: torch.Tensor  # (B, L) bool, left padded
+    positions: torch.Tensor  # (P, B, L) long; P = 3 for M-RoPE (t, h, w), 1 for 1-D RoPE
+    vis_mask: torch.Tensor  # (B, L) bool, True at visual tokens
+    grids: list[tuple[int, int]]  # (h, w) merged-token grid per image, images in batch order
+    image_owner: list[int]  # sample index of each image
+    next_pos: torch.Tensor  # (B,) first position id after the prompt
+    vision_feats: list[torch.Tensor] = field(default_factory=list)  # per tap: (n_vis_total, C), raster order
+
+    @property
+    def n_vis(self) -> list[int]:
+        return self.vis_mask.sum(dim=1).tolist()
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    vision_width: int
+    vision_depth: int
+
+
+class Adapter:
+    """Base class; one subclass per ``model_type``. Methods take the model explicitly and keep no state."""
+
+    model_types: tuple[str, ...] = ()
+
+    def dims(self, model: nn.Module) -> ModelDims:
+        raise NotImplementedError
+
+    def text_config(self, model: nn.Module):
+        raise NotImplementedError
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def encode(self, model: nn.Module, inputs: dict, taps: tuple[int, ...] = ()) -> Encoded:
+        raise NotImplementedError
+
+    def rotary(self, model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor):
+        """(cos, sin), each (B, L, head_dim), for positions (P, B, L)."""
+        raise NotImplementedError
+
+    def decode_positions(self, next_pos: torch.Tensor) -> torch.Tensor:
+        """Position ids (P, B, 1) of a decode step whose tokens sit at next_pos (B,)."""
+        raise NotImplementedError
+
+    def embed_tokens(self, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        return model.get_input_embeddings()(ids)
+
+    def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head: hidden (B, L, H) -> (B, L, V)."""
+        raise NotImplementedError
+
+    def query_logits(
+        self, model: nn.Module, layer_idx: int, hidden_in: torch.Tensor, rope, keys: torch.Tensor
+    ) -> torch.Tensor:
+        """Scaled q.k logits of ONE query per sample against every cached key of a layer.
+
+        hidden_in: (B, 1, H), the layer's input at the query position; rope: (cos, sin) each (B, 1, head_dim);
+        keys: (B, kv_heads, L, head_dim) after RoPE. Returns (B, heads, L). Works for Qwen2/Llama-style attention.
+        """
+        layer = self.layers(model)[layer_idx]
+        attn = layer.self_attn
+        B = hidden_in.shape[0]
+        hd = keys.shape[-1]
+        q = attn.q_proj(layer.input_layernorm(hidden_in)).view(B, 1, -1, hd).transpose(1, 2)  # (B, h, 1, hd)
+        cos, sin = rope
+        q1, q2 = q.chunk(2, dim=-1)
+        q = q * cos[:, None] + torch.cat([-q2, q1], dim=-1) * sin[:, None]
+        k = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)  # (B, h, L, hd)
+        scale = getattr(attn, "scaling", hd**-0.5)
+        return (q @ k.transpose(-1, -2)).squeeze(2) * scale

@@ -1,0 +1,148 @@
+"""Public entry points: ``load`` a base model (+ module) from local directories, ``apply`` a method to a model you
+already hold, and ``PrunedModel.generate``. Nothing is patched and no request state is kept on the model.
+
+Example (offline; the directories must already be on disk)::
+
+    import glimpseprune as gp
+    pm = gp.load("Qwen2.5-VL-7B-Instruct/", module="glimpse-module/")
+    out = pm.generate(images=[["cat.jpg"]], questions=["What is on the mat?"], max_new_tokens=32)
+    print(out.texts[0], out.n_kept[0], "/", out.n_vis[0])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import check_compatible, load_module
+from .config import SelectionConfig
+from .methods.base import PruningMethod
+from .registry import get_adapter, get_method
+from .runtime.engine import PrefillResult, generate
+
+
+@dataclass
+class PruneOutput:
+    sequences: torch.Tensor  # (B, T) generated token ids (prompt excluded), pad after EOS
+    keep_masks: list[torch.Tensor]  # per sample (n_vis_b,) bool, its images concatenated
+    image_keep_masks: list[torch.Tensor]  # per image (h, w) bool, images in batch order
+    n_vis: list[int]
+    n_kept: list[int]
+    kv_len: list[int]  # cache entries per sample at the start of decoding
+    prune_layer: int | None
+    texts: list[str] | None = None
+    step_logits: list[torch.Tensor] | None = None  # per generated token, (B, V)
+    prefill: PrefillResult | None = None
+
+
+def _split_images(pre: PrefillResult) -> list[torch.Tensor]:
+    out, offset = [], [0] * len(pre.keep_masks)
+    for (h, w), b in zip(pre.grids, pre.image_owner):
+        out.append(pre.keep_masks[b][offset[b]: offset[b] + h * w].view(h, w))
+        offset[b] += h * w
+    return out
+
+
+def _token_ids(model, processor) -> tuple[Any, int]:
+    gc = getattr(model, "generation_config", None)
+    eos = getattr(gc, "eos_token_id", None) or model.config.get_text_config().eos_token_id
+    tok = getattr(processor, "tokenizer", None)
+    pad = getattr(gc, "pad_token_id", None)
+    if pad is None and tok is not None:
+        pad = tok.pad_token_id
+    return eos, 0 if pad is None else int(pad)
+
+
+class PrunedModel:
+    """A base model + a pruning method (+ optionally its processor). Stateless across calls."""
+
+    def __init__(self, model, method: PruningMethod, processor=None):
+        self.model, self.method, self.processor = model, method, processor
+        self.adapter = get_adapter(model)
+        module = getattr(method, "module", None)
+        if module is not None:
+            check_compatible(module.cfg, self.adapter.dims(model))
+
+    def prepare(self, images: list[list[Any]], questions: list[str]) -> dict:
+        """Processor inputs for a batch; images: per sample a list of PIL images or paths (may be empty)."""
+        from .processing import build_inputs, load_image
+
+        if self.processor is None:
+            raise ValueError("this PrunedModel has no processor; pass processor= or call generate(inputs=...)")
+        if len(images) != len(questions):
+            raise ValueError(f"got {len(images)} image lists for {len(questions)} questions")
+        pil = [[load_image(im) if isinstance(im, (str, Path)) else im for im in ims] for ims in images]
+        return build_inputs(self.processor, pil, questions)
+
+    def generate(self, inputs: dict | None = None, *, images=None, questions=None, max_new_tokens: int = 32,
+                 do_sample: bool = False, temperature: float = 1.0, seed: int | None = None,
+                 keep_masks: list[torch.Tensor] | None = None, return_logits: bool = False) -> PruneOutput:
+        """Generate for a batch given either processor ``inputs`` or ``images`` + ``questions``."""
+        if inputs is None:
+            if questions is None:
+                raise ValueError("pass inputs= (processor output) or questions= (+ images=)")
+            inputs = self.prepare(images if images is not None else [[] for _ in questions], questions)
+        device = next(self.model.parameters()).device
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in dict(inputs).items()}
+        eos, pad = _token_ids(self.model, self.processor)
+        request = {"keep_masks": keep_masks} if keep_masks is not None else {}
+        toks, pre, step_logits = generate(self.model, self.adapter, self.method, inputs, max_new_tokens, eos, pad,
+                                          do_sample, temperature, seed, request)
+        texts = None
+        if self.processor is not None:
+            texts = self.processor.batch_decode(toks, skip_special_tokens=True)
+        return PruneOutput(
+            sequences=toks, keep_masks=pre.keep_masks, image_keep_masks=_split_images(pre),
+            n_vis=pre.n_vis, n_kept=pre.n_kept, kv_len=pre.kv_len,
+            prune_layer=pre.prune_layer, texts=texts, step_logits=step_logits if return_logits else None,
+            prefill=pre,
+        )
+
+
+def make_method(name: str, module=None, selection: SelectionConfig | None = None, **kwargs) -> PruningMethod:
+    cls = get_method(name)
+    if name == "glimpse":
+        return cls(module=module, selection=selection)
+    return cls(**kwargs)
+
+
+def apply(model, method: str | PruningMethod = "glimpse", module=None, selection: SelectionConfig | None = None,
+          processor=None, **method_kwargs) -> PrunedModel:
+    """Wrap a loaded model: ``pm = apply(model, "glimpse", module=load_module(dir))``. The model is not modified."""
+    if isinstance(method, str):
+        method = make_method(method, module, selection, **method_kwargs)
+    return PrunedModel(model, method, processor)
+
+
+def load_base(model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """(model, processor) from a local HF directory, offline."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from .processing import load_processor
+
+    p = Path(model_dir)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"no model at {p}: expected a local Hugging Face directory with config.json "
+                                "(download it first, e.g. `hf download Qwen/Qwen2.5-VL-7B-Instruct --local-dir DIR`)")
+    config = AutoConfig.from_pretrained(p, local_files_only=True)
+    get_adapter(config.model_type)  # fail fast on unsupported families
+    model = AutoModelForImageTextToText.from_pretrained(p, dtype=dtype, local_files_only=True).to(device).eval()
+    return model, load_processor(p)
+
+
+def load(model_dir: str | Path, module: str | Path | None = None, method: str | None = None,
+         selection: SelectionConfig | None = None, device: str | torch.device = "cpu",
+         dtype: torch.dtype = torch.float32, **method_kwargs) -> PrunedModel:
+    """Load a base model (and a glimpse module) from local directories and wrap them.
+
+    method defaults to "glimpse" when a module is given, else "full".
+    """
+    model, processor = load_base(model_dir, device, dtype)
+    method = method or ("glimpse" if module is not None else "full")
+    mod = None
+    if module is not None:
+        mod = load_module(module, get_adapter(model).dims(model), device=device, dtype=torch.float32)
+    return apply(model, method, module=mod, selection=selection, processor=processor, **method_kwargs)

@@ -1,0 +1,158 @@
+"""Typed, validated configuration: token selection (budget knobs) and the GlimpsePrune module architecture.
+
+Pruning knobs live here, never in the HF model config. Every dataclass validates itself in ``__post_init__`` and
+round-trips through JSON (``to_dict`` / ``from_dict``) with a format version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+CONFIG_VERSION = 1
+
+
+def _check_ratio(name: str, value: float | None) -> None:
+    if value is not None and not (0.0 < float(value) <= 1.0):
+        raise ValueError(f"{name} must be in (0, 1], got {value}")
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """How a per-token importance score becomes a keep mask (one sample at a time, joint over its images).
+
+    threshold: keep a token when its probability is > threshold (in [0, 1]).
+    max_keep_ratio: optional cap; keep at most floor(ratio * n_vis) tokens (top-k by probability).
+    min_keep: floor; at least this many tokens are kept per sample (if it has that many).
+    fixed_keep_ratio: matched-budget mode; keep exactly max(min_keep, floor(ratio * n_vis)) tokens, top-k,
+        ignoring the threshold and the cap.
+    """
+
+    threshold: float = 0.5
+    max_keep_ratio: float | None = None
+    min_keep: int = 1
+    fixed_keep_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= float(self.threshold) <= 1.0):
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        _check_ratio("max_keep_ratio", self.max_keep_ratio)
+        _check_ratio("fixed_keep_ratio", self.fixed_keep_ratio)
+        if int(self.min_keep) < 0:
+            raise ValueError(f"min_keep must be >= 0, got {self.min_keep}")
+
+
+def default_prune_layer(n_layers: int) -> int:
+    """K = ceil(2L/3) - 1: gives the released values 18/28, 23/36 (Qwen2.5-VL 7B/3B) and 21/32, 26/40 (LLaVA)."""
+    return math.ceil(2 * n_layers / 3) - 1
+
+
+def default_vision_taps(vit_depth: int) -> tuple[int, ...]:
+    """Four evenly spaced encoder blocks from the last: 31/23/15/7 for depth 32, 23/17/11/5 for depth 24."""
+    step = max(vit_depth // 4, 1)
+    return tuple(i for i in (vit_depth - 1 - k * step for k in range(4)) if i >= 0)
+
+
+@dataclass(frozen=True)
+class GlimpseConfig:
+    """Architecture of a GlimpsePrune module, and the base model it was built for.
+
+    The base-model fields (``base_*``) are recorded so that loading a module onto another model fails clearly.
+    """
+
+    base_model_type: str
+    base_hidden_size: int
+    base_num_layers: int
+    base_num_heads: int
+    base_vision_width: int
+    base_vision_depth: int
+    prune_layer: int
+    vision_taps: tuple[int, ...]
+    attn_layers: tuple[int, ...] = ()  # LLM layers whose glimpse attention feeds the VIP; default (prune_layer,)
+    glimpse_layers: tuple[int, ...] = ()  # layers that get a glimpse vector; default: all layers
+    vip_width: int = 256
+    cond_width: int = 512
+    vip_heads: int = 4
+    vip_mlp_width: int = 512
+    rms_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    attn_score: str = "logits"  # "logits": raw scaled q.k (Qwen releases); "log_softmax": over all keys (LLaVA)
+    base_model_name: str | None = None
+    version: int = CONFIG_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "vision_taps", tuple(int(i) for i in self.vision_taps))
+        set_(self, "attn_layers", tuple(int(i) for i in (self.attn_layers or (self.prune_layer,))))
+        set_(self, "glimpse_layers", tuple(int(i) for i in (self.glimpse_layers or range(self.base_num_layers))))
+        L = self.base_num_layers
+        if not (0 <= self.prune_layer < L):
+            raise ValueError(f"prune_layer must be in [0, {L - 1}] for a {L}-layer LLM, got {self.prune_layer}")
+        for i in self.attn_layers:
+            if not (0 <= i <= self.prune_layer):
+                raise ValueError(f"attention layer {i} must be in [0, prune_layer={self.prune_layer}]")
+        for i in self.glimpse_layers:
+            if not (0 <= i < L):
+                raise ValueError(f"glimpse layer {i} outside the LLM's layers [0, {L - 1}]")
+        if 0 not in self.glimpse_layers:
+            raise ValueError("glimpse_layers must include layer 0 (the glimpse token's input embedding)")
+        if self.attn_score not in ("logits", "log_softmax"):
+            raise ValueError(f"attn_score must be 'logits' or 'log_softmax', got {self.attn_score!r}")
+        if not self.vision_taps:
+            raise ValueError("vision_taps must name at least one vision-encoder block")
+        for i in self.vision_taps:
+            if not (0 <= i < self.base_vision_depth):
+                raise ValueError(f"vision tap {i} outside the encoder's blocks [0, {self.base_vision_depth - 1}]")
+        qk = self.vip_width + self.cond_width
+        if qk % self.vip_heads or (qk // self.vip_heads) % 4 or self.vip_width % self.vip_heads:
+            raise ValueError(
+                f"vip_width + cond_width ({qk}) and vip_width ({self.vip_width}) must split into {self.vip_heads} "
+                "heads, with a query head size divisible by 4 (2D RoPE)"
+            )
+
+    @property
+    def n_vip_layers(self) -> int:
+        return len(self.vision_taps)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("vision_taps", "attn_layers", "glimpse_layers"):
+            d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GlimpseConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown GlimpseConfig fields: {sorted(unknown)}")
+        if int(d.get("version", CONFIG_VERSION)) > CONFIG_VERSION:
+            raise ValueError(f"module config version {d['version']} is newer than this library ({CONFIG_VERSION})")
+        return cls(**d)
+
+
+# Named presets: the released settings (reference §3.1). Base sizes are checked against the model at load time.
+PRESETS: dict[str, dict[str, Any]] = {
+    "qwen2_5_vl_7b": dict(
+        base_model_type="qwen2_5_vl", base_hidden_size=3584, base_num_layers=28, base_num_heads=28,
+        base_vision_width=1280, base_vision_depth=32, prune_layer=18, vision_taps=(31, 23, 15, 7),
+        vip_width=256, cond_width=512, vip_heads=4, vip_mlp_width=512,
+        base_model_name="Qwen/Qwen2.5-VL-7B-Instruct",
+    ),
+    "qwen2_5_vl_3b": dict(
+        base_model_type="qwen2_5_vl", base_hidden_size=2048, base_num_layers=36, base_num_heads=16,
+        base_vision_width=1280, base_vision_depth=32, prune_layer=23, vision_taps=(31, 23, 15, 7),
+        vip_width=256, cond_width=512, vip_heads=4, vip_mlp_width=512,
+        base_model_name="Qwen/Qwen2.5-VL-3B-Instruct",
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> GlimpseConfig:
+    """A named preset, e.g. ``preset("qwen2_5_vl_7b")``; keyword overrides replace single fields."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+    return GlimpseConfig(**{**PRESETS[name], **overrides})

@@ -1,0 +1,82 @@
+"""``glimpse``: GlimpsePrune (arXiv 2508.01548).
+
+A glimpse token is appended after the prompt; a learned vector is added to its hidden state before every glimpse
+layer. At the attention layer(s) its query's per-head logits over the image keys, plus vision-encoder features, feed
+the VIP, which scores every visual token; ``select_tokens`` turns scores into keep masks. The glimpse token is removed
+with the dropped tokens after layer K, so it never influences the answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import SelectionConfig
+from ..modules.glimpse import GlimpseModule
+from ..ops.select import select_with
+from ..registry import register_method
+from ..runtime.cache import layer_keys
+from .base import MethodConfig, PruningMethod
+
+
+@dataclass(frozen=True)
+class GlimpseMethodConfig(MethodConfig):
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+
+
+@register_method
+class GlimpseMethod(PruningMethod):
+    """Needs a trained ``GlimpseModule`` (``glimpseprune.load_module``). Example::
+
+        method = GlimpseMethod(module=load_module("ckpt/"), selection=SelectionConfig(max_keep_ratio=0.111))
+    """
+
+    name = "glimpse"
+    config_class = GlimpseMethodConfig
+
+    def __init__(self, config: GlimpseMethodConfig | None = None, module: GlimpseModule | None = None,
+                 selection: SelectionConfig | None = None):
+        if module is None:
+            raise ValueError("method 'glimpse' needs a trained module: pass module=load_module(DIR)")
+        super().__init__(config if config is not None else GlimpseMethodConfig(selection or SelectionConfig()))
+        self.module = module
+
+    def prune_layer(self, n_layers: int) -> int | None:
+        return self.module.cfg.prune_layer
+
+    def vision_taps(self) -> tuple[int, ...]:
+        return self.module.cfg.vision_taps
+
+    def extra_tokens(self, state) -> torch.Tensor:
+        B, _, H = state.enc.embeds.shape
+        return self.module.glimpse_vector(0).view(1, 1, H).expand(B, 1, H)
+
+    def before_layer(self, state, layer_idx: int, hidden: torch.Tensor) -> torch.Tensor:
+        g = self.module.glimpse_vector(layer_idx) if layer_idx > 0 else None
+        if g is None:
+            return hidden
+        return torch.cat([hidden[:, :-1], hidden[:, -1:] + g.to(hidden.dtype)], dim=1)
+
+    def after_layer(self, state, layer_idx: int, hidden_in: torch.Tensor) -> None:
+        if layer_idx not in self.module.cfg.attn_layers:
+            return
+        rope = tuple(r[:, -1:] for r in state.rope)
+        scores = state.adapter.query_logits(state.model, layer_idx, hidden_in[:, -1:], rope,
+                                            layer_keys(state.cache, layer_idx))  # (B, h, L)
+        if self.module.cfg.attn_score == "log_softmax":
+            scores = scores.float().masked_fill(~state.key_mask[:, None], float("-inf")).log_softmax(dim=-1)
+        L0 = state.enc.vis_mask.shape[1]
+        per_sample = [scores[b, :, :L0][:, state.enc.vis_mask[b]].T for b in range(scores.shape[0])]  # (n_b, h)
+        state.scratch.setdefault("glimpse_attn", []).append(torch.cat(per_sample, dim=0))
+
+    def predict_logits(self, state) -> list[torch.Tensor]:
+        """VIP logits per sample, (n_vis_b,) each."""
+        attn = torch.cat(state.scratch.pop("glimpse_attn"), dim=-1)  # (n_vis_total, n_layers * h)
+        logits = self.module(attn, state.enc.vision_feats, state.enc.grids)
+        return list(logits.split(state.enc.n_vis))
+
+    def select(self, state) -> list[torch.Tensor]:
+        logits = self.predict_logits(state)
+        state.scratch["vip_logits"] = logits
+        return [select_with(self.config.selection, torch.sigmoid(lg)) for lg in logits]

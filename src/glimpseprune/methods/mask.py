@@ -1,0 +1,43 @@
+"""``mask``: prune with keep masks supplied per request (``keep_masks=`` in generate), e.g. ground-truth box tokens
+(an oracle) or masks edited by hand. The masks belong to the request, never to the method object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..registry import register_method
+from .base import MethodConfig, PruningMethod
+
+
+@dataclass(frozen=True)
+class MaskConfig(MethodConfig):
+    prune_layer: int | None = None  # None: the model's default K = ceil(2L/3) - 1; -1: before the LLM
+
+
+@register_method
+class MaskMethod(PruningMethod):
+    name = "mask"
+    config_class = MaskConfig
+
+    def prune_layer(self, n_layers: int) -> int | None:
+        from ..config import default_prune_layer
+
+        k = self.config.prune_layer
+        return default_prune_layer(n_layers) if k is None else k
+
+    def select(self, state) -> list[torch.Tensor]:
+        masks = state.request.get("keep_masks")
+        if masks is None:
+            raise ValueError("method 'mask' needs keep_masks=[bool tensor per sample] in the generate call")
+        n_vis = state.enc.n_vis
+        if len(masks) != len(n_vis):
+            raise ValueError(f"keep_masks has {len(masks)} entries for a batch of {len(n_vis)} samples")
+        out = []
+        for b, (m, n) in enumerate(zip(masks, n_vis)):
+            m = torch.as_tensor(m, dtype=torch.bool, device=state.device).flatten()
+            if m.numel() != n:
+                raise ValueError(f"keep_masks[{b}] has {m.numel()} entries but sample {b} has {n} visual tokens")
+            out.append(m)
+        return out

@@ -1,0 +1,96 @@
+"""Visual-token Importance Predictor (VIP): a few conditional self-attention blocks over each image's token grid.
+
+Input: per-visual-token glimpse attention features (n_tok, n_attn) and vision-encoder features (one tensor per
+block, in the order of ``GlimpseConfig.vision_taps``). Output: one logit per visual token. Each image attends only to
+itself (global attention within the image, 2D RoPE on its merged-token grid), so a token's score never depends on
+other images or other samples. Parameter names follow the upstream release so its weights convert by renaming.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import GlimpseConfig
+from ..ops.rope2d import apply_rope, grid_positions, rope2d_angles
+
+
+class CondAttention(nn.Module):
+    """Self-attention whose queries and keys see [x ; condition], values see x only."""
+
+    def __init__(self, width: int, cond_width: int, heads: int, theta: float):
+        super().__init__()
+        self.heads, self.theta = heads, theta
+        qk = width + cond_width
+        self.q_proj = nn.Linear(qk, qk, bias=False)
+        self.k_proj = nn.Linear(qk, qk, bias=False)
+        self.v_proj = nn.Linear(width, width, bias=False)
+        self.o_proj = nn.Linear(width, width, bias=False)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
+        # x: (S, width), cond: (S, cond_width); S = sum of h*w over grids
+        u = torch.cat([x, cond], dim=-1)
+        S, H = x.shape[0], self.heads
+        q = self.q_proj(u).view(S, H, -1).transpose(0, 1)  # (H, S, dqk)
+        k = self.k_proj(u).view(S, H, -1).transpose(0, 1)
+        v = self.v_proj(x).view(S, H, -1).transpose(0, 1)  # (H, S, dv)
+        outs, start = [], 0
+        for h, w in grids:
+            sl = slice(start, start + h * w)
+            ang = rope2d_angles(grid_positions(h, w, x.device), q.shape[-1], self.theta)
+            o = F.scaled_dot_product_attention(apply_rope(q[:, sl], ang), apply_rope(k[:, sl], ang), v[:, sl])
+            outs.append(o)
+            start += h * w
+        o = torch.cat(outs, dim=1).transpose(0, 1).reshape(S, -1)  # (S, width)
+        return self.o_proj(o)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(width, hidden)
+        self.up_proj = nn.Linear(width, hidden)
+        self.down_proj = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class VIPBlock(nn.Module):
+    def __init__(self, cfg: GlimpseConfig):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(cfg.vip_width, eps=cfg.rms_eps)
+        self.attn = CondAttention(cfg.vip_width, cfg.cond_width, cfg.vip_heads, cfg.rope_theta)
+        self.norm2 = nn.RMSNorm(cfg.vip_width, eps=cfg.rms_eps)
+        self.mlp = SwiGLU(cfg.vip_width, cfg.vip_mlp_width)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cond, grids)
+        return x + self.mlp(self.norm2(x))
+
+
+class VIP(nn.Module):
+    """logits = VIP(attn, conds, grids); attn (S, n_attn), conds: list of (S, vision_width), grids: [(h, w), ...]."""
+
+    def __init__(self, cfg: GlimpseConfig):
+        super().__init__()
+        n_attn = len(cfg.attn_layers) * cfg.base_num_heads
+        self.attn_in_proj = nn.Linear(n_attn, cfg.vip_width)
+        self.cond_in_projs = nn.ModuleList(
+            nn.Linear(cfg.base_vision_width, cfg.cond_width) for _ in range(cfg.n_vip_layers)
+        )
+        self.layers = nn.ModuleList(VIPBlock(cfg) for _ in range(cfg.n_vip_layers))
+        self.out_proj = nn.Linear(cfg.vip_width, 1)
+
+    def forward(self, attn: torch.Tensor, conds: list[torch.Tensor], grids: list[tuple[int, int]]) -> torch.Tensor:
+        n_tok = sum(h * w for h, w in grids)
+        if attn.shape[0] != n_tok or any(c.shape[0] != n_tok for c in conds):
+            raise ValueError(f"VIP inputs cover {attn.shape[0]} tokens but the image grids hold {n_tok}")
+        if len(conds) != len(self.layers):
+            raise ValueError(f"VIP expects {len(self.layers)} vision features, got {len(conds)}")
+        dtype = self.attn_in_proj.weight.dtype
+        x = self.attn_in_proj(attn.to(dtype))
+        for layer, proj, cond in zip(self.layers, self.cond_in_projs, conds):
+            x = layer(x, proj(cond.to(dtype)), grids)
+        return self.out_proj(x).squeeze(-1).float()  # (S,)

@@ -1,0 +1,53 @@
+"""Pure selection functions: per-token probabilities -> boolean keep masks. No model knowledge."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import SelectionConfig
+
+
+def _topk_mask(probs: torch.Tensor, k: int) -> torch.Tensor:
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    k = max(0, min(int(k), probs.numel()))
+    if k:
+        keep[torch.topk(probs.float(), k).indices] = True
+    return keep
+
+
+def select_tokens(
+    probs: torch.Tensor,
+    threshold: float = 0.5,
+    max_keep_ratio: float | None = None,
+    min_keep: int = 1,
+    fixed_keep_ratio: float | None = None,
+) -> torch.Tensor:
+    """Keep mask for one sample's visual tokens.
+
+    probs: (n_vis,) importance in [0, 1], all images of the sample concatenated (the budget is joint).
+    Returns a bool tensor (n_vis,).
+
+    >>> select_tokens(torch.tensor([0.9, 0.2, 0.6, 0.1]), threshold=0.5).tolist()
+    [True, False, True, False]
+    >>> select_tokens(torch.tensor([0.9, 0.2, 0.6, 0.1]), fixed_keep_ratio=0.25).tolist()
+    [True, False, False, False]
+    """
+    SelectionConfig(threshold, max_keep_ratio, min_keep, fixed_keep_ratio)  # validates the knobs
+    if probs.dim() != 1:
+        raise ValueError(f"probs must be 1-D (n_vis,), got shape {tuple(probs.shape)}")
+    n_vis = probs.numel()
+    if fixed_keep_ratio is not None:
+        return _topk_mask(probs, max(min_keep, int(fixed_keep_ratio * n_vis)))
+    keep = probs > threshold
+    if max_keep_ratio is not None:
+        cap = int(max_keep_ratio * n_vis)
+        if int(keep.sum()) > cap:
+            keep = _topk_mask(probs, cap)
+    if int(keep.sum()) < min_keep:
+        keep = keep | _topk_mask(probs, min_keep)
+    return keep
+
+
+def select_with(cfg: SelectionConfig, probs: torch.Tensor) -> torch.Tensor:
+    """``select_tokens`` with the knobs of a ``SelectionConfig``."""
+    return select_tokens(probs, cfg.threshold, cfg.max_keep_ratio, cfg.min_keep, cfg.fixed_keep_ratio)

@@ -1,0 +1,200 @@
+"""Tiny random-init Qwen2.5-VL fixtures for tests and examples.
+
+This module owns the construction of a deliberately small Qwen2.5-VL model
+(a few hundred thousand parameters) that runs on a CPU in milliseconds and is
+built entirely offline: :func:`tiny_qwen2_5_vl_config` describes it,
+:func:`build_tiny_qwen2_5_vl` writes a loadable checkpoint directory (weights,
+generation config and processor) and :func:`random_image` makes deterministic
+test images.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from glimpseprune.processing import QwenVLProcessor, make_tiny_qwen_tokenizer, save_processor
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "TINY_MAX_PIXELS",
+    "TINY_MIN_PIXELS",
+    "build_tiny_qwen2_5_vl",
+    "random_image",
+    "tiny_qwen2_5_vl_config",
+]
+
+# Image-processor pixel budget of the tiny checkpoint: 56*56 px is 2x2 patches
+# of 28 px (4 patches -> 1 merged token), 448*448 px is 16x16 merged tokens.
+TINY_MIN_PIXELS = 56 * 56
+TINY_MAX_PIXELS = 448 * 448
+
+_TEXT_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6,
+    "initializer_range": 0.02,
+    # head_dim = 64 / 4 = 16; the M-RoPE sections (t, h, w) must sum to head_dim / 2.
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 3, 3]},
+}
+
+_VISION_DEFAULTS: dict[str, Any] = {
+    "depth": 4,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_heads": 2,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "window_size": 112,
+    "fullatt_block_indexes": [1, 3],
+    "tokens_per_second": 2,
+    "initializer_range": 0.02,
+}
+
+
+def _special_token_ids() -> dict[str, int]:
+    """Ids of the control tokens in the tiny tokenizer (the config has to agree with it)."""
+    tokenizer = make_tiny_qwen_tokenizer()
+    names = {
+        "pad": "<|endoftext|>",
+        "eos": "<|im_end|>",
+        "image": "<|image_pad|>",
+        "video": "<|video_pad|>",
+        "vision_start": "<|vision_start|>",
+        "vision_end": "<|vision_end|>",
+    }
+    ids = {key: int(tokenizer.convert_tokens_to_ids(token)) for key, token in names.items()}
+    ids["vocab_size"] = len(tokenizer)
+    return ids
+
+
+def _merged(defaults: dict[str, Any], override: Any, name: str) -> dict[str, Any]:
+    """``defaults`` updated with the dict ``override`` (``None`` keeps the defaults)."""
+    if override is None:
+        return dict(defaults)
+    if not isinstance(override, dict):
+        raise TypeError(f"{name} override must be a dict of config fields, got {type(override).__name__}")
+    return {**defaults, **override}
+
+
+def tiny_qwen2_5_vl_config(**overrides: Any) -> Qwen2_5_VLConfig:
+    """A tiny Qwen2.5-VL config matching :func:`~glimpseprune.processing.make_tiny_qwen_tokenizer`.
+
+    Text: hidden 64, 4 layers, 4 query / 2 key-value heads, M-RoPE sections
+    ``[2, 3, 3]``. Vision: hidden 32, depth 4 with full attention in blocks 1
+    and 3 (window attention elsewhere, window 112 px), patch 14, merge 2,
+    projected to the text width. Attention is SDPA everywhere.
+
+    ``text_config=`` / ``vision_config=`` dicts are merged into those defaults;
+    any other keyword is passed to :class:`Qwen2_5_VLConfig` unchanged.
+    """
+    ids = _special_token_ids()
+    text = _merged(_TEXT_DEFAULTS, overrides.pop("text_config", None), "text_config")
+    text.setdefault("vocab_size", ids["vocab_size"])
+    text.setdefault("bos_token_id", ids["pad"])
+    text.setdefault("eos_token_id", ids["eos"])
+    text.setdefault("pad_token_id", ids["pad"])
+    vision = _merged(_VISION_DEFAULTS, overrides.pop("vision_config", None), "vision_config")
+    vision.setdefault("out_hidden_size", text["hidden_size"])
+    attn_implementation = overrides.pop("attn_implementation", "sdpa")
+    kwargs: dict[str, Any] = {
+        "image_token_id": ids["image"],
+        "video_token_id": ids["video"],
+        "vision_start_token_id": ids["vision_start"],
+        "vision_end_token_id": ids["vision_end"],
+        "tie_word_embeddings": False,
+        "dtype": "float32",
+    }
+    kwargs.update(overrides)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **kwargs)
+    config._attn_implementation = attn_implementation  # propagates to text and vision sub-configs
+    _check_rope_sections(config)
+    return config
+
+
+def _check_rope_sections(config: Qwen2_5_VLConfig) -> None:
+    """Fail early when the M-RoPE sections do not cover half the attention head dimension."""
+    text = config.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    sections = (text.rope_parameters or {}).get("mrope_section")
+    if sections is None or sum(sections) != head_dim // 2:
+        raise ValueError(f"mrope_section {sections} must sum to head_dim/2 = {head_dim // 2}")
+
+
+def _tiny_processor() -> QwenVLProcessor:
+    """Processor for the tiny checkpoint: tiny tokenizer plus a small-budget PIL image processor."""
+    tokenizer = make_tiny_qwen_tokenizer()
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=TINY_MIN_PIXELS,
+        max_pixels=TINY_MAX_PIXELS,
+        patch_size=_VISION_DEFAULTS["patch_size"],
+        temporal_patch_size=_VISION_DEFAULTS["temporal_patch_size"],
+        merge_size=_VISION_DEFAULTS["spatial_merge_size"],
+    )
+    return QwenVLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+
+
+def _generation_config(config: Qwen2_5_VLConfig) -> GenerationConfig:
+    """Greedy generation config that stops on ``<|im_end|>`` or ``<|endoftext|>``."""
+    text = config.text_config
+    return GenerationConfig(
+        bos_token_id=text.bos_token_id,
+        eos_token_id=[text.eos_token_id, text.pad_token_id],
+        pad_token_id=text.pad_token_id,
+        do_sample=False,
+    )
+
+
+def build_tiny_qwen2_5_vl(out_dir: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """Build, randomly initialise (seeded) and save a tiny Qwen2.5-VL checkpoint to ``out_dir``.
+
+    The directory holds fp32 safetensors weights, ``config.json``,
+    ``generation_config.json`` and the processor files, and loads back offline
+    with ``Qwen2_5_VLForConditionalGeneration.from_pretrained(out_dir)`` and
+    :func:`~glimpseprune.processing.load_processor`. ``overrides`` go to
+    :func:`tiny_qwen2_5_vl_config`. Returns ``out_dir`` as a ``Path``.
+    """
+    out_dir = Path(out_dir)
+    config = tiny_qwen2_5_vl_config(**overrides)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
+    model.generation_config = _generation_config(config)
+    _check_not_degenerate(model)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    save_processor(_tiny_processor(), out_dir)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("built tiny Qwen2.5-VL (%d parameters, seed %d) in %s", n_params, seed, out_dir)
+    return out_dir
+
+
+def _check_not_degenerate(model: torch.nn.Module) -> None:
+    """Guard against an initialisation that leaves weight matrices all zero."""
+    for name, param in model.named_parameters():
+        if param.ndim >= 2 and not torch.count_nonzero(param):
+            raise RuntimeError(f"tiny model weight {name} is all zeros after initialisation")
+
+
+def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A deterministic RGB test image: smooth random colour blobs plus fine noise."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, size=(max(1, height // 28), max(1, width // 28), 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BILINEAR))
+    noise = rng.integers(-16, 17, size=(height, width, 3))
+    pixels = np.clip(base.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels)
