@@ -1,0 +1,86 @@
+"""Module checkpoints: save -> load and upstream-layout conversion -> load reproduce the outputs exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import IMG_A, IMG_B, make_batch
+
+import glimpseprune as gp
+from glimpseprune.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+
+
+def _run(model, processor, module):
+    inputs = make_batch(processor, [IMG_A, IMG_B])
+    return gp.apply(model, "glimpse", module=module).generate(inputs, max_new_tokens=6, return_logits=True)
+
+
+def _assert_same(a, b):
+    assert torch.equal(a.sequences, b.sequences)
+    assert all(torch.equal(x, y) for x, y in zip(a.keep_masks, b.keep_masks))
+    assert all(torch.equal(x, y) for x, y in zip(a.step_logits, b.step_logits))
+
+
+def test_save_load_roundtrip(model, processor, module, tmp_path):
+    gp.save_module(module, tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / CONFIG_NAME).read_text())
+    assert {"library_version", "transformers_version", "torch_version"} <= set(meta)
+    assert meta["glimpse"]["base_model_type"] == "qwen2_5_vl"
+    loaded = gp.load_module(tmp_path / "m", gp.get_adapter(model).dims(model))
+    _assert_same(_run(model, processor, module), _run(model, processor, loaded))
+
+
+def _to_upstream(module, tmp_path, model):
+    """Write our module in the upstream release layout (config.json + new_modules_gp.pt), key names as released."""
+    cfg = module.cfg
+    sd = module.state_dict()
+    last = cfg.n_vip_layers - 1
+    attn_fuser = {}
+    for k, v in sd.items():
+        if k.startswith("vip.out_proj."):
+            attn_fuser[f"attn_out_projs.{last}." + k.split(".")[-1]] = v.clone()
+        elif k.startswith("vip."):
+            attn_fuser[k[len("vip."):]] = v.clone()
+    blob = {
+        "attn_fuser": attn_fuser,
+        "learnable_embeddings": sd["glimpse_embeddings"].clone(),
+        "le_proj": {"weight": sd["glimpse_proj.weight"].clone(), "bias": sd["glimpse_proj.bias"].clone()},
+        "le_norm": {"weight": sd["glimpse_norm.weight"].clone()},
+    }
+    t = model.config.text_config
+    config = {
+        "model_type": "qwen2_5_vl_gp", "hidden_size": t.hidden_size, "num_hidden_layers": t.num_hidden_layers,
+        "num_attention_heads": t.num_attention_heads,
+        "vision_config": {"hidden_size": model.config.vision_config.hidden_size,
+                          "depth": model.config.vision_config.depth},
+        "selected_layers": [cfg.prune_layer], "reduce_layer": cfg.prune_layer, "use_attention_logits": True,
+        "attn_fuse_type": "AttnFuserV1", "attn_fuse_size": cfg.vip_width, "attn_fuse_num_heads": cfg.vip_heads,
+        "selected_visual_layers": list(cfg.vision_taps), "visual_cond_size": cfg.cond_width,
+        "attn_fuse_global": True, "deep_supervision": False, "le_layers": list(range(t.num_hidden_layers)),
+        "le_length": 1, "reduce_threshold": 0.5, "min_remain_num": 1,
+    }
+    up = tmp_path / "upstream"
+    up.mkdir()
+    (up / "config.json").write_text(json.dumps(config))
+    torch.save(blob, up / "new_modules_gp.pt")
+    return up
+
+
+def test_upstream_conversion(model, processor, module, tmp_path):
+    up = _to_upstream(module, tmp_path, model)
+    with pytest.raises(FileNotFoundError, match="convert"):
+        gp.load_module(up)  # an unconverted upstream directory gets a hint, not a traceback
+    gp.convert_upstream(up, tmp_path / "converted")
+    loaded = gp.load_module(tmp_path / "converted", gp.get_adapter(model).dims(model))
+    _assert_same(_run(model, processor, module), _run(model, processor, loaded))
+
+
+def test_cli_convert(model, module, tmp_path):
+    from glimpseprune.cli import main
+
+    up = _to_upstream(module, tmp_path, model)
+    assert main(["convert", "--upstream", str(up), "--out", str(tmp_path / "c")]) == 0
+    assert (tmp_path / "c" / WEIGHTS_NAME).is_file()
+    assert main(["convert", "--upstream", str(tmp_path / "nowhere"), "--out", str(tmp_path / "d")]) == 2
