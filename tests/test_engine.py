@@ -125,3 +125,14 @@ def test_image_keep_masks_follow_grids(model, processor, module):
     out = gp.apply(model, "glimpse", module=module).generate(inputs, max_new_tokens=2)
     assert [tuple(m.shape) for m in out.image_keep_masks] == [(6, 4), (4, 8)]
     assert sum(int(m.sum()) for m in out.image_keep_masks) == out.n_kept[0]
+
+
+def test_sampling_is_seeded(model, processor, module):
+    inputs = make_batch(processor, [IMG_A, IMG_C])
+    pm = gp.apply(model, "glimpse", module=module)
+    a = pm.generate(inputs, max_new_tokens=N_NEW, do_sample=True, temperature=5.0, seed=7)
+    b = pm.generate(inputs, max_new_tokens=N_NEW, do_sample=True, temperature=5.0, seed=7)
+    c = pm.generate(inputs, max_new_tokens=N_NEW, do_sample=True, temperature=5.0, seed=8)
+    greedy = pm.generate(inputs, max_new_tokens=N_NEW)
+    assert torch.equal(a.sequences, b.sequences)
+    assert not torch.equal(a.sequences, c.sequences) or not torch.equal(a.sequences, greedy.sequences)

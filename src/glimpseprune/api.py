@@ -90,7 +90,7 @@ class PrunedModel:
         eos, pad = _token_ids(self.model, self.processor)
         request = {"keep_masks": keep_masks} if keep_masks is not None else {}
         toks, pre, step_logits = generate(self.model, self.adapter, self.method, inputs, max_new_tokens, eos, pad,
-                                          do_sample, temperature, seed, request)
+                                          do_sample, temperature, seed, request, keep_logits=return_logits)
         texts = None
         if self.processor is not None:
             texts = self.processor.batch_decode(toks, skip_special_tokens=True)

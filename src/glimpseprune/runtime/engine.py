@@ -93,7 +93,8 @@ def prefill(
     all_logits: bool = False,
 ) -> PrefillResult:
     """Run the prompt through the LLM, pruning visual tokens after the method's layer K."""
-    check_left_padded(inputs["attention_mask"]) if inputs.get("attention_mask") is not None else None
+    if inputs.get("attention_mask") is not None:
+        check_left_padded(inputs["attention_mask"])
     layers = adapter.layers(model)
     n_layers = len(layers)
     K = _resolve_prune_layer(method, n_layers)
@@ -170,21 +171,23 @@ def pick_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, gener
 def generate(
     model, adapter: Adapter, method: PruningMethod, inputs: dict, max_new_tokens: int = 32,
     eos_token_id: int | list[int] | None = None, pad_token_id: int = 0, do_sample: bool = False,
-    temperature: float = 1.0, seed: int | None = None, request: dict | None = None,
+    temperature: float = 1.0, seed: int | None = None, request: dict | None = None, keep_logits: bool = False,
 ) -> tuple[torch.Tensor, PrefillResult, list[torch.Tensor]]:
-    """Prefill with pruning, then decode. Returns (new tokens (B, T), prefill result, per-step logits)."""
+    """Prefill with pruning, then decode. Returns (new tokens (B, T), prefill result, per-step logits (B, V) if
+    keep_logits else [])."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     eos = torch.tensor([] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int)
                                                          else list(eos_token_id)))
-    gen = None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
     pre = prefill(model, adapter, method, inputs, request)
     logits = pre.logits
+    gen = None if seed is None else torch.Generator(device=logits.device).manual_seed(seed)
     B = logits.shape[0]
     done = torch.zeros(B, dtype=torch.bool, device=logits.device)
     out, step_logits = [], []
     for t in range(max_new_tokens):
-        step_logits.append(logits)
+        if keep_logits:
+            step_logits.append(logits)
         tok = pick_tokens(logits, do_sample, temperature, gen).to(logits.device)
         tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
         out.append(tok)
