@@ -89,6 +89,14 @@ class GlimpseConfig:
         set_(self, "attn_layers", tuple(int(i) for i in (self.attn_layers or (self.prune_layer,))))
         set_(self, "glimpse_layers", tuple(int(i) for i in (self.glimpse_layers or range(self.base_num_layers))))
         L = self.base_num_layers
+        for name in ("vip_width", "cond_width", "vip_heads", "vip_mlp_width", "base_hidden_size", "base_num_layers"):
+            value = getattr(self, name, 1)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("vision_taps", "attn_layers", "glimpse_layers"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} lists a layer twice: {list(values)}")
         if not (0 <= self.prune_layer < L):
             raise ValueError(f"prune_layer must be in [0, {L - 1}] for a {L}-layer LLM, got {self.prune_layer}")
         for i in self.attn_layers:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..config import SelectionConfig
@@ -37,10 +39,10 @@ def select_tokens(
         raise ValueError(f"probs must be 1-D (n_vis,), got shape {tuple(probs.shape)}")
     n_vis = probs.numel()
     if fixed_keep_ratio is not None:
-        return _topk_mask(probs, max(min_keep, int(fixed_keep_ratio * n_vis)))
+        return _topk_mask(probs, max(min_keep, _floor(fixed_keep_ratio * n_vis)))
     keep = probs > threshold
     if max_keep_ratio is not None:
-        cap = int(max_keep_ratio * n_vis)
+        cap = _floor(max_keep_ratio * n_vis)
         if int(keep.sum()) > cap:
             keep = _topk_mask(probs, cap)
     if int(keep.sum()) < min_keep:
@@ -51,3 +53,8 @@ def select_tokens(
 def select_with(cfg: SelectionConfig, probs: torch.Tensor) -> torch.Tensor:
     """``select_tokens`` with the knobs of a ``SelectionConfig``."""
     return select_tokens(probs, cfg.threshold, cfg.max_keep_ratio, cfg.min_keep, cfg.fixed_keep_ratio)
+
+
+def _floor(x: float) -> int:
+    """floor(x), tolerant of float error: 0.29 * 100 = 28.999... counts as 29."""
+    return int(math.floor(x + 1e-9))
