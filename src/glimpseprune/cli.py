@@ -1,6 +1,10 @@
 """The ``glimpseprune`` command. Thin: parses arguments and calls the library.
 
+    glimpseprune ask IMAGE "QUESTION" [--overlay out.png]      (the embedded world model + module)
     glimpseprune ask --model DIR --module DIR --image PATH --question TEXT
+    glimpseprune eval --split records.jsonl --out DIR     (exact match + kept fractions)
+    glimpseprune make-world --out DIR --n 500 --seed 1    (a split of the synthetic world)
+    glimpseprune train --config configs/stage1_world.yaml [--resume]
     glimpseprune convert --upstream DIR --out DIR
     glimpseprune new-module --model DIR --out DIR [--preset NAME]
     glimpseprune make-tiny --out DIR      (tiny random model + untrained module + image, for a smoke run)
@@ -24,22 +28,109 @@ def _selection(args):
                            fixed_keep_ratio=args.fixed_keep_ratio)
 
 
-def cmd_ask(args) -> int:
+def _load(args):
     import torch
 
     from .api import load
+    from .assets import EMBEDDED, resolve_model, resolve_module
 
-    sel = _selection(args)
-    pm = load(args.model, module=args.module, method=args.method, selection=sel, device=args.device,
-              dtype=getattr(torch, args.dtype))
-    out = pm.generate(images=[args.image or []], questions=[args.question], max_new_tokens=args.max_new_tokens)
+    module = args.module if args.module is not None else (EMBEDDED if args.model == EMBEDDED else None)
+    if args.method == "full":
+        module = None
+    return load(resolve_model(args.model), module=resolve_module(module), method=args.method,
+                selection=_selection(args), device=args.device, dtype=getattr(torch, args.dtype))
+
+
+def cmd_ask(args) -> int:
+    images = list(args.image or []) + ([args.image_pos] if args.image_pos else [])
+    question = args.question or args.question_pos
+    if not question:
+        raise ValueError("no question: give it as the second argument or with --question")
+    pm = _load(args)
+    out = pm.generate(images=[images], questions=[question], max_new_tokens=args.max_new_tokens)
     n, N = out.n_kept[0], out.n_vis[0]
+    if args.overlay:
+        if not images:
+            raise ValueError("--overlay needs an image")
+        _write_overlay(pm, images[0], out.image_keep_masks[0], args.overlay)
     if args.json:
         print(json.dumps({"answer": out.texts[0], "kept": n, "n_vis": N, "kv_len": out.kv_len[0],
                           "prune_layer": out.prune_layer}))
     else:
         print(out.texts[0].strip())
         print(f"kept {n}/{N} ({100.0 * n / max(N, 1):.1f} %)")
+    return 0
+
+
+def _write_overlay(pm, image_path, keep, out_path) -> None:
+    from .bench.overlay import overlay
+    from .processing import load_image
+
+    image = load_image(image_path)
+    h, w = keep.shape
+    patch = pm.model.config.vision_config.patch_size * pm.model.config.vision_config.spatial_merge_size
+    overlay(image, keep.cpu().numpy(), size=(w * patch, h * patch)).save(out_path)
+    print(f"wrote {out_path}")
+
+
+def _eval_one(args, method: str | None, out) -> dict:
+    import dataclasses
+
+    from .bench.accuracy import run
+
+    args = argparse.Namespace(**{**vars(args), "method": method})
+    pm = _load(args)
+    meta = {"model": args.model, "module": None if pm.method.name == "full" else (args.module or "embedded"),
+            "method": pm.method.name, "selection": dataclasses.asdict(_selection(args))}
+    rows, summary = run(pm, args.split, limit=args.limit, batch_size=args.batch_size, meta=meta)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "samples.jsonl").open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    fam = ", ".join(f"{k} {v['exact_match']:.3f} (kept {v['kept_frac']['mean']:.3f})"
+                    for k, v in summary["per_family"].items())
+    kf = summary["kept_frac"]
+    print(f"[{pm.method.name}] exact match {summary['exact_match']:.4f} on {summary['n']} samples; kept fraction "
+          f"mean {kf['mean']:.4f} median {kf['median']:.4f} min {kf['min']:.4f} max {kf['max']:.4f}")
+    print(f"[{pm.method.name}] per family (exact match, mean kept fraction): {fam}")
+    print(f"[{pm.method.name}] wrote {out / 'summary.json'} and {out / 'samples.jsonl'}")
+    return summary
+
+
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    out = Path(args.out)
+    main = _eval_one(args, args.method, out)
+    if args.compare_full and main["method"] != "full":
+        full = _eval_one(args, "full", out / "full")
+        ratio = main["exact_match"] / max(full["exact_match"], 1e-9)
+        per = {f: main["per_family"][f]["exact_match"] / max(v["exact_match"], 1e-9)
+               for f, v in full["per_family"].items()}
+        report = {"method": main["method"], "exact_match": main["exact_match"],
+                  "full_exact_match": full["exact_match"], "relative_accuracy": ratio,
+                  "mean_kept_frac": main["kept_frac"]["mean"], "relative_accuracy_per_family": per}
+        (out / "relative.json").write_text(json.dumps(report, indent=1))
+        print(f"{main['method']} keeps {100 * ratio:.1f} % of the full-token accuracy "
+              f"({main['exact_match']:.4f} vs {full['exact_match']:.4f}) with {100 * main['kept_frac']['mean']:.1f} % "
+              f"of the visual tokens on average; wrote {out / 'relative.json'}")
+    return 0
+
+
+def cmd_make_world(args) -> int:
+    from .data.records import write_split
+
+    print(f"wrote {write_split(args.out, args.n, args.seed)}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .training.stage1 import Stage1Config
+    from .training.trainer import train
+
+    cfg = Stage1Config.from_yaml(args.config, output_dir=args.output_dir)
+    print(f"wrote {train(cfg, resume=args.resume, device=args.device)}")
     return 0
 
 
@@ -108,26 +199,57 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def _model_args(a) -> None:
+    a.add_argument("--model", default="embedded", help="local Hugging Face directory of the base VLM "
+                   "(default: the embedded world model shipped in the package)")
+    a.add_argument("--module", help="glimpse module directory (default: the embedded one with the embedded model)")
+    a.add_argument("--method", choices=["full", "glimpse"], help="default: glimpse with a module, else full")
+    a.add_argument("--threshold", type=float, default=0.5, help="keep a token when its probability > this")
+    a.add_argument("--max-keep-ratio", type=float, help="cap on the kept fraction per sample (top-k)")
+    a.add_argument("--min-keep", type=int, default=1, help="keep at least this many visual tokens per sample")
+    a.add_argument("--fixed-keep-ratio", type=float, help="keep exactly this fraction (matched-budget mode)")
+    a.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    a.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="base model dtype")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glimpseprune", description="Dynamic visual-token pruning for VLMs (offline).")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    a = sub.add_parser("ask", help="answer one question about image(s), printing the answer and `kept n/N`")
-    a.add_argument("--model", required=True, help="local Hugging Face directory of the base VLM")
-    a.add_argument("--module", help="directory of a glimpse module (glimpse_config.json + .safetensors)")
+    a = sub.add_parser("ask", help="answer one question about an image, printing the answer and `kept n/N (x %%)`")
+    a.add_argument("image_pos", nargs="?", metavar="IMAGE", help="image file (or use --image)")
+    a.add_argument("question_pos", nargs="?", metavar="QUESTION", help="the question (or use --question)")
     a.add_argument("--image", action="append", help="image file; repeat for several images")
-    a.add_argument("--question", required=True, help="the question text")
-    a.add_argument("--method", choices=["full", "glimpse"], help="default: glimpse with --module, else full")
-    a.add_argument("--threshold", type=float, default=0.5, help="keep a token when its probability > this")
-    a.add_argument("--max-keep-ratio", type=float, help="cap on the kept fraction per sample (top-k)")
-    a.add_argument("--min-keep", type=int, default=1, help="keep at least this many visual tokens per sample")
-    a.add_argument("--fixed-keep-ratio", type=float, help="keep exactly this fraction (matched-budget mode)")
+    a.add_argument("--question", help="the question text")
+    a.add_argument("--overlay", help="write the (first) image with its kept tokens highlighted to this PNG")
+    _model_args(a)
     a.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
-    a.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    a.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="base model dtype")
     a.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     a.set_defaults(fn=cmd_ask)
+
+    e = sub.add_parser("eval", help="exact match and kept fractions on a JSONL split (samples.jsonl + summary.json)")
+    e.add_argument("--split", required=True, help="records JSONL (e.g. from `glimpseprune make-world`)")
+    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--limit", type=int, help="evaluate the first N records only")
+    e.add_argument("--batch-size", type=int, default=8, help="samples per batch")
+    e.add_argument("--compare-full", action="store_true", help="also run without pruning (OUT/full) and report "
+                   "the relative accuracy (OUT/relative.json)")
+    _model_args(e)
+    e.set_defaults(fn=cmd_eval)
+
+    w = sub.add_parser("make-world", help="render a split of the synthetic VQA world (PNGs + records.jsonl)")
+    w.add_argument("--out", required=True, help="output folder")
+    w.add_argument("--n", type=int, default=500, help="number of samples (families in turn)")
+    w.add_argument("--seed", type=int, default=1, help="split seed (1 is the held-out split used in the README)")
+    w.set_defaults(fn=cmd_make_world)
+
+    r = sub.add_parser("train", help="stage-1 training of a glimpse module from a YAML config")
+    r.add_argument("--config", required=True, help="YAML file (see configs/)")
+    r.add_argument("--output-dir", help="override the config's output_dir")
+    r.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    r.add_argument("--device", help="torch device (default cpu)")
+    r.set_defaults(fn=cmd_train)
 
     c = sub.add_parser("convert", help="convert an upstream release (config.json + new_modules_gp.pt)")
     c.add_argument("--upstream", required=True, help="upstream module directory")

@@ -65,9 +65,9 @@ _VISION_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _special_token_ids() -> dict[str, int]:
-    """Ids of the control tokens in the tiny tokenizer (the config has to agree with it)."""
-    tokenizer = make_tiny_qwen_tokenizer()
+def _special_token_ids(tokenizer: Any = None) -> dict[str, int]:
+    """Ids of the control tokens in ``tokenizer`` (default: the tiny tokenizer); the config has to agree."""
+    tokenizer = tokenizer if tokenizer is not None else make_tiny_qwen_tokenizer()
     names = {
         "pad": "<|endoftext|>",
         "eos": "<|im_end|>",
@@ -99,9 +99,10 @@ def tiny_qwen2_5_vl_config(**overrides: Any) -> Qwen2_5_VLConfig:
     projected to the text width. Attention is SDPA everywhere.
 
     ``text_config=`` / ``vision_config=`` dicts are merged into those defaults;
-    any other keyword is passed to :class:`Qwen2_5_VLConfig` unchanged.
+    ``tokenizer=`` takes the special-token ids and vocabulary size from another tokenizer; any other keyword
+    is passed to :class:`Qwen2_5_VLConfig` unchanged.
     """
-    ids = _special_token_ids()
+    ids = _special_token_ids(overrides.pop("tokenizer", None))
     text = _merged(_TEXT_DEFAULTS, overrides.pop("text_config", None), "text_config")
     text.setdefault("vocab_size", ids["vocab_size"])
     text.setdefault("bos_token_id", ids["pad"])

@@ -56,16 +56,19 @@ class GlimpseMethod(PruningMethod):
         g = self.module.glimpse_vector(layer_idx) if layer_idx > 0 else None
         if g is None:
             return hidden
-        return torch.cat([hidden[:, :-1], hidden[:, -1:] + g.to(hidden.dtype)], dim=1)
+        i = state.extra_at
+        return torch.cat([hidden[:, :i], hidden[:, i:i + 1] + g.to(hidden.dtype), hidden[:, i + 1:]], dim=1)
 
     def after_layer(self, state, layer_idx: int, hidden_in: torch.Tensor) -> None:
         if layer_idx not in self.module.cfg.attn_layers:
             return
-        rope = tuple(r[:, -1:] for r in state.rope)
-        scores = state.adapter.query_logits(state.model, layer_idx, hidden_in[:, -1:], rope,
-                                            layer_keys(state.cache, layer_idx))  # (B, h, L)
+        i = state.extra_at
+        rope = tuple(r[:, i:i + 1] for r in state.rope)
+        keys = layer_keys(state.cache, layer_idx)[:, :, :i + 1]  # the glimpse's causal past (training appends more)
+        scores = state.adapter.query_logits(state.model, layer_idx, hidden_in[:, i:i + 1], rope, keys)  # (B, h, i+1)
         if self.module.cfg.attn_score == "log_softmax":
-            scores = scores.float().masked_fill(~state.key_mask[:, None], float("-inf")).log_softmax(dim=-1)
+            visible = state.key_mask[:, None, :i + 1]
+            scores = scores.float().masked_fill(~visible, float("-inf")).log_softmax(dim=-1)
         L0 = state.enc.vis_mask.shape[1]
         per_sample = [scores[b, :, :L0][:, state.enc.vis_mask[b]].T for b in range(scores.shape[0])]  # (n_b, h)
         state.scratch.setdefault("glimpse_attn", []).append(torch.cat(per_sample, dim=0))

@@ -30,6 +30,7 @@ class PrefillState:
     n_layers: int
     prune_layer: int | None
     n_extra: int = 0
+    extra_at: int = -1  # sequence index of the first extra token (the end of the prompt)
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin), (B, L, head_dim) of the current sequence
     key_mask: torch.Tensor | None = None  # (B, L) bool of the current sequence (with extra tokens)
     scratch: dict = field(default_factory=dict)
@@ -105,7 +106,7 @@ def prefill(
     hidden, positions, key_mask = enc.embeds, enc.positions, enc.attn_mask
     extra = method.extra_tokens(state) if K is not None and K >= 0 else None
     if extra is not None:
-        state.n_extra = extra.shape[1]
+        state.n_extra, state.extra_at = extra.shape[1], hidden.shape[1]
         hidden, positions, key_mask = _append_extra(state, hidden, positions, extra)
     state.key_mask = key_mask
     state.rope = adapter.rotary(model, hidden, positions)

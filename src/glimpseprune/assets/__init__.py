@@ -1,0 +1,29 @@
+"""The embedded default shipped inside the package: ``world/model`` (a tiny Qwen2.5-VL trained from scratch on the
+synthetic world by ``glimpseprune.training.world_model``) and ``world/module`` (its stage-1 glimpse module)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WORLD = Path(__file__).parent / "world"
+EMBEDDED = "embedded"
+
+
+def resolve_model(name: str | Path) -> Path:
+    """A model directory: ``"embedded"`` is the packaged world model, anything else is a local path."""
+    if str(name) == EMBEDDED:
+        path = WORLD / "model"
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"the embedded model is missing from {path}; reinstall glimpseprune")
+        return path
+    return Path(name)
+
+
+def resolve_module(name: str | Path | None) -> Path | None:
+    """A module directory: ``"embedded"`` is the packaged world module."""
+    if name is not None and str(name) == EMBEDDED:
+        path = WORLD / "module"
+        if not path.is_dir():
+            raise FileNotFoundError(f"the embedded glimpse module is missing from {path}; reinstall glimpseprune")
+        return path
+    return None if name is None else Path(name)

@@ -1,0 +1,1 @@
+"""Accuracy and efficiency runners, reports and plots."""

@@ -1,0 +1,116 @@
+"""One JSONL record format for box-labelled VQA, shared by the synthetic world and Visual-CoT, and the conversion
+of pixel boxes to a visual-token mask on the model's grid.
+
+A record line::
+
+    {"id": "w-000001", "image": "images/000001.png", "question": "...", "answer": "red", "family": "lookup",
+     "width": 336, "height": 280, "bboxs": [[28, 56, 84, 112]]}
+
+``bboxs`` are pixel ``[x1, y1, x2, y2]`` of the original image (Visual-CoT's key and convention); ``image`` is
+relative to the JSONL file's folder (or absolute). Visual-CoT training rows (``question, answer, image, width,
+height, bboxs, dataset``) read as they are, with ``family`` taken from ``dataset``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .world import FAMILIES, WorldConfig, render, sample
+
+
+@dataclass
+class Record:
+    id: str
+    image: str
+    question: str
+    answer: str
+    width: int
+    height: int
+    bboxs: list[list[float]] = field(default_factory=list)
+    family: str = ""
+
+    def image_path(self, root: Path) -> Path:
+        p = Path(self.image)
+        return p if p.is_absolute() else root / p
+
+
+def _parse(row: dict, where: str) -> Record:
+    missing = [k for k in ("question", "answer", "image", "width", "height") if k not in row]
+    if missing:
+        raise ValueError(f"{where}: record lacks {missing}")
+    boxes = row.get("bboxs", row.get("bboxes", [])) or []
+    for box in boxes:
+        if len(box) != 4 or box[2] < box[0] or box[3] < box[1]:
+            raise ValueError(f"{where}: box {box} is not [x1, y1, x2, y2] with x1 <= x2, y1 <= y2")
+    return Record(
+        id=str(row.get("id", row.get("question_id", where))), image=str(row["image"]), question=str(row["question"]),
+        answer=str(row["answer"]), width=int(row["width"]), height=int(row["height"]),
+        bboxs=[[float(v) for v in b] for b in boxes], family=str(row.get("family", row.get("dataset", ""))),
+    )
+
+
+def read_records(path: str | Path, limit: int | None = None) -> list[Record]:
+    """Records of a JSONL file (ours or Visual-CoT's); ``ValueError`` naming the file and line on a bad row."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no record file at {path}")
+    out = []
+    with path.open() as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not JSON ({err})") from err
+            out.append(_parse(row, f"{path}:{n}"))
+            if limit is not None and len(out) >= limit:
+                break
+    return out
+
+
+def boxes_to_token_mask(boxes, width: int, height: int, grid_h: int, grid_w: int) -> np.ndarray:
+    """(grid_h, grid_w) bool: the tokens whose cell overlaps any box by a positive area.
+
+    Boxes are pixel xyxy on a ``width x height`` image that the processor resized onto the ``grid_h x grid_w``
+    token grid. Cell j spans [j, j+1) / grid in normalised units; a box [x1, x2) covers cells floor(x1 g) to
+    ceil(x2 g) - 1, so an edge on a grid line does not spill into the next cell (upstream's inclusive floor
+    does). A degenerate (zero-area) box marks the cell that contains it.
+    """
+    mask = np.zeros((grid_h, grid_w), dtype=bool)
+    for x1, y1, x2, y2 in boxes:
+        if x1 > width or y1 > height or x2 < 0 or y2 < 0:
+            continue  # entirely outside the image
+        c1, c2 = _span(x1 / width, x2 / width, grid_w)
+        r1, r2 = _span(y1 / height, y2 / height, grid_h)
+        mask[r1:r2, c1:c2] = True
+    return mask
+
+
+def _span(a: float, b: float, n: int) -> tuple[int, int]:
+    a, b = min(max(a, 0.0), 1.0), min(max(b, 0.0), 1.0)
+    lo = min(int(math.floor(a * n + 1e-9)), n - 1)
+    hi = max(int(math.ceil(b * n - 1e-9)), lo + 1)
+    return lo, min(hi, n)
+
+
+def write_split(out_dir: str | Path, n: int, seed: int, cfg: WorldConfig | None = None,
+                name: str = "records.jsonl") -> Path:
+    """Render ``n`` samples (families in turn, seeds ``seed*10^6 + i``) as PNGs plus one JSONL; returns its path."""
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    path = out_dir / name
+    with path.open("w") as f:
+        for i in range(n):
+            s = sample(seed * 1_000_000 + i, FAMILIES[i % len(FAMILIES)], cfg or WorldConfig())
+            rel = f"images/{seed}-{i:06d}.png"
+            render(s.scene).save(out_dir / rel)
+            w, h = s.scene.size
+            rec = Record(f"{seed}-{i:06d}", rel, s.question, s.answer, w, h, s.boxes, s.family)
+            f.write(json.dumps(asdict(rec)) + "\n")
+    return path

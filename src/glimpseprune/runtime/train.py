@@ -1,0 +1,111 @@
+"""Differentiable forward for training a method's trainable part (stage 1 of GlimpsePrune).
+
+The sequence is ``prompt (left padded) | extra tokens (the glimpse) | suffix (the answer, right padded)``, run in
+three chunks over one KV cache, with autograd on:
+
+1. the prefix (prompt + glimpse) through layers 0..K; the method's hooks fire as at inference and its predictor's
+   logits are read after layer K;
+2. the prefix through layers K+1..;
+3. the suffix through every layer, attending to the cached prefix.
+
+The method's ``before_layer`` runs on every layer of the prefix, so per-layer glimpse vectors after K also train
+(through the LM loss, as upstream). Nothing is compacted. Two visibility modes for chunks 2 and 3:
+
+- ``soft_keep=False`` (upstream stage 1): nothing is hidden; the answer sees the glimpse (the chunks then equal
+  one causal pass over the whole sequence).
+- ``soft_keep=True`` (label-free distillation): what inference drops is dropped softly. The glimpse is hidden from
+  every later query, and visual keys get an additive ``log sigmoid(logit)`` bias for prompt queries at layers > K
+  and answer queries at every layer: a differentiable stand-in for removing them.
+
+Suffix token t gets position id ``next_pos + t`` (the glimpse shares the first), so the answer sits where it would
+be decoded. ``suffix_logits[:, t]`` predicts suffix token t (read at the position before it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..adapters.base import Adapter, Encoded
+from ..methods.base import PruningMethod
+from .cache import new_cache
+from .engine import PrefillState, _resolve_prune_layer
+from .masks import causal_mask
+
+
+@dataclass
+class TrainForward:
+    suffix_logits: torch.Tensor  # (B, T, V)
+    vip_logits: list[torch.Tensor] | None  # per sample (n_vis_b,); None for methods without a predictor
+    enc: Encoded
+
+
+def _hide(mask: torch.Tensor, state: PrefillState, vip: list[torch.Tensor] | None) -> torch.Tensor:
+    """``mask`` (B, 1, q, k) plus: glimpse keys hidden, visual keys biased by log keep-probability."""
+    mask = mask.clone()
+    lo = torch.finfo(mask.dtype).min
+    L0, n = state.enc.vis_mask.shape[1], state.n_extra
+    mask[..., L0:L0 + n] = lo
+    if vip is not None:
+        logp = torch.zeros(mask.shape[0], L0, dtype=mask.dtype, device=mask.device)
+        for b, lg in enumerate(vip):
+            logp[b, state.enc.vis_mask[b]] = F.logsigmoid(lg.float()).to(mask.dtype)
+        mask[..., :L0] = torch.clamp(mask[..., :L0] + logp[:, None, None, :], min=lo)
+    return mask
+
+
+def _run(layers, idx, hidden, mask, state, method, hooks: bool) -> torch.Tensor:
+    for i in idx:
+        if hooks:
+            hidden = method.before_layer(state, i, hidden)
+        h_in = hidden
+        hidden = layers[i](hidden, attention_mask=mask, position_embeddings=state.rope, past_key_values=state.cache,
+                           use_cache=True)
+        if hooks and state.prune_layer is not None and i <= state.prune_layer:
+            method.after_layer(state, i, h_in)
+    return hidden
+
+
+def forward_train(model, adapter: Adapter, method: PruningMethod, inputs: dict, suffix_ids: torch.Tensor,
+                  suffix_mask: torch.Tensor, soft_keep: bool = False) -> TrainForward:
+    """See the module docstring. suffix_ids / suffix_mask: (B, T), right padded; inputs: left-padded prompts."""
+    layers = adapter.layers(model)
+    n_layers = len(layers)
+    K = _resolve_prune_layer(method, n_layers)
+    if K is not None and K < 0:
+        raise ValueError("forward_train needs a method that prunes after a layer (K >= 0)")
+    enc = adapter.encode(model, inputs, taps=method.vision_taps() if K is not None else ())
+    state = PrefillState(model, adapter, enc, new_cache(adapter.text_config(model)), {}, n_layers, K)
+    B, L0, _ = enc.embeds.shape
+    extra = method.extra_tokens(state) if K is not None else None
+    hidden, positions, key_mask = enc.embeds, enc.positions, enc.attn_mask
+    if extra is not None:
+        state.n_extra, state.extra_at = extra.shape[1], L0
+        ext_pos = enc.next_pos.view(1, B, 1).expand(positions.shape[0], B, extra.shape[1])
+        hidden = torch.cat([hidden, extra.to(hidden.dtype)], dim=1)
+        positions = torch.cat([positions, ext_pos], dim=2)
+        key_mask = torch.cat([key_mask, torch.ones(B, extra.shape[1], dtype=torch.bool, device=hidden.device)], 1)
+    state.key_mask = key_mask
+    state.rope = adapter.rotary(model, hidden, positions)
+    hooks = extra is not None or K is not None
+    split = n_layers if K is None else K + 1
+    mask = causal_mask(key_mask, hidden.shape[1], hidden.dtype)
+    hidden = _run(layers, range(split), hidden, mask, state, method, hooks)  # chunk 1
+    vip = method.predict_logits(state) if K is not None and hasattr(method, "predict_logits") else None
+    hidden = _run(layers, range(split, n_layers), hidden,  # chunk 2
+                  _hide(mask, state, vip) if soft_keep else mask, state, method, extra is not None)
+    # chunk 3: the suffix, every layer, over the cached prefix
+    T = suffix_ids.shape[1]
+    step = torch.arange(T, device=suffix_ids.device)
+    state.rope = adapter.rotary(model, hidden, (enc.next_pos[:, None] + step).unsqueeze(0).expand(
+        positions.shape[0], B, T))
+    full_mask = torch.cat([key_mask, suffix_mask.bool()], dim=1)
+    smask = causal_mask(full_mask, T, hidden.dtype)
+    suffix = _run(layers, range(n_layers), adapter.embed_tokens(model, suffix_ids),
+                  _hide(smask, state, vip) if soft_keep else smask, state, method, hooks=False)
+    # suffix token 0 is predicted by the glimpse in upstream training, by the last prompt token at inference
+    first = hidden[:, L0 - 1:L0] if soft_keep else hidden[:, -1:]
+    logits = adapter.logits(model, torch.cat([first, suffix[:, :-1]], dim=1))
+    return TrainForward(logits, vip, enc)

@@ -1,0 +1,190 @@
+"""Stage-1 GlimpsePrune training: only the glimpse token and the VIP learn; the base model is frozen.
+
+Loss (``mode: boxes``, upstream): loc_weight * (dice_weight * Dice + bce_weight * BCE) of the VIP logits against the
+box token masks, plus lm_weight * cross-entropy of the answer with the glimpse inserted before it (1 : 1).
+Loss (``mode: kl``, label-free, no boxes): KL(full-token answer distribution || softly pruned one) plus
+sparsity_weight * the mean keep probability, so the predictor learns to drop what the answer does not need.
+
+Runs on transformers' ``Trainer`` (progress bar, periodic eval, checkpoints, resume, fixed seed). Configs are YAML
+files headed by their command, e.g. ``configs/stage1_world.yaml``::
+
+    glimpseprune train --config configs/stage1_world.yaml [--resume]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoint import config_for_model
+from ..data import world
+from ..data.records import boxes_to_token_mask, read_records
+from ..methods.glimpse import GlimpseMethod
+from ..modules.glimpse import GlimpseModule
+from ..processing import build_inputs, load_image
+from ..registry import get_adapter
+from ..runtime.train import forward_train
+from .losses import kl_loss, lm_loss, mask_loss, mask_metrics
+
+logger = logging.getLogger(__name__)
+TRAIN_SEED0 = 3_000_000_000  # synthetic training scenes; write_split's held-out seeds are seed * 10^6 + i
+
+
+@dataclass
+class Stage1Config:
+    model: str = "embedded"  # base model directory, or "embedded" for the packaged world model
+    output_dir: str = "runs/stage1"
+    train_data: str | None = None  # JSONL records (ours or Visual-CoT's), all read; None = synthetic world scenes
+    train_samples: int = 3000  # number of synthetic scenes (used only without train_data)
+    eval_data: str | None = None
+    eval_samples: int = 100
+    mode: str = "boxes"  # "boxes" (Dice + BCE + LM) or "kl" (label-free)
+    module: dict = field(default_factory=dict)  # GlimpseConfig overrides (vip_width, prune_layer, ...)
+    dice_weight: float = 1.0
+    bce_weight: float = 0.1
+    loc_weight: float = 1.0
+    lm_weight: float = 1.0
+    kl_weight: float = 1.0
+    sparsity_weight: float = 0.05
+    learning_rate: float = 1e-3
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_ratio: float = 0.1
+    logging_steps: int = 10
+    eval_steps: int = 100
+    save_steps: int = 100
+    seed: int = 42
+    threads: int | None = None
+
+    def __post_init__(self):
+        if self.mode not in ("boxes", "kl"):
+            raise ValueError(f"mode must be 'boxes' or 'kl', got {self.mode!r}")
+        for name in ("batch_size", "grad_accum", "train_samples", "logging_steps", "eval_steps", "save_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> Stage1Config:
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"no training config at {p}")
+        raw = yaml.safe_load(p.read_text()) or {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"{p}: unknown fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**{**raw, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+# --------------------------------------------------------------------------- data
+
+
+class WorldDataset(torch.utils.data.Dataset):
+    """Synthetic scenes rendered on the fly (families in turn), deterministic by index."""
+
+    def __init__(self, n: int, seed0: int = TRAIN_SEED0):
+        self.n, self.seed0 = n, seed0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        s = world.sample(self.seed0 + i, world.FAMILIES[i % len(world.FAMILIES)])
+        w, h = s.scene.size
+        return {"image": world.render(s.scene), "question": s.question, "answer": s.answer, "boxes": s.boxes,
+                "width": w, "height": h}
+
+
+class RecordDataset(torch.utils.data.Dataset):
+    """Records of a JSONL file; images are read from disk when an item is taken."""
+
+    def __init__(self, path: str | Path, limit: int | None = None):
+        self.root = Path(path).parent
+        self.records = read_records(path, limit)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        r = self.records[i]
+        return {"image": load_image(r.image_path(self.root)), "question": r.question, "answer": r.answer,
+                "boxes": r.bboxs, "width": r.width, "height": r.height}
+
+
+class Collator:
+    """Left-padded prompts, right-padded ``answer<|im_end|>`` suffixes, and per-sample box token masks."""
+
+    def __init__(self, processor, merge: int):
+        self.processor, self.merge = processor, merge
+        tok = processor.tokenizer
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.eos = tok.convert_tokens_to_ids("<|im_end|>")
+
+    def __call__(self, items: list[dict]) -> dict:
+        inputs = build_inputs(self.processor, [[it["image"]] for it in items], [it["question"] for it in items])
+        tok = self.processor.tokenizer
+        ids = [tok(it["answer"], add_special_tokens=False)["input_ids"] + [self.eos] for it in items]
+        T = max(len(x) for x in ids)
+        suffix = torch.full((len(items), T), self.pad, dtype=torch.long)
+        smask = torch.zeros(len(items), T, dtype=torch.bool)
+        for b, x in enumerate(ids):
+            suffix[b, :len(x)] = torch.tensor(x)
+            smask[b, :len(x)] = True
+        grids = inputs["image_grid_thw"].tolist()
+        targets = [torch.from_numpy(boxes_to_token_mask(it["boxes"], it["width"], it["height"], gh // self.merge,
+                                                         gw // self.merge).reshape(-1))
+                   for it, (_, gh, gw) in zip(items, grids, strict=True)]
+        return {"inputs": dict(inputs), "suffix_ids": suffix, "suffix_mask": smask, "targets": targets}
+
+
+# --------------------------------------------------------------------------- model wrapper
+
+
+class Stage1Model(nn.Module):
+    """Holds the trainable GlimpseModule as its only submodule; the frozen base is kept outside the state dict."""
+
+    def __init__(self, base, module: GlimpseModule, cfg: Stage1Config):
+        super().__init__()
+        self.module = module
+        object.__setattr__(self, "_base", base)  # not registered: checkpoints hold the module only
+        self.adapter = get_adapter(base)
+        self.method = GlimpseMethod(module=module)
+        self.cfg = cfg
+        self.metrics: dict[str, float] = {}
+
+    def forward(self, inputs: dict, suffix_ids, suffix_mask, targets) -> dict:
+        cfg, base = self.cfg, self._base
+        if cfg.mode == "boxes":
+            out = forward_train(base, self.adapter, self.method, inputs, suffix_ids, suffix_mask)
+            loc = mask_loss(out.vip_logits, targets, cfg.dice_weight, cfg.bce_weight)
+            lm = lm_loss(out.suffix_logits, suffix_ids, suffix_mask)
+            loss = cfg.loc_weight * loc + cfg.lm_weight * lm
+            parts = {"loc_loss": loc.item(), "lm_loss": lm.item()}
+        else:
+            from ..methods.full import FullMethod
+
+            with torch.no_grad():
+                teacher = forward_train(base, self.adapter, FullMethod(), inputs, suffix_ids, suffix_mask)
+            out = forward_train(base, self.adapter, self.method, inputs, suffix_ids, suffix_mask, soft_keep=True)
+            kl = kl_loss(out.suffix_logits, teacher.suffix_logits, suffix_mask)
+            keep = torch.cat([torch.sigmoid(lg.float()) for lg in out.vip_logits]).mean()
+            loss = cfg.kl_weight * kl + cfg.sparsity_weight * keep
+            parts = {"kl_loss": kl.item(), "keep_prob": keep.item()}
+        self.metrics = {**parts, **mask_metrics(out.vip_logits, targets)}
+        return {"loss": loss}
+
+
+def build_module(base, cfg: Stage1Config) -> GlimpseModule:
+    dims = get_adapter(base).dims(base)
+    gcfg = config_for_model(dims, base_model_name=getattr(base.config, "_name_or_path", None), **cfg.module)
+    return GlimpseModule(gcfg)

@@ -1,0 +1,279 @@
+"""The synthetic world (scenes, questions, answers, boxes), the JSONL record format, and box -> token masks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from glimpseprune.data import world
+from glimpseprune.data.records import Record, boxes_to_token_mask, read_records, write_split
+
+SEEDS = range(12)  # per family
+
+
+def cells(grid_h, grid_w, *rc):
+    m = np.zeros((grid_h, grid_w), dtype=bool)
+    for r, c in rc:
+        m[r, c] = True
+    return m
+
+
+# --------------------------------------------------------------------------- boxes_to_token_mask
+
+
+def test_box_on_grid_lines_covers_exactly_its_cells():
+    # 112 px wide, 4 columns of 28 px: x 28..56 is column 1 only. Upstream's inclusive floor(56 / 28) = 2 would
+    # also mark column 2.
+    m = boxes_to_token_mask([[28, 0, 56, 28]], 112, 112, 4, 4)
+    np.testing.assert_array_equal(m, cells(4, 4, (0, 1)))
+    assert not m[:, 2].any()
+    # a 2 x 2 block on the lines
+    m = boxes_to_token_mask([[28, 56, 84, 112]], 112, 112, 4, 4)
+    np.testing.assert_array_equal(m, cells(4, 4, (2, 1), (2, 2), (3, 1), (3, 2)))
+    # the whole image
+    assert boxes_to_token_mask([[0, 0, 112, 112]], 112, 112, 4, 4).all()
+
+
+def test_grid_aligned_boxes_exact_where_float_division_is_inexact():
+    # One 28-px cell k of a g-cell canvas: (28 k / 28 g) * g is not always exactly k in floats (g = 22, k = 15 gives
+    # 14.999...; g = 25, k = 7 gives 7.000...1). The mask must still be exactly that cell, on every grid size.
+    for g in range(2, 65):
+        for k in range(g):
+            box = [28 * k, 28 * (g - 1 - k), 28 * (k + 1), 28 * (g - k)]
+            m = boxes_to_token_mask([box], 28 * g, 28 * g, g, g)
+            assert m.sum() == 1 and m[g - 1 - k, k], (g, k, np.argwhere(m).tolist())
+    # and a multi-cell block on a non-square 13 x 11 grid
+    m = boxes_to_token_mask([[2 * 28, 3 * 28, 9 * 28, 7 * 28]], 13 * 28, 11 * 28, 11, 13)
+    want = np.zeros((11, 13), dtype=bool)
+    want[3:7, 2:9] = True
+    np.testing.assert_array_equal(m, want)
+
+
+def test_fractional_box_covers_every_overlapped_cell():
+    # x 30..60 overlaps columns 1 (28..56) and 2 (56..84); y 27.5..28.5 overlaps rows 0 and 1
+    m = boxes_to_token_mask([[30, 27.5, 60, 28.5]], 112, 112, 4, 4)
+    np.testing.assert_array_equal(m, cells(4, 4, (0, 1), (0, 2), (1, 1), (1, 2)))
+    # a sliver just past a grid line still counts
+    m = boxes_to_token_mask([[55.9, 0, 56.1, 1]], 112, 112, 4, 4)
+    np.testing.assert_array_equal(m, cells(4, 4, (0, 1), (0, 2)))
+
+
+def test_box_is_clipped_to_the_image():
+    m = boxes_to_token_mask([[-50, -10, 20, 30]], 112, 112, 4, 4)
+    np.testing.assert_array_equal(m, cells(4, 4, (0, 0), (1, 0)))
+    m = boxes_to_token_mask([[100, 90, 500, 400]], 112, 112, 4, 4)
+    np.testing.assert_array_equal(m, cells(4, 4, (3, 3)))
+    m = boxes_to_token_mask([[-1e6, 30, 1e6, 40]], 112, 112, 4, 4)
+    np.testing.assert_array_equal(m, cells(4, 4, (1, 0), (1, 1), (1, 2), (1, 3)))
+
+
+def test_zero_area_box_marks_its_containing_cell():
+    np.testing.assert_array_equal(boxes_to_token_mask([[40, 70, 40, 70]], 112, 112, 4, 4), cells(4, 4, (2, 1)))
+    # a vertical segment inside column 3 spanning rows 0..1
+    np.testing.assert_array_equal(boxes_to_token_mask([[90, 10, 90, 40]], 112, 112, 4, 4),
+                                  cells(4, 4, (0, 3), (1, 3)))
+    # a point on the image's far corner marks the last cell (no index past the grid)
+    np.testing.assert_array_equal(boxes_to_token_mask([[112, 112, 112, 112]], 112, 112, 4, 4), cells(4, 4, (3, 3)))
+
+
+def test_several_boxes_union_and_no_boxes():
+    m = boxes_to_token_mask([[0, 0, 28, 28], [84, 84, 112, 112], [0, 0, 56, 28]], 112, 112, 4, 4)
+    np.testing.assert_array_equal(m, cells(4, 4, (0, 0), (0, 1), (3, 3)))
+    m = boxes_to_token_mask([], 112, 112, 4, 4)
+    assert m.shape == (4, 4) and m.dtype == bool and not m.any()
+
+
+def test_non_square_image_and_grid():
+    # 300 x 100 px on a 4 (rows) x 6 (cols) grid: cells are 50 px wide and 25 px tall
+    m = boxes_to_token_mask([[50, 25, 150, 50]], 300, 100, 4, 6)
+    np.testing.assert_array_equal(m, cells(4, 6, (1, 1), (1, 2)))
+    m = boxes_to_token_mask([[160, 60, 170, 100]], 300, 100, 4, 6)
+    np.testing.assert_array_equal(m, cells(4, 6, (2, 3), (3, 3)))
+    # the grid is the model's (resized) grid, not the pixel size: 336 x 224 px shown on a 3 x 2 grid
+    m = boxes_to_token_mask([[0, 0, 112, 112]], 336, 224, 2, 3)
+    np.testing.assert_array_equal(m, cells(2, 3, (0, 0)))
+    assert boxes_to_token_mask([[0, 0, 112, 112]], 336, 224, 3, 2).shape == (3, 2)
+
+
+# --------------------------------------------------------------------------- world
+
+
+def obj_at(scene, box):
+    found = [o for o in scene.objects if o.box == list(box)]
+    assert len(found) == 1, f"box {box} is not exactly one object of the scene"
+    return found[0]
+
+
+def test_sample_is_deterministic_by_seed():
+    for family in (None, *world.FAMILIES):
+        a, b = world.sample(5, family), world.sample(5, family)
+        assert a == b
+        assert np.array_equal(np.asarray(world.render(a.scene)), np.asarray(world.render(b.scene)))
+    others = [world.sample(s) for s in range(6, 12)]
+    assert all(o.scene != world.sample(5).scene for o in others)
+    assert len({(o.question, o.answer) for o in others}) > 1
+
+
+def test_unknown_family():
+    with pytest.raises(ValueError, match="unknown question family"):
+        world.sample(0, "colour")
+
+
+@pytest.mark.parametrize("family", world.FAMILIES)
+def test_sample_is_valid(family):
+    vocab = set(world.answer_vocabulary())
+    answers = set()
+    for seed in SEEDS:
+        s = world.sample(seed, family)
+        sc = s.scene
+        W, H = sc.size
+        assert s.family == family
+        assert s.answer in vocab
+        answers.add(s.answer)
+        assert world.WorldConfig().min_cells <= sc.cols <= world.WorldConfig().max_cells
+        for box in s.boxes:
+            assert all(v % world.CELL == 0 for v in box), box
+            x1, y1, x2, y2 = box
+            assert 0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H, (box, sc.size)
+            obj_at(sc, box)
+        # objects do not overlap (one free cell between them, so their cell masks are disjoint)
+        masks = [boxes_to_token_mask([o.box], W, H, sc.rows, sc.cols) for o in sc.objects]
+        assert int(sum(m.sum() for m in masks)) == int(np.logical_or.reduce(masks).sum())
+        if family == "lookup":
+            (o,) = [obj_at(sc, b) for b in s.boxes]
+            if s.question.startswith("What colour"):
+                assert s.question == f"What colour is the {o.shape}?" and s.answer == o.colour
+                assert [x.shape for x in sc.objects].count(o.shape) == 1
+            else:
+                assert s.question == f"What shape is the {o.colour} object?" and s.answer == o.shape
+                assert [x.colour for x in sc.objects].count(o.colour) == 1
+        elif family == "glyph":
+            (o,) = [obj_at(sc, b) for b in s.boxes]
+            assert s.question == f"What letter is on the {o.colour} {o.shape}?" and s.answer == o.glyph
+            assert [(x.colour, x.shape) for x in sc.objects].count((o.colour, o.shape)) == 1
+        elif family == "count":
+            colour = s.question.split()[2]
+            want = sorted(o.box for o in sc.objects if o.colour == colour)
+            assert sorted(s.boxes) == want
+            assert s.answer == world.NUMBERS[len(s.boxes)] and 1 <= len(s.boxes) <= 4
+        elif family == "relation":
+            assert len(s.boxes) == 2
+            a, b = (obj_at(sc, bx) for bx in s.boxes)
+            assert s.question == f"Do the {a.shape} and the {b.shape} have the same colour?"
+            assert [x.shape for x in sc.objects].count(a.shape) == 1
+            assert [x.shape for x in sc.objects].count(b.shape) == 1
+            assert s.answer == ("yes" if a.colour == b.colour else "no")
+        else:
+            colour, shape = s.question.removeprefix("Is there a ").removesuffix("?").split()
+            present = any(o.colour == colour and o.shape == shape for o in sc.objects)
+            assert s.answer == ("yes" if present else "no")
+            if s.answer == "no":
+                assert s.boxes == []
+            else:
+                (o,) = [obj_at(sc, b) for b in s.boxes]
+                assert (o.colour, o.shape) == (colour, shape)
+    if family in ("relation", "exist"):  # both answers occur: the families are balanced by construction
+        assert answers == {"yes", "no"}
+    else:
+        assert len(answers) > 1
+
+
+def test_cell_labels_mark_exactly_the_object_cells():
+    for seed in range(8):
+        sc = world.sample(seed).scene
+        W, H = sc.size
+        lab = world.cell_labels(sc)
+        assert set(lab) == {"colour", "shape", "glyph"}
+        union = boxes_to_token_mask([o.box for o in sc.objects], W, H, sc.rows, sc.cols)
+        for k, v in lab.items():
+            assert v.shape == (sc.rows, sc.cols)
+            np.testing.assert_array_equal(v > 0, union, err_msg=k)
+        for o in sc.objects:
+            block = (slice(o.row, o.row + o.size), slice(o.col, o.col + o.size))
+            assert (lab["colour"][block] == list(world.COLOURS).index(o.colour) + 1).all()
+            assert (lab["shape"][block] == world.SHAPES.index(o.shape) + 1).all()
+            assert (lab["glyph"][block] == list(world.GLYPHS).index(o.glyph) + 1).all()
+
+
+def test_render_draws_each_object_in_its_box_only():
+    for seed in range(6):
+        sc = world.sample(seed).scene
+        img = world.render(sc)
+        assert isinstance(img, Image.Image) and img.mode == "RGB" and img.size == sc.size
+        px = np.asarray(img)
+        union = np.zeros(px.shape[:2], dtype=bool)
+        for o in sc.objects:
+            x1, y1, x2, y2 = o.box
+            union[y1:y2, x1:x2] = True
+            fill = np.all(px[y1:y2, x1:x2] == world.COLOURS[o.colour], axis=-1)
+            assert fill.sum() > 40 * o.size ** 2, (o, int(fill.sum()))
+        coloured = np.zeros_like(union)
+        for rgb in world.COLOURS.values():
+            coloured |= np.all(px == rgb, axis=-1)
+        assert not (coloured & ~union).any()  # background and clutter are grey
+
+
+# --------------------------------------------------------------------------- records
+
+
+def test_write_split_round_trip(tmp_path):
+    path = write_split(tmp_path / "split", n=10, seed=3)
+    assert path == tmp_path / "split" / "records.jsonl"
+    recs = read_records(path)
+    assert len(recs) == 10
+    assert len(read_records(path, limit=4)) == 4
+    for i, r in enumerate(recs):
+        s = world.sample(3 * 1_000_000 + i, world.FAMILIES[i % len(world.FAMILIES)])
+        assert isinstance(r, Record)
+        assert (r.question, r.answer, r.family) == (s.question, s.answer, s.family)
+        assert (r.width, r.height) == s.scene.size
+        assert r.bboxs == [[float(v) for v in b] for b in s.boxes]
+        img_path = r.image_path(path.parent)
+        assert img_path.is_file() and not r.image.startswith("/")
+        with Image.open(img_path) as im:
+            assert im.size == (r.width, r.height)
+            assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(world.render(s.scene)))
+    assert len({r.id for r in recs}) == 10
+
+
+def write_lines(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_visual_cot_row(tmp_path):
+    row = {"question": "What is written on the sign?", "answer": "stop", "image": "/data/cot/gqa/1.jpg",
+           "width": 640, "height": 480, "bboxs": [[10, 20, 110.5, 220]], "dataset": "gqa", "split": "train"}
+    path = write_lines(tmp_path / "cot.jsonl", [json.dumps(row), "", json.dumps({**row, "bboxs": []})])
+    a, b = read_records(path)
+    assert a.family == "gqa" and b.family == "gqa"
+    assert (a.question, a.answer, a.width, a.height) == ("What is written on the sign?", "stop", 640, 480)
+    assert a.bboxs == [[10.0, 20.0, 110.5, 220.0]] and b.bboxs == []
+    assert a.image_path(tmp_path) == Path(row["image"])  # absolute paths are kept
+    assert a.id != b.id  # no id in the row: the file:line stands in
+
+
+GOOD = {"question": "q?", "answer": "a", "image": "x.png", "width": 10, "height": 10, "bboxs": [[0, 0, 5, 5]]}
+
+
+@pytest.mark.parametrize("bad, match", [
+    ('{"question": "q?", "answer": "a", "image": "x.png", "width": 10}', r"lacks \['height'\]"),
+    ("{not json", "not JSON"),
+    (json.dumps({**GOOD, "bboxs": [[5, 0, 4, 5]]}), "x1 <= x2"),
+    (json.dumps({**GOOD, "bboxs": [[0, 6, 5, 5]]}), "x1 <= x2"),
+    (json.dumps({**GOOD, "bboxs": [[0, 0, 5]]}), r"\[x1, y1, x2, y2\]"),
+])
+def test_bad_rows_name_file_and_line(tmp_path, bad, match):
+    path = write_lines(tmp_path / "bad.jsonl", [json.dumps(GOOD), "", bad, json.dumps(GOOD)])
+    with pytest.raises(ValueError, match=match) as err:
+        read_records(path)
+    assert f"{path}:3:" in str(err.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no record file"):
+        read_records(tmp_path / "nope.jsonl")

@@ -1,0 +1,352 @@
+"""Stage-1 training: losses on hand-computed values, the differentiable forward against the stock model (oracle),
+gradients, the collator, and Trainer resume."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import IMG_A, IMG_C, make_batch, small_glimpse_config
+from safetensors.torch import load_file
+
+import glimpseprune as gp
+from glimpseprune.data import world
+from glimpseprune.data.records import boxes_to_token_mask, write_split
+from glimpseprune.methods.full import FullMethod
+from glimpseprune.runtime.train import forward_train
+from glimpseprune.testing import build_tiny_qwen2_5_vl
+from glimpseprune.training.losses import bce_loss, dice_loss, kl_loss, lm_loss, mask_loss, mask_metrics
+from glimpseprune.training.stage1 import Collator, Stage1Config, Stage1Model, WorldDataset, build_module
+from glimpseprune.training.trainer import train
+
+LN2 = math.log(2.0)
+EPS = 1e-6
+
+
+def t(*v):
+    return torch.tensor(v, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def test_dice_and_bce_hand_values():
+    # p = (0.5, 0.5), g = (1, 0): Dice = 1 - (2 * 0.5 + eps) / (1 + 1 + eps), BCE = ln 2
+    assert float(dice_loss(t(0, 0), t(1, 0))) == pytest.approx(1 - (1 + EPS) / (2 + EPS), abs=1e-7)
+    assert float(bce_loss(t(0, 0), t(1, 0))) == pytest.approx(LN2, abs=1e-6)
+    # p = sigmoid(ln 3) = 0.75 on a positive, 0.25 on a negative
+    p = (0.75, 0.25)
+    assert float(dice_loss(t(math.log(3), -math.log(3)), t(1, 0))) == pytest.approx(
+        1 - (2 * 0.75 + EPS) / (sum(p) + 1 + EPS), abs=1e-6)
+    assert float(bce_loss(t(math.log(3), -math.log(3)), t(1, 0))) == pytest.approx(-math.log(0.75), abs=1e-6)
+    # perfect confident prediction: both ~0; empty target with p ~ 0: Dice ~ 0 thanks to eps
+    assert float(dice_loss(t(30, -30), t(1, 0))) == pytest.approx(0.0, abs=1e-6)
+    assert float(bce_loss(t(30, -30), t(1, 0))) == pytest.approx(0.0, abs=1e-6)
+    assert float(dice_loss(t(-30, -30), t(0, 0))) == pytest.approx(0.0, abs=1e-5)
+    # bool / int targets and half logits are accepted (computed in fp32)
+    assert float(bce_loss(t(0, 0).half(), torch.tensor([True, False]))) == pytest.approx(LN2, abs=1e-6)
+
+
+def test_mask_loss_weights_and_batch_mean():
+    logits = [t(0, 0), t(0)]
+    targets = [t(1, 0), t(0)]
+    d1, d2 = 1 - (1 + EPS) / (2 + EPS), 1 - EPS / (0.5 + EPS)  # second: p = 0.5, g = 0 -> Dice ~ 1
+    assert float(mask_loss(logits, targets)) == pytest.approx(((d1 + 0.1 * LN2) + (d2 + 0.1 * LN2)) / 2, abs=1e-6)
+    assert float(mask_loss(logits, targets, 2.0, 0.5)) == pytest.approx(
+        ((2 * d1 + 0.5 * LN2) + (2 * d2 + 0.5 * LN2)) / 2, abs=1e-6)
+    assert float(mask_loss(logits, targets, 0.0, 1.0)) == pytest.approx(LN2, abs=1e-6)
+    with pytest.raises(ValueError, match="differ"):
+        mask_loss([t(0, 0)], [t(1, 0, 0)])
+    with pytest.raises(ValueError, match="logit vectors"):
+        mask_loss([t(0)], [t(0), t(1)])
+
+
+def test_lm_loss_ignores_masked_positions():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 7, generator=g)
+    ids = torch.tensor([[1, 2, 3], [4, 5, 0]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    want = F.cross_entropy(logits[mask], ids[mask])  # token mean over the 3 set positions
+    assert float(lm_loss(logits, ids, mask)) == pytest.approx(float(want), abs=1e-6)
+    changed = logits.clone()
+    changed[~mask] = 100 * torch.randn(3, 7, generator=g)
+    ids2 = ids.masked_fill(~mask, 6)
+    assert float(lm_loss(changed, ids2, mask)) == pytest.approx(float(want), abs=1e-6)
+    # uniform over 4 classes: ln 4; an all-masked batch gives 0, not NaN
+    assert float(lm_loss(torch.zeros(1, 2, 4), torch.tensor([[0, 3]]), torch.ones(1, 2, dtype=torch.bool))) == \
+        pytest.approx(math.log(4), abs=1e-6)
+    assert float(lm_loss(logits, ids, torch.zeros_like(mask))) == 0.0
+
+
+def test_kl_loss():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(2, 3, 5, generator=g)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    assert float(kl_loss(a, a.clone(), mask)) == pytest.approx(0.0, abs=1e-6)
+    assert float(kl_loss(a + 3.0, a, mask)) == pytest.approx(0.0, abs=1e-5)  # shift-invariant
+    b = torch.randn(2, 3, 5, generator=g)
+    assert float(kl_loss(b, a, mask)) > 1e-3
+    # teacher (0.5, 0.5), student (0.25, 0.75): KL(t || s) = 0.5 ln 2 + 0.5 ln(2/3)
+    teacher, student = torch.zeros(1, 1, 2), torch.tensor([[[0.0, math.log(3)]]])
+    want = 0.5 * math.log(2) + 0.5 * math.log(2 / 3)
+    assert float(kl_loss(student, teacher, torch.ones(1, 1, dtype=torch.bool))) == pytest.approx(want, abs=1e-6)
+    # direction matters: KL(s || t) differs
+    assert float(kl_loss(teacher, student, torch.ones(1, 1, dtype=torch.bool))) != pytest.approx(want, abs=1e-3)
+    # masked positions do not count: a wildly different student there changes nothing
+    part = mask.clone()
+    part[1, 2] = False
+    s2 = a.clone()
+    s2[1, 2] = 50 * torch.randn(5, generator=g)
+    assert float(kl_loss(s2, a, part)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_mask_metrics_hand_example():
+    logits = [t(1, 1, -1, -1), t(2, -2, -3)]
+    targets = [t(1, 0, 1, 0), t(1, 1, 0)]
+    # sample 1: tp 1 fp 1 fn 1; sample 2: tp 1 fn 1 -> tp 2, fp 1, fn 2
+    m = mask_metrics(logits, targets)
+    assert m["precision"] == pytest.approx(2 / 3)
+    assert m["recall"] == pytest.approx(2 / 4)
+    assert m["iou"] == pytest.approx(2 / 5)
+    assert m["kept"] == pytest.approx((2 / 4 + 1 / 3) / 2)
+    empty = mask_metrics([t(-1, -1)], [t(0, 0)])
+    assert empty == {"precision": 0.0, "recall": 0.0, "iou": 0.0, "kept": 0.0}
+
+
+# --------------------------------------------------------------------------- forward_train against the stock model
+
+
+def suffix_batch(processor, answers):
+    tok = processor.tokenizer
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    ids = [tok(a, add_special_tokens=False)["input_ids"] + [eos] for a in answers]
+    T = max(len(x) for x in ids)
+    suffix = torch.full((len(ids), T), tok.pad_token_id, dtype=torch.long)
+    smask = torch.zeros(len(ids), T, dtype=torch.bool)
+    for b, x in enumerate(ids):
+        suffix[b, :len(x)] = torch.tensor(x)
+        smask[b, :len(x)] = True
+    return suffix, smask
+
+
+def stock_suffix_logits(model, inputs, suffix, smask):
+    """The stock model on [left-padded prompt | right-padded suffix], read at the positions predicting the suffix."""
+    full = dict(inputs)
+    full["input_ids"] = torch.cat([inputs["input_ids"], suffix], dim=1)
+    full["attention_mask"] = torch.cat([inputs["attention_mask"], smask.to(inputs["attention_mask"].dtype)], dim=1)
+    full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(suffix)], dim=1)
+    L0, T = inputs["input_ids"].shape[1], suffix.shape[1]
+    with torch.no_grad():
+        logits = model(**full).logits
+    return logits[:, L0 - 1:L0 + T - 1]
+
+
+CASES = {
+    "b1": ([IMG_A], ["red"]),
+    "b2-uneven": ([IMG_A, IMG_C], ["The square is blue", "no"]),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, model, processor):
+    specs, answers = CASES[request.param]
+    inputs = make_batch(processor, specs)
+    suffix, smask = suffix_batch(processor, answers)
+    return dict(inputs), suffix, smask, stock_suffix_logits(model, inputs, suffix, smask)
+
+
+def forced_vip_module(model, bias):
+    torch.manual_seed(0)
+    mod = gp.GlimpseModule(small_glimpse_config(model)).eval()
+    with torch.no_grad():
+        mod.vip.out_proj.weight.zero_()
+        mod.vip.out_proj.bias.fill_(bias)
+    return mod
+
+
+def test_full_method_equals_stock(model, case):
+    inputs, suffix, smask, ref = case
+    with torch.no_grad():
+        out = forward_train(model, gp.get_adapter(model), FullMethod(), inputs, suffix, smask)
+    assert out.suffix_logits.shape == ref.shape
+    assert out.vip_logits is None
+    torch.testing.assert_close(out.suffix_logits[smask], ref[smask], atol=1e-4, rtol=0)
+    # the check can fail: reading one position later gives other logits
+    assert (out.suffix_logits[:, 1:] - ref[:, :-1])[smask[:, 1:]].abs().max() > 1e-2
+
+
+def test_soft_keep_all_equals_stock(model, case):
+    """soft_keep=True with every keep-probability ~1: the glimpse is hidden from the answer and from the prompt after
+    layer K, every visual token keeps its weight -> exactly the stock model."""
+    inputs, suffix, smask, ref = case
+    method = gp.make_method("glimpse", forced_vip_module(model, 30.0))
+    with torch.no_grad():
+        out = forward_train(model, gp.get_adapter(model), method, inputs, suffix, smask, soft_keep=True)
+    n_vis = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    assert [v.shape[0] for v in out.vip_logits] == n_vis
+    assert all(torch.allclose(v, torch.full_like(v, 30.0)) for v in out.vip_logits)
+    torch.testing.assert_close(out.suffix_logits[smask], ref[smask], atol=1e-4, rtol=0)
+
+
+def test_soft_drop_all_and_upstream_mode_differ_from_stock(model, case):
+    inputs, suffix, smask, ref = case
+    adapter = gp.get_adapter(model)
+    with torch.no_grad():
+        soft = forward_train(model, adapter, gp.make_method("glimpse", forced_vip_module(model, -30.0)), inputs,
+                             suffix, smask, soft_keep=True)
+        # upstream stage-1 mode: the answer sees the glimpse, so even keep-all differs from stock
+        seen = forward_train(model, adapter, gp.make_method("glimpse", forced_vip_module(model, 30.0)), inputs,
+                             suffix, smask, soft_keep=False)
+    assert (soft.suffix_logits - ref)[smask].abs().max() > 1e-2
+    assert (seen.suffix_logits - ref)[smask].abs().max() > 1e-2
+
+
+# --------------------------------------------------------------------------- collator, gradients
+
+
+SMALL = world.WorldConfig(min_cells=4, max_cells=5, min_objects=2, max_objects=3)  # 112-140 px: fast on a CPU
+
+
+def world_item(seed, family, cfg=SMALL):
+    s = world.sample(seed, family, cfg)
+    w, h = s.scene.size
+    return {"image": world.render(s.scene), "question": s.question, "answer": s.answer, "boxes": s.boxes,
+            "width": w, "height": h}
+
+
+@pytest.fixture(scope="module")
+def world_items():
+    return [WorldDataset(5)[i] for i in range(5)]  # the training set's own items, one of each family
+
+
+@pytest.fixture(scope="module")
+def small_items():
+    return [world_item(7, "count"), world_item(8, "relation")]
+
+
+def test_collator_targets_match_box_masks(model, processor, world_items):
+    merge = model.config.vision_config.spatial_merge_size
+    batch = Collator(processor, merge)(world_items)
+    inputs, targets = batch["inputs"], batch["targets"]
+    n_vis = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    grids = inputs["image_grid_thw"].tolist()
+    assert len(targets) == len(world_items) == len(grids)
+    tok = processor.tokenizer
+    for b, (it, (_, gh, gw)) in enumerate(zip(world_items, grids)):
+        assert targets[b].shape == (n_vis[b],) and targets[b].dtype == torch.bool
+        want = boxes_to_token_mask(it["boxes"], it["width"], it["height"], gh // merge, gw // merge).reshape(-1)
+        np.testing.assert_array_equal(targets[b].numpy(), want)
+        # world canvases are whole 28-px cells within the pixel budget: one token per cell, boxes are whole cells
+        W, H = it["width"], it["height"]
+        assert (gh // merge, gw // merge) == (H // world.CELL, W // world.CELL)
+        assert int(targets[b].sum()) == sum((x2 - x1) * (y2 - y1) // world.CELL ** 2 for x1, y1, x2, y2 in it["boxes"])
+        ids = batch["suffix_ids"][b][batch["suffix_mask"][b]].tolist()
+        assert tok.decode(ids) == it["answer"] + "<|im_end|>"
+        assert not batch["suffix_mask"][b][len(ids):].any()
+    assert inputs["attention_mask"][:, -1].all()  # prompts are left padded
+
+
+def frozen_copy(model):
+    base = copy.deepcopy(model)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    return base
+
+
+@pytest.mark.parametrize("mode", ["boxes", "kl"])
+def test_stage1_gradients(model, processor, small_items, mode):
+    base = frozen_copy(model)
+    cfg = Stage1Config(model="unused", mode=mode, module=dict(vip_width=32, cond_width=32, vip_heads=4,
+                                                              vip_mlp_width=64))
+    torch.manual_seed(0)
+    module = build_module(base, cfg)
+    wrapper = Stage1Model(base, module, cfg)
+    assert {n.split(".")[0] for n, _ in wrapper.named_parameters()} == {"module"}  # base is not registered
+    batch = Collator(processor, model.config.vision_config.spatial_merge_size)(small_items)
+    loss = wrapper(**batch)["loss"]
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is None for p in base.parameters())
+    expected_parts = {"loc_loss", "lm_loss"} if mode == "boxes" else {"kl_loss", "keep_prob"}
+    assert expected_parts | {"precision", "recall", "iou", "kept"} == set(wrapper.metrics)
+    K = module.cfg.prune_layer
+    rows = module.glimpse_embeddings.grad.flatten(1).abs().sum(1)  # one row per glimpse layer
+    for name, p in module.vip.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    for name in ("attn_in_proj.weight", "cond_in_projs.0.weight", "layers.0.attn.q_proj.weight", "out_proj.weight"):
+        assert dict(module.vip.named_parameters())[name].grad.abs().sum() > 0, name
+    layers = module.cfg.glimpse_layers
+    if mode == "boxes":  # the answer sees the glimpse, so every layer's vector gets a gradient
+        assert (rows > 0).all(), rows
+    else:  # label-free: the glimpse is hidden after layer K; only its vectors up to K (the VIP's input) learn
+        assert all(rows[i] > 0 for i, layer in enumerate(layers) if layer <= K), rows
+        assert all(rows[i] == 0 for i, layer in enumerate(layers) if layer > K), rows
+
+
+# --------------------------------------------------------------------------- Trainer: resume
+
+
+def test_resume_continues_and_matches_uninterrupted(tmp_path, monkeypatch):
+    base = build_tiny_qwen2_5_vl(tmp_path / "base")
+    # small world scenes as JSONL records (the synthetic default's 224-448 px canvases take minutes on 2 busy cores)
+    train_data = write_split(tmp_path / "data", n=16, seed=11, cfg=SMALL, name="train.jsonl")
+    eval_data = write_split(tmp_path / "data", n=6, seed=12, cfg=SMALL, name="eval.jsonl")
+
+    def cfg(out):
+        return Stage1Config(model=str(base), output_dir=str(out), train_data=str(train_data), train_samples=16,
+                            eval_data=str(eval_data), eval_samples=4, batch_size=4, max_steps=4, save_steps=2,
+                            eval_steps=2, logging_steps=1,
+                            module=dict(vip_width=32, cond_width=32, vip_heads=4, vip_mlp_width=64))
+
+    calls = {"train": 0, "eval": 0}
+    forward = Stage1Model.forward
+
+    def counting(self, *a, **kw):
+        calls["train" if self.training else "eval"] += 1
+        return forward(self, *a, **kw)
+
+    monkeypatch.setattr(Stage1Model, "forward", counting)
+
+    A, B = tmp_path / "A", tmp_path / "B"
+    train(cfg(A))
+    assert calls == {"train": 4, "eval": 3}  # eval at steps 2 and 4 and a final one, 1 batch each (4 of 6 records)
+    assert sorted(p.name for p in A.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    # B: the same run interrupted after its step-2 checkpoint. Running cfg(B) from scratch would write the same
+    # files as A (seeded; the equality asserted below shows it), so a copy of A stands in and saves a Trainer run.
+    shutil.copytree(A, B)
+    for gone in ("checkpoint-4", "module", "train_summary.json"):
+        shutil.rmtree(B / gone) if (B / gone).is_dir() else (B / gone).unlink()
+    calls.update(train=0, eval=0)
+    train(cfg(B), resume=True)
+    assert calls == {"train": 2, "eval": 2}  # steps 3 and 4 only: the run continued from checkpoint-2
+
+    sa = json.loads((A / "train_summary.json").read_text())
+    sb = json.loads((B / "train_summary.json").read_text())
+    assert sa["resumed"] is False and sb["resumed"] is True
+    assert sa["global_step"] == sb["global_step"] == 4
+    saved = json.loads((B / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    hist = sb["log_history"]
+    assert hist[:len(saved)] == saved  # the checkpoint's history, then what the resumed run logged
+    after = hist[len(saved):]
+    assert after and all(h["step"] > 2 for h in after)
+    train_steps = [h["step"] for h in hist if "loss" in h]
+    assert train_steps == [1, 2, 3, 4]
+
+    def losses(h):
+        return {x["step"]: x["loss"] for x in h if "loss" in x}
+
+    assert losses(hist) == pytest.approx(losses(sa["log_history"]), abs=1e-4)
+    ma, mb = gp.load_module(A / "module"), gp.load_module(B / "module")
+    sda, sdb = ma.state_dict(), mb.state_dict()
+    assert sda.keys() == sdb.keys()
+    mid = {k.removeprefix("module."): v for k, v in load_file(str(B / "checkpoint-2" / "model.safetensors")).items()}
+    assert mid.keys() == sda.keys()
+    assert any(not torch.allclose(sda[k], mid[k], atol=1e-4) for k in sda)  # steps 3-4 changed the weights
+    for k in sda:
+        torch.testing.assert_close(sdb[k], sda[k], atol=1e-5, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
