@@ -1,13 +1,17 @@
-"""Shared fixtures: one tiny random Qwen2.5-VL on disk per session, its processor, a random glimpse module, batches."""
+"""Shared fixtures: one tiny random Qwen2.5-VL on disk per session, its processor, a random glimpse module, batches;
+and ``family``, which runs a test once per model family (tiny Qwen2.5-VL, tiny LLaVA)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 
 import glimpseprune as gp
 from glimpseprune.processing import build_inputs
-from glimpseprune.testing import build_tiny_qwen2_5_vl, random_image
+from glimpseprune.testing import build_tiny_llava, build_tiny_qwen2_5_vl, random_image
 
 # (width, height) per image; each sample is a list of images.
 IMG_A = [(224, 224)]  # 8x8 = 64 visual tokens
@@ -41,13 +45,18 @@ def small_glimpse_config(model, **kw):
                                vip_mlp_width=64, **kw)
 
 
-@pytest.fixture(scope="session")
-def module(model):
+def random_module(model):
+    """A small random glimpse module for ``model`` (seeded)."""
     torch.manual_seed(0)
     mod = gp.GlimpseModule(small_glimpse_config(model)).eval()
     with torch.no_grad():  # spread the random scores so the default threshold keeps some tokens and drops others
         mod.vip.out_proj.weight.mul_(4.0)
     return mod
+
+
+@pytest.fixture(scope="session")
+def module(model):
+    return random_module(model)
 
 
 def make_images(spec, seed=0):
@@ -63,3 +72,68 @@ def make_batch(processor, specs, questions=None, seed=0):
 @pytest.fixture(scope="session")
 def mixed_specs():
     return [IMG_A, IMG_B, []]  # one image, two images, text only
+
+
+# --------------------------------------------------------------------------- model families
+# ``family`` runs a test once per supported VLM family; ``model`` / ``processor`` / ``module`` above stay Qwen2.5-VL.
+
+FAMILIES = ["qwen2_5_vl", "llava"]
+
+
+@pytest.fixture(scope="session")
+def llava_dir(tmp_path_factory):
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny_llava") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def llava(llava_dir):
+    return gp.load_base(llava_dir)
+
+
+@pytest.fixture(scope="session")
+def llava_module(llava):
+    return random_module(llava[0])
+
+
+@dataclass
+class Family:
+    """One tiny model of a family, with what the shared tests need to know about it."""
+
+    name: str
+    model_dir: Path
+    model: object
+    processor: object
+    module: object
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    def batch(self, specs, questions=None, seed=0):
+        return make_batch(self.processor, specs, questions, seed)
+
+    def grids(self, spec) -> list[tuple[int, int]]:
+        """(h, w) token grid of each (width, height) image: Qwen keeps the aspect (28 px per token); LLaVA squares."""
+        if self.name == "llava":
+            return [gp.get_adapter(self.model).grid(self.model)] * len(spec)
+        return [(h // 28, w // 28) for w, h in spec]
+
+    def n_vis(self, spec) -> int:
+        return sum(h * w for h, w in self.grids(spec))
+
+    def stock_logits(self, inputs):
+        """The stock forward's logits, with the positions its own ``generate`` would use."""
+        kw = {}
+        if self.name == "llava":  # a bare Llama forward numbers padding too; generate counts valid tokens only
+            mask = inputs["attention_mask"].bool()
+            kw["position_ids"] = (mask.long().cumsum(1) - 1).masked_fill(~mask, 0)
+        return self.model(**inputs, **kw).logits
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def family(request) -> Family:
+    if request.param == "llava":
+        (model, processor), module = request.getfixturevalue("llava"), request.getfixturevalue("llava_module")
+        return Family("llava", request.getfixturevalue("llava_dir"), model, processor, module)
+    return Family("qwen2_5_vl", request.getfixturevalue("tiny_dir"), request.getfixturevalue("model"),
+                  request.getfixturevalue("processor"), request.getfixturevalue("module"))

@@ -40,9 +40,9 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
 
 
 def oracle_model(model_dir):
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
-    m = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, local_files_only=True).eval()
+    m = AutoModelForImageTextToText.from_pretrained(model_dir, local_files_only=True).eval()
     m.set_attn_implementation({"text_config": NAME, "vision_config": "sdpa"})
     return m
 

@@ -1,4 +1,5 @@
-"""Module checkpoints: save -> load and upstream-layout conversion -> load reproduce the outputs exactly."""
+"""Module checkpoints: save -> load and upstream-layout conversion -> load reproduce the outputs exactly, for each
+model family (the upstream Qwen2.5-VL and LLaVA-1.5 releases share key names; their configs differ)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,15 @@ import json
 
 import pytest
 import torch
-from conftest import IMG_A, IMG_B, make_batch
+from conftest import IMG_A, IMG_B
 
 import glimpseprune as gp
 from glimpseprune.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 
 
-def _run(model, processor, module):
-    inputs = make_batch(processor, [IMG_A, IMG_B])
-    return gp.apply(model, "glimpse", module=module).generate(inputs, max_new_tokens=6, return_logits=True)
+def _run(family, module):
+    inputs = family.batch([IMG_A, IMG_B])
+    return gp.apply(family.model, "glimpse", module=module).generate(inputs, max_new_tokens=6, return_logits=True)
 
 
 def _assert_same(a, b):
@@ -23,13 +24,30 @@ def _assert_same(a, b):
     assert all(torch.equal(x, y) for x, y in zip(a.step_logits, b.step_logits))
 
 
-def test_save_load_roundtrip(model, processor, module, tmp_path):
+def test_save_load_roundtrip(family, tmp_path):
+    model, module = family.model, family.module
     gp.save_module(module, tmp_path / "m")
     meta = json.loads((tmp_path / "m" / CONFIG_NAME).read_text())
     assert {"library_version", "transformers_version", "torch_version"} <= set(meta)
-    assert meta["glimpse"]["base_model_type"] == "qwen2_5_vl"
+    assert meta["glimpse"]["base_model_type"] == family.name
     loaded = gp.load_module(tmp_path / "m", gp.get_adapter(model).dims(model))
-    _assert_same(_run(model, processor, module), _run(model, processor, loaded))
+    _assert_same(_run(family, module), _run(family, loaded))
+
+
+def _upstream_model_config(model, cfg) -> dict:
+    """The base-model part of an upstream config.json: Qwen nests text / vision configs; LLaVA-1.5 is a flat Llama
+    config (model_type llava_llama_gp) with the CLIP width as mm_hidden_size and no CLIP depth."""
+    if model.config.model_type == "llava":
+        t = model.config.text_config
+        return {"model_type": "llava_llama_gp", "hidden_size": t.hidden_size, "num_hidden_layers": t.num_hidden_layers,
+                "num_attention_heads": t.num_attention_heads, "mm_hidden_size": model.config.vision_config.hidden_size,
+                "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_vision_select_layer": -2,
+                "use_attention_logits": cfg.attn_score == "logits"}
+    t = model.config.text_config
+    return {"model_type": "qwen2_5_vl_gp", "hidden_size": t.hidden_size, "num_hidden_layers": t.num_hidden_layers,
+            "num_attention_heads": t.num_attention_heads,
+            "vision_config": {"hidden_size": model.config.vision_config.hidden_size,
+                              "depth": model.config.vision_config.depth}, "use_attention_logits": True}
 
 
 def _to_upstream(module, tmp_path, model):
@@ -51,11 +69,8 @@ def _to_upstream(module, tmp_path, model):
     }
     t = model.config.text_config
     config = {
-        "model_type": "qwen2_5_vl_gp", "hidden_size": t.hidden_size, "num_hidden_layers": t.num_hidden_layers,
-        "num_attention_heads": t.num_attention_heads,
-        "vision_config": {"hidden_size": model.config.vision_config.hidden_size,
-                          "depth": model.config.vision_config.depth},
-        "selected_layers": [cfg.prune_layer], "reduce_layer": cfg.prune_layer, "use_attention_logits": True,
+        **_upstream_model_config(model, cfg),
+        "selected_layers": [cfg.prune_layer], "reduce_layer": cfg.prune_layer,
         "attn_fuse_type": "AttnFuserV1", "attn_fuse_size": cfg.vip_width, "attn_fuse_num_heads": cfg.vip_heads,
         "selected_visual_layers": list(cfg.vision_taps), "visual_cond_size": cfg.cond_width,
         "attn_fuse_global": True, "deep_supervision": False, "le_layers": list(range(t.num_hidden_layers)),
@@ -68,19 +83,25 @@ def _to_upstream(module, tmp_path, model):
     return up
 
 
-def test_upstream_conversion(model, processor, module, tmp_path):
+def test_upstream_conversion(family, tmp_path):
+    model, module = family.model, family.module
+    dims = gp.get_adapter(model).dims(model)
     up = _to_upstream(module, tmp_path, model)
     with pytest.raises(FileNotFoundError, match="convert"):
         gp.load_module(up)  # an unconverted upstream directory gets a hint, not a traceback
-    gp.convert_upstream(up, tmp_path / "converted")
-    loaded = gp.load_module(tmp_path / "converted", gp.get_adapter(model).dims(model))
-    _assert_same(_run(model, processor, module), _run(model, processor, loaded))
+    depth = dims.vision_depth if family.name == "llava" else None  # LLaVA configs do not record the CLIP depth
+    gp.convert_upstream(up, tmp_path / "converted", vision_depth=depth)
+    loaded = gp.load_module(tmp_path / "converted", dims)
+    assert loaded.cfg.attn_score == module.cfg.attn_score and loaded.cfg.vision_taps == module.cfg.vision_taps
+    assert loaded.vip.attn_in_proj.weight.shape == (module.cfg.vip_width, dims.num_heads)
+    assert loaded.vip.cond_in_projs[0].weight.shape == (module.cfg.cond_width, dims.vision_width)
+    _assert_same(_run(family, module), _run(family, loaded))
 
 
-def test_cli_convert(model, module, tmp_path):
+def test_cli_convert(family, tmp_path):
     from glimpseprune.cli import main
 
-    up = _to_upstream(module, tmp_path, model)
+    up = _to_upstream(family.module, tmp_path, family.model)
     assert main(["convert", "--upstream", str(up), "--out", str(tmp_path / "c")]) == 0
     assert (tmp_path / "c" / WEIGHTS_NAME).is_file()
     assert main(["convert", "--upstream", str(tmp_path / "nowhere"), "--out", str(tmp_path / "d")]) == 2

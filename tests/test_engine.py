@@ -1,10 +1,11 @@
-"""Engine correctness against stock transformers (the external oracle), on a tiny random Qwen2.5-VL in fp32."""
+"""Engine correctness against stock transformers (the external oracle), on each tiny random model family (Qwen2.5-VL,
+LLaVA) in fp32."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import IMG_A, IMG_B, IMG_C, make_batch
+from conftest import IMG_A, IMG_B, IMG_C
 from oracle import dropped_positions, masking, oracle_model, stock_generate
 
 import glimpseprune as gp
@@ -25,12 +26,13 @@ def keep_all_methods(module):
 @pytest.mark.parametrize("specs", [[IMG_A], [IMG_A, IMG_B, IMG_C], [[]], [[], [], []]],
                          ids=["img-b1", "img-b3", "text-b1", "text-b3"])
 @pytest.mark.parametrize("method_name", ["full", "glimpse_t0"])
-def test_keep_all_equals_stock(model, processor, module, specs, method_name):
-    inputs = make_batch(processor, specs)
-    method = keep_all_methods(module)[method_name]
+def test_keep_all_equals_stock(family, specs, method_name):
+    model, processor = family.model, family.processor
+    inputs = family.batch(specs)
+    method = keep_all_methods(family.module)[method_name]
     valid = inputs["attention_mask"].bool()
     with torch.no_grad():
-        ref = model(**inputs).logits
+        ref = family.stock_logits(inputs)
         pre = prefill(model, gp.get_adapter(model), method, inputs, all_logits=True)
     assert pre.logits.shape == ref.shape  # nothing pruned: same length
     assert sum(pre.n_kept) == sum(pre.n_vis)
@@ -53,10 +55,11 @@ def _random_keep(n_vis, seed, frac=0.3):
 
 @pytest.mark.parametrize("use_cache", [True, False], ids=["oracle-cached", "oracle-uncached"])
 @pytest.mark.parametrize("specs", [[IMG_A], [IMG_B]], ids=["one-image", "two-images"])
-def test_pruning_equals_masking(model, processor, tiny_dir, specs, use_cache):
+def test_pruning_equals_masking(family, specs, use_cache):
     """Our compacted prefill + cached decoding == stock model with the dropped keys masked. With use_cache=False
     the oracle recomputes the whole sequence at every step, so this also shows cached == uncached decoding."""
-    inputs = make_batch(processor, specs)
+    model, processor = family.model, family.processor
+    inputs = family.batch(specs)
     n_vis = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
     keep = _random_keep(n_vis, seed=1)
     pm = gp.apply(model, "mask", processor=processor)
@@ -65,7 +68,7 @@ def test_pruning_equals_masking(model, processor, tiny_dir, specs, use_cache):
     assert K == gp.config.default_prune_layer(model.config.text_config.num_hidden_layers)
     assert out.n_kept == [int(k.sum()) for k in keep] and out.n_kept[0] < n_vis[0]
     assert out.kv_len[0] == int(inputs["attention_mask"][0].sum()) - (n_vis[0] - out.n_kept[0])
-    oracle = oracle_model(tiny_dir)
+    oracle = oracle_model(family.model_dir)
     with masking(dropped_positions(inputs, model.config.image_token_id, keep), K), torch.no_grad():
         ref_tokens, ref_logits = stock_generate(oracle, inputs, N_NEW, use_cache=use_cache,
                                                 pad_token_id=pad_id(processor))
@@ -75,13 +78,14 @@ def test_pruning_equals_masking(model, processor, tiny_dir, specs, use_cache):
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 
 
-def test_prune_before_llm_equals_masking(model, processor, tiny_dir):
+def test_prune_before_llm_equals_masking(family):
     """K = -1 (drop before the first layer) matches hiding the tokens from every layer."""
-    inputs = make_batch(processor, [IMG_C])
-    keep = _random_keep([36], seed=3)
+    model, processor = family.model, family.processor
+    inputs = family.batch([IMG_C])
+    keep = _random_keep([family.n_vis(IMG_C)], seed=3)
     out = gp.apply(model, "mask", prune_layer=-1).generate(inputs, max_new_tokens=N_NEW, keep_masks=keep,
                                                            return_logits=True)
-    oracle = oracle_model(tiny_dir)
+    oracle = oracle_model(family.model_dir)
     with masking(dropped_positions(inputs, model.config.image_token_id, keep), -1), torch.no_grad():
         ref_tokens, ref_logits = stock_generate(oracle, inputs, N_NEW, pad_token_id=pad_id(processor))
     assert torch.equal(out.sequences, ref_tokens)
@@ -89,20 +93,21 @@ def test_prune_before_llm_equals_masking(model, processor, tiny_dir):
 
 
 @pytest.mark.parametrize("method_name", ["glimpse", "mask"])
-def test_mixed_batch_equals_single(model, processor, module, mixed_specs, method_name):
+def test_mixed_batch_equals_single(family, mixed_specs, method_name):
     """Different image sizes, a two-image sample and a text-only sample: batch == one by one."""
-    kw = {"module": module} if method_name == "glimpse" else {}
+    model, processor = family.model, family.processor
+    kw = {"module": family.module} if method_name == "glimpse" else {}
     pm = gp.apply(model, method_name, processor=processor, **kw)
     questions = ["What colour is the square?", "Which picture has more circles?", "Is it sunny?"]
-    batch = make_batch(processor, mixed_specs, questions)
+    batch = family.batch(mixed_specs, questions)
     n_vis = (batch["input_ids"] == model.config.image_token_id).sum(1).tolist()
-    assert n_vis == [64, 24 + 32, 0]
+    assert n_vis == [family.n_vis(s) for s in mixed_specs] and n_vis[2] == 0
     keep = _random_keep(n_vis, seed=2) if method_name == "mask" else None
     out = pm.generate(batch, max_new_tokens=N_NEW, keep_masks=keep)
     assert 0 < out.n_kept[0] < out.n_vis[0] and 0 < out.n_kept[1] < out.n_vis[1]
     assert out.n_kept[2] == out.n_vis[2] == 0
     for b, spec in enumerate(mixed_specs):
-        single = make_batch(processor, [spec], [questions[b]], seed=10 * b)
+        single = family.batch([spec], [questions[b]], seed=10 * b)
         one = pm.generate(single, max_new_tokens=N_NEW, keep_masks=None if keep is None else [keep[b]])
         assert torch.equal(one.keep_masks[0], out.keep_masks[b])
         n = one.sequences.shape[1]
@@ -110,29 +115,45 @@ def test_mixed_batch_equals_single(model, processor, module, mixed_specs, method
         assert bool((out.sequences[b, n:] == pad_id(processor)).all())
 
 
-def test_glimpse_never_influences_answer(model, processor, module):
+def test_glimpse_never_influences_answer(family):
     """With the same keep mask, glimpse pruning and mask pruning give identical logits: the glimpse token is gone."""
-    inputs = make_batch(processor, [IMG_A, IMG_C])
-    g = gp.apply(model, "glimpse", module=module).generate(inputs, max_new_tokens=N_NEW, return_logits=True)
+    model = family.model
+    inputs = family.batch([IMG_A, IMG_C])
+    g = gp.apply(model, "glimpse", module=family.module).generate(inputs, max_new_tokens=N_NEW, return_logits=True)
     m = gp.apply(model, "mask").generate(inputs, max_new_tokens=N_NEW, keep_masks=g.keep_masks, return_logits=True)
     assert torch.equal(g.sequences, m.sequences)
     for a, b in zip(g.step_logits, m.step_logits):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
-def test_image_keep_masks_follow_grids(model, processor, module):
-    inputs = make_batch(processor, [IMG_B])
-    out = gp.apply(model, "glimpse", module=module).generate(inputs, max_new_tokens=2)
-    assert [tuple(m.shape) for m in out.image_keep_masks] == [(6, 4), (4, 8)]
+def test_image_keep_masks_follow_grids(family):
+    inputs = family.batch([IMG_B])
+    out = gp.apply(family.model, "glimpse", module=family.module).generate(inputs, max_new_tokens=2)
+    assert [tuple(m.shape) for m in out.image_keep_masks] == family.grids(IMG_B)
     assert sum(int(m.sum()) for m in out.image_keep_masks) == out.n_kept[0]
 
 
-def test_sampling_is_seeded(model, processor, module):
-    inputs = make_batch(processor, [IMG_A, IMG_C])
-    pm = gp.apply(model, "glimpse", module=module)
+def test_sampling_is_seeded(family):
+    inputs = family.batch([IMG_A, IMG_C])
+    pm = gp.apply(family.model, "glimpse", module=family.module)
     a = pm.generate(inputs, max_new_tokens=N_NEW, do_sample=True, temperature=5.0, seed=7)
     b = pm.generate(inputs, max_new_tokens=N_NEW, do_sample=True, temperature=5.0, seed=7)
     c = pm.generate(inputs, max_new_tokens=N_NEW, do_sample=True, temperature=5.0, seed=8)
     greedy = pm.generate(inputs, max_new_tokens=N_NEW)
     assert torch.equal(a.sequences, b.sequences)
     assert not torch.equal(a.sequences, c.sequences) or not torch.equal(a.sequences, greedy.sequences)
+
+
+@pytest.mark.parametrize("name", gp.list_methods())
+def test_every_method_runs(family, name):
+    """Every registered method prunes (or not) a mixed batch of each family, with consistent bookkeeping."""
+    inputs = family.batch([IMG_A, IMG_B, []])
+    n_vis = [family.n_vis(IMG_A), family.n_vis(IMG_B), 0]
+    kw = {"keep_masks": _random_keep(n_vis, seed=4)} if name == "mask" else {}
+    method = gp.make_method(name, family.module)
+    out = gp.apply(family.model, method, processor=family.processor).generate(inputs, max_new_tokens=3, **kw)
+    assert out.n_vis == n_vis and out.sequences.shape[0] == 3 and len(out.texts) == 3
+    assert all(0 <= k <= n for k, n in zip(out.n_kept, n_vis))
+    assert [tuple(m.shape) for m in out.image_keep_masks] == family.grids(IMG_A) + family.grids(IMG_B)
+    lengths = inputs["attention_mask"].sum(1).tolist()
+    assert out.kv_len == [L - (n - k) for L, n, k in zip(lengths, n_vis, out.n_kept)]

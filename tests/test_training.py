@@ -232,7 +232,7 @@ def small_items():
 
 def test_collator_targets_match_box_masks(model, processor, world_items):
     merge = model.config.vision_config.spatial_merge_size
-    batch = Collator(processor, merge)(world_items)
+    batch = Collator(processor, model)(world_items)
     inputs, targets = batch["inputs"], batch["targets"]
     n_vis = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
     grids = inputs["image_grid_thw"].tolist()
@@ -268,7 +268,7 @@ def test_stage1_gradients(model, processor, small_items, mode):
     module = build_module(base, cfg)
     wrapper = Stage1Model(base, module, cfg)
     assert {n.split(".")[0] for n, _ in wrapper.named_parameters()} == {"module"}  # base is not registered
-    batch = Collator(processor, model.config.vision_config.spatial_merge_size)(small_items)
+    batch = Collator(processor, base)(small_items)
     loss = wrapper(**batch)["loss"]
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()

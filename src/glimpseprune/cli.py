@@ -66,10 +66,8 @@ def _write_overlay(pm, image_path, keep, out_path) -> None:
     from .bench.overlay import overlay
     from .processing import load_image
 
-    image = load_image(image_path)
-    h, w = keep.shape
-    patch = pm.model.config.vision_config.patch_size * pm.model.config.vision_config.spatial_merge_size
-    overlay(image, keep.cpu().numpy(), size=(w * patch, h * patch)).save(out_path)
+    view = pm.adapter.token_view(pm.model, pm.processor, load_image(image_path))
+    overlay(view, keep.cpu().numpy()).save(out_path)
     print(f"wrote {out_path}")
 
 
@@ -272,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("methods", help="list the registered pruning methods")
     m.set_defaults(fn=cmd_methods)
+
+    from .bench.report import add_bench_parser
+
+    add_bench_parser(sub)
     return p
 
 

@@ -69,7 +69,7 @@ class GlimpseConfig:
     base_vision_width: int
     base_vision_depth: int
     prune_layer: int
-    vision_taps: tuple[int, ...]
+    vision_taps: tuple[int, ...]  # the adapter says what they index (Qwen: blocks; LLaVA: hidden_states)
     attn_layers: tuple[int, ...] = ()  # LLM layers whose glimpse attention feeds the VIP; default (prune_layer,)
     glimpse_layers: tuple[int, ...] = ()  # layers that get a glimpse vector; default: all layers
     vip_width: int = 256
@@ -156,6 +156,26 @@ PRESETS: dict[str, dict[str, Any]] = {
         vip_width=256, cond_width=512, vip_heads=4, vip_mlp_width=512,
         base_model_name="Qwen/Qwen2.5-VL-3B-Instruct",
     ),
+    # LLaVA-1.5 (CLIP-L/14-336: width 1024, 24 blocks, 24 x 24 tokens). Vision taps index CLIP's hidden_states as
+    # upstream (hidden_states[0] = embeddings; 23 = hidden_states[-2], the projected feature); attention scores are
+    # log-softmax over all keys (upstream use_attention_logits=false).
+    "llava_1_5_7b": dict(
+        base_model_type="llava", base_hidden_size=4096, base_num_layers=32, base_num_heads=32,
+        base_vision_width=1024, base_vision_depth=24, prune_layer=21, vision_taps=(23, 17, 11, 5),
+        vip_width=256, cond_width=512, vip_heads=4, vip_mlp_width=512, attn_score="log_softmax",
+        base_model_name="llava-hf/llava-1.5-7b-hf",
+    ),
+    "llava_1_5_13b": dict(
+        base_model_type="llava", base_hidden_size=5120, base_num_layers=40, base_num_heads=40,
+        base_vision_width=1024, base_vision_depth=24, prune_layer=26, vision_taps=(23, 17, 11, 5),
+        vip_width=256, cond_width=512, vip_heads=4, vip_mlp_width=512, attn_score="log_softmax",
+        base_model_name="llava-hf/llava-1.5-13b-hf",
+    ),
+}
+
+# Per-family defaults of a module sized for a model (``checkpoint.config_for_model``), as the releases use them.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llava": dict(attn_score="log_softmax"),
 }
 
 

@@ -11,6 +11,10 @@ and the ``BatchFeature`` a Qwen2.5-VL model consumes:
   in-process, carrying the Qwen2.5-VL special tokens and chat template.
 * :func:`build_inputs` / :func:`load_image` -- batch construction (left padded,
   with ``mm_token_type_ids`` for M-RoPE) and image file reading.
+
+LLaVA processors load and batch through the same functions; the LLaVA chat
+format, tiny tokenizer and box -> token masks live in
+:mod:`glimpseprune.processing_llava`.
 """
 
 from __future__ import annotations
@@ -426,7 +430,8 @@ def build_inputs(
     ``images[i]`` is the (possibly empty) list of PIL images of sample ``i``;
     they are placed before the question in the user turn. The batch is left
     padded and holds ``input_ids``, ``attention_mask``, ``mm_token_type_ids``
-    and, when any sample has an image, ``pixel_values`` and ``image_grid_thw``.
+    (M-RoPE processors only) and, when any sample has an image,
+    ``pixel_values`` (and ``image_grid_thw`` for Qwen2.5-VL).
     Images are resized by the processor within its ``min_pixels``/``max_pixels``.
     """
     _check_batch(images, questions)
@@ -437,14 +442,16 @@ def build_inputs(
         for sample, question in zip(images, questions, strict=True)
     ]
     flat_images = [image if image.mode == "RGB" else image.convert("RGB") for sample in images for image in sample]
+    # M-RoPE models (Qwen2.5-VL) need mm_token_type_ids; others (LLaVA) reject them in generate
+    needs_types = "mm_token_type_ids" in getattr(processor, "model_input_names", ())
     batch = processor(
         text=prompts,
         images=flat_images or None,
         padding=True,
         padding_side="left",
-        return_mm_token_type_ids=True,
+        return_mm_token_type_ids=needs_types,
         return_tensors=return_tensors,
     )
-    if "mm_token_type_ids" not in batch:
+    if needs_types and "mm_token_type_ids" not in batch:
         raise RuntimeError(f"{type(processor).__name__} did not return mm_token_type_ids; M-RoPE would be wrong")
     return batch

@@ -1,11 +1,11 @@
-"""Tiny random-init Qwen2.5-VL fixtures for tests and examples.
+"""Tiny random-init Qwen2.5-VL and LLaVA fixtures for tests and examples.
 
-This module owns the construction of a deliberately small Qwen2.5-VL model
-(a few hundred thousand parameters) that runs on a CPU in milliseconds and is
-built entirely offline: :func:`tiny_qwen2_5_vl_config` describes it,
-:func:`build_tiny_qwen2_5_vl` writes a loadable checkpoint directory (weights,
-generation config and processor) and :func:`random_image` makes deterministic
-test images.
+This module owns the construction of deliberately small models (a few hundred
+thousand parameters) that run on a CPU in milliseconds and are built entirely
+offline: :func:`tiny_qwen2_5_vl_config` / :func:`tiny_llava_config` describe
+them, :func:`build_tiny_qwen2_5_vl` / :func:`build_tiny_llava` write loadable
+checkpoint directories (weights, generation config and processor) and
+:func:`random_image` makes deterministic test images.
 """
 
 from __future__ import annotations
@@ -17,18 +17,29 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import (
+    GenerationConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from glimpseprune.processing import QwenVLProcessor, make_tiny_qwen_tokenizer, save_processor
+from glimpseprune.processing_llava import LLAVA_CHAT_TEMPLATE, make_tiny_llava_tokenizer
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "TINY_LLAVA_IMAGE_SIZE",
     "TINY_MAX_PIXELS",
     "TINY_MIN_PIXELS",
+    "build_tiny_llava",
     "build_tiny_qwen2_5_vl",
     "random_image",
+    "tiny_llava_config",
     "tiny_qwen2_5_vl_config",
 ]
 
@@ -148,8 +159,8 @@ def _tiny_processor() -> QwenVLProcessor:
     return QwenVLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
 
 
-def _generation_config(config: Qwen2_5_VLConfig) -> GenerationConfig:
-    """Greedy generation config that stops on ``<|im_end|>`` or ``<|endoftext|>``."""
+def _generation_config(config: Qwen2_5_VLConfig | LlavaConfig) -> GenerationConfig:
+    """Greedy generation config that stops on the text config's eos or pad token."""
     text = config.text_config
     return GenerationConfig(
         bos_token_id=text.bos_token_id,
@@ -168,17 +179,23 @@ def build_tiny_qwen2_5_vl(out_dir: str | Path, seed: int = 0, **overrides: Any) 
     :func:`~glimpseprune.processing.load_processor`. ``overrides`` go to
     :func:`tiny_qwen2_5_vl_config`. Returns ``out_dir`` as a ``Path``.
     """
-    out_dir = Path(out_dir)
     config = tiny_qwen2_5_vl_config(**overrides)
+    return _build_and_save(Qwen2_5_VLForConditionalGeneration, config, _tiny_processor(), out_dir, seed)
+
+
+def _build_and_save(model_class: type, config: Any, processor: Any, out_dir: str | Path, seed: int) -> Path:
+    """Seeded random init of ``model_class(config)`` in fp32, saved with a greedy generation config and
+    ``processor`` to ``out_dir``."""
+    out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
+    model = model_class(config).to(torch.float32).eval()
     model.generation_config = _generation_config(config)
     _check_not_degenerate(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)
-    save_processor(_tiny_processor(), out_dir)
+    save_processor(processor, out_dir)
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info("built tiny Qwen2.5-VL (%d parameters, seed %d) in %s", n_params, seed, out_dir)
+    logger.info("built tiny %s (%d parameters, seed %d) in %s", model_class.__name__, n_params, seed, out_dir)
     return out_dir
 
 
@@ -199,3 +216,89 @@ def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
     noise = rng.integers(-16, 17, size=(height, width, 3))
     pixels = np.clip(base.astype(np.int16) + noise, 0, 255).astype(np.uint8)
     return Image.fromarray(pixels)
+
+
+# --------------------------------------------------------------------------- tiny LLaVA
+
+# Every image becomes a TINY_LLAVA_IMAGE_SIZE square: 112 / 14 = 8 x 8 = 64 visual tokens.
+TINY_LLAVA_IMAGE_SIZE = 112
+
+# The Qwen test LLM's shape (hidden 64, 4 layers, 4 / 2 heads) as a Llama with plain 1-D RoPE.
+_LLAVA_TEXT_DEFAULTS: dict[str, Any] = {
+    **_TEXT_DEFAULTS, "model_type": "llama", "rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0},
+}
+
+_LLAVA_VISION_DEFAULTS: dict[str, Any] = {
+    "model_type": "clip_vision_model",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 2,
+    "image_size": TINY_LLAVA_IMAGE_SIZE,
+    "patch_size": 14,
+    "projection_dim": 32,
+    "initializer_range": 0.02,
+}
+
+
+def tiny_llava_config(**overrides: Any) -> LlavaConfig:
+    """A tiny LLaVA-1.5-style config matching :func:`~glimpseprune.processing_llava.make_tiny_llava_tokenizer`.
+
+    Text (Llama): hidden 64, 4 layers, 4 query / 2 key-value heads. Vision (CLIP): hidden 32, 4 blocks, 112 px
+    images in 14 px patches (8 x 8 tokens). ``vision_feature_layer=-2`` and the "default" strategy (CLS dropped),
+    as LLaVA-1.5. ``text_config=`` / ``vision_config=`` dicts are merged into the defaults; ``tokenizer=`` takes the
+    special-token ids from another tokenizer; other keywords go to :class:`LlavaConfig`. SDPA everywhere.
+    """
+    tokenizer = overrides.pop("tokenizer", None) or make_tiny_llava_tokenizer()
+    text = _merged(_LLAVA_TEXT_DEFAULTS, overrides.pop("text_config", None), "text_config")
+    text.setdefault("vocab_size", len(tokenizer))
+    for key, token in (("bos_token_id", "<s>"), ("eos_token_id", "</s>"), ("pad_token_id", "<pad>")):
+        text.setdefault(key, int(tokenizer.convert_tokens_to_ids(token)))
+    vision = _merged(_LLAVA_VISION_DEFAULTS, overrides.pop("vision_config", None), "vision_config")
+    attn_implementation = overrides.pop("attn_implementation", "sdpa")
+    n_tokens = (vision["image_size"] // vision["patch_size"]) ** 2
+    kwargs: dict[str, Any] = {
+        "image_token_index": int(tokenizer.convert_tokens_to_ids("<image>")),
+        "image_seq_length": n_tokens,
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "projector_hidden_act": "gelu",
+        "tie_word_embeddings": False,
+        "dtype": "float32",
+    }
+    kwargs.update(overrides)
+    config = LlavaConfig(text_config=text, vision_config=vision, **kwargs)
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def _tiny_llava_processor(config: LlavaConfig, image_mode: str) -> LlavaProcessor:
+    """LlavaProcessor with a PIL image processor: ``"pad"`` (expand to square, LLaVA-1.5's own preprocessing) or
+    ``"crop"`` (shortest-edge resize + centre crop, as the llava-hf checkpoints)."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    v = config.vision_config
+    geometry = {"size": {"shortest_edge": v.image_size}, "crop_size": {"height": v.image_size, "width": v.image_size}}
+    if image_mode == "pad":
+        image_processor = LlavaImageProcessorPil(do_pad=True, **geometry)
+    elif image_mode == "crop":
+        image_processor = CLIPImageProcessorPil(**geometry)
+    else:
+        raise ValueError(f"image_mode must be 'pad' or 'crop', got {image_mode!r}")
+    return LlavaProcessor(image_processor=image_processor, tokenizer=make_tiny_llava_tokenizer(),
+                          patch_size=v.patch_size, vision_feature_select_strategy=config.vision_feature_select_strategy,
+                          num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE)
+
+
+def build_tiny_llava(out_dir: str | Path, seed: int = 0, image_mode: str = "pad", **overrides: Any) -> Path:
+    """Build, randomly initialise (seeded) and save a tiny ``LlavaForConditionalGeneration`` to ``out_dir``.
+
+    The directory (fp32 safetensors, ``config.json``, ``generation_config.json``, processor files) loads back
+    offline with ``LlavaForConditionalGeneration.from_pretrained(out_dir)`` and
+    :func:`~glimpseprune.processing.load_processor`. ``image_mode`` picks the image preprocessing ("pad" or
+    "crop"); ``overrides`` go to :func:`tiny_llava_config`. Returns ``out_dir`` as a ``Path``.
+    """
+    config = tiny_llava_config(**overrides)
+    processor = _tiny_llava_processor(config, image_mode)
+    return _build_and_save(LlavaForConditionalGeneration, config, processor, out_dir, seed)

@@ -62,6 +62,15 @@ class Adapter:
         """Position ids (P, B, 1) of a decode step whose tokens sit at next_pos (B,)."""
         raise NotImplementedError
 
+    def box_masks(self, model: nn.Module, processor, inputs: dict, boxes: list, sizes: list) -> list:
+        """Per image, a (h, w) bool numpy mask of the visual tokens covered by its pixel xyxy ``boxes``
+        (on the original ``(width, height)`` in ``sizes``), following the family's image preprocessing."""
+        raise NotImplementedError
+
+    def token_view(self, model: nn.Module, processor, image):
+        """The PIL image as the visual-token grid sees it (resized / padded / cropped), for overlays."""
+        raise NotImplementedError
+
     def embed_tokens(self, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model.get_input_embeddings()(ids)
 

@@ -101,5 +101,19 @@ class Qwen2_5_VLAdapter(Adapter):
         next_pos = positions.masked_fill(~attn_mask[None], -1).amax(dim=(0, 2)) + 1
         return Encoded(embeds, attn_mask, positions, vis_mask, grids, owner, next_pos, feats)
 
+    def box_masks(self, model: nn.Module, processor, inputs: dict, boxes: list, sizes: list) -> list:
+        from ..data.records import boxes_to_token_mask
+
+        merge = model.config.vision_config.spatial_merge_size
+        grids = inputs["image_grid_thw"].tolist()
+        return [boxes_to_token_mask(b, w, h, gh // merge, gw // merge)
+                for b, (w, h), (_, gh, gw) in zip(boxes, sizes, grids, strict=True)]
+
+    def token_view(self, model: nn.Module, processor, image):
+        px = processor.image_processor([image], return_tensors="pt")
+        _, gh, gw = px["image_grid_thw"][0].tolist()
+        patch = model.config.vision_config.patch_size
+        return image.resize((gw * patch, gh * patch))
+
     def decode_positions(self, next_pos: torch.Tensor) -> torch.Tensor:
         return next_pos.view(1, -1, 1).expand(3, -1, 1)

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..checkpoint import config_for_model
 from ..data import world
-from ..data.records import boxes_to_token_mask, read_records
+from ..data.records import read_records
 from ..methods.glimpse import GlimpseMethod
 from ..modules.glimpse import GlimpseModule
 from ..processing import build_inputs, load_image
@@ -122,13 +122,17 @@ class RecordDataset(torch.utils.data.Dataset):
 
 
 class Collator:
-    """Left-padded prompts, right-padded ``answer<|im_end|>`` suffixes, and per-sample box token masks."""
+    """Left-padded prompts, right-padded ``answer<eos>`` suffixes, and per-sample box token masks (the adapter maps
+    boxes through the family's image preprocessing)."""
 
-    def __init__(self, processor, merge: int):
-        self.processor, self.merge = processor, merge
+    def __init__(self, processor, model):
+        self.processor, self.model = processor, model
+        self.adapter = get_adapter(model)
         tok = processor.tokenizer
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        self.eos = tok.convert_tokens_to_ids("<|im_end|>")
+        if tok.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos token; stage-1 answers end with it")
+        self.eos = tok.eos_token_id
 
     def __call__(self, items: list[dict]) -> dict:
         inputs = build_inputs(self.processor, [[it["image"]] for it in items], [it["question"] for it in items])
@@ -140,10 +144,9 @@ class Collator:
         for b, x in enumerate(ids):
             suffix[b, :len(x)] = torch.tensor(x)
             smask[b, :len(x)] = True
-        grids = inputs["image_grid_thw"].tolist()
-        targets = [torch.from_numpy(boxes_to_token_mask(it["boxes"], it["width"], it["height"], gh // self.merge,
-                                                         gw // self.merge).reshape(-1))
-                   for it, (_, gh, gw) in zip(items, grids, strict=True)]
+        masks = self.adapter.box_masks(self.model, self.processor, inputs, [it["boxes"] for it in items],
+                                       [(it["width"], it["height"]) for it in items])
+        targets = [torch.from_numpy(m.reshape(-1)) for m in masks]
         return {"inputs": dict(inputs), "suffix_ids": suffix, "suffix_mask": smask, "targets": targets}
 
 

@@ -84,9 +84,8 @@ def train(cfg: Stage1Config, resume: bool = False, device: str | None = None) ->
         remove_unused_columns=False, label_names=["suffix_ids"], report_to="none", dataloader_num_workers=0,
         use_cpu=device in (None, "cpu"), prediction_loss_only=True,
     )
-    merge = base.config.vision_config.spatial_merge_size
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                               data_collator=Collator(processor, merge))
+                               data_collator=Collator(processor, base))
     t0 = time.time()
     has_ckpt = resume and any(out.glob("checkpoint-*"))
     result = trainer.train(resume_from_checkpoint=True if has_ckpt else None)

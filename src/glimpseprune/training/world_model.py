@@ -4,7 +4,7 @@ Two stages, as a VLM's pretraining then instruction tuning:
 
 A. vision pretraining: the ViT + merger with linear heads on every merged visual token, dense per-cell labels
    (colour / shape / glyph / background);
-B. question answering: the whole LLM + merger + last ViT block at 0.3x lr (earlier ViT blocks frozen),
+B. question answering: the whole model, the ViT at 0.3x the LLM's learning rate,
    cross-entropy on the answer and ``<|im_end|>``, the dense loss kept as an auxiliary term, a curriculum from
    small scenes to the full world.
 
@@ -85,8 +85,12 @@ def _dense_labels(samples) -> dict[str, torch.Tensor]:
 
 
 def _curriculum(progress: float) -> world.WorldConfig:
-    if progress < 0.15:
-        return world.WorldConfig(max_cells=10, max_objects=3)
+    """224 px scenes with one or two objects first (reading an attribute needs no binding yet), then up to six
+    objects at 224 px, then the whole world (224-448 px, 2-7 objects)."""
+    if progress < 0.08:
+        return world.WorldConfig(min_cells=8, max_cells=8, min_objects=1, max_objects=2)
+    if progress < 0.45:
+        return world.WorldConfig(min_cells=8, max_cells=8, min_objects=1, max_objects=6)
     return world.WorldConfig()
 
 
@@ -163,7 +167,7 @@ def train_qa(model, processor, heads: DenseHeads, minutes: float, batch: int, lr
     visual = model.model.visual
     for p in visual.parameters():
         p.requires_grad_(False)
-    late = list(visual.merger.parameters()) + list(visual.blocks[-1].parameters())
+    late = list(visual.parameters())  # the whole ViT keeps training, at 0.3x the LLM's learning rate
     for p in late:
         p.requires_grad_(True)
     late_ids = {id(p) for p in late}
@@ -207,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vision-minutes", type=float, default=10.0,
                     help="time cap of stage A (it stops early at 99%% object-token accuracy)")
     ap.add_argument("--qa-minutes", type=float, default=42.0, help="wall-clock budget of stage B")
-    ap.add_argument("--batch", type=int, default=24)
+    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init", help="continue from a saved world model folder instead of a fresh initialisation")

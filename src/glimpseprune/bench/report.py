@@ -1,0 +1,410 @@
+"""Efficiency reports: run metadata, one JSON per run, a markdown table, PNG plots (matplotlib, optional), and the
+``glimpseprune bench`` command (``add_bench_parser``).
+
+    glimpseprune bench flops --shape qwen2_5_vl_7b --n-vis 5041 --n-text 33 --keep 0.034
+    glimpseprune bench sweep --shape qwen2_5_vl_3b --keep 0.082 [--measure --shape qwen2_5_vl_scaled_cpu]
+    glimpseprune bench run --shape qwen2_5_vl_7b --device cuda --dtype bfloat16 --out runs/bench/table7
+    glimpseprune bench ratio-check          (scaled CPU shape: measured vs analytic prefill ratio, < 3 min)
+
+Until the command is wired into the CLI, ``python -m glimpseprune.bench.report bench ...`` takes the same arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+PLOTS_MISSING = "matplotlib is not installed: plots skipped (pip install matplotlib to get them)"
+
+
+def _git_commit() -> str | None:
+    root = Path(__file__).resolve().parents[3]
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}{'+dirty' if dirty else ''}" if head else None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Device, library versions, git commit and time of a run."""
+    import transformers
+
+    from .. import __version__
+
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return {"device": str(device), "device_name": name, "torch": torch.__version__,
+            "transformers": transformers.__version__, "glimpseprune": __version__, "git_commit": _git_commit(),
+            "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "cuda": torch.version.cuda,
+            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def write_json(result: dict, out_dir: str | Path, name: str = "result.json") -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
+def _fmt(x: float | None, digits: int = 1) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def markdown_table(result: dict) -> str:
+    """One row per variant: tokens, analytic and measured prefill cost (absolute and % of full), decode, e2e."""
+    rows = result["results"]
+    batches = sorted({int(b) for r in rows.values() for b in r.get("end_to_end", {})})
+    head = ["variant", "K", "kept %", "KV len", "equiv. tokens", "prefill GFLOPs", "% of full (analytic)",
+            "prefill ms", "% of full (measured)", "decode ms/token"]
+    head += [f"tok/s B={b}" for b in batches] + [f"{k} MiB B={b}" for b in batches[:1] for k in ("peak", "rise")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in rows.items():
+        a = r["analytic"]
+        cells = [name, str(a["prune_layer"]), _fmt(100 * a["n_kept"] / a["n_vis"]), str(a["kv_len"]),
+                 _fmt(a["equivalent_tokens"]), _fmt(a["prefill_llm_flops"] / 1e9),
+                 _fmt(100 * r["prefill_ratio_analytic"]), _fmt(1000 * r["prefill_s"]["median"], 2),
+                 _fmt(100 * r["prefill_ratio_measured"]),
+                 _fmt(r.get("decode_ms_per_token", {}).get("median"), 2)]
+        e2e = r.get("end_to_end", {})
+        cells += [_fmt(e2e.get(str(b), {}).get("tokens_per_s")) for b in batches]
+        for b in batches[:1]:
+            mem = e2e.get(str(b), {}).get("memory")
+            cells += [_fmt(mem[k] / 2**20, 0) if mem else "–" for k in ("peak_bytes", "delta_bytes")]
+        lines.append("| " + " | ".join(cells) + " |")
+    s, meta = result["settings"], result["meta"]
+    mem_method = next((x["memory"]["method"] for r in rows.values() for x in r.get("end_to_end", {}).values()
+                       if "memory" in x), "not measured")
+    lines += ["", f"Shape {result['shape']['name']}, grid {s['grid'][0]}x{s['grid'][1]} visual + {s['n_text']} text "
+              f"tokens, prefill batch {s['prefill_batch']}, {s['reps']} reps (median) after {s['warmup']} warm-up, "
+              f"{meta['device']} ({meta['device_name']}), {s['dtype']}, torch {meta['torch']}, transformers "
+              f"{meta['transformers']}, commit {meta['git_commit']}. Prefill = LLM part (ViT excluded); FLOPs count "
+              f"a multiply-add as 2, attention causal={s['causal']}. Peak memory: {mem_method} (rise = peak minus the "
+              f"memory in use before the call)."]
+    return "\n".join(lines) + "\n"
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def write_plots(result: dict, out_dir: str | Path) -> list[Path] | str:
+    """prefill_ratio.png (analytic vs measured % of full) and, with end-to-end runs, throughput.png. Returns the
+    paths, or the message ``PLOTS_MISSING`` when matplotlib is not installed."""
+    plt = _pyplot()
+    if plt is None:
+        logger.warning(PLOTS_MISSING)
+        return PLOTS_MISSING
+    out, rows, paths = Path(out_dir), result["results"], []
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(rows)
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.5))
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], [100 * rows[n]["prefill_ratio_analytic"] for n in names], 0.4, label="analytic")
+    ax.bar([x + 0.2 for x in xs], [100 * rows[n]["prefill_ratio_measured"] for n in names], 0.4, label="measured")
+    ax.set_xticks(list(xs), names)
+    ax.set_ylabel("prefill, % of full")
+    ax.set_title(f"{result['shape']['name']} prefill cost")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out / "prefill_ratio.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    if any(r.get("end_to_end") for r in rows.values()):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for n in names:
+            pts = sorted((int(b), x["tokens_per_s"]) for b, x in rows[n].get("end_to_end", {}).items()
+                         if "tokens_per_s" in x)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=n)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("end-to-end tokens/s")
+        ax.legend()
+        fig.tight_layout()
+        paths.append(out / "throughput.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def plot_sweep(rows: list[dict], out_dir: str | Path, title: str) -> list[Path] | str:
+    plt = _pyplot()
+    if plt is None:
+        logger.warning(PLOTS_MISSING)
+        return PLOTS_MISSING
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([r["prune_layer"] for r in rows], [100 * r["ratio"] for r in rows], marker=".", label="analytic")
+    meas = [r for r in rows if r.get("measured_ratio") is not None]
+    if meas:
+        ax.plot([r["prune_layer"] for r in meas], [100 * r["measured_ratio"] for r in meas], "o", label="measured")
+    ax.set_xlabel("pruning layer K")
+    ax.set_ylabel("prefill, % of full")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    path = out / "sweep.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
+# ----------------------------------------------------------------------------------------------- the command
+
+
+def _grid(text: str) -> tuple[int, int]:
+    h, _, w = text.lower().partition("x")
+    return int(h), int(w)
+
+
+def _common(p: argparse.ArgumentParser, n_vis: int = 2025, n_text: int = 64) -> None:
+    p.add_argument("--shape", default="qwen2_5_vl_scaled_cpu", help="shape name in configs/shapes/ or a JSON path")
+    p.add_argument("--n-vis", type=int, default=n_vis, help="visual tokens per sample (near-square grid)")
+    p.add_argument("--grid", type=_grid, help="merged-token grid HxW (overrides --n-vis), e.g. 71x71")
+    p.add_argument("--n-text", type=int, default=n_text, help="non-visual prompt tokens per sample")
+    p.add_argument("--causal", action="store_true", help="count causal attention pairs n(n+1)/2 instead of the "
+                   "n^2 an explicit-mask kernel executes")
+
+
+def _settings(args, **kw):
+    from .efficiency import BenchSettings
+
+    return BenchSettings(shape=args.shape, n_vis=args.n_vis, grid=args.grid, n_text=args.n_text, causal=args.causal,
+                         **kw)
+
+
+def cmd_flops(args) -> int:
+    from . import flops as F
+    from .efficiency import analytic, parse_variant
+    from .shapes import load_shape
+
+    shape, s = load_shape(args.shape), _settings(args)
+    grid = s.resolved_grid()
+    variants = ["full"] + [f"glimpse:{k}" + (f"@{args.prune_layer}" if args.prune_layer is not None else "")
+                           for k in args.keep]
+    rows = {v: analytic(shape, parse_variant(v), args.n_text, grid, args.causal) for v in variants}
+    full = rows["full"]
+    print(f"{shape.name}: {grid[0]}x{grid[1]} = {grid[0] * grid[1]} visual + {args.n_text} text tokens; "
+          f"causal={args.causal}; 1 multiply-add = 2 FLOPs; ViT {full['vit_flops'] / 1e12:.2f} TFLOPs (not in prefill)")
+    print("variant | K | kept | KV len | equiv. tokens | prefill TFLOPs | % of full | VIP GFLOPs | "
+          f"decode GFLOPs/step (with LM head) | decode GFLOPs, {args.new_tokens} steps, no LM head (paper)")
+    for name, a in rows.items():
+        dec = F.decode_flops(shape, a["kv_len"], args.new_tokens, lm_head=False)
+        print(f"{name} | {a['prune_layer']} | {a['n_kept']} | {a['kv_len']} | {a['equivalent_tokens']:.1f} | "
+              f"{a['prefill_llm_flops'] / 1e12:.2f} | {100 * a['prefill_llm_flops'] / full['prefill_llm_flops']:.1f} | "
+              f"{a['vip_flops'] / 1e9:.1f} | {a['decode_step_flops'] / 1e9:.2f} | {dec / 1e9:.1f}")
+    if args.json:
+        print(json.dumps({"shape": shape.name, "grid": grid, "n_text": args.n_text, "rows": rows}))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .efficiency import run_benchmark
+    from .flops import prune_layer_sweep
+    from .shapes import load_shape
+
+    shape, s = load_shape(args.shape), _settings(args)
+    grid = s.resolved_grid()
+    rows = prune_layer_sweep(shape, args.n_text, grid[0] * grid[1], args.keep, args.layers, args.causal,
+                             glimpse=not args.no_glimpse, grids=[grid])
+    if args.measure:  # fixed masks at each K (mask method, no VIP), timed interleaved with full
+        s.variants = tuple(f"mask:{args.keep}@{r['prune_layer']}" for r in rows)
+        s.decode, s.e2e, s.reps, s.warmup = False, False, args.reps, 1
+        res = run_benchmark(s, shape)
+        for r in rows:
+            m = res["results"][f"mask:{args.keep}@{r['prune_layer']}"]
+            r["measured_ratio"], r["mask_analytic_ratio"] = m["prefill_ratio_measured"], m["prefill_ratio_analytic"]
+    print(f"{shape.name}: prefill vs pruning layer K, {grid[0] * grid[1]} visual + {args.n_text} text tokens, "
+          f"keep {args.keep}, glimpse overhead {'off' if args.no_glimpse else 'on'}")
+    print("K | prefill TFLOPs | % of full | equiv. tokens | KV len"
+          + (" | mask: analytic % | mask: measured %" if args.measure else ""))
+    for r in rows:
+        extra = ""
+        if "measured_ratio" in r:
+            extra = f" | {100 * r['mask_analytic_ratio']:.1f} | {100 * r['measured_ratio']:.1f}"
+        print(f"{r['prune_layer']} | {r['prefill_flops'] / 1e12:.3f} | {100 * r['ratio']:.1f} | "
+              f"{r['equivalent_tokens']:.1f} | {r['kv_len']}{extra}")
+    if args.out:
+        write_json({"shape": shape.to_dict(), "grid": grid, "n_text": args.n_text, "keep": args.keep, "rows": rows},
+                   args.out, "sweep.json")
+        plots = plot_sweep(rows, args.out, f"{shape.name}, keep {args.keep}")
+        print(plots if isinstance(plots, str) else f"wrote {args.out}/sweep.json and {[str(p) for p in plots]}")
+    return 0
+
+
+def _finish(args, result: dict) -> None:
+    if not args.out:
+        return
+    path = write_json(result, args.out)
+    (Path(args.out) / "table.md").write_text(markdown_table(result))
+    plots = write_plots(result, args.out)
+    print(f"wrote {path} and {Path(args.out) / 'table.md'}")
+    print(plots if isinstance(plots, str) else "plots: " + ", ".join(str(p) for p in plots))
+
+
+def _summary(result: dict) -> dict:
+    """The compact last stdout line of ``run`` / ``ratio-check``."""
+    rows = {}
+    for name, r in result["results"].items():
+        e2e = r.get("end_to_end", {})
+        rows[name] = {"kv_len": r["analytic"]["kv_len"], "prefill_ms": 1000 * r["prefill_s"]["median"],
+                      "prefill_ratio_measured": r["prefill_ratio_measured"],
+                      "prefill_ratio_analytic": r["prefill_ratio_analytic"],
+                      "decode_ms_per_token": r.get("decode_ms_per_token", {}).get("median"),
+                      "tokens_per_s": {b: x.get("tokens_per_s") for b, x in e2e.items()},
+                      "peak_mib": {b: x["memory"]["peak_bytes"] / 2**20 for b, x in e2e.items() if "memory" in x}}
+    return {"shape": result["shape"]["name"], "device": result["meta"]["device_name"], "results": rows,
+            "ratio_checks": result.get("ratio_checks")}
+
+
+def _checks(result: dict, tolerance: float, causal: bool) -> bool:
+    from .efficiency import ratio_checks
+
+    checks = ratio_checks(result, tolerance)
+    result["ratio_checks"] = [{"variant": c.variant, "measured": c.measured, "analytic": c.analytic,
+                               "rel_diff": c.rel_diff, "tolerance": c.tolerance, "ok": c.ok} for c in checks]
+    for c in checks:
+        print(f"{c.variant}: kept fraction {100 * c.extra['kept_frac']:.2f} %")
+        print(f"  analytic prefill ratio (LLM FLOPs, causal={causal}): {c.analytic:.4f}")
+        print(f"  measured prefill ratio (median time / median full):  {c.measured:.4f}")
+        print(f"  relative difference: {100 * c.rel_diff:+.1f} % (tolerance {100 * c.tolerance:.0f} %): "
+              f"{'PASS' if c.ok else 'FAIL'}")
+    return all(c.ok for c in checks)
+
+
+def cmd_run(args) -> int:
+    from .efficiency import run_benchmark
+
+    s = _settings(args, variants=tuple(args.variants), batch_sizes=tuple(args.batch_sizes), warmup=args.warmup,
+                  reps=args.reps, new_tokens=args.new_tokens, decode=not args.no_decode, e2e=not args.no_e2e,
+                  device=args.device, dtype=args.dtype, attn=args.attn, threads=args.threads)
+    result = run_benchmark(s)
+    print(markdown_table(result))
+    _checks(result, 0.15, args.causal)
+    _finish(args, result)
+    print(json.dumps(_summary(result)))
+    return 0
+
+
+def cmd_ratio_check(args) -> int:
+    from .efficiency import run_benchmark
+
+    variants = ["full", f"glimpse:{args.keep}"] + ([f"mask:{args.keep}"] if args.with_mask else [])
+    s = _settings(args, variants=tuple(variants), warmup=args.warmup, reps=args.reps, decode=False, e2e=False,
+                  threads=args.threads)
+    result = run_benchmark(s)
+    g = result["settings"]["grid"]
+    print(f"ratio check: {result['shape']['name']}, {g[0] * g[1]} visual + {args.n_text} text tokens, "
+          f"{args.reps} interleaved reps after {args.warmup} warm-up, {result['meta']['torch_threads']} threads")
+    for name, r in result["results"].items():
+        a = r["analytic"]
+        print(f"  {name:<16} K={a['prune_layer']!s:<4} kept {a['n_kept']}/{a['n_vis']} KV {a['kv_len']:<5} "
+              f"prefill median {1000 * r['prefill_s']['median']:.1f} ms "
+              f"(all: {', '.join(f'{1000 * x:.0f}' for x in r['prefill_s']['all'])})")
+    ok = _checks(result, args.tolerance, args.causal)
+    _finish(args, result)
+    print(json.dumps(_summary(result)))
+    return 1 if args.strict and not ok else 0
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``bench`` (flops, sweep, run, ratio-check) to a CLI's subparsers; each handler is ``args.fn(args)``."""
+    b = subparsers.add_parser("bench", help="efficiency: analytic FLOPs, pruning-layer sweep, timing runs")
+    sub = b.add_subparsers(dest="bench_cmd", required=True)
+
+    f = sub.add_parser("flops", help="analytic FLOPs, KV length and equivalent tokens, full vs GlimpsePrune")
+    _common(f, n_vis=5041, n_text=33)
+    f.add_argument("--keep", type=float, nargs="+", default=[0.034], help="kept visual fraction(s)")
+    f.add_argument("--prune-layer", type=int, help="K (default: the shape's)")
+    f.add_argument("--new-tokens", type=int, default=22, help="decode steps for the decode-FLOPs total")
+    f.add_argument("--json", action="store_true", help="also print one JSON line")
+    f.set_defaults(fn=cmd_flops)
+
+    w = sub.add_parser("sweep", help="prefill cost vs pruning layer K (analytic; --measure also times it)")
+    _common(w)
+    w.add_argument("--keep", type=float, default=0.04, help="kept visual fraction")
+    w.add_argument("--layers", type=int, nargs="+", help="layers K to evaluate (default: -1..L-1)")
+    w.add_argument("--no-glimpse", action="store_true", help="leave out the glimpse token and VIP")
+    w.add_argument("--measure", action="store_true", help="time prefill at each K (mask method; cheap shapes only)")
+    w.add_argument("--reps", type=int, default=3, help="timed repetitions with --measure")
+    w.add_argument("--out", help="folder for sweep.json and sweep.png")
+    w.set_defaults(fn=cmd_sweep)
+
+    r = sub.add_parser("run", help="time prefill, decoding and end-to-end generation; JSON + markdown + plots")
+    _common(r)
+    r.add_argument("--variants", nargs="+", default=["full", "glimpse:0.04", "mask:0.04", "fixed:0.111"],
+                   help="full | glimpse:F[@K] | mask:F[@K] | fixed:F[@K] (fixed: default K=-1, before the LLM)")
+    r.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16], help="end-to-end batch sizes")
+    r.add_argument("--warmup", type=int, default=1, help="untimed runs of every variant first")
+    r.add_argument("--reps", type=int, default=5, help="timed repetitions (medians reported)")
+    r.add_argument("--new-tokens", type=int, default=16, help="generated tokens / timed decode steps")
+    r.add_argument("--no-decode", action="store_true", help="skip decode timing")
+    r.add_argument("--no-e2e", action="store_true", help="skip end-to-end throughput and memory")
+    r.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
+    r.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager)")
+    r.add_argument("--threads", type=int, help="torch CPU threads")
+    r.add_argument("--out", help="folder for result.json, table.md and PNG plots")
+    r.set_defaults(fn=cmd_run)
+
+    c = sub.add_parser("ratio-check", help="measured vs analytic prefill ratio of full vs GlimpsePrune (CPU)")
+    _common(c)
+    c.add_argument("--keep", type=float, default=0.04, help="kept visual fraction")
+    c.add_argument("--warmup", type=int, default=1, help="untimed runs of every variant first")
+    c.add_argument("--reps", type=int, default=7, help="timed, interleaved repetitions (medians)")
+    c.add_argument("--tolerance", type=float, default=0.15, help="allowed |measured / analytic - 1|")
+    c.add_argument("--with-mask", action="store_true", help="also time mask:KEEP (no glimpse token / VIP)")
+    c.add_argument("--strict", action="store_true", help="exit 1 when a ratio is outside the tolerance")
+    c.add_argument("--threads", type=int, help="torch CPU threads")
+    c.add_argument("--out", help="folder for result.json, table.md and PNG plots")
+    c.set_defaults(fn=cmd_ratio_check)
+    return b
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m glimpseprune.bench.report")
+    add_bench_parser(p.add_subparsers(dest="cmd", required=True))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Efficiency runner, shapes, reports and the ``bench`` command, on a tiny random Qwen2.5-VL (seconds on a CPU)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from glimpseprune.bench import efficiency as E
+from glimpseprune.bench.report import PLOTS_MISSING, add_bench_parser, markdown_table, write_json, write_plots
+from glimpseprune.bench.shapes import ModelShape, TextShape, VIPShape, VisionShape, list_shapes, load_shape
+from glimpseprune.registry import get_adapter
+from glimpseprune.runtime.engine import prefill
+
+TINY = ModelShape("tiny", TextShape(64, 3, 4, 2, 96, 512), VisionShape(2, 32, 2, 48, 64, fullatt_blocks=(1,)),
+                  VIPShape(16, 16, 2, 32), prune_layer=1)
+GRID, N_TEXT = (6, 6), 10
+
+
+@pytest.fixture(scope="module")
+def model():
+    return E.build_model(TINY)
+
+
+@pytest.fixture(scope="module")
+def result(model):
+    s = E.BenchSettings(shape="tiny", grid=GRID, n_text=N_TEXT, variants=("glimpse:0.25", "mask:0.25", "fixed:0.25"),
+                        batch_sizes=(1, 2), warmup=1, reps=1, new_tokens=2)
+    return E.run_benchmark(s, TINY, model)
+
+
+def test_parse_variant():
+    assert E.parse_variant("full") == E.Variant("full", "full")
+    assert E.parse_variant("glimpse:0.04") == E.Variant("glimpse:0.04", "glimpse", 0.04, None)
+    assert E.parse_variant("mask:0.1@3") == E.Variant("mask:0.1@3", "mask", 0.1, 3)
+    assert E.parse_variant("fixed:0.111") == E.Variant("fixed:0.111", "mask", 0.111, -1)  # before the LLM
+    for bad in ("glimpse", "topk:0.1", "mask:0", "mask:1.5", "glimpse:0.1@-1"):
+        with pytest.raises(ValueError):
+            E.parse_variant(bad)
+
+
+def test_shipped_shapes_and_hf_round_trip():
+    assert {"qwen2_5_vl_7b", "qwen2_5_vl_3b", "qwen2_5_vl_scaled_cpu"} <= set(list_shapes())
+    s7 = load_shape("qwen2_5_vl_7b")
+    assert (s7.text.hidden_size, s7.text.num_layers, s7.text.num_kv_heads, s7.text.kv_width) == (3584, 28, 4, 512)
+    assert s7.default_k == 18 and load_shape("qwen2_5_vl_3b").default_k == 23
+    for name in ("qwen2_5_vl_7b", "qwen2_5_vl_3b", "qwen2_5_vl_scaled_cpu", TINY):
+        shape = load_shape(name) if isinstance(name, str) else name
+        back = ModelShape.from_hf(shape.to_hf_config(), name=shape.name, vip=shape.vip,
+                                  prune_layer=shape.prune_layer, notes=shape.notes)
+        assert back == shape
+        assert ModelShape.from_dict(json.loads(json.dumps(shape.to_dict()))) == shape
+    with pytest.raises(FileNotFoundError):
+        load_shape("no_such_shape")
+    with pytest.raises(ValueError):
+        TextShape(64, 2, 4, 3, 96, 512)  # 4 heads over 3 KV heads
+
+
+def test_synth_inputs_encode(model):
+    inputs = E.synth_inputs(TINY, GRID, N_TEXT, 2)
+    assert inputs["input_ids"].shape == (2, 36 + N_TEXT)
+    enc = get_adapter(model).encode(model, inputs)
+    assert enc.n_vis == [36, 36] and enc.grids == [GRID, GRID]
+
+
+def test_frozen_encode_replays_same_prefill(model):
+    inputs = E.synth_inputs(TINY, GRID, N_TEXT, 1)
+    method, request = E.make_variant(E.parse_variant("mask:0.25"), TINY, [36], "cpu")
+    frozen = E.FrozenEncodeAdapter(get_adapter(model))
+    with torch.no_grad():
+        ref = prefill(model, get_adapter(model), method, inputs, request)
+        a = prefill(model, frozen, method, inputs, request)
+        b = prefill(model, frozen, method, inputs, request)  # replayed encoding
+    assert len(frozen._memo) == 1
+    for x in (a, b):
+        torch.testing.assert_close(x.logits, ref.logits)
+        assert x.kv_len == ref.kv_len == [N_TEXT + 9]
+
+
+def test_result_schema_and_counts(result):
+    assert result["schema"] == E.SCHEMA
+    meta = result["meta"]
+    assert {"device", "torch", "transformers", "git_commit", "time_utc"} <= set(meta)
+    assert list(result["results"]) == ["full", "glimpse:0.25", "mask:0.25", "fixed:0.25"]
+    for r in result["results"].values():
+        a, m = r["analytic"], r["measured"]
+        assert m["n_kept"] == [a["n_kept"]] and m["kv_len"] == [a["kv_len"]]  # runtime agrees with the counts
+        assert a["kv_len"] == N_TEXT + a["n_kept"]
+        assert r["prefill_s"]["median"] > 0 and r["decode_ms_per_token"]["median"] > 0
+        for b in ("1", "2"):
+            e2e = r["end_to_end"][b]
+            assert e2e["tokens_per_s"] > 0 and e2e["memory"]["peak_bytes"] > 0 and e2e["memory"]["method"]
+    assert result["results"]["glimpse:0.25"]["analytic"]["n_kept"] == 9  # floor(0.25 * 36)
+    assert result["results"]["fixed:0.25"]["analytic"]["prune_layer"] == -1
+    assert result["results"]["full"]["prefill_ratio_analytic"] == 1.0
+    json.dumps(result)  # serialisable as is
+
+
+def test_report_files(result, tmp_path):
+    table = markdown_table(result)
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 5  # header + 4 variants
+    assert "glimpse:0.25" in table and "tok/s B=2" in table
+    path = write_json(result, tmp_path)
+    assert json.loads(path.read_text())["schema"] == E.SCHEMA
+    plots = write_plots(result, tmp_path)
+    if isinstance(plots, str):
+        assert plots == PLOTS_MISSING
+    else:
+        assert all(p.is_file() and p.stat().st_size > 0 for p in plots)
+
+
+def test_ratio_checks(result):
+    checks = E.ratio_checks(result, tolerance=0.15)
+    assert [c.variant for c in checks] == ["glimpse:0.25", "mask:0.25", "fixed:0.25"]
+    c = E.RatioCheck("x", measured=0.8, analytic=0.75)
+    assert c.rel_diff == pytest.approx(0.8 / 0.75 - 1) and c.ok
+    assert not E.RatioCheck("x", measured=0.9, analytic=0.75).ok
+
+
+def test_measure_peak_cpu():
+    mem = E.measure_peak(lambda: torch.ones(4_000_000).sum(), "cpu")  # 16 MB
+    assert mem["method"].startswith("cpu rss") and mem["peak_bytes"] >= mem["delta_bytes"]
+
+
+def _cli(argv):
+    p = argparse.ArgumentParser()
+    add_bench_parser(p.add_subparsers(dest="cmd", required=True))
+    args = p.parse_args(argv)
+    return args.fn(args)
+
+
+def test_cli_flops_table7(capsys):
+    assert _cli(["bench", "flops", "--shape", "qwen2_5_vl_7b", "--grid", "71x71", "--n-text", "33",
+                 "--keep", "0.034"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("glimpse:0.034"))
+    assert row.split(" | ")[3] == "204" and 68.5 < float(row.split(" | ")[6]) < 70.5  # KV 204, ~69 % of full
+
+
+def test_cli_sweep(capsys, tmp_path):
+    assert _cli(["bench", "sweep", "--shape", "qwen2_5_vl_3b", "--keep", "0.082", "--layers", "17", "23",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "\n17 | " in out and "\n23 | " in out
+    assert json.loads((tmp_path / "sweep.json").read_text())["rows"][0]["prune_layer"] == 17
+
+
+def test_cli_ratio_check_prints_both(capsys, tmp_path):
+    shape_file = tmp_path / "tiny.json"
+    shape_file.write_text(json.dumps(TINY.to_dict()))
+    assert _cli(["bench", "ratio-check", "--shape", str(shape_file), "--grid", "6x6", "--n-text", "10",
+                 "--keep", "0.25", "--warmup", "0", "--reps", "1", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "analytic prefill ratio" in out and "measured prefill ratio" in out and "relative difference" in out
+    saved = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert saved["ratio_checks"][0]["variant"] == "glimpse:0.25"

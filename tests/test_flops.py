@@ -1,0 +1,168 @@
+"""Analytic FLOPs: hand-computed values on small shapes (arithmetic written out), the paper's Table 7 numbers, and
+a cross-check against torch.utils.flop_counter.FlopCounterMode on a tiny random Qwen2.5-VL (eager attention, so the
+attention products are matmuls the counter sees)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from glimpseprune.bench import flops as F
+from glimpseprune.bench.efficiency import FrozenEncodeAdapter, build_model, make_variant, parse_variant, synth_inputs
+from glimpseprune.bench.shapes import ModelShape, TextShape, VIPShape, VisionShape, load_shape
+from glimpseprune.config import GlimpseConfig
+from glimpseprune.registry import get_adapter
+from glimpseprune.runtime.engine import prefill
+
+# hidden 8, 2 layers, 2 query heads / 1 KV head of head_dim 4 (q width 8, kv width 4), intermediate 16, vocab 32
+T = TextShape(hidden_size=8, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=16, vocab_size=32)
+V = VisionShape(depth=2, hidden_size=4, num_heads=1, intermediate_size=8, out_hidden_size=8, fullatt_blocks=(1,))
+SMALL = ModelShape("small", T, V, VIPShape(8, 8, 2, 16), prune_layer=0)
+
+
+def test_attention_pairs():
+    assert F.attention_pairs(3, 0, causal=True) == 6  # 1 + 2 + 3
+    assert F.attention_pairs(3, 0, causal=False) == 9  # 3 * 3
+    assert F.attention_pairs(1, 5, causal=True) == 6  # one decode query: 5 cached keys + itself
+    assert F.attention_pairs(2, 5, causal=True) == 2 * 5 + 3
+    assert F.attention_pairs(2, 5, causal=False) == 2 * 7
+
+
+def test_text_layer_hand_computed():
+    f = F.text_layer_flops(T, n_new=3, n_past=0, causal=True)
+    q = 2 * 3 * 8 * 8  # 384
+    kv = 2 * (2 * 3 * 8 * 4)  # k and v, width 4 (GQA): 384
+    o = 2 * 3 * 8 * 8  # 384
+    assert f.proj == q + kv + o == 1152
+    assert f.attn == 2 * 2 * 8 * 6 == 192  # (QK^T + AV) * q width 8 * 6 causal pairs
+    assert f.ffn == 3 * 2 * 3 * 8 * 16 == 2304  # gate, up, down
+    assert f.total == 3648
+    assert F.text_layer_flops(T, 3, 0, causal=False).attn == 2 * 2 * 8 * 9 == 288
+
+
+def test_decode_step_hand_computed():
+    # one token, 5 cached: proj 2*8*8 + 2*(2*8*4) + 2*8*8 = 384; attn 2*2*8*6 = 192; ffn 3*2*8*16 = 768; head 2*8*32
+    assert F.decode_step_flops(SMALL, 5, lm_head=False) == 2 * (384 + 192 + 768) == 2688
+    assert F.decode_step_flops(SMALL, 5) == 2688 + 512
+    assert F.decode_flops(SMALL, 5, 2) == F.decode_step_flops(SMALL, 5) + F.decode_step_flops(SMALL, 6)
+
+
+def test_prefill_full_and_pruned_hand_computed():
+    full = F.prefill_flops(SMALL, n_text=2, n_vis=4, causal=True)
+    assert full.tokens_per_layer == (6, 6) and full.kv_len == 6 and full.equivalent_tokens == 6
+    assert full.layers == 2 * F.text_layer_flops(T, 6).total
+    assert full.lm_head == 2 * 8 * 32  # the last prompt token only
+    # prune after layer 0 keeping 1 of 4 visual tokens, plus one glimpse token in layers 0..K
+    cut = F.prefill_flops(SMALL, n_text=2, n_vis=4, n_kept=1, prune_layer=0, n_extra=1, causal=True)
+    assert cut.tokens_per_layer == (7, 3) and cut.kv_len == 3
+    assert cut.equivalent_tokens == (7 + 3) / 2
+    assert cut.layers == F.text_layer_flops(T, 7).total + F.text_layer_flops(T, 3).total
+    before = F.prefill_flops(SMALL, n_text=2, n_vis=4, n_kept=1, prune_layer=-1, n_extra=1)
+    assert before.tokens_per_layer == (3, 3)  # K = -1: no extra token, every layer on the kept sequence
+    with pytest.raises(ValueError):
+        F.prefill_flops(SMALL, 2, 4, n_kept=5, prune_layer=0)
+
+
+def test_vit_hand_computed():
+    # (t, h, w) = (1, 10, 12) patches -> 5 x 6 merged tokens; windows of 4 x 4 merged tokens (112 / 14 / 2):
+    # row sizes [4, 1], column sizes [4, 2] -> windows of 16, 8, 4, 2 merged = 64, 32, 16, 8 patches
+    assert F.vit_attention_pairs(V, (1, 10, 12), window=True) == 64**2 + 32**2 + 16**2 + 8**2 == 5440
+    assert F.vit_attention_pairs(V, (1, 10, 12), window=False) == 120**2
+    f = F.vit_flops(V, [(1, 10, 12)])
+    assert f["patch_embed"] == 2 * 120 * (3 * 2 * 14 * 14) * 4
+    assert f["linear"] == 2 * (2 * 120 * 4 * 12 + 2 * 120 * 4 * 4 + 3 * 2 * 120 * 4 * 8)  # 2 blocks
+    assert f["window_attn"] == 1 * 2 * 2 * 4 * 5440  # block 0
+    assert f["full_attn"] == 1 * 2 * 2 * 4 * 14400  # block 1
+    assert f["merger"] == 2 * 30 * 16 * 16 + 2 * 30 * 16 * 8  # 30 merged tokens, 4*4 = 16 wide
+    assert f["total"] == sum(v for k, v in f.items() if k != "total")
+
+
+def test_vip_hand_computed():
+    g = GlimpseConfig(base_model_type="qwen2_5_vl", base_hidden_size=8, base_num_layers=2, base_num_heads=2,
+                      base_vision_width=4, base_vision_depth=2, prune_layer=0, vision_taps=(1,), vip_width=8,
+                      cond_width=8, vip_heads=2, vip_mlp_width=16)
+    f = F.vip_flops(g, grids=[(2, 2), (1, 3)], n_keys=10, text=T)  # S = 7 tokens, 16 + 9 = 25 pairs
+    inputs = 2 * 7 * 2 * 8 + 2 * 7 * 4 * 8  # attention features (2 heads x 1 layer) and one condition projection
+    block = 2 * (2 * 7 * 16 * 16) + 2 * (2 * 7 * 8 * 8) + 2 * 25 * (16 + 8) + 3 * 2 * 7 * 8 * 16
+    assert f["vip"] == inputs + block + 2 * 7 * 8 == 16320
+    assert f["glimpse_scores"] == 2 * 8 * 8 + 2 * 8 * 10  # q projection of one token + logits over 10 keys
+    assert f["glimpse_vectors"] == 2 * 8 * 8  # one glimpse layer (0) up to K = 0: Linear(8, 8) on one vector
+    assert f["total"] == 16320 + 288 + 128
+
+
+def test_table7_consistency():
+    """Qwen2.5-VL-7B, 5041 visual + 33 text = 5074 tokens, pruned after layer 18 to 203 (paper: 5073.9 -> 202.5)."""
+    s = load_shape("qwen2_5_vl_7b")
+    full = F.prefill_flops(s, 33, 5041, causal=False)
+    gp = F.prefill_flops(s, 33, 5041, 170, 18, n_extra=1, causal=False, glimpse=s.glimpse_config(), grids=[(71, 71)])
+    assert gp.kv_len == 203
+    assert full.layers / 1e12 == pytest.approx(77.8, rel=0.02)  # paper: 77.8 T (mean over samples of n^2 is larger)
+    assert gp.llm / full.llm == pytest.approx(0.691, abs=0.005)  # paper: 69.1 %
+    assert F.decode_flops(s, 5074, 22, lm_head=False) / 1e9 == pytest.approx(333.4, rel=0.01)  # 22 tokens
+    assert F.decode_flops(s, 203, 24, lm_head=False) / 1e9 == pytest.approx(317.4, rel=0.01)  # 24.2 tokens
+
+
+def test_sweep_monotone():
+    s = load_shape("qwen2_5_vl_scaled_cpu")
+    rows = F.prune_layer_sweep(s, 64, 2025, 0.04, causal=False)
+    assert [r["prune_layer"] for r in rows] == list(range(-1, 8))
+    ratios = [r["ratio"] for r in rows]
+    assert ratios == sorted(ratios) and ratios[0] < 0.1 and ratios[-1] > 1.0  # K = L-1: glimpse + VIP overhead only
+    assert rows[0]["equivalent_tokens"] == 64 + 81
+
+
+# ------------------------------------------------------------------ FlopCounterMode cross-checks (tiny model)
+
+TINY = ModelShape("tiny", TextShape(64, 2, 4, 2, 96, 512), VisionShape(2, 32, 2, 48, 64, fullatt_blocks=(1,)),
+                  VIPShape(16, 16, 2, 32), prune_layer=0)
+
+
+def _count(fn) -> tuple[int, dict]:
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops(), {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
+
+
+@pytest.fixture(scope="module")
+def eager_model():
+    return build_model(TINY, attn="eager")
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_decoder_layer_matches_flop_counter(attn, eager_model):
+    model = eager_model if attn == "eager" else build_model(TINY, attn="sdpa")
+    n, layer = 10, model.model.language_model.layers[0]
+    h = torch.randn(1, n, 64)
+    rope = model.model.language_model.rotary_emb(h, torch.arange(n).view(1, 1, n).expand(3, 1, n))
+    with torch.no_grad():
+        total, ops = _count(lambda: layer(h, attention_mask=torch.zeros(1, 1, n, n), position_embeddings=rope))
+    want = F.text_layer_flops(TINY.text, n, 0, causal=False)  # explicit mask: every pair is computed
+    assert ops["aten.addmm"] + ops["aten.mm"] == want.linear  # q/k/v (with bias: addmm), o and the SwiGLU
+    if attn == "eager":  # the attention products are bmm; the counter does not see CPU SDPA kernels
+        assert total == want.total
+
+
+def test_vision_encoder_matches_flop_counter(eager_model):
+    inputs = synth_inputs(TINY, (5, 6), 10, 1)  # 10 x 12 patches: windows of several sizes
+    with torch.no_grad():
+        total, _ = _count(lambda: eager_model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]))
+    assert total == F.vit_flops(TINY.vision, [(1, 10, 12)])["total"]
+
+
+@pytest.mark.parametrize("spec", ["full", "mask:0.25@0", "glimpse:0.25@0"])
+def test_engine_prefill_matches_flop_counter(spec, eager_model):
+    """The whole LLM prefill through the runtime (ViT replayed) vs prefill_flops(causal=False)."""
+    grid, n_text = (4, 4), 10
+    inputs = synth_inputs(TINY, grid, n_text, 1)
+    v = parse_variant(spec)
+    method, request = make_variant(v, TINY, [16], "cpu")
+    adapter = FrozenEncodeAdapter(get_adapter(eager_model))
+    adapter.encode(eager_model, inputs, method.vision_taps() if v.method == "glimpse" else ())
+    with torch.no_grad():
+        total, _ = _count(lambda: prefill(eager_model, adapter, method, inputs, request))
+    K = v.layer(TINY)
+    g = TINY.glimpse_config(K) if v.method == "glimpse" else None
+    want = F.prefill_flops(TINY, n_text, 16, None if v.method == "full" else 4, K, n_extra=1 if g else 0,
+                           causal=False, glimpse=g, grids=[grid])
+    assert total == want.llm
