@@ -1,6 +1,7 @@
 """External oracle for the pruning runtime: the STOCK transformers model and its own ``generate``, with a registered
 attention function that hides the dropped visual tokens' keys from layers > K (prefill) and from every layer for the
-generated tokens. Physically removing tokens must give the same result as this masking."""
+generated tokens. Physically removing tokens must give the same result as this masking. Multi-stage pruning: each
+dropped token has its own K (``masking_stages``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 NAME = "gp_test_oracle"
+KEPT = 10**9  # drop layer of a key that is never dropped
 _STATE: dict = {}
 
 
@@ -26,11 +28,12 @@ def _oracle_attention(module, query, key, value, attention_mask, **kwargs):
         base = attention_mask
     else:
         base = attention_mask > torch.finfo(attention_mask.dtype).min / 2
-    dropped = _STATE["dropped"].to(device)  # (B, prompt_len)
-    pad = torch.zeros(dropped.shape[0], max(0, n_keys - dropped.shape[1]), dtype=torch.bool, device=device)
-    dropped = torch.cat([dropped, pad], dim=1)[:, :n_keys]
-    late = (module.layer_idx > _STATE["K"]) | (q_abs >= _STATE["P"])  # (Q,)
-    hide = dropped[:, None, :] & late[None, :, None] & (j[None, None, :] != q_abs[None, :, None])
+    drop_layer = _STATE["drop_layer"].to(device)  # (B, prompt_len): the layer after which each key is dropped
+    pad = torch.full((drop_layer.shape[0], max(0, n_keys - drop_layer.shape[1])), KEPT, device=device)
+    drop_layer = torch.cat([drop_layer, pad], dim=1)[:, :n_keys]
+    dropped = drop_layer < KEPT
+    late = (module.layer_idx > drop_layer)[:, None, :] | (q_abs >= _STATE["P"])[None, :, None]  # (B, Q, k)
+    hide = dropped[:, None, :] & late & (j[None, None, :] != q_abs[None, :, None])
     mask = base.expand(query.shape[0], 1, Q, n_keys) & ~hide[:, None]
     return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
 
@@ -56,9 +59,27 @@ def dropped_positions(inputs, image_token_id: int, keep_masks) -> torch.Tensor:
     return dropped
 
 
-@contextlib.contextmanager
 def masking(dropped: torch.Tensor, K: int):
-    _STATE.update(dropped=dropped, K=K, P=dropped.shape[1])
+    """Hide the ``dropped`` (B, L) keys from layers > K and from every generated token."""
+    return masking_stages(torch.where(dropped, K, KEPT))
+
+
+def stage_drop_layers(inputs, image_token_id: int, stage_layers, stage_keep_masks) -> torch.Tensor:
+    """(B, L) long: the compaction layer after which each visual token leaves (KEPT for tokens never dropped)."""
+    vis = inputs["input_ids"] == image_token_id
+    out = torch.full(vis.shape, KEPT, dtype=torch.long)
+    for K, masks in reversed(list(zip(stage_layers, stage_keep_masks))):  # the earliest stage that drops it wins
+        for b, keep in enumerate(masks):
+            row = out[b, vis[b]]
+            row[~keep.cpu()] = K
+            out[b, vis[b]] = row
+    return out
+
+
+@contextlib.contextmanager
+def masking_stages(drop_layer: torch.Tensor):
+    """Hide key j from layers > drop_layer[b, j] (prefill) and from every generated token if it is ever dropped."""
+    _STATE.update(drop_layer=drop_layer, P=drop_layer.shape[1])
     try:
         yield
     finally:

@@ -149,7 +149,7 @@ def test_every_method_runs(family, name):
     """Every registered method prunes (or not) a mixed batch of each family, with consistent bookkeeping."""
     inputs = family.batch([IMG_A, IMG_B, []])
     n_vis = [family.n_vis(IMG_A), family.n_vis(IMG_B), 0]
-    kw = {"keep_masks": _random_keep(n_vis, seed=4)} if name == "mask" else {}
+    kw = {"keep_masks": _random_keep(n_vis, seed=4)} if name in ("mask", "oracle") else {}
     method = gp.make_method(name, family.module)
     out = gp.apply(family.model, method, processor=family.processor).generate(inputs, max_new_tokens=3, **kw)
     assert out.n_vis == n_vis and out.sequences.shape[0] == 3 and len(out.texts) == 3

@@ -3,6 +3,7 @@
     glimpseprune ask IMAGE "QUESTION" [--overlay out.png]      (the embedded world model + module)
     glimpseprune ask --model DIR --module DIR --image PATH --question TEXT
     glimpseprune eval --split records.jsonl --out DIR     (exact match + kept fractions)
+    glimpseprune compare --split records.jsonl --out DIR  (methods x budgets: JSON per run, table, plot)
     glimpseprune make-world --out DIR --n 500 --seed 1    (a split of the synthetic world)
     glimpseprune train --config configs/stage1_world.yaml [--resume]
     glimpseprune convert --upstream DIR --out DIR
@@ -113,6 +114,33 @@ def cmd_eval(args) -> int:
         print(f"{main['method']} keeps {100 * ratio:.1f} % of the full-token accuracy "
               f"({main['exact_match']:.4f} vs {full['exact_match']:.4f}) with {100 * main['kept_frac']['mean']:.1f} % "
               f"of the visual tokens on average; wrote {out / 'relative.json'}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    import torch
+
+    from .api import load_base
+    from .assets import EMBEDDED, resolve_model, resolve_module
+    from .bench.compare import MASK_METHODS, compare, k_sweep
+    from .checkpoint import load_module
+    from .registry import get_adapter, list_methods
+
+    methods = args.methods or [m for m in list_methods() if m not in (*MASK_METHODS, "full")]
+    model, processor = load_base(resolve_model(args.model), args.device, getattr(torch, args.dtype))
+    module_arg = args.module if args.module is not None else (EMBEDDED if args.model == EMBEDDED else None)
+    module = None
+    if ("glimpse" in methods or args.k_sweep) and module_arg is not None:
+        module = load_module(resolve_module(module_arg), get_adapter(model).dims(model), device=args.device)
+    torch.manual_seed(0)
+    meta = {"model": str(args.model), "module": None if module is None else str(module_arg)}
+    if args.k_sweep:
+        if module is None:
+            raise ValueError("--k-sweep needs a glimpse module (--module)")
+        k_sweep(model, processor, module, args.split, args.out, args.limit, args.batch_size, meta=meta)
+        return 0
+    compare(model, processor, module, args.split, args.out, methods, args.budgets, args.cap, args.limit,
+            args.batch_size, meta=meta)
     return 0
 
 
@@ -236,6 +264,24 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(e)
     e.set_defaults(fn=cmd_eval)
 
+    k = sub.add_parser("compare", help="pruning methods x budgets on a split: one JSON per run, compare.md, "
+                       "compare.png")
+    k.add_argument("--split", required=True, help="records JSONL (e.g. from `glimpseprune make-world`)")
+    k.add_argument("--out", required=True, help="output folder")
+    k.add_argument("--methods", nargs="+", help="registered methods (default: all but mask; full always runs)")
+    k.add_argument("--budgets", type=float, nargs="+", default=[0.056, 0.111, 0.222, 0.333],
+                   help="kept fractions of the fixed-budget runs")
+    k.add_argument("--k-sweep", action="store_true", help="instead: accuracy and prefill cost vs the pruning "
+                   "layer K (GlimpsePrune's masks, oracle boxes and attention top-k dropped after each K)")
+    k.add_argument("--cap", type=float, default=0.111, help="cap of GlimpsePrune's capped dynamic run")
+    k.add_argument("--limit", type=int, help="evaluate the first N records only")
+    k.add_argument("--batch-size", type=int, default=16, help="samples per batch")
+    k.add_argument("--model", default="embedded", help="local base model folder (default: the embedded one)")
+    k.add_argument("--module", help="glimpse module folder (default: the embedded one with the embedded model)")
+    k.add_argument("--device", default="cpu", help="torch device")
+    k.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="base model dtype")
+    k.set_defaults(fn=cmd_compare)
+
     w = sub.add_parser("make-world", help="render a split of the synthetic VQA world (PNGs + records.jsonl)")
     w.add_argument("--out", required=True, help="output folder")
     w.add_argument("--n", type=int, default=500, help="number of samples (families in turn)")
@@ -257,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     n = sub.add_parser("new-module", help="write an untrained glimpse module sized for a base model")
     n.add_argument("--model", required=True, help="local base model directory")
     n.add_argument("--out", required=True, help="output directory")
-    n.add_argument("--preset", help="named preset (qwen2_5_vl_7b, qwen2_5_vl_3b)")
+    n.add_argument("--preset", help="named preset of a released architecture: qwen2_5_vl_7b, qwen2_5_vl_3b, "
+                   "llava_1_5_7b, llava_1_5_13b")
     n.add_argument("--small", action="store_true", help="small VIP widths for tiny test models")
     n.add_argument("--seed", type=int, default=0, help="initialisation seed")
     n.set_defaults(fn=cmd_new_module)

@@ -23,6 +23,12 @@ class PruningMethod:
 
     ``extra_tokens`` (once) -> for each layer i <= K: ``before_layer``, the layer, ``after_layer`` -> ``select``
     after layer K. K = ``prune_layer(n_layers)``; -1 prunes before the first layer, None never prunes.
+
+    Multi-stage methods override ``prune_layers`` instead: ``select`` then runs after each listed layer (ascending;
+    -1 only first), hooks fire for every layer up to the last stage, and extra tokens are dropped at the first stage.
+
+    Right after every compaction the runtime passes the compacted hidden states through ``after_compact`` (at K = -1
+    they are the LLM's input embeddings), where merging methods rewrite the rows of the visual tokens they kept.
     """
 
     name: str = ""
@@ -38,6 +44,16 @@ class PruningMethod:
     def prune_layer(self, n_layers: int) -> int | None:
         return None
 
+    def prune_layers(self, n_layers: int) -> tuple[int, ...]:
+        """Layers after which ``select`` runs, ascending; default: the single ``prune_layer`` (or none)."""
+        k = self.prune_layer(n_layers)
+        return () if k is None else (k,)
+
+    def budget(self, n_vis: int) -> int | None:
+        """Visual tokens this method keeps, at the end of prefill, of a sample with n_vis of them; None when the
+        count depends on the input (thresholds, supplied masks)."""
+        return None
+
     def vision_taps(self) -> tuple[int, ...]:
         return ()
 
@@ -51,6 +67,13 @@ class PruningMethod:
     def after_layer(self, state: PrefillState, layer_idx: int, hidden_in: torch.Tensor) -> None:
         return None
 
+    def after_compact(self, state: PrefillState, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states (B, L', H) of the sequence just compacted by ``select`` (``state.stage`` already counts that
+        compaction); returns them, possibly with the kept visual rows (``state.vis_mask``) rewritten. Only the later
+        layers see a rewrite: the cache of the layers already run is left as it is."""
+        return hidden
+
     def select(self, state: PrefillState) -> list[torch.Tensor]:
-        """Per sample, a bool keep mask over its visual tokens (n_vis_b,), all its images concatenated."""
+        """Per sample, a bool keep mask over its visual tokens (n_vis_b,), all its images concatenated. At a later
+        stage of a multi-stage method it may only drop more: it must stay within ``state.keep_vis``."""
         return [torch.ones(n, dtype=torch.bool, device=state.device) for n in state.enc.n_vis]

@@ -9,3 +9,6 @@ from .base import PruningMethod
 @register_method
 class FullMethod(PruningMethod):
     name = "full"
+
+    def budget(self, n_vis: int) -> int:
+        return n_vis

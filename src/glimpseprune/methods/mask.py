@@ -30,14 +30,18 @@ class MaskMethod(PruningMethod):
     def select(self, state) -> list[torch.Tensor]:
         masks = state.request.get("keep_masks")
         if masks is None:
-            raise ValueError("method 'mask' needs keep_masks=[bool tensor per sample] in the generate call")
-        n_vis = state.enc.n_vis
-        if len(masks) != len(n_vis):
-            raise ValueError(f"keep_masks has {len(masks)} entries for a batch of {len(n_vis)} samples")
-        out = []
-        for b, (m, n) in enumerate(zip(masks, n_vis)):
-            m = torch.as_tensor(m, dtype=torch.bool, device=state.device).flatten()
-            if m.numel() != n:
-                raise ValueError(f"keep_masks[{b}] has {m.numel()} entries but sample {b} has {n} visual tokens")
-            out.append(m)
-        return out
+            raise ValueError(f"method '{self.name}' needs keep_masks=[bool tensor per sample] in the generate call")
+        return check_keep_masks(masks, state.enc.n_vis, state.device)
+
+
+def check_keep_masks(masks, n_vis: list[int], device) -> list[torch.Tensor]:
+    """Per-sample keep masks, flattened to bool (n_vis_b,) on ``device``, with their sizes checked."""
+    if len(masks) != len(n_vis):
+        raise ValueError(f"keep_masks has {len(masks)} entries for a batch of {len(n_vis)} samples")
+    out = []
+    for b, (m, n) in enumerate(zip(masks, n_vis)):
+        m = torch.as_tensor(m, dtype=torch.bool, device=device).flatten()
+        if m.numel() != n:
+            raise ValueError(f"keep_masks[{b}] has {m.numel()} entries but sample {b} has {n} visual tokens")
+        out.append(m)
+    return out

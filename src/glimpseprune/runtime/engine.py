@@ -28,16 +28,25 @@ class PrefillState:
     cache: Any
     request: dict
     n_layers: int
-    prune_layer: int | None
+    prune_layer: int | None  # the first (for most methods the only) compaction layer
     n_extra: int = 0
-    extra_at: int = -1  # sequence index of the first extra token (the end of the prompt)
+    extra_at: int = -1  # sequence index of the first extra token (the end of the prompt); -1 once dropped
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin), (B, L, head_dim) of the current sequence
     key_mask: torch.Tensor | None = None  # (B, L) bool of the current sequence (with extra tokens)
     scratch: dict = field(default_factory=dict)
+    prune_layers: tuple[int, ...] = ()  # every compaction layer, ascending
+    stage: int = 0  # index into prune_layers of the next compaction
+    vis_mask: torch.Tensor | None = None  # (B, L) bool, the visual tokens still in the current sequence
+    keep_vis: list[torch.Tensor] = field(default_factory=list)  # per sample (n_vis_b,) bool, kept so far
 
     @property
     def device(self) -> torch.device:
         return self.enc.embeds.device
+
+    @property
+    def last_prompt_at(self) -> int:
+        """Sequence index of the last prompt token (the one before any extra tokens) in the current sequence."""
+        return (self.extra_at if self.n_extra else self.key_mask.shape[1]) - 1
 
 
 @dataclass
@@ -53,10 +62,17 @@ class PrefillResult:
     grids: list[tuple[int, int]]  # (h, w) per image, batch order
     image_owner: list[int]  # sample index of each image
     kv_len: list[int]  # valid cache entries per sample at the end of prefill
+    prune_layers: tuple[int, ...] = ()  # every compaction layer (prune_layer is the first)
+    stage_keep_masks: list[list[torch.Tensor]] = field(default_factory=list)  # per compaction, per sample (n_vis_b,)
 
     @property
     def n_kept(self) -> list[int]:
         return [int(m.sum()) for m in self.keep_masks]
+
+    @property
+    def stage_kept(self) -> list[list[int]]:
+        """Per compaction, the visual tokens kept per sample (the last equals ``n_kept``)."""
+        return [[int(m.sum()) for m in masks] for masks in self.stage_keep_masks]
 
 
 def _resolve_prune_layer(method: PruningMethod, n_layers: int) -> int | None:
@@ -64,6 +80,17 @@ def _resolve_prune_layer(method: PruningMethod, n_layers: int) -> int | None:
     if k is not None and not (-1 <= k < n_layers):
         raise ValueError(f"prune layer {k} is outside the LLM's layer range [-1, {n_layers - 1}] ({n_layers} layers)")
     return k
+
+
+def _resolve_prune_layers(method: PruningMethod, n_layers: int) -> tuple[int, ...]:
+    ks = tuple(int(k) for k in method.prune_layers(n_layers))
+    for k in ks:
+        if not (-1 <= k < n_layers):
+            raise ValueError(f"prune layer {k} is outside the LLM's layer range [-1, {n_layers - 1}] "
+                             f"({n_layers} layers)")
+    if any(a >= b for a, b in zip(ks, ks[1:])):
+        raise ValueError(f"prune layers must be strictly increasing, got {list(ks)}")
+    return ks
 
 
 def _append_extra(state: PrefillState, hidden: torch.Tensor, positions: torch.Tensor, extra: torch.Tensor):
@@ -76,17 +103,21 @@ def _append_extra(state: PrefillState, hidden: torch.Tensor, positions: torch.Te
     return hidden, positions, key_mask
 
 
-def _token_keep(state: PrefillState, keep_vis: list[torch.Tensor], length: int) -> torch.Tensor:
-    """(B, length) bool: valid prompt tokens, minus dropped visual tokens, minus the extra tokens at the end."""
-    enc = state.enc
-    B, L = enc.attn_mask.shape
-    keep = enc.attn_mask.clone()
-    for b, kv in enumerate(keep_vis):
-        if kv.numel() != int(enc.vis_mask[b].sum()):
-            raise ValueError(f"method returned {kv.numel()} keep flags for sample {b} with {enc.n_vis[b]} tokens")
-        keep[b, enc.vis_mask[b]] = kv.to(keep.device)
-    pad = torch.zeros(B, length - L, dtype=torch.bool, device=keep.device)
-    return torch.cat([keep, pad], dim=1)
+def _token_keep(state: PrefillState, keep_vis: list[torch.Tensor]) -> torch.Tensor:
+    """(B, L) bool over the current sequence: valid tokens, minus newly dropped visual tokens, minus extra tokens."""
+    keep = state.key_mask.clone()
+    if state.n_extra:
+        keep[:, state.extra_at:state.extra_at + state.n_extra] = False
+    if len(keep_vis) != len(state.keep_vis):
+        raise ValueError(f"method returned {len(keep_vis)} keep masks for a batch of {len(state.keep_vis)}")
+    for b, (new, old) in enumerate(zip(keep_vis, state.keep_vis)):
+        if new.numel() != old.numel():
+            raise ValueError(f"method returned {new.numel()} keep flags for sample {b} with {old.numel()} tokens")
+        new = new.to(keep.device).bool().flatten()
+        if bool((new & ~old).any()):
+            raise ValueError(f"method kept visual tokens of sample {b} that an earlier stage dropped")
+        keep[b, state.vis_mask[b]] = new[old]
+    return keep
 
 
 def prefill(
@@ -98,36 +129,44 @@ def prefill(
         check_left_padded(inputs["attention_mask"])
     layers = adapter.layers(model)
     n_layers = len(layers)
-    K = _resolve_prune_layer(method, n_layers)
-    enc = adapter.encode(model, inputs, taps=method.vision_taps() if K is not None else ())
+    stages = _resolve_prune_layers(method, n_layers)
+    enc = adapter.encode(model, inputs, taps=method.vision_taps() if stages else ())
     if not bool(enc.vis_mask.any()):
-        K = None  # nothing to prune: the method is a no-op
-    state = PrefillState(model, adapter, enc, new_cache(adapter.text_config(model)), request or {}, n_layers, K)
+        stages = ()  # nothing to prune: the method is a no-op
+    K, last = (stages[0], stages[-1]) if stages else (None, None)
+    state = PrefillState(model, adapter, enc, new_cache(adapter.text_config(model)), request or {}, n_layers, K,
+                         prune_layers=stages)
     hidden, positions, key_mask = enc.embeds, enc.positions, enc.attn_mask
     extra = method.extra_tokens(state) if K is not None and K >= 0 else None
     if extra is not None:
         state.n_extra, state.extra_at = extra.shape[1], hidden.shape[1]
         hidden, positions, key_mask = _append_extra(state, hidden, positions, extra)
     state.key_mask = key_mask
+    state.vis_mask = torch.cat([enc.vis_mask, torch.zeros_like(key_mask[:, enc.vis_mask.shape[1]:])], dim=1)
+    state.keep_vis = [torch.ones(n, dtype=torch.bool, device=hidden.device) for n in enc.n_vis]
     state.rope = adapter.rotary(model, hidden, positions)
-    keep_vis = [torch.ones(n, dtype=torch.bool, device=hidden.device) for n in enc.n_vis]
+    stage_masks: list[list[torch.Tensor]] = []
 
     def compact(upto: int):
-        nonlocal hidden, positions, key_mask, keep_vis
-        keep_vis = method.select(state)
-        index, key_mask = left_repad_index(_token_keep(state, keep_vis, hidden.shape[1]))
+        nonlocal hidden, positions, key_mask
+        keep_vis = [k.to(hidden.device).bool().flatten() for k in method.select(state)]
+        index, key_mask = left_repad_index(_token_keep(state, keep_vis))
         hidden = gather_seq(hidden, index, 1)
         positions = gather_seq(positions, index, 2)
         state.rope = tuple(gather_seq(r, index, 1) for r in state.rope)
         if upto >= 0:
             compact_cache(state.cache, upto, index)
-        state.key_mask = key_mask
+        state.vis_mask = gather_seq(state.vis_mask, index, 1) & key_mask
+        state.key_mask, state.keep_vis = key_mask, keep_vis
+        state.n_extra, state.extra_at, state.stage = 0, -1, state.stage + 1  # extra tokens go at the first stage
+        stage_masks.append(keep_vis)
+        hidden = method.after_compact(state, hidden)
 
     if K == -1:
         compact(-1)
     mask4d = causal_mask(key_mask, hidden.shape[1], hidden.dtype)
     for i, layer in enumerate(layers):
-        pruning = K is not None and i <= K
+        pruning = last is not None and i <= last
         if pruning:
             hidden = method.before_layer(state, i, hidden)
         h_in = hidden
@@ -135,15 +174,15 @@ def prefill(
                        use_cache=True)
         if pruning:
             method.after_layer(state, i, h_in)
-        if i == K:
-            compact(K)
+        if i in stages:
+            compact(i)
             mask4d = causal_mask(key_mask, hidden.shape[1], hidden.dtype)
     logits = adapter.logits(model, hidden if all_logits else hidden[:, -1:])
     return PrefillResult(
         logits=logits if all_logits else logits[:, -1], cache=state.cache, key_mask=key_mask,
-        next_pos=enc.next_pos, keep_masks=[k.bool() for k in keep_vis], n_vis=enc.n_vis, prune_layer=K,
+        next_pos=enc.next_pos, keep_masks=state.keep_vis, n_vis=enc.n_vis, prune_layer=K,
         scratch=state.scratch, grids=enc.grids, image_owner=enc.image_owner,
-        kv_len=key_mask.sum(dim=1).tolist(),
+        kv_len=key_mask.sum(dim=1).tolist(), prune_layers=stages, stage_keep_masks=stage_masks,
     )
 
 

@@ -8,7 +8,7 @@ B. question answering: the whole model, the ViT at 0.3x the LLM's learning rate,
    cross-entropy on the answer and ``<|im_end|>``, the dense loss kept as an auxiliary term, a curriculum from
    small scenes to the full world.
 
-Run (about 40 minutes on 2 CPU cores; the result is a real ``Qwen2_5_VLForConditionalGeneration`` directory with
+Run (about 60 minutes on 2 CPU cores; the result is a real ``Qwen2_5_VLForConditionalGeneration`` directory with
 its processor, loadable offline with ``from_pretrained`` / ``AutoProcessor``)::
 
     python -m glimpseprune.training.world_model --out runs/world-model
@@ -85,12 +85,12 @@ def _dense_labels(samples) -> dict[str, torch.Tensor]:
 
 
 def _curriculum(progress: float) -> world.WorldConfig:
-    """224 px scenes with one or two objects first (reading an attribute needs no binding yet), then up to six
-    objects at 224 px, then the whole world (224-448 px, 2-7 objects)."""
+    """224 px scenes with one to three objects first (reading an attribute needs little binding yet), then up to
+    seven objects at 224-336 px, then the whole world (224-448 px, 2-7 objects)."""
     if progress < 0.08:
-        return world.WorldConfig(min_cells=8, max_cells=8, min_objects=1, max_objects=2)
+        return world.WorldConfig(min_cells=8, max_cells=8, min_objects=1, max_objects=3)
     if progress < 0.45:
-        return world.WorldConfig(min_cells=8, max_cells=8, min_objects=1, max_objects=6)
+        return world.WorldConfig(min_cells=8, max_cells=12, min_objects=1, max_objects=7)
     return world.WorldConfig()
 
 
@@ -98,21 +98,58 @@ def _samples(start: int, n: int, cfg: world.WorldConfig):
     return [world.sample(TRAIN_SEED0 + start + i, cfg=cfg) for i in range(n)]
 
 
-def _qa_batch(processor, samples):
-    """Left-padded prompt + answer + <|im_end|> sequences; labels on the answer and <|im_end|> only."""
+def extra_questions(sample: world.Sample, seed: int, k: int) -> list[tuple[str, str]]:
+    """Up to k more (question, answer) pairs about the same scene, one per other family where one exists: several
+    answers per rendered image give the LLM several times the signal for little more compute."""
+    rng = np.random.default_rng(seed)
+    objs = sample.scene.objects
+    out = []
+    for fam in rng.permutation(world.FAMILIES):
+        if fam == sample.family or len(out) >= k:
+            continue
+        if fam == "count":
+            colours = sorted({o.colour for o in objs})
+            c = colours[int(rng.integers(len(colours)))]
+            n = sum(o.colour == c for o in objs)
+            q = (f"How many {c} objects are there?", world.NUMBERS[n], None) if n <= 4 else None
+        elif fam == "exist":
+            missing = None
+            if rng.random() < 0.5:
+                specs = {(o.shape, o.colour) for o in objs}
+                missing = world._distinct_specs(1, rng, avoid=specs)[0]
+            q = world._q_exist(objs, rng, missing)
+        else:
+            q = {"lookup": world._q_lookup, "glyph": world._q_glyph, "relation": world._q_relation}[fam](objs, rng)
+        if q is not None:
+            out.append((q[0], q[1]))
+    return out
+
+
+def _qa_batch(processor, samples, extra: int = 0, seed: int = 0):
+    """Left-padded chats of prompt + answer + <|im_end|> (the image in the first turn, then ``extra`` more
+    question/answer turns about the same scene); labels on every answer and its <|im_end|> only."""
     tok = processor.tokenizer
-    prompts = [processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.question}]}],
-        add_generation_prompt=True, tokenize=False) for s in samples]
-    texts = [p + s.answer + "<|im_end|>" for p, s in zip(prompts, samples, strict=True)]
+    texts = []
+    for i, s in enumerate(samples):
+        turns = [(s.question, s.answer)] + (extra_questions(s, seed + i, extra) if extra else [])
+        msgs = []
+        for t, (q, a) in enumerate(turns):
+            content = ([{"type": "image"}] if t == 0 else []) + [{"type": "text", "text": q}]
+            msgs += [{"role": "user", "content": content},
+                     {"role": "assistant", "content": [{"type": "text", "text": a}]}]
+        texts.append(processor.apply_chat_template(msgs, tokenize=False).rstrip("\n"))
     images = [world.render(s.scene) for s in samples]
     batch = processor(text=texts, images=images, padding=True, padding_side="left", return_mm_token_type_ids=True,
                       return_tensors="pt")
-    labels = torch.full_like(batch["input_ids"], -100)
-    for b, s in enumerate(samples):
-        m = len(tok(s.answer + "<|im_end|>", add_special_tokens=False)["input_ids"])
-        labels[b, -m:] = batch["input_ids"][b, -m:]
-    batch["labels"] = labels
+    ids = batch["input_ids"]
+    answers = torch.tensor(sorted(tok.convert_tokens_to_ids(world.answer_vocabulary())))
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    # an answer is the one token right before an <|im_end|> that is an answer word (questions end with "?")
+    is_answer = torch.isin(ids[:, :-1], answers) & (ids[:, 1:] == end)
+    label_at = torch.zeros_like(ids, dtype=torch.bool)
+    label_at[:, :-1] |= is_answer
+    label_at[:, 1:] |= is_answer
+    batch["labels"] = torch.where(label_at, ids, torch.full_like(ids, -100))
     return batch
 
 
@@ -163,7 +200,7 @@ def quick_eval(model, processor, n_per_family: int = 40) -> dict[str, float]:
 
 
 def train_qa(model, processor, heads: DenseHeads, minutes: float, batch: int, lr: float, log: list,
-             eval_every: float = 4.0) -> None:
+             eval_every: float = 4.0, extra: int = 4, on_eval=None) -> None:
     visual = model.model.visual
     for p in visual.parameters():
         p.requires_grad_(False)
@@ -183,7 +220,7 @@ def train_qa(model, processor, heads: DenseHeads, minutes: float, batch: int, lr
             for g in opt.param_groups:  # warm-up then cosine, on wall-clock progress
                 g["lr"] = g["scale"] * lr * min(1.0, frac / 0.03) * 0.5 * (1 + math.cos(math.pi * frac))
             samples = _samples(step * batch, batch, _curriculum(frac))
-            inputs = _qa_batch(processor, samples)
+            inputs = _qa_batch(processor, samples, extra=extra, seed=TRAIN_SEED0 + step * batch)
             out = model(**inputs)
             dense, _ = heads.loss(captured.pop("feats"), _dense_labels(samples))
             loss = out.loss + 0.5 * dense
@@ -201,6 +238,8 @@ def train_qa(model, processor, heads: DenseHeads, minutes: float, batch: int, lr
                 ev = quick_eval(model, processor)
                 logger.info("eval %s", json.dumps(ev))
                 log.append({"stage": "eval", "step": step, "seconds": time.time() - t0, **ev})
+                if on_eval is not None:
+                    on_eval(ev)
     finally:
         hook.remove()
 
@@ -208,12 +247,14 @@ def train_qa(model, processor, heads: DenseHeads, minutes: float, batch: int, lr
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Train the embedded world model (tiny Qwen2.5-VL) from scratch.")
     ap.add_argument("--out", required=True, help="output folder (model + processor + train_log.json)")
-    ap.add_argument("--vision-minutes", type=float, default=10.0,
+    ap.add_argument("--vision-minutes", type=float, default=5.0,
                     help="time cap of stage A (it stops early at 99%% object-token accuracy)")
-    ap.add_argument("--qa-minutes", type=float, default=42.0, help="wall-clock budget of stage B")
+    ap.add_argument("--qa-minutes", type=float, default=55.0, help="wall-clock budget of stage B")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--extra-questions", type=int, default=4,
+                    help="more question/answer turns per training image (about the same scene)")
     ap.add_argument("--init", help="continue from a saved world model folder instead of a fresh initialisation")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -227,15 +268,21 @@ def main(argv: list[str] | None = None) -> int:
     log: list = []
     if args.vision_minutes > 0:
         train_vision(model, processor, heads, args.vision_minutes, args.batch, args.lr, log)
-    train_qa(model, processor, heads, args.qa_minutes, args.batch, args.lr, log)
+    out = Path(args.out)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    def save(final: dict) -> None:  # after every periodic eval too, so a long run can be stopped early
+        model.save_pretrained(str(out), safe_serialization=True)
+        save_processor(processor, out)
+        (out / "train_log.json").write_text(json.dumps({"args": vars(args), "params": n_params, "final": final,
+                                                         "log": log}, indent=1))
+
+    train_qa(model, processor, heads, args.qa_minutes, args.batch, args.lr, log, extra=args.extra_questions,
+             on_eval=save)
     final = quick_eval(model, processor, n_per_family=100)
     logger.info("final quick eval %s", json.dumps(final))
-    out = Path(args.out)
-    model.eval().save_pretrained(str(out), safe_serialization=True)
-    save_processor(processor, out)
-    n_params = sum(p.numel() for p in model.parameters())
-    (out / "train_log.json").write_text(json.dumps({"args": vars(args), "params": n_params, "final": final,
-                                                     "log": log}, indent=1))
+    model.eval()
+    save(final)
     return 0
 
 

@@ -1,0 +1,133 @@
+"""``glimpseprune compare``: the run plan, the token accounting on hand-computed schedules, matched budgets of
+multi-stage methods, and an end-to-end comparison on the tiny model (JSON schema, table, plot)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+import glimpseprune as gp
+from glimpseprune.bench.compare import Comparison, budget_kwargs, compare, layer_counts, markdown, plan
+from glimpseprune.data.records import write_split
+from glimpseprune.methods.common import ratio_count
+
+
+def test_plan_has_full_budgets_and_dynamic_settings():
+    runs = plan(["random", "glimpse", "oracle"], [0.1, 0.5], cap=0.2)
+    labels = [r.label for r in runs]
+    assert labels[0] == "full"
+    assert [r.budget for r in runs if r.method == "random"] == [0.1, 0.5]
+    glimpse = {r.setting: r for r in runs if r.method == "glimpse"}
+    assert glimpse["dynamic"].selection == {}
+    assert glimpse["dynamic_cap"].selection == {"max_keep_ratio": 0.2}
+    assert glimpse["fixed"].selection["fixed_keep_ratio"] in (0.1, 0.5)
+    assert sum(r.method == "oracle" for r in runs) == 1
+
+
+@pytest.mark.parametrize("methods,budgets,match", [
+    (["nope"], [0.1], "unknown method"),
+    (["mask"], [0.1], "caller-supplied masks"),
+    (["random"], [0.0], "not a kept fraction"),
+    (["random"], [1.5], "not a kept fraction"),
+])
+def test_plan_rejects_bad_input(methods, budgets, match):
+    with pytest.raises(ValueError, match=match):
+        plan(methods, budgets)
+
+
+def test_layer_counts_hand_computed():
+    # 8 layers, 100 visual tokens
+    assert layer_counts(100, (), [], 8) == [100] * 8  # full
+    assert layer_counts(100, (-1,), [10], 8) == [10] * 8  # before the LLM
+    assert layer_counts(100, (2,), [10], 8) == [100, 100, 100] + [10] * 5  # after layer 2
+    # three stages (pdrop-like): 50 after layer 1, 25 after layer 3, 12 after layer 5
+    assert layer_counts(100, (1, 3, 5), [50, 25, 12], 8) == [100, 100, 50, 50, 25, 25, 12, 12]
+    assert sum(layer_counts(100, (1, 3, 5), [50, 25, 12], 8)) / 8 == pytest.approx(374 / 8)
+
+
+@pytest.mark.parametrize("fraction", [0.056, 0.111, 0.222, 0.333])
+def test_pdrop_budget_kwargs_end_at_the_budget(fraction):
+    kw = budget_kwargs("pdrop", fraction)
+    method = gp.make_method("pdrop", **kw)
+    for n in (64, 144, 256, 2025):
+        assert method.budget(n) == ratio_count(n, fraction)
+        counts = [method.stage_count(n, s) for s in range(3)]
+        assert counts == sorted(counts, reverse=True)  # a pyramid: each stage keeps no more than the one before
+    assert budget_kwargs("random", fraction) == {"keep_ratio": fraction}
+    assert math.isclose(kw["keep_ratio"] * kw["lam"] ** 2, fraction, rel_tol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    return write_split(tmp_path_factory.mktemp("cmp-world"), 5, seed=3)
+
+
+def test_compare_end_to_end(model, processor, module, split, tmp_path):
+    methods = ["random", "fastv", "glimpse", "oracle"]
+    lines = []
+    results = compare(model, processor, module, split, tmp_path, methods, [0.25], cap=0.2, batch_size=3,
+                      meta={"model": "tiny"}, log=lines.append)
+    labels = [r["label"] for r in results]
+    assert labels == ["full", "random@0.25", "fastv@0.25", "glimpse@0.25", "glimpse (dynamic)",
+                      "glimpse (dynamic, cap 0.2)", "oracle (box tokens)"]
+    files = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(files) == len(results)
+    full = json.loads((tmp_path / "runs" / "full.json").read_text())
+    for key in ("version", "label", "method", "setting", "budget", "config", "n", "n_layers", "prune_layers",
+                "exact_match", "kept_frac", "accounting", "per_family", "environment", "model"):
+        assert key in full
+    n_layers = full["n_layers"]
+    by = {r["label"]: r for r in results}
+    acc = {k: r["accounting"] for k, r in by.items()}
+    # full keeps all; its equivalent tokens are every visual token
+    assert by["full"]["kept_frac"]["min"] == 1.0
+    assert acc["full"]["equivalent_visual_tokens"] == pytest.approx(acc["full"]["mean_n_vis"])
+    # matched budgets: random (before the LLM) and fastv / glimpse (inside) keep the same count at decode ...
+    for k in ("random@0.25", "fastv@0.25", "glimpse@0.25"):
+        assert acc[k]["visual_kv_at_decode"] == pytest.approx(acc["random@0.25"]["visual_kv_at_decode"])
+        assert acc[k]["kv_entries_at_decode"] < acc["full"]["kv_entries_at_decode"]
+    # ... but differ in what enters the LLM and in layer-averaged tokens
+    assert acc["random@0.25"]["visual_tokens_entering_llm"] == pytest.approx(acc["random@0.25"]["visual_kv_at_decode"])
+    assert acc["fastv@0.25"]["visual_tokens_entering_llm"] == pytest.approx(acc["full"]["mean_n_vis"])
+    K = by["glimpse@0.25"]["prune_layers"][0]
+    n_vis, kept = acc["full"]["mean_n_vis"], acc["glimpse@0.25"]["visual_kv_at_decode"]
+    assert acc["glimpse@0.25"]["equivalent_visual_tokens"] == pytest.approx(
+        ((K + 1) * n_vis + (n_layers - K - 1) * kept) / n_layers)
+    assert by["glimpse (dynamic, cap 0.2)"]["kept_frac"]["max"] <= 0.2 + 1e-9
+    md = (tmp_path / "compare.md").read_text()
+    assert "| random | 0." in md and "glimpse (dynamic)" in md
+    assert markdown(results) == md
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (tmp_path / "compare.png").stat().st_size > 1000
+
+
+def test_oracle_keeps_exactly_the_box_tokens(model, processor, module, split):
+    cmp = Comparison(model, processor, module, split, batch_size=5)
+    rows, summary = cmp.run(plan(["oracle"], [0.5])[1])
+    (records, _, masks), = cmp.batches
+    assert [r["n_kept"] for r in rows] == [int(m.sum()) for m in masks]
+    # exist-"no" samples have no box, so the oracle keeps nothing of them
+    for rec, row in zip(records, rows):
+        if not rec.bboxs:
+            assert row["n_kept"] == 0
+
+
+def test_k_sweep_rows_and_consistency(model, processor, module, split, tmp_path):
+    from glimpseprune.bench.compare import k_sweep
+
+    res = k_sweep(model, processor, module, split, tmp_path, batch_size=5, log=lambda *_: None)
+    L = res["n_layers"]
+    assert [r["K"] for r in res["rows"]] == list(range(-1, L))
+    assert res["rows"][0]["fastv_topk"] is None and all(r["fastv_topk"] is not None for r in res["rows"][1:])
+    # GlimpsePrune's own masks dropped at its own K reproduce its dynamic run (the glimpse token is causal and gone
+    # after K, so nothing else differs)
+    own = next(r for r in res["rows"] if r["K"] == res["module_prune_layer"])
+    assert own["glimpse_masks"] == pytest.approx(res["glimpse_dynamic_exact_match"])
+    ratios = [r["prefill_ratio_analytic"] for r in res["rows"]]
+    assert ratios == sorted(ratios) and all(0 < x <= 1 + 1e-9 for x in ratios)
+    assert {"k_sweep.json", "k_sweep.md"} <= {p.name for p in tmp_path.iterdir()}
