@@ -92,6 +92,8 @@ def test_result_schema_and_counts(result):
         for b in ("1", "2"):
             e2e = r["end_to_end"][b]
             assert e2e["tokens_per_s"] > 0 and e2e["memory"]["peak_bytes"] > 0 and e2e["memory"]["method"]
+            assert e2e["decode_tokens_per_s"] > 0
+            assert len(e2e["decode_ms_per_step"]["all"]) == result["settings"]["reps"]
     assert result["results"]["glimpse:0.25"]["analytic"]["n_kept"] == 9  # floor(0.25 * 36)
     assert result["results"]["fixed:0.25"]["analytic"]["prune_layer"] == -1
     assert result["results"]["full"]["prefill_ratio_analytic"] == 1.0

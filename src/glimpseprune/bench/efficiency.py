@@ -294,17 +294,22 @@ def _e2e_batch(model, adapter, runs: dict[str, tuple], inputs: dict, B: int, s: 
         call(name)()
     for name in _interleaved(list(runs), s.reps):
         times[name].append(_timed(call(name), device)[0])
+    # decode alone at this batch size (after an untimed prefill): where the KV cache, not the weights, is read
+    decode = time_decode(model, adapter, runs, inputs, s.new_tokens, s.reps, device)
     out = {}
     for name in runs:
         med = statistics.median(times[name])
+        step_ms = statistics.median(decode[name])
         out[name] = {"seconds": _stats(times[name]), "tokens_per_s": B * s.new_tokens / med,
+                     "decode_ms_per_step": _stats(decode[name]), "decode_tokens_per_s": 1000.0 * B / step_ms,
                      "memory": measure_peak(call(name), device)}
     return out
 
 
 def time_end_to_end(model, adapter, shape: ModelShape, variants: list[Variant], s: BenchSettings, device
                     ) -> dict[str, dict[int, dict]]:
-    """tokens/s (B * new_tokens / median seconds, ViT included) and peak memory per variant and batch size.
+    """tokens/s (B * new_tokens / median seconds, ViT included), decode-only tokens/s (B / median ms per decode
+    step of the whole batch) and peak memory per variant and batch size.
     A batch size that runs out of GPU memory is recorded as {"error": "out of memory"}."""
     out: dict[str, dict[int, dict]] = {v.spec: {} for v in variants}
     for B in s.batch_sizes:

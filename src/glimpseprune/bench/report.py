@@ -87,7 +87,8 @@ def markdown_table(result: dict) -> str:
     batches = sorted({int(b) for r in rows.values() for b in r.get("end_to_end", {})})
     head = ["variant", "K", "kept %", "KV len", "equiv. tokens", "prefill GFLOPs", "% of full (analytic)",
             "prefill ms", "% of full (measured)", "decode ms/token"]
-    head += [f"tok/s B={b}" for b in batches] + [f"{k} MiB B={b}" for b in batches[:1] for k in ("peak", "rise")]
+    head += [f"tok/s B={b}" for b in batches] + [f"decode tok/s B={b}" for b in batches]
+    head += [f"{k} MiB B={b}" for b in batches[:1] for k in ("peak", "rise")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows.items():
         a = r["analytic"]
@@ -98,6 +99,7 @@ def markdown_table(result: dict) -> str:
                  _fmt(r.get("decode_ms_per_token", {}).get("median"), 2)]
         e2e = r.get("end_to_end", {})
         cells += [_fmt(e2e.get(str(b), {}).get("tokens_per_s")) for b in batches]
+        cells += [_fmt(e2e.get(str(b), {}).get("decode_tokens_per_s")) for b in batches]
         for b in batches[:1]:
             mem = e2e.get(str(b), {}).get("memory")
             cells += [_fmt(mem[k] / 2**20, 0) if mem else "–" for k in ("peak_bytes", "delta_bytes")]
@@ -148,14 +150,15 @@ def write_plots(result: dict, out_dir: str | Path) -> list[Path] | str:
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
     if any(r.get("end_to_end") for r in rows.values()):
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for n in names:
-            pts = sorted((int(b), x["tokens_per_s"]) for b, x in rows[n].get("end_to_end", {}).items()
-                         if "tokens_per_s" in x)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=n)
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("end-to-end tokens/s")
-        ax.legend()
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+        for ax, key, label in ((axes[0], "tokens_per_s", "end-to-end tokens/s"),
+                               (axes[1], "decode_tokens_per_s", "decode-only tokens/s")):
+            for n in names:
+                pts = sorted((int(b), x[key]) for b, x in rows[n].get("end_to_end", {}).items() if key in x)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=n)
+            ax.set_xlabel("batch size")
+            ax.set_ylabel(label)
+            ax.legend(fontsize=7)
         fig.tight_layout()
         paths.append(out / "throughput.png")
         fig.savefig(paths[-1], dpi=120)
@@ -289,6 +292,7 @@ def _summary(result: dict) -> dict:
                       "prefill_ratio_analytic": r["prefill_ratio_analytic"],
                       "decode_ms_per_token": r.get("decode_ms_per_token", {}).get("median"),
                       "tokens_per_s": {b: x.get("tokens_per_s") for b, x in e2e.items()},
+                      "decode_tokens_per_s": {b: x.get("decode_tokens_per_s") for b, x in e2e.items()},
                       "peak_mib": {b: x["memory"]["peak_bytes"] / 2**20 for b, x in e2e.items() if "memory" in x}}
     return {"shape": result["shape"]["name"], "device": result["meta"]["device_name"], "results": rows,
             "ratio_checks": result.get("ratio_checks")}

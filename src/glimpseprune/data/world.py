@@ -9,7 +9,8 @@ those tokens. Families and what they need of the image:
 - ``glyph``    "What letter is on the red circle?": fine detail of one object.
 - ``count``    "How many red objects are there?": every object of a colour (1-4 of them).
 - ``relation`` "Do the circle and the square have the same colour?": two objects.
-- ``exist``    "Is there a red circle?": one object for "yes", nothing (the whole image must be ruled out) for "no".
+- ``exist``    "Is there a red circle?": one object for "yes"; for "no" every object must be checked and ruled out, so
+  all objects are its boxes (the evidence of an absence).
 """
 
 from __future__ import annotations
@@ -228,8 +229,8 @@ def _q_relation(objs, rng):
 
 
 def _q_exist(objs, rng, target):
-    if target is not None:
-        return f"Is there a {target[1]} {target[0]}?", "no", []
+    if target is not None:  # ruling an object out means checking every object: all of them are the evidence
+        return f"Is there a {target[1]} {target[0]}?", "no", list(objs)
     o = objs[int(rng.integers(len(objs)))]
     return f"Is there a {o.colour} {o.shape}?", "yes", [o]
 

@@ -1,0 +1,59 @@
+"""The embedded default: the shipped world model + glimpse module load offline, answer held-out questions, prune
+dynamically, and the CLI's ask / eval / overlay work with nothing else given."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from glimpseprune.assets import WORLD, resolve_model, resolve_module
+from glimpseprune.cli import main
+from glimpseprune.data import world
+from glimpseprune.data.records import write_split
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    return write_split(tmp_path_factory.mktemp("world"), n=50, seed=1)
+
+
+def test_assets_are_shipped_and_small():
+    model = resolve_model("embedded")
+    assert (model / "config.json").is_file() and (resolve_module("embedded") / "glimpse_config.json").is_file()
+    size = sum(p.stat().st_size for p in WORLD.rglob("*") if p.is_file())
+    assert size < 30 * 2**20, f"embedded assets are {size / 2**20:.1f} MiB"
+
+
+def test_ask_embedded_prints_answer_and_kept(split, capsys, tmp_path):
+    rec = json.loads(split.read_text().splitlines()[0])
+    overlay = tmp_path / "overlay.png"
+    assert main(["ask", str(split.parent / rec["image"]), rec["question"], "--overlay", str(overlay)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == f"wrote {overlay}"
+    answer, kept = lines[1], lines[2]
+    assert answer in world.answer_vocabulary()  # the model answers in the world's words (not always rightly)
+    n, N = kept.split()[1].split("/")
+    assert kept.startswith("kept ") and "%" in kept and 1 <= int(n) < int(N)
+    assert Image.open(overlay).size == (rec["width"], rec["height"])  # world canvases are multiples of 28 px
+
+
+def test_eval_embedded_writes_schema_and_beats_chance(split, tmp_path, capsys):
+    out = tmp_path / "ev"
+    assert main(["eval", "--split", str(split), "--out", str(out), "--compare-full"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("version", "n", "exact_match", "kept_frac", "per_family", "method", "mean_kv_len"):
+        assert key in summary
+    assert summary["n"] == 50 and summary["method"] == "glimpse"
+    assert set(summary["kept_frac"]) == {"mean", "median", "min", "max"}
+    assert summary["kept_frac"]["max"] < 0.5  # it prunes
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 50 and all(r["n_kept"] <= r["n_vis"] for r in rows)
+    full = json.loads((out / "full" / "summary.json").read_text())
+    assert full["kept_frac"]["min"] == 1.0
+    # the shipped base is weak (held-out 55.8 %, target 90 %): guard what it does reach on these 50 samples (measured
+    # full 0.50, pruned 0.48; answering at random scores about 0.34) and that pruning to ~5 % costs at most 3 of them
+    assert full["exact_match"] >= 0.42 and summary["exact_match"] >= 0.42
+    assert summary["exact_match"] >= full["exact_match"] - 0.06
+    assert "keeps" in capsys.readouterr().out
