@@ -29,13 +29,20 @@ def _selection(args):
                            fixed_keep_ratio=args.fixed_keep_ratio)
 
 
+def _module_arg(args):
+    """--module as given; without it, the embedded module goes with the embedded model (else none)."""
+    from .assets import EMBEDDED
+
+    return args.module if args.module is not None else (EMBEDDED if args.model == EMBEDDED else None)
+
+
 def _load(args):
     import torch
 
     from .api import load
-    from .assets import EMBEDDED, resolve_model, resolve_module
+    from .assets import resolve_model, resolve_module
 
-    module = args.module if args.module is not None else (EMBEDDED if args.model == EMBEDDED else None)
+    module = _module_arg(args)
     if args.method == "full":
         module = None
     return load(resolve_model(args.model), module=resolve_module(module), method=args.method,
@@ -121,14 +128,14 @@ def cmd_compare(args) -> int:
     import torch
 
     from .api import load_base
-    from .assets import EMBEDDED, resolve_model, resolve_module
+    from .assets import resolve_model, resolve_module
     from .bench.compare import MASK_METHODS, compare, k_sweep
     from .checkpoint import load_module
     from .registry import get_adapter, list_methods
 
     methods = args.methods or [m for m in list_methods() if m not in (*MASK_METHODS, "full")]
     model, processor = load_base(resolve_model(args.model), args.device, getattr(torch, args.dtype))
-    module_arg = args.module if args.module is not None else (EMBEDDED if args.model == EMBEDDED else None)
+    module_arg = _module_arg(args)
     module = None
     if ("glimpse" in methods or args.k_sweep) and module_arg is not None:
         module = load_module(resolve_module(module_arg), get_adapter(model).dims(model), device=args.device)

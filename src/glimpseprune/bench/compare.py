@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.records import read_records
-from .accuracy import normalize
+from .accuracy import _stats, normalize
 
 RUN_VERSION = 1
 BUDGETS = (0.056, 0.111, 0.222, 0.333)
@@ -109,11 +109,6 @@ def _method(spec: RunSpec, module):
     if spec.method == "glimpse":
         return make_method("glimpse", module, SelectionConfig(**spec.selection))
     return make_method(spec.method, **spec.kwargs)
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "median": statistics.median(values), "min": min(values),
-            "max": max(values)}
 
 
 class Comparison:
