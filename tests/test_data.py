@@ -187,7 +187,7 @@ def test_cell_labels_mark_exactly_the_object_cells():
         sc = world.sample(seed).scene
         W, H = sc.size
         lab = world.cell_labels(sc)
-        assert set(lab) == {"colour", "shape", "glyph"}
+        assert set(lab) == {"colour", "shape", "glyph", "part"}
         union = boxes_to_token_mask([o.box for o in sc.objects], W, H, sc.rows, sc.cols)
         for k, v in lab.items():
             assert v.shape == (sc.rows, sc.cols)
@@ -197,6 +197,8 @@ def test_cell_labels_mark_exactly_the_object_cells():
             assert (lab["colour"][block] == list(world.COLOURS).index(o.colour) + 1).all()
             assert (lab["shape"][block] == world.SHAPES.index(o.shape) + 1).all()
             assert (lab["glyph"][block] == list(world.GLYPHS).index(o.glyph) + 1).all()
+            expected = [[1]] if o.size == 1 else [[2, 3], [4, 5]]
+            np.testing.assert_array_equal(lab["part"][block], expected)
 
 
 def test_render_draws_each_object_in_its_box_only():

@@ -182,13 +182,16 @@ def render(scene: Scene) -> Image.Image:
 
 
 def cell_labels(scene: Scene) -> dict[str, np.ndarray]:
-    """Dense (rows, cols) labels per visual token: colour / shape / glyph index + 1, 0 for background."""
-    out = {k: np.zeros((scene.rows, scene.cols), dtype=np.int64) for k in ("colour", "shape", "glyph")}
+    """Dense (rows, cols) labels per visual token: colour / shape / glyph index + 1, 0 for background, and ``part``:
+    which cell of its object a token is (1 a whole 1 x 1 object, 2-5 the top-left / top-right / bottom-left /
+    bottom-right quarter of a 2 x 2 one), so that objects, not tokens, can be counted."""
+    out = {k: np.zeros((scene.rows, scene.cols), dtype=np.int64) for k in ("colour", "shape", "glyph", "part")}
     for o in scene.objects:
         sl = (slice(o.row, o.row + o.size), slice(o.col, o.col + o.size))
         out["colour"][sl] = list(COLOURS).index(o.colour) + 1
         out["shape"][sl] = SHAPES.index(o.shape) + 1
         out["glyph"][sl] = list(GLYPHS).index(o.glyph) + 1
+        out["part"][sl] = 1 if o.size == 1 else np.array([[2, 3], [4, 5]])
     return out
 
 

@@ -1,0 +1,94 @@
+"""The world-model trainer's batch building and attention supervision, on hand-built attention maps."""
+
+import pytest
+import torch
+
+from glimpseprune.data import world
+from glimpseprune.training import world_model as wm
+
+
+@pytest.fixture(scope="module")
+def built():
+    return wm.build(0)
+
+
+def _samples():
+    # one lookup, one exist-"no" (no object to ground), found by scanning seeds
+    look = world.sample(11, "lookup", world.WorldConfig(max_cells=8))
+    no = next(s for s in (world.sample(i, "exist", world.WorldConfig(max_cells=8)) for i in range(50))
+              if s.answer == "no")
+    return [look, no]
+
+
+def test_qa_batch_labels_the_answer_and_its_end_only(built):
+    _, proc = built
+    samples = _samples()
+    batch = wm._qa_batch(proc, samples)
+    tok = proc.tokenizer
+    for b, s in enumerate(samples):
+        labelled = (batch["labels"][b] != -100).nonzero().flatten().tolist()
+        assert len(labelled) == 2 and labelled[1] == labelled[0] + 1
+        assert tok.convert_ids_to_tokens(int(batch["input_ids"][b, labelled[0]])).lstrip("\u0120") == s.answer
+        assert int(batch["input_ids"][b, labelled[1]]) == tok.convert_tokens_to_ids("<|im_end|>")
+        assert int(wm._first_answer(batch)[b]) == labelled[0] - 1
+
+
+def _attention(batch, rows_to_cols, n_layers=4, heads=4):
+    """Attention maps (layers, B, heads, L, L): uniform over the causal past, except the given (layer, b, cols)
+    rows of the answer-predicting position, which put all their mass on ``cols``."""
+    ids = batch["input_ids"]
+    B, L = ids.shape
+    causal = torch.tril(torch.ones(L, L))
+    base = (causal / causal.sum(-1, keepdim=True)).expand(B, heads, L, L).clone()
+    maps = [base.clone() for _ in range(n_layers)]
+    first = wm._first_answer(batch)
+    for layer, b, cols in rows_to_cols:
+        maps[layer][b, :, first[b]] = 0.0
+        maps[layer][b, :, first[b], cols] = 1.0 / len(cols)
+    return maps
+
+
+def test_attention_supervision_is_low_only_when_both_hops_attend_right(built):
+    model, proc = built
+    samples = _samples()
+    batch = wm._qa_batch(proc, samples)
+    ids = batch["input_ids"]
+    image = model.config.image_token_id
+    tok = proc.tokenizer
+    words = {tok.convert_tokens_to_ids("\u0120" + w) for w in list(world.COLOURS) + list(world.SHAPES)}
+
+    def question_words(b):
+        last_img = int((ids[b] == image).nonzero().max())
+        return [i for i in range(last_img + 1, int(wm._first_answer(batch)[b])) if int(ids[b, i]) in words]
+
+    look = samples[0]
+    obj = next(o for o in look.scene.objects if o.box == look.boxes[0])
+    img_pos = (ids[0] == image).nonzero().flatten()
+    box_pos = img_pos[torch.tensor([obj.row * look.scene.cols + obj.col])].tolist() if obj.size == 1 else None
+    if box_pos is None:  # a 2 x 2 object: its four cells in raster order
+        box_pos = [int(img_pos[(obj.row + r) * look.scene.cols + obj.col + c]) for r in (0, 1) for c in (0, 1)]
+    right = _attention(batch, [(0, 0, question_words(0)), (1, 0, box_pos), (0, 1, question_words(1))])
+    loss_right = float(wm.attention_supervision(model, proc, batch, samples, right, 0, 1, 2))
+    assert loss_right == pytest.approx(0.0, abs=1e-4)
+
+    uniform = _attention(batch, [])
+    loss_uniform = float(wm.attention_supervision(model, proc, batch, samples, uniform, 0, 1, 2))
+    assert loss_uniform > 2.0  # -log of a few tokens' share of ~100
+
+    # the hint hop right but the grounding hop elsewhere (on the first visual token, outside the box)
+    wrong = _attention(batch, [(0, 0, question_words(0)), (1, 0, [int(img_pos[0])]), (0, 1, question_words(1))])
+    if int(img_pos[0]) not in box_pos:
+        assert float(wm.attention_supervision(model, proc, batch, samples, wrong, 0, 1, 2)) > 3.0
+
+    # the exist-"no" row has no grounding term: moving its layer-1 attention changes nothing
+    moved = _attention(batch, [(0, 0, question_words(0)), (1, 0, box_pos), (0, 1, question_words(1)),
+                               (1, 1, [int((ids[1] == image).nonzero()[0])])])
+    assert float(wm.attention_supervision(model, proc, batch, samples, moved, 0, 1, 2)) == pytest.approx(loss_right,
+                                                                                                         abs=1e-6)
+
+
+def test_dense_heads_cover_every_cell_label():
+    scene = world.sample(3).scene
+    assert set(world.cell_labels(scene)) == set(wm.HEADS)
+    labels = wm._dense_labels([world.sample(3)])
+    assert all(int(labels[k].max()) < n for k, n in wm.HEADS.items())
