@@ -1,5 +1,7 @@
 """The world-model trainer's batch building and attention supervision, on hand-built attention maps."""
 
+import math
+
 import pytest
 import torch
 
@@ -34,17 +36,18 @@ def test_qa_batch_labels_the_answer_and_its_end_only(built):
 
 
 def _attention(batch, rows_to_cols, n_layers=4, heads=4):
-    """Attention maps (layers, B, heads, L, L): uniform over the causal past, except the given (layer, b, cols)
-    rows of the answer-predicting position, which put all their mass on ``cols``."""
+    """Attention maps (layers, B, heads, L, L): uniform over the causal past, except the given (layer, b, cols[,
+    head slice]) rows of the answer-predicting position, which put all their mass on ``cols``."""
     ids = batch["input_ids"]
     B, L = ids.shape
     causal = torch.tril(torch.ones(L, L))
     base = (causal / causal.sum(-1, keepdim=True)).expand(B, heads, L, L).clone()
     maps = [base.clone() for _ in range(n_layers)]
     first = wm._first_answer(batch)
-    for layer, b, cols in rows_to_cols:
-        maps[layer][b, :, first[b]] = 0.0
-        maps[layer][b, :, first[b], cols] = 1.0 / len(cols)
+    for layer, b, cols, *hs in rows_to_cols:
+        h = hs[0] if hs else slice(None)
+        maps[layer][b, h, first[b]] = 0.0
+        maps[layer][b, h, first[b], cols] = 1.0 / len(cols)
     return maps
 
 
@@ -57,9 +60,18 @@ def test_attention_supervision_is_low_only_when_both_hops_attend_right(built):
     tok = proc.tokenizer
     words = {tok.convert_tokens_to_ids("\u0120" + w) for w in list(world.COLOURS) + list(world.SHAPES)}
 
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+
+    def question(b):  # the question's tokens: after <|vision_end|>, up to its <|im_end|>
+        start = int((ids[b] == image).nonzero().max()) + 2
+        stop = next(i for i in range(start, ids.shape[1]) if int(ids[b, i]) == end)
+        return list(range(start, stop))
+
     def question_words(b):
-        last_img = int((ids[b] == image).nonzero().max())
-        return [i for i in range(last_img + 1, int(wm._first_answer(batch)[b])) if int(ids[b, i]) in words]
+        return [i for i in question(b) if int(ids[b, i]) in words]
+
+    def hint(b):  # head 0 on the object words, heads 1.. on the whole question
+        return [(0, b, question_words(b), slice(0, 1)), (0, b, question(b), slice(1, None))]
 
     look = samples[0]
     obj = next(o for o in look.scene.objects if o.box == look.boxes[0])
@@ -67,7 +79,8 @@ def test_attention_supervision_is_low_only_when_both_hops_attend_right(built):
     box_pos = img_pos[torch.tensor([obj.row * look.scene.cols + obj.col])].tolist() if obj.size == 1 else None
     if box_pos is None:  # a 2 x 2 object: its four cells in raster order
         box_pos = [int(img_pos[(obj.row + r) * look.scene.cols + obj.col + c]) for r in (0, 1) for c in (0, 1)]
-    right = _attention(batch, [(0, 0, question_words(0)), (1, 0, box_pos), (0, 1, question_words(1))])
+    assert question_words(0) and set(question_words(0)) < set(question(0))
+    right = _attention(batch, [*hint(0), (1, 0, box_pos), *hint(1)])
     loss_right = float(wm.attention_supervision(model, proc, batch, samples, right, 0, 1, 2))
     assert loss_right == pytest.approx(0.0, abs=1e-4)
 
@@ -75,14 +88,21 @@ def test_attention_supervision_is_low_only_when_both_hops_attend_right(built):
     loss_uniform = float(wm.attention_supervision(model, proc, batch, samples, uniform, 0, 1, 2))
     assert loss_uniform > 2.0  # -log of a few tokens' share of ~100
 
-    # the hint hop right but the grounding hop elsewhere (on the first visual token, outside the box)
-    wrong = _attention(batch, [(0, 0, question_words(0)), (1, 0, [int(img_pos[0])]), (0, 1, question_words(1))])
-    if int(img_pos[0]) not in box_pos:
-        assert float(wm.attention_supervision(model, proc, batch, samples, wrong, 0, 1, 2)) > 3.0
+    # the hint hop right but the grounding hop elsewhere (on a visual token outside the box)
+    outside = next(int(p) for p in img_pos if int(p) not in box_pos)
+    wrong = _attention(batch, [*hint(0), (1, 0, [outside]), *hint(1)])
+    # one of five terms at -log(1e-6) = 13.8
+    assert float(wm.attention_supervision(model, proc, batch, samples, wrong, 0, 1, 2)) > 2.0
+
+    # head 0 spread over the whole question (instead of its object words) costs -log(share of object words)
+    swapped = _attention(batch, [(0, 0, question(0)), (1, 0, box_pos), *hint(1)])
+    share = len(question_words(0)) / len(question(0))
+    n_terms = 5  # row 0: object words, question, box; row 1 (exist "no"): object words, question
+    assert float(wm.attention_supervision(model, proc, batch, samples, swapped, 0, 1, 2)) == pytest.approx(
+        -math.log(share) / n_terms, rel=1e-3)
 
     # the exist-"no" row has no grounding term: moving its layer-1 attention changes nothing
-    moved = _attention(batch, [(0, 0, question_words(0)), (1, 0, box_pos), (0, 1, question_words(1)),
-                               (1, 1, [int((ids[1] == image).nonzero()[0])])])
+    moved = _attention(batch, [*hint(0), (1, 0, box_pos), *hint(1), (1, 1, [int((ids[1] == image).nonzero()[0])])])
     assert float(wm.attention_supervision(model, proc, batch, samples, moved, 0, 1, 2)) == pytest.approx(loss_right,
                                                                                                          abs=1e-6)
 

@@ -223,8 +223,10 @@ def attention_supervision(model, processor, inputs: dict, samples, attentions, h
     """Supervision of the two attention hops that answering needs (mean over rows of -log attention mass, over the
     first ``heads`` heads of a layer, the others stay free):
 
-    1. hint (``hint_layer``): the position that predicts the answer attends to the question's object words (its
-       colour and shape words), i.e. it gathers *what* to look for;
+    1. hint (``hint_layer``): the position that predicts the answer attends, with head 0, to the question's object
+       words (its colour and shape words: *what* to look for) and, with heads 1 .. ``heads``-1, to the whole
+       question (*what kind* of answer: without it, on large images the free heads' view of the question drowns in
+       visual tokens and glyph questions got yes/no answers);
     2. ground (``ground_layer``): the same position attends to the visual tokens of the answer's boxes, i.e. it
        finds the named object(s). Not applied when the answer is an absence (exist "no": no object matches).
 
@@ -237,6 +239,7 @@ def attention_supervision(model, processor, inputs: dict, samples, attentions, h
     tok = processor.tokenizer
     words = torch.tensor(tok.convert_tokens_to_ids(["\u0120" + w for w in list(world.COLOURS) + list(world.SHAPES)]))
     image = model.config.image_token_id
+    end = tok.convert_tokens_to_ids("<|im_end|>")
     first = _first_answer(inputs)
     masks = (get_adapter(model).box_masks(model, processor, inputs, [s.boxes for s in samples],
                                           [s.scene.size for s in samples]) if ground_layer >= 0 else None)
@@ -244,10 +247,15 @@ def attention_supervision(model, processor, inputs: dict, samples, attentions, h
     for b, s in enumerate(samples):
         img_pos = (ids[b] == image).nonzero().flatten()
         if hint_layer >= 0:
-            q = torch.isin(ids[b, :first[b]], words).nonzero().flatten()
-            q = q[q > img_pos.max()]
-            if len(q):
-                terms.append(-torch.log(attentions[hint_layer][b, :heads, first[b], q].sum(-1).mean() + 1e-6))
+            start = int(img_pos.max()) + 2  # after <|vision_end|>
+            stop = start + int((ids[b, start:] == end).nonzero()[0])  # the question ends at its <|im_end|>
+            q = torch.arange(start, stop)
+            obj = q[torch.isin(ids[b, start:stop], words)]
+            att = attentions[hint_layer][b, :heads, first[b]]
+            if len(obj):
+                terms.append(-torch.log(att[0, obj].sum() + 1e-6))
+            if heads > 1:
+                terms.append(-torch.log(att[1:, q].sum(-1).mean() + 1e-6))
         if ground_layer >= 0 and not (s.family == "exist" and s.answer == "no"):
             box = torch.as_tensor(masks[b]).flatten() if masks is not None else None
             if box is not None and box.any():
@@ -258,7 +266,8 @@ def attention_supervision(model, processor, inputs: dict, samples, attentions, h
 
 def train_qa(model, processor, heads: DenseHeads, minutes: float, batch: int, lr: float, log: list,
              eval_every: float = 4.0, extra: int = 0, on_eval=None, attn_weight: float = 0.5,
-             hint_layer: int = 0, ground_layer: int = 1, attn_heads: int = 2) -> None:
+             hint_layer: int = 0, ground_layer: int = 1, attn_heads: int = 2, start_progress: float = 0.0,
+             seed_offset: int = 0) -> None:
     visual = model.model.visual
     for p in visual.parameters():
         p.requires_grad_(False)
@@ -277,8 +286,9 @@ def train_qa(model, processor, heads: DenseHeads, minutes: float, batch: int, lr
             frac = elapsed / budget
             for g in opt.param_groups:  # warm-up then cosine, on wall-clock progress
                 g["lr"] = g["scale"] * lr * min(1.0, frac / 0.03) * 0.5 * (1 + math.cos(math.pi * frac))
-            samples = _samples(step * batch, batch, _curriculum(frac))
-            inputs = _qa_batch(processor, samples, extra=extra, seed=TRAIN_SEED0 + step * batch)
+            stage = start_progress + (1 - start_progress) * frac
+            samples = _samples(seed_offset + step * batch, batch, _curriculum(stage))
+            inputs = _qa_batch(processor, samples, extra=extra, seed=TRAIN_SEED0 + seed_offset + step * batch)
             out = model(**inputs, output_attentions=attn_weight > 0)
             dense, _ = heads.loss(captured.pop("feats"), _dense_labels(samples))
             attn = (attention_supervision(model, processor, inputs, samples, out.attentions, hint_layer,
@@ -323,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ground-layer", type=int, default=1,
                     help="LLM layer where the answer position is taught to attend to the answer's box tokens")
     ap.add_argument("--attn-heads", type=int, default=2, help="supervise the first this-many heads (others free)")
+    ap.add_argument("--start-progress", type=float, default=0.0,
+                    help="start the scene curriculum this far in (0-1), e.g. when continuing a run with --init")
+    ap.add_argument("--seed-offset", type=int, default=0,
+                    help="offset of the training scenes' seeds (a continued run should not replay the first one's)")
     ap.add_argument("--init", help="continue from a saved world model folder instead of a fresh initialisation")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -352,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
 
     train_qa(model, processor, heads, args.qa_minutes, args.batch, args.lr, log, extra=args.extra_questions,
              on_eval=save, attn_weight=args.attn_weight, hint_layer=args.hint_layer, ground_layer=args.ground_layer,
-             attn_heads=args.attn_heads)
+             attn_heads=args.attn_heads, start_progress=args.start_progress, seed_offset=args.seed_offset)
     final = quick_eval(model, processor, n_per_family=100)
     logger.info("final quick eval %s", json.dumps(final))
     model.eval()
