@@ -228,7 +228,11 @@ def attention_supervision(model, processor, inputs: dict, samples, attentions, h
        question (*what kind* of answer: without it, on large images the free heads' view of the question drowns in
        visual tokens and glyph questions got yes/no answers);
     2. ground (``ground_layer``): the same position attends to the visual tokens of the answer's boxes, i.e. it
-       finds the named object(s). Not applied when the answer is an absence (exist "no": no object matches).
+       finds the named object(s). Not applied when the answer is an absence (exist "no": no object matches);
+    3. count (``ground_layer``, head ``heads``): for counting questions, one more head is taught a uniform attention
+       over one token per counted object (its top-left cell) and ``<|vision_start|>`` as a sink, so its output carries
+       1 / (n + 1): softmax attention normalises the mass away, and with the answer loss alone counting stayed at
+       about 50 %.
 
     Without them the model sits on a plateau where neither hop helps until the other exists: with perfect per-token
     features and answer loss alone, 2-object lookups stayed near 60 % for 600 steps; with both hops supervised they
@@ -256,6 +260,13 @@ def attention_supervision(model, processor, inputs: dict, samples, attentions, h
                 terms.append(-torch.log(att[0, obj].sum() + 1e-6))
             if heads > 1:
                 terms.append(-torch.log(att[1:, q].sum(-1).mean() + 1e-6))
+        n_heads = attentions[0].shape[1]
+        if ground_layer >= 0 and s.family == "count" and heads < n_heads:
+            cols = s.scene.cols
+            assert len(img_pos) == cols * s.scene.rows, "world images map one 28 px cell to one token"
+            anchors = [img_pos[(y1 // world.CELL) * cols + x1 // world.CELL] for x1, y1, _, _ in s.boxes]
+            target = torch.stack([img_pos.min() - 1, *anchors])  # <|vision_start|> + one token per object
+            terms.append(-torch.log(attentions[ground_layer][b, heads, first[b], target] + 1e-6).mean())
         if ground_layer >= 0 and not (s.family == "exist" and s.answer == "no"):
             box = torch.as_tensor(masks[b]).flatten() if masks is not None else None
             if box is not None and box.any():
