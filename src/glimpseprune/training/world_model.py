@@ -108,8 +108,13 @@ def _curriculum(progress: float) -> world.WorldConfig:
     return world.WorldConfig()
 
 
-def _samples(start: int, n: int, cfg: world.WorldConfig):
-    return [world.sample(TRAIN_SEED0 + start + i, cfg=cfg) for i in range(n)]
+def _samples(start: int, n: int, cfg: world.WorldConfig, family_weights: dict[str, float] | None = None):
+    """n training samples; families uniform (the world's own draw) unless ``family_weights`` reweights them."""
+    if not family_weights:
+        return [world.sample(TRAIN_SEED0 + start + i, cfg=cfg) for i in range(n)]
+    w = np.array([family_weights.get(f, 1.0) for f in world.FAMILIES], dtype=float)
+    fams = np.random.default_rng(TRAIN_SEED0 + start).choice(len(world.FAMILIES), size=n, p=w / w.sum())
+    return [world.sample(TRAIN_SEED0 + start + i, world.FAMILIES[f], cfg=cfg) for i, f in enumerate(fams)]
 
 
 def extra_questions(sample: world.Sample, seed: int, k: int) -> list[tuple[str, str]]:
@@ -278,7 +283,7 @@ def attention_supervision(model, processor, inputs: dict, samples, attentions, h
 def train_qa(model, processor, heads: DenseHeads, minutes: float, batch: int, lr: float, log: list,
              eval_every: float = 4.0, extra: int = 0, on_eval=None, attn_weight: float = 0.5,
              hint_layer: int = 0, ground_layer: int = 1, attn_heads: int = 2, start_progress: float = 0.0,
-             seed_offset: int = 0) -> None:
+             seed_offset: int = 0, family_weights: dict[str, float] | None = None) -> None:
     visual = model.model.visual
     for p in visual.parameters():
         p.requires_grad_(False)
@@ -298,7 +303,7 @@ def train_qa(model, processor, heads: DenseHeads, minutes: float, batch: int, lr
             for g in opt.param_groups:  # warm-up then cosine, on wall-clock progress
                 g["lr"] = g["scale"] * lr * min(1.0, frac / 0.03) * 0.5 * (1 + math.cos(math.pi * frac))
             stage = start_progress + (1 - start_progress) * frac
-            samples = _samples(seed_offset + step * batch, batch, _curriculum(stage))
+            samples = _samples(seed_offset + step * batch, batch, _curriculum(stage), family_weights)
             inputs = _qa_batch(processor, samples, extra=extra, seed=TRAIN_SEED0 + seed_offset + step * batch)
             out = model(**inputs, output_attentions=attn_weight > 0)
             dense, _ = heads.loss(captured.pop("feats"), _dense_labels(samples))
@@ -326,6 +331,16 @@ def train_qa(model, processor, heads: DenseHeads, minutes: float, batch: int, lr
         hook.remove()
 
 
+def _family_weights(text: str) -> dict[str, float]:
+    out = {}
+    for item in filter(None, text.split(",")):
+        fam, _, w = item.partition("=")
+        if fam not in world.FAMILIES or not w:
+            raise SystemExit(f"--family-weights: expected family=weight, family one of {world.FAMILIES}; got {item!r}")
+        out[fam] = float(w)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Train the embedded world model (tiny Qwen2.5-VL) from scratch.")
     ap.add_argument("--out", required=True, help="output folder (model + processor + train_log.json)")
@@ -346,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attn-heads", type=int, default=2, help="supervise the first this-many heads (others free)")
     ap.add_argument("--start-progress", type=float, default=0.0,
                     help="start the scene curriculum this far in (0-1), e.g. when continuing a run with --init")
+    ap.add_argument("--family-weights", default="",
+                    help="sampling weights of question families, e.g. 'count=3,relation=2' (others 1)")
     ap.add_argument("--seed-offset", type=int, default=0,
                     help="offset of the training scenes' seeds (a continued run should not replay the first one's)")
     ap.add_argument("--init", help="continue from a saved world model folder instead of a fresh initialisation")
@@ -377,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
 
     train_qa(model, processor, heads, args.qa_minutes, args.batch, args.lr, log, extra=args.extra_questions,
              on_eval=save, attn_weight=args.attn_weight, hint_layer=args.hint_layer, ground_layer=args.ground_layer,
-             attn_heads=args.attn_heads, start_progress=args.start_progress, seed_offset=args.seed_offset)
+             attn_heads=args.attn_heads, start_progress=args.start_progress, seed_offset=args.seed_offset,
+             family_weights=_family_weights(args.family_weights))
     final = quick_eval(model, processor, n_per_family=100)
     logger.info("final quick eval %s", json.dumps(final))
     model.eval()
