@@ -112,3 +112,23 @@ def test_dense_heads_cover_every_cell_label():
     assert set(world.cell_labels(scene)) == set(wm.HEADS)
     labels = wm._dense_labels([world.sample(3)])
     assert all(int(labels[k].max()) < n for k, n in wm.HEADS.items())
+
+
+def test_count_head_is_taught_one_token_per_object_plus_a_sink(built):
+    model, proc = built
+    cfg = world.WorldConfig(max_cells=8, big_prob=1.0)  # 2 x 2 objects: four tokens each, one anchor
+    s = next(x for x in (world.sample(i, "count", cfg) for i in range(100)) if x.answer in ("two", "three"))
+    batch = wm._qa_batch(proc, [s])
+    img_pos = (batch["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+    cols = s.scene.cols
+    box_tokens = [int(img_pos[(y // 28) * cols + x // 28]) for x1, y1, x2, y2 in s.boxes
+                  for y in range(y1, y2, 28) for x in range(x1, x2, 28)]
+    anchors = [int(img_pos[(y1 // 28) * cols + x1 // 28]) for x1, y1, _, _ in s.boxes]
+    sink = int(img_pos.min()) - 1
+    m = len(anchors) + 1
+    right = _attention(batch, [(1, 0, box_tokens, slice(0, 2)), (1, 0, [sink, *anchors], slice(2, 3))])
+    loss = float(wm.attention_supervision(model, proc, batch, [s], right, -1, 1, 2))
+    assert loss == pytest.approx(math.log(m) / 2, rel=1e-4)  # ground term 0, count term log(m) at its minimum
+    # the counting head spread over every token of the objects instead: no sink, 4 tokens per object -> larger
+    spread = _attention(batch, [(1, 0, box_tokens, slice(0, 2)), (1, 0, box_tokens, slice(2, 3))])
+    assert float(wm.attention_supervision(model, proc, batch, [s], spread, -1, 1, 2)) > loss + 1.0

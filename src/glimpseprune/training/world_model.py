@@ -21,7 +21,9 @@ processor, loadable offline with ``from_pretrained`` / ``AutoProcessor``; it is 
     python -m glimpseprune.training.world_model --out runs/world-model
     python -m glimpseprune.training.world_model --out runs/more --init runs/world-model --vision-minutes 10
 
-The second form continues a saved model (stage A again, with fresh heads, until 99 %, then stage B).
+The second form continues a saved model (stage A again, with fresh heads, until 99 %, then stage B). The shipped
+weights are the end of a chain of five such runs on 2 CPU cores (87 minutes; arguments, commits and logs in
+``assets/world/world_model_train_log.json``); their final quick eval (100 questions per family) was 91.2 %.
 """
 
 from __future__ import annotations
