@@ -209,11 +209,11 @@ def quick_eval(model, processor, n_per_family: int = 40) -> dict[str, float]:
         for i in range(0, len(samples), 20):
             chunk = samples[i:i + 20]
             batch = _qa_batch(processor, chunk)
-            labels = batch.pop("labels")
+            at = _first_answer(batch)
+            del batch["labels"]
             logits = model(**batch).logits
             for b, s in enumerate(chunk):
-                first = int((labels[b] != -100).nonzero()[0])
-                hits += int(logits[b, first - 1].argmax()) == int(tok.convert_tokens_to_ids(s.answer))
+                hits += int(logits[b, at[b]].argmax()) == int(tok.convert_tokens_to_ids(s.answer))
         out[fam] = hits / len(samples)
     out["mean"] = float(np.mean([out[f] for f in world.FAMILIES]))
     model.train()
@@ -252,6 +252,7 @@ def attention_supervision(model, processor, inputs: dict, samples, attentions, h
     image = model.config.image_token_id
     end = tok.convert_tokens_to_ids("<|im_end|>")
     first = _first_answer(inputs)
+    n_heads = attentions[0].shape[1]
     masks = (get_adapter(model).box_masks(model, processor, inputs, [s.boxes for s in samples],
                                           [s.scene.size for s in samples]) if ground_layer >= 0 else None)
     terms = []
@@ -267,7 +268,6 @@ def attention_supervision(model, processor, inputs: dict, samples, attentions, h
                 terms.append(-torch.log(att[0, obj].sum() + 1e-6))
             if heads > 1:
                 terms.append(-torch.log(att[1:, q].sum(-1).mean() + 1e-6))
-        n_heads = attentions[0].shape[1]
         if ground_layer >= 0 and s.family == "count" and heads < n_heads:
             cols = s.scene.cols
             assert len(img_pos) == cols * s.scene.rows, "world images map one 28 px cell to one token"
@@ -275,8 +275,8 @@ def attention_supervision(model, processor, inputs: dict, samples, attentions, h
             target = torch.stack([img_pos.min() - 1, *anchors])  # <|vision_start|> + one token per object
             terms.append(-torch.log(attentions[ground_layer][b, heads, first[b], target] + 1e-6).mean())
         if ground_layer >= 0 and not (s.family == "exist" and s.answer == "no"):
-            box = torch.as_tensor(masks[b]).flatten() if masks is not None else None
-            if box is not None and box.any():
+            box = torch.as_tensor(masks[b]).flatten()
+            if box.any():
                 pos = img_pos[box]
                 terms.append(-torch.log(attentions[ground_layer][b, :heads, first[b], pos].sum(-1).mean() + 1e-6))
     return torch.stack(terms).mean() if terms else attentions[0].new_zeros(())
