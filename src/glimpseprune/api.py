@@ -36,6 +36,7 @@ class PruneOutput:
     texts: list[str] | None = None
     step_logits: list[torch.Tensor] | None = None  # per generated token, (B, V)
     prefill: PrefillResult | None = None
+    timing: dict | None = None  # wall seconds of the batch: "prefill" (ViT + LLM), "decode" ("decode_steps" steps)
 
 
 def _split_images(pre: PrefillResult) -> list[torch.Tensor]:
@@ -98,7 +99,7 @@ class PrunedModel:
             sequences=toks, keep_masks=pre.keep_masks, image_keep_masks=_split_images(pre),
             n_vis=pre.n_vis, n_kept=pre.n_kept, kv_len=pre.kv_len,
             prune_layer=pre.prune_layer, texts=texts, step_logits=step_logits if return_logits else None,
-            prefill=pre,
+            prefill=pre, timing=pre.timing,
         )
 
 

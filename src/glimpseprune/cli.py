@@ -100,6 +100,10 @@ def _eval_one(args, method: str | None, out) -> dict:
     print(f"[{pm.method.name}] exact match {summary['exact_match']:.4f} on {summary['n']} samples; kept fraction "
           f"mean {kf['mean']:.4f} median {kf['median']:.4f} min {kf['min']:.4f} max {kf['max']:.4f}")
     print(f"[{pm.method.name}] per family (exact match, mean kept fraction): {fam}")
+    ms = summary["ms_per_sample"]
+    print(f"[{pm.method.name}] wall time per sample (batch {args.batch_size}, this machine): prefill "
+          f"{ms['prefill']:.1f} ms (ViT + LLM), decode {ms['decode']:.1f} ms; "
+          f"KV cache {summary['mean_kv_len']:.0f} tokens")
     print(f"[{pm.method.name}] wrote {out / 'summary.json'} and {out / 'samples.jsonl'}")
     return summary
 
@@ -116,11 +120,19 @@ def cmd_eval(args) -> int:
                for f, v in full["per_family"].items()}
         report = {"method": main["method"], "exact_match": main["exact_match"],
                   "full_exact_match": full["exact_match"], "relative_accuracy": ratio,
-                  "mean_kept_frac": main["kept_frac"]["mean"], "relative_accuracy_per_family": per}
+                  "mean_kept_frac": main["kept_frac"]["mean"], "relative_accuracy_per_family": per,
+                  "ms_per_sample": {"pruned": main["ms_per_sample"], "full": full["ms_per_sample"]},
+                  "mean_kv_len": {"pruned": main["mean_kv_len"], "full": full["mean_kv_len"]}}
         (out / "relative.json").write_text(json.dumps(report, indent=1))
         print(f"{main['method']} keeps {100 * ratio:.1f} % of the full-token accuracy "
               f"({main['exact_match']:.4f} vs {full['exact_match']:.4f}) with {100 * main['kept_frac']['mean']:.1f} % "
               f"of the visual tokens on average; wrote {out / 'relative.json'}")
+        pm_, fm = main["ms_per_sample"], full["ms_per_sample"]
+        print(f"wall time per sample, {main['method']} vs full: prefill {pm_['prefill']:.1f} vs "
+              f"{fm['prefill']:.1f} ms ({pm_['prefill'] / max(fm['prefill'], 1e-9):.2f}x), "
+              f"decode {pm_['decode']:.1f} vs {fm['decode']:.1f} ms "
+              f"({pm_['decode'] / max(fm['decode'], 1e-9):.2f}x); KV cache {main['mean_kv_len']:.0f} vs "
+              f"{full['mean_kv_len']:.0f} tokens (timed once, in this run, on this machine)")
     return 0
 
 
@@ -333,7 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    # bench runs are long: their progress is logged by default (stderr), other commands log on --verbose
+    verbose = args.verbose or args.cmd == "bench"
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s" if verbose else "%(levelname)s %(message)s")
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError, KeyError) as err:

@@ -3,6 +3,8 @@ access to the decoder's layers. Adapters are stateless: everything about one req
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +27,25 @@ class Encoded:
     @property
     def n_vis(self) -> list[int]:
         return self.vis_mask.sum(dim=1).tolist()
+
+
+@contextlib.contextmanager
+def capture_outputs(modules: dict[int, nn.Module]) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the output of each module while the block runs (forward hooks, removed on exit), instead of asking
+    the vision tower for every block's hidden states: only the tapped tensors stay alive."""
+    out: dict[int, torch.Tensor] = {}
+
+    def hook(key):
+        def fn(_mod, _args, output):
+            out[key] = output[0] if isinstance(output, tuple) else output
+        return fn
+
+    handles = [m.register_forward_hook(hook(k)) for k, m in modules.items()]
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @dataclass(frozen=True)

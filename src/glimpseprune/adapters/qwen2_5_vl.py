@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers.vision_utils import get_vision_window_index
 
-from .base import Adapter, Encoded, ModelDims
+from .base import Adapter, Encoded, ModelDims, capture_outputs
 
 
 def image_runs(ids: torch.Tensor, token_id: int) -> list[list[int]]:
@@ -82,14 +82,17 @@ class Qwen2_5_VLAdapter(Adapter):
         feats: list[torch.Tensor] = []
         if pixel_values is not None:
             visual = model.model.visual
-            out = visual(pixel_values.to(visual.dtype), grid_thw=grid, output_hidden_states=bool(taps),
-                         return_dict=True)
+            for t in taps:
+                if not 0 <= t < len(visual.blocks):
+                    raise ValueError(f"vision tap {t} outside the ViT's blocks [0, {len(visual.blocks) - 1}]")
+            with capture_outputs({t: visual.blocks[t] for t in taps}) as tapped:  # only the taps are kept
+                out = visual(pixel_values.to(visual.dtype), grid_thw=grid, return_dict=True)
             embeds = embeds.masked_scatter(vis_mask[..., None], out.pooler_output.to(embeds.dtype))
             if taps:
                 win, _ = get_vision_window_index(grid, merge, visual.window_size, visual.patch_size)
                 unwin = torch.argsort(win.to(ids.device))
                 for t in taps:
-                    h = out.hidden_states[t + 1]  # output of block t, window order, (n_patch, C)
+                    h = tapped[t]  # output of block t, window order, (n_patch, C)
                     pooled = h.view(h.shape[0] // (merge * merge), merge * merge, -1).mean(dim=1)
                     feats.append(pooled[unwin])
         mm = inputs.get("mm_token_type_ids")

@@ -270,7 +270,7 @@ def compare(model, processor, module, split, out, methods: list[str], budgets: l
             cap: float = DEFAULT_CAP, limit: int | None = None, batch_size: int = 16, meta: dict | None = None,
             log=print) -> list[dict]:
     """Run the plan and write ``OUT/runs/<label>.json``, ``OUT/compare.md``, ``OUT/compare.png``."""
-    from .report import environment
+    from .meta import environment
 
     specs = plan(methods, list(budgets), cap)
     if "glimpse" in methods and module is None:
@@ -310,7 +310,8 @@ def k_sweep(model, processor, module, split, out, limit: int | None = None, batc
     prefill cost of dropping after K (LLM layers, this model's shape, the split's mean token counts).
     Writes ``OUT/k_sweep.json``, ``OUT/k_sweep.md``, ``OUT/k_sweep.png``."""
     from .flops import prefill_flops
-    from .report import _pyplot, environment
+    from .meta import environment
+    from .report import _pyplot
     from .shapes import ModelShape
 
     out = Path(out)

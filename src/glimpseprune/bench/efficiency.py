@@ -90,9 +90,11 @@ class BenchSettings:
     device: str = "cpu"
     dtype: str = "float32"
     attn: str = "sdpa"
-    causal: bool = False  # analytic attention counted as executed: the runtime passes an explicit 4-D mask
+    causal: bool = True  # analytic attention counted as executed: no mask, SDPA's causal kernel (n(n+1)/2 pairs)
     seed: int = 0
     threads: int | None = None  # torch.set_num_threads on CPU
+    e2e_reps: int | None = None  # timed end-to-end repetitions per batch size (default: reps)
+    budget_s: float | None = None  # wall-clock budget: later repetitions / batch sizes are skipped, and recorded
 
     def resolved_grid(self) -> tuple[int, int]:
         if self.grid is not None:
@@ -153,9 +155,10 @@ def synth_inputs(shape: ModelShape, grid: tuple[int, int], n_text: int, batch: i
     return {k: t.to(device) for k, t in out.items()}
 
 
-def make_variant(v: Variant, shape: ModelShape, n_vis: list[int], device, seed: int = 0
+def make_variant(v: Variant, shape: ModelShape, n_vis: list[int], device, seed: int = 0, dtype: str = "float32"
                  ) -> tuple[PruningMethod, dict]:
-    """(method, request) for one variant; request carries the fixed keep masks of ``mask``/``fixed``."""
+    """(method, request) for one variant; request carries the fixed keep masks of ``mask``/``fixed``. The glimpse
+    module takes the base model's ``dtype``, as ``glimpseprune.load`` gives it."""
     from ..api import make_method
     from ..modules.glimpse import GlimpseModule
 
@@ -164,7 +167,7 @@ def make_variant(v: Variant, shape: ModelShape, n_vis: list[int], device, seed: 
         return make_method("full"), {}
     if v.method == "glimpse":
         torch.manual_seed(seed)
-        module = GlimpseModule(shape.glimpse_config(K)).to(device=device, dtype=torch.float32).eval()
+        module = GlimpseModule(shape.glimpse_config(K)).to(device=device, dtype=getattr(torch, dtype)).eval()
         module.requires_grad_(False)
         return make_method("glimpse", module, SelectionConfig(fixed_keep_ratio=v.keep)), {}
     g = torch.Generator().manual_seed(seed)
@@ -197,6 +200,19 @@ def _proc_status_kb(field_name: str) -> int:
     raise OSError(f"{field_name} not in /proc/self/status")
 
 
+def _trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc ``malloc_trim``), so RSS before a measurement is what is live and
+    a later run cannot hide its peak inside memory an earlier run freed but the allocator kept."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark (VmHWM) of this process (Linux >= 4.0); False where that is impossible."""
     try:
@@ -211,7 +227,8 @@ def _reset_peak_rss() -> bool:
 def measure_peak(fn, device) -> dict[str, Any]:
     """Peak memory of ``fn()``, with the method used. CUDA: ``torch.cuda.max_memory_allocated`` (peak_bytes) and its
     rise over the allocation before the call (delta_bytes). CPU: process RSS, peak (VmHWM after a reset through
-    /proc/self/clear_refs, Linux) minus RSS before the call; elsewhere ``resource`` ru_maxrss, which cannot be reset
+    /proc/self/clear_refs, Linux, after returning freed heap to the OS)
+    minus RSS before the call; elsewhere ``resource`` ru_maxrss, which cannot be reset
     (a process-lifetime peak). CPU numbers include allocator caching: treat them as approximate."""
     device = torch.device(device)
     if device.type == "cuda":
@@ -222,6 +239,7 @@ def measure_peak(fn, device) -> dict[str, Any]:
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
         return {"method": "torch.cuda.max_memory_allocated", "peak_bytes": peak, "delta_bytes": peak - base}
+    _trim_heap()
     if _reset_peak_rss():
         base = _proc_status_kb("VmRSS")
         fn()
@@ -243,14 +261,49 @@ def _interleaved(names: list[str], reps: int):
         yield from (names if r % 2 == 0 else names[::-1])
 
 
+class Budget:
+    """Wall-clock budget of a benchmark run. Loops ask ``more(done)`` before each further repetition: after the
+    deadline they stop (keeping what was measured, at least one repetition) and the skip is logged and recorded,
+    so a slow device or shape ends the run in bounded time instead of seeming to hang."""
+
+    def __init__(self, seconds: float | None):
+        self.start = time.perf_counter()
+        self.seconds = seconds
+        self.skipped: list[str] = []
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def over(self) -> bool:
+        return self.seconds is not None and self.elapsed() > self.seconds
+
+    def more(self, done: int, what: str) -> bool:
+        if done >= 1 and self.over():
+            self.skipped.append(what)
+            logger.warning("time budget of %.0f s used up (%.0f s): %s cut after %d repetition(s)", self.seconds,
+                           self.elapsed(), what, done)
+            return False
+        return True
+
+
+def _reps(names: list[str], reps: int, budget: Budget | None, what: str):
+    """``_interleaved`` that logs each repetition and stops at a repetition boundary once the budget is spent."""
+    for r in range(reps):
+        if budget is not None and not budget.more(r, what):
+            return
+        yield from (names if r % 2 == 0 else names[::-1])
+        logger.info("%s: repetition %d/%d done (%.1f s elapsed)", what, r + 1, reps,
+                    budget.elapsed() if budget else 0.0)
+
+
 @torch.no_grad()
-def time_prefill(model, adapter, runs: dict[str, tuple], inputs: dict, warmup: int, reps: int, device
-                 ) -> tuple[dict[str, list[float]], dict[str, dict]]:
+def time_prefill(model, adapter, runs: dict[str, tuple], inputs: dict, warmup: int, reps: int, device,
+                 budget: Budget | None = None) -> tuple[dict[str, list[float]], dict[str, dict]]:
     """Seconds per prefill for every run (interleaved), and per run the kept counts and KV lengths."""
     names, times, info = list(runs), {n: [] for n in runs}, {}
     for name in _interleaved(names, warmup):
         prefill(model, adapter, runs[name][0], inputs, runs[name][1])
-    for name in _interleaved(names, reps):
+    for name in _reps(names, reps, budget, "prefill"):
         sec, pre = _timed(lambda n=name: prefill(model, adapter, runs[n][0], inputs, runs[n][1]), device)
         times[name].append(sec)
         info[name] = {"n_vis": pre.n_vis, "n_kept": pre.n_kept, "kv_len": pre.kv_len}
@@ -259,11 +312,11 @@ def time_prefill(model, adapter, runs: dict[str, tuple], inputs: dict, warmup: i
 
 
 @torch.no_grad()
-def time_decode(model, adapter, runs: dict[str, tuple], inputs: dict, steps: int, reps: int, device
-                ) -> dict[str, list[float]]:
+def time_decode(model, adapter, runs: dict[str, tuple], inputs: dict, steps: int, reps: int, device,
+                budget: Budget | None = None, what: str = "decode") -> dict[str, list[float]]:
     """Milliseconds per decode step (mean over ``steps`` steps after one untimed step), one value per repetition."""
     out = {n: [] for n in runs}
-    for name in _interleaved(list(runs), reps):
+    for name in _reps(list(runs), reps, budget, what):
         method, request = runs[name]
         pre = prefill(model, adapter, method, inputs, request)
         tok = pre.logits.argmax(-1)
@@ -284,18 +337,19 @@ def _generate(model, adapter, run: tuple, inputs: dict, new_tokens: int):
                     request=run[1])
 
 
-def _e2e_batch(model, adapter, runs: dict[str, tuple], inputs: dict, B: int, s: BenchSettings, device
-               ) -> dict[str, dict]:
+def _e2e_batch(model, adapter, runs: dict[str, tuple], inputs: dict, B: int, s: BenchSettings, device,
+               budget: Budget | None = None) -> dict[str, dict]:
     def call(name: str):
         return lambda: _generate(model, adapter, runs[name], inputs, s.new_tokens)
 
     times: dict[str, list[float]] = {n: [] for n in runs}
-    for name in _interleaved(list(runs), s.warmup):
+    for name in _interleaved(list(runs), min(s.warmup, 1)):  # ViT + generate: one warm-up is enough
         call(name)()
-    for name in _interleaved(list(runs), s.reps):
+    reps = s.e2e_reps if s.e2e_reps is not None else s.reps
+    for name in _reps(list(runs), reps, budget, f"end-to-end batch {B}"):
         times[name].append(_timed(call(name), device)[0])
     # decode alone at this batch size (after an untimed prefill): where the KV cache, not the weights, is read
-    decode = time_decode(model, adapter, runs, inputs, s.new_tokens, s.reps, device)
+    decode = time_decode(model, adapter, runs, inputs, s.new_tokens, reps, device, budget, f"decode batch {B}")
     out = {}
     for name in runs:
         med = statistics.median(times[name])
@@ -303,22 +357,32 @@ def _e2e_batch(model, adapter, runs: dict[str, tuple], inputs: dict, B: int, s: 
         out[name] = {"seconds": _stats(times[name]), "tokens_per_s": B * s.new_tokens / med,
                      "decode_ms_per_step": _stats(decode[name]), "decode_tokens_per_s": 1000.0 * B / step_ms,
                      "memory": measure_peak(call(name), device)}
+        logger.info("end-to-end batch %d, %s: %.2f s per generate, peak %.0f MiB", B, name, med,
+                    out[name]["memory"]["peak_bytes"] / 2**20)
     return out
 
 
-def time_end_to_end(model, adapter, shape: ModelShape, variants: list[Variant], s: BenchSettings, device
-                    ) -> dict[str, dict[int, dict]]:
+def time_end_to_end(model, adapter, shape: ModelShape, variants: list[Variant], s: BenchSettings, device,
+                    budget: Budget | None = None) -> dict[str, dict[int, dict]]:
     """tokens/s (B * new_tokens / median seconds, ViT included), decode-only tokens/s (B / median ms per decode
-    step of the whole batch) and peak memory per variant and batch size.
-    A batch size that runs out of GPU memory is recorded as {"error": "out of memory"}."""
+    step of the whole batch) and peak memory per variant and batch size, smallest batch first.
+    A batch size that runs out of GPU memory is recorded as {"error": "out of memory"}; batch sizes not started
+    before the budget ran out are recorded as {"error": "skipped: time budget"}."""
     out: dict[str, dict[int, dict]] = {v.spec: {} for v in variants}
-    for B in s.batch_sizes:
+    for B in sorted(s.batch_sizes):
+        if budget is not None and budget.over():
+            budget.more(1, f"end-to-end batch {B}")
+            for v in variants:
+                out[v.spec][B] = {"error": "skipped: time budget"}
+            continue
+        logger.info("end-to-end batch %d: %d variants (%.1f s elapsed)", B, len(variants),
+                    budget.elapsed() if budget else 0.0)
         inputs = synth_inputs(shape, s.resolved_grid(), s.n_text, B, s.device, s.seed)
         n_vis = (inputs["input_ids"] == shape.token_ids()["image"]).sum(1).tolist()
-        runs = {v.spec: make_variant(v, shape, n_vis, device, s.seed) for v in variants}
+        runs = {v.spec: make_variant(v, shape, n_vis, device, s.seed, s.dtype) for v in variants}
         try:
             with torch.no_grad():
-                for name, r in _e2e_batch(model, adapter, runs, inputs, B, s, device).items():
+                for name, r in _e2e_batch(model, adapter, runs, inputs, B, s, device, budget).items():
                     out[name][B] = r
         except torch.cuda.OutOfMemoryError as err:
             logger.warning("batch %d: out of memory (%s)", B, err)
@@ -341,31 +405,36 @@ def analytic(shape: ModelShape, v: Variant, n_text: int, grid: tuple[int, int], 
 def run_benchmark(s: BenchSettings, shape: ModelShape | None = None, model=None) -> dict[str, Any]:
     """Run every measurement of ``s``; returns the result dict (schema ``SCHEMA``) written by ``report``."""
     from ..registry import get_adapter
-    from .report import environment
+    from .meta import environment
 
     shape = shape or load_shape(s.shape)
     device = torch.device(s.device)
+    budget = Budget(s.budget_s)
     if s.threads and device.type == "cpu":
         torch.set_num_threads(s.threads)
     variants = [parse_variant(x) for x in s.variants]
     if "full" not in [v.spec for v in variants]:
         variants.insert(0, parse_variant("full"))
-    model = model if model is not None else build_model(shape, s.device, s.dtype, s.attn, s.seed)
+    if model is None:
+        logger.info("building a random %s (%s, %s, %s)", shape.name, s.device, s.dtype, s.attn)
+        model = build_model(shape, s.device, s.dtype, s.attn, s.seed)
     grid = s.resolved_grid()
     logger.info("shape %s, grid %s (%d visual + %d text tokens), variants %s", shape.name, grid, grid[0] * grid[1],
                 s.n_text, [v.spec for v in variants])
     inputs = synth_inputs(shape, grid, s.n_text, s.prefill_batch, s.device, s.seed)
     n_vis = (inputs["input_ids"] == shape.token_ids()["image"]).sum(1).tolist()
-    runs = {v.spec: make_variant(v, shape, n_vis, device, s.seed) for v in variants}
+    runs = {v.spec: make_variant(v, shape, n_vis, device, s.seed, s.dtype) for v in variants}
     frozen = FrozenEncodeAdapter(get_adapter(model))
     vit_sec = {}  # encode every (inputs, taps) once, untimed by the prefill loop: seconds of ViT + embedding
     for method, _ in runs.values():
         taps = tuple(method.vision_taps())
         if str(taps) not in vit_sec:
             vit_sec[str(taps)] = _timed(lambda t=taps: frozen.encode(model, inputs, t), device)[0]
-    times, info = time_prefill(model, frozen, runs, inputs, s.warmup, s.reps, device)
-    decode = time_decode(model, frozen, runs, inputs, s.new_tokens, s.reps, device) if s.decode else {}
-    e2e = time_end_to_end(model, get_adapter(model), shape, variants, s, device) if s.e2e else {}
+    logger.info("encoded once per set of vision taps (%s); timing prefill: %d warm-up + %d reps x %d variants",
+                ", ".join(f"{k}: {v:.2f} s" for k, v in vit_sec.items()), s.warmup, s.reps, len(runs))
+    times, info = time_prefill(model, frozen, runs, inputs, s.warmup, s.reps, device, budget)
+    decode = time_decode(model, frozen, runs, inputs, s.new_tokens, s.reps, device, budget) if s.decode else {}
+    e2e = time_end_to_end(model, get_adapter(model), shape, variants, s, device, budget) if s.e2e else {}
     results = {}
     full_med = statistics.median(times["full"])
     full_flops = analytic(shape, parse_variant("full"), s.n_text, grid, s.causal)["prefill_llm_flops"]
@@ -380,7 +449,8 @@ def run_benchmark(s: BenchSettings, shape: ModelShape | None = None, model=None)
             r["end_to_end"] = {str(b): x for b, x in e2e[v.spec].items()}
         results[v.spec] = r
     return {"schema": SCHEMA, "meta": environment(device), "settings": {**asdict(s), "grid": list(grid)},
-            "shape": shape.to_dict(), "encode_s_by_taps": vit_sec, "results": results}
+            "shape": shape.to_dict(), "encode_s_by_taps": vit_sec, "results": results,
+            "elapsed_s": budget.elapsed(), "skipped_for_budget": budget.skipped}
 
 
 @dataclass

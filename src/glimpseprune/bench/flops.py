@@ -127,7 +127,9 @@ def vip_flops(g: GlimpseConfig, grids: list[tuple[int, int]], n_keys: int, text:
     qk, W = g.vip_width + g.cond_width, g.vip_width
     n_attn = len(g.attn_layers) * g.base_num_heads
     inputs = matmul_flops(S, n_attn, W) + g.n_vip_layers * matmul_flops(S, g.base_vision_width, g.cond_width)
-    block = (2 * matmul_flops(S, qk, qk) + 2 * matmul_flops(S, W, W) + MAC_FLOPS * pairs * (qk + W)
+    # attention as executed: q.k at the q/k width, and p.v at the q/k width too, because the VIP pads v to it so that
+    # SDPA can take its fused kernel (the padded columns are zero and dropped)
+    block = (2 * matmul_flops(S, qk, qk) + 2 * matmul_flops(S, W, W) + MAC_FLOPS * pairs * 2 * max(qk, W)
              + 3 * matmul_flops(S, W, g.vip_mlp_width))
     vip = inputs + g.n_vip_layers * block + matmul_flops(S, W, 1)
     scores = 0

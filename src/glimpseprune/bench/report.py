@@ -14,59 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
-
-import torch
 
 logger = logging.getLogger(__name__)
 
 PLOTS_MISSING = "matplotlib is not installed: plots skipped (pip install matplotlib to get them)"
-
-
-def _git_commit() -> str | None:
-    root = Path(__file__).resolve().parents[3]
-    if not (root / ".git").exists():
-        return None
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return f"{head}{'+dirty' if dirty else ''}" if head else None
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Device, library versions, git commit and time of a run."""
-    import transformers
-
-    from .. import __version__
-
-    device = torch.device(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-    return {"device": str(device), "device_name": name, "torch": torch.__version__,
-            "transformers": transformers.__version__, "glimpseprune": __version__, "git_commit": _git_commit(),
-            "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "cuda": torch.version.cuda,
-            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def write_json(result: dict, out_dir: str | Path, name: str = "result.json") -> Path:
@@ -202,8 +155,9 @@ def _common(p: argparse.ArgumentParser, n_vis: int = 2025, n_text: int = 64) -> 
     p.add_argument("--n-vis", type=int, default=n_vis, help="visual tokens per sample (near-square grid)")
     p.add_argument("--grid", type=_grid, help="merged-token grid HxW (overrides --n-vis), e.g. 71x71")
     p.add_argument("--n-text", type=int, default=n_text, help="non-visual prompt tokens per sample")
-    p.add_argument("--causal", action="store_true", help="count causal attention pairs n(n+1)/2 instead of the "
-                   "n^2 an explicit-mask kernel executes")
+    p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True,
+                   help="count causal attention pairs n(n+1)/2, as the runtime's maskless causal kernels execute "
+                   "(default); --no-causal counts n^2, as an explicit-mask kernel would")
 
 
 def _settings(args, **kw):
@@ -318,7 +272,10 @@ def cmd_run(args) -> int:
 
     s = _settings(args, variants=tuple(args.variants), batch_sizes=tuple(args.batch_sizes), warmup=args.warmup,
                   reps=args.reps, new_tokens=args.new_tokens, decode=not args.no_decode, e2e=not args.no_e2e,
-                  device=args.device, dtype=args.dtype, attn=args.attn, threads=args.threads)
+                  device=args.device, dtype=args.dtype, attn=args.attn, threads=args.threads,
+                  e2e_reps=args.e2e_reps, budget_s=args.budget_s)
+    if args.out:
+        check_writable(args.out)
     result = run_benchmark(s)
     print(markdown_table(result))
     _checks(result, 0.15, args.causal)
@@ -346,6 +303,39 @@ def cmd_ratio_check(args) -> int:
     _finish(args, result)
     print(json.dumps(_summary(result)))
     return 1 if args.strict and not ok else 0
+
+
+def cmd_overhead(args) -> int:
+    from .overhead import OverheadSettings, run_overhead, summary, table
+
+    s = OverheadSettings(shape=args.shape, n_vis=tuple(args.n_vis), n_text=args.n_text, keep=args.keep,
+                         warmup=args.warmup, reps=args.reps, decode_steps=args.decode_steps, device=args.device,
+                         dtype=args.dtype, attn=args.attn, threads=args.threads, memory=not args.no_memory)
+    if args.out:
+        check_writable(args.out)
+    result = run_overhead(s)
+    print(table(result), end="")
+    for n, r in result["rows"].items():
+        bad = [k for k, ok in r["ratios"]["checks"].items() if not ok]
+        print(f"{n} visual tokens: {'all checks pass' if not bad else 'FAILED: ' + ', '.join(bad)}")
+    if args.out:
+        path = write_json(result, args.out)
+        (Path(args.out) / "table.md").write_text(table(result))
+        print(f"wrote {path} and {Path(args.out) / 'table.md'}")
+    print(json.dumps(summary(result)))
+    return 1 if args.strict and not result["ok"] else 0
+
+
+def check_writable(out_dir: str | Path) -> None:
+    """Fail before a run when ``out_dir`` cannot be created or written (its parent is a file, no permission)."""
+    p = Path(out_dir)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / ".write_probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise SystemExit(f"cannot write results to {p}: {err}") from err
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
@@ -385,6 +375,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
     r.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager)")
     r.add_argument("--threads", type=int, help="torch CPU threads")
+    r.add_argument("--e2e-reps", type=int, help="timed end-to-end repetitions per batch size (default: --reps)")
+    r.add_argument("--budget-s", type=float, help="wall-clock budget in seconds: once spent, remaining repetitions "
+                   "and batch sizes are skipped (logged, and listed in result.json); default: none")
     r.add_argument("--out", help="folder for result.json, table.md and PNG plots")
     r.set_defaults(fn=cmd_run)
 
@@ -399,6 +392,25 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--threads", type=int, help="torch CPU threads")
     c.add_argument("--out", help="folder for result.json, table.md and PNG plots")
     c.set_defaults(fn=cmd_ratio_check)
+
+    o = sub.add_parser("overhead", help="runtime cost beside the stock model: full vs stock, glimpse vs mask "
+                       "(prefill, decode, peak memory), interleaved ratios with pass/fail bars")
+    o.add_argument("--shape", default="qwen2_5_vl_scaled_cpu", help="shape name in configs/shapes/ or a JSON path")
+    o.add_argument("--n-vis", type=int, nargs="+", default=[1024, 2025], help="visual tokens per sample (one "
+                   "near-square image each)")
+    o.add_argument("--n-text", type=int, default=64, help="non-visual prompt tokens per sample")
+    o.add_argument("--keep", type=float, default=0.04, help="kept visual fraction of mask and glimpse")
+    o.add_argument("--warmup", type=int, default=2, help="untimed runs of every variant first")
+    o.add_argument("--reps", type=int, default=9, help="timed, interleaved repetitions (medians)")
+    o.add_argument("--decode-steps", type=int, default=16, help="timed decode steps per repetition")
+    o.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    o.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
+    o.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
+    o.add_argument("--threads", type=int, help="torch CPU threads")
+    o.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    o.add_argument("--strict", action="store_true", help="exit 1 when a check fails")
+    o.add_argument("--out", help="folder for result.json and table.md")
+    o.set_defaults(fn=cmd_overhead)
     return b
 
 
@@ -406,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m glimpseprune.bench.report")
     add_bench_parser(p.add_subparsers(dest="cmd", required=True))
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     return args.fn(args)
 
 

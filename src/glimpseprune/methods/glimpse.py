@@ -57,6 +57,9 @@ class GlimpseMethod(PruningMethod):
         if g is None:
             return hidden
         i = state.extra_at
+        if not torch.is_grad_enabled():  # inference: the layer output is ours alone, add in place (no copy of L x H)
+            hidden[:, i] += g.to(hidden.dtype)
+            return hidden
         return torch.cat([hidden[:, :i], hidden[:, i:i + 1] + g.to(hidden.dtype), hidden[:, i + 1:]], dim=1)
 
     def after_layer(self, state, layer_idx: int, hidden_in: torch.Tensor) -> None:

@@ -28,22 +28,36 @@ class CondAttention(nn.Module):
         self.v_proj = nn.Linear(width, width, bias=False)
         self.o_proj = nn.Linear(width, width, bias=False)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
-        # x: (S, width), cond: (S, cond_width); S = sum of h*w over grids
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, grids: list[tuple[int, int]],
+                rope: dict[tuple[int, int], torch.Tensor] | None = None) -> torch.Tensor:
+        # x: (S, width), cond: (S, cond_width); S = sum of h*w over grids; rope: 2D RoPE angles per grid (h*w, dqk)
         u = torch.cat([x, cond], dim=-1)
         S, H = x.shape[0], self.heads
         q = self.q_proj(u).view(S, H, -1).transpose(0, 1)  # (H, S, dqk)
         k = self.k_proj(u).view(S, H, -1).transpose(0, 1)
         v = self.v_proj(x).view(S, H, -1).transpose(0, 1)  # (H, S, dv)
+        dqk, dv = q.shape[-1], v.shape[-1]
+        # Fused kernels need 4-D inputs with one head width: pad v to the q/k width with zeros (the padded output
+        # columns are zero and dropped). The softmax scale stays 1/sqrt(dqk), as with the unpadded call.
+        if dv < dqk:
+            v = F.pad(v, (0, dqk - dv))
+        rope = rope if rope is not None else grid_angles(grids, dqk, self.theta, x.device)
         outs, start = [], 0
         for h, w in grids:
             sl = slice(start, start + h * w)
-            ang = rope2d_angles(grid_positions(h, w, x.device), q.shape[-1], self.theta)
-            o = F.scaled_dot_product_attention(apply_rope(q[:, sl], ang), apply_rope(k[:, sl], ang), v[:, sl])
-            outs.append(o)
+            ang = rope[(h, w)]
+            o = F.scaled_dot_product_attention(apply_rope(q[None, :, sl], ang), apply_rope(k[None, :, sl], ang),
+                                               v[None, :, sl])  # (1, H, h*w, dqk), O(h*w) memory
+            outs.append(o[0, ..., :dv])
             start += h * w
         o = torch.cat(outs, dim=1).transpose(0, 1).reshape(S, -1)  # (S, width)
         return self.o_proj(o)
+
+
+def grid_angles(grids: list[tuple[int, int]], head_dim: int, theta: float, device
+                ) -> dict[tuple[int, int], torch.Tensor]:
+    """2D RoPE angles (h*w, head_dim) per distinct grid, computed once per VIP call and shared by its blocks."""
+    return {g: rope2d_angles(grid_positions(*g, device), head_dim, theta) for g in dict.fromkeys(grids)}
 
 
 class SwiGLU(nn.Module):
@@ -65,8 +79,8 @@ class VIPBlock(nn.Module):
         self.norm2 = nn.RMSNorm(cfg.vip_width, eps=cfg.rms_eps)
         self.mlp = SwiGLU(cfg.vip_width, cfg.vip_mlp_width)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cond, grids)
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, grids: list[tuple[int, int]], rope=None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cond, grids, rope)
         return x + self.mlp(self.norm2(x))
 
 
@@ -91,6 +105,8 @@ class VIP(nn.Module):
             raise ValueError(f"VIP expects {len(self.layers)} vision features, got {len(conds)}")
         dtype = self.attn_in_proj.weight.dtype
         x = self.attn_in_proj(attn.to(dtype))
+        first = self.layers[0].attn
+        rope = grid_angles(grids, first.q_proj.out_features // first.heads, first.theta, x.device)
         for layer, proj, cond in zip(self.layers, self.cond_in_projs, conds):
-            x = layer(x, proj(cond.to(dtype)), grids)
+            x = layer(x, proj(cond.to(dtype)), grids, rope)
         return self.out_proj(x).squeeze(-1).float()  # (S,)

@@ -6,6 +6,7 @@ Only this package rewrites hidden states, position ids, masks and the KV cache. 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +16,7 @@ from ..adapters.base import Adapter, Encoded
 from ..methods.base import PruningMethod
 from .cache import compact_cache, new_cache
 from .compact import gather_seq, left_repad_index
-from .masks import causal_mask, check_left_padded
+from .masks import attention_mask, check_left_padded
 
 
 @dataclass
@@ -64,6 +65,7 @@ class PrefillResult:
     kv_len: list[int]  # valid cache entries per sample at the end of prefill
     prune_layers: tuple[int, ...] = ()  # every compaction layer (prune_layer is the first)
     stage_keep_masks: list[list[torch.Tensor]] = field(default_factory=list)  # per compaction, per sample (n_vis_b,)
+    timing: dict = field(default_factory=dict)  # generate: wall seconds of "prefill" (ViT + LLM) and "decode" (steps)
 
     @property
     def n_kept(self) -> list[int]:
@@ -164,19 +166,20 @@ def prefill(
 
     if K == -1:
         compact(-1)
-    mask4d = causal_mask(key_mask, hidden.shape[1], hidden.dtype)
+    text_config = adapter.text_config(model)
+    mask = attention_mask(text_config, hidden, key_mask)
     for i, layer in enumerate(layers):
         pruning = last is not None and i <= last
         if pruning:
             hidden = method.before_layer(state, i, hidden)
         h_in = hidden
-        hidden = layer(hidden, attention_mask=mask4d, position_embeddings=state.rope, past_key_values=state.cache,
+        hidden = layer(hidden, attention_mask=mask, position_embeddings=state.rope, past_key_values=state.cache,
                        use_cache=True)
         if pruning:
             method.after_layer(state, i, h_in)
         if i in stages:
             compact(i)
-            mask4d = causal_mask(key_mask, hidden.shape[1], hidden.dtype)
+            mask = attention_mask(text_config, hidden, key_mask)
     logits = adapter.logits(model, hidden if all_logits else hidden[:, -1:])
     return PrefillResult(
         logits=logits if all_logits else logits[:, -1], cache=state.cache, key_mask=key_mask,
@@ -193,9 +196,9 @@ def decode_step(model, adapter: Adapter, pre: PrefillResult, tokens: torch.Tenso
     positions = adapter.decode_positions(pre.next_pos + step)
     rope = adapter.rotary(model, hidden, positions)
     pre.key_mask = torch.cat([pre.key_mask, torch.ones(B, 1, dtype=torch.bool, device=hidden.device)], dim=1)
-    mask4d = causal_mask(pre.key_mask, 1, hidden.dtype)
+    mask = attention_mask(adapter.text_config(model), hidden, pre.key_mask, pre.cache)
     for layer in adapter.layers(model):
-        hidden = layer(hidden, attention_mask=mask4d, position_embeddings=rope, past_key_values=pre.cache,
+        hidden = layer(hidden, attention_mask=mask, position_embeddings=rope, past_key_values=pre.cache,
                        use_cache=True)
     return adapter.logits(model, hidden)[:, -1]
 
@@ -219,8 +222,11 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     eos = torch.tensor([] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int)
                                                          else list(eos_token_id)))
+    t0 = time.perf_counter()
     pre = prefill(model, adapter, method, inputs, request)
     logits = pre.logits
+    _sync(logits.device)
+    t1 = time.perf_counter()
     gen = None if seed is None else torch.Generator(device=logits.device).manual_seed(seed)
     B = logits.shape[0]
     done = torch.zeros(B, dtype=torch.bool, device=logits.device)
@@ -235,4 +241,11 @@ def generate(
         if bool(done.all()) or t == max_new_tokens - 1:
             break
         logits = decode_step(model, adapter, pre, tok, t)
+    _sync(logits.device)
+    pre.timing = {"prefill": t1 - t0, "decode": time.perf_counter() - t1, "decode_steps": len(out) - 1}
     return torch.stack(out, dim=1), pre, step_logits
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

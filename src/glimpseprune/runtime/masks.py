@@ -1,13 +1,44 @@
-"""Attention masks for the runtime: additive 4-D masks built from a 2-D key mask (left padding, causal)."""
+"""Attention masks for the runtime.
+
+Inference (``attention_mask``) builds exactly what transformers' own modeling code builds for the attention
+implementation the model was loaded with (``config._attn_implementation``), through ``masking_utils``:
+
+* ``sdpa`` / ``flash_attention_*`` with no padding: **no mask** (SDPA runs its causal kernel, flash its ``is_causal``
+  path, GQA stays grouped); with left padding: a bool (B, 1, q, k) mask for SDPA, the 2-D mask for flash (varlen);
+* ``eager``: the additive float mask eager attention needs (it materialises the scores anyway);
+* ``flex_attention``: a block mask.
+
+The runtime's sequences are always left padded, and every layer that runs a prefill chunk starts from an empty cache
+(layers after a compaction layer have seen nothing yet), so a prefill mask is square: ``past_key_values=None``.
+Decoding runs after prefill, when every cache layer holds the same length: the cache sizes the mask.
+
+``causal_mask`` (a dense additive mask) is kept for training only, where soft-keep biases are added to it.
+"""
 
 from __future__ import annotations
 
 import torch
+from transformers.masking_utils import create_causal_mask
+
+
+def attention_mask(config, hidden: torch.Tensor, key_mask: torch.Tensor, cache=None):
+    """The mask the decoder layers of a model with text config ``config`` need for queries ``hidden`` (B, q, H).
+
+    key_mask: (B, past + q) bool, left padded; ``cache``: None in prefill (past = 0), the decode cache (every layer
+    the same length ``past``) in decoding. Returns None, a tensor or a flex ``BlockMask``, as transformers would."""
+    if cache is not None and cache.get_seq_length(0) + hidden.shape[1] != key_mask.shape[1]:
+        raise ValueError(f"key mask covers {key_mask.shape[1]} keys but the cache holds {cache.get_seq_length(0)} "
+                         f"+ {hidden.shape[1]} new")
+    if cache is None and key_mask.shape[1] != hidden.shape[1]:
+        raise ValueError(f"prefill key mask covers {key_mask.shape[1]} keys for {hidden.shape[1]} queries")
+    return create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=key_mask, past_key_values=cache,
+                              position_ids=None, layer_idx=0 if cache is not None else None)
 
 
 def causal_mask(key_mask: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask (B, 1, q_len, n_keys): query i (the last q_len positions) sees key j iff key_mask[b, j] and
-    j <= i. Disallowed entries hold the dtype's minimum (not -inf), so fully padded rows stay finite."""
+    """Additive mask (B, 1, q_len, n_keys) for training: query i (the last q_len positions) sees key j iff
+    key_mask[b, j] and j <= i. Disallowed entries hold the dtype's minimum (not -inf), so fully padded rows stay
+    finite."""
     B, n_keys = key_mask.shape
     offset = n_keys - q_len
     q_idx = torch.arange(q_len, device=key_mask.device)[:, None] + offset

@@ -1,0 +1,234 @@
+"""``glimpseprune bench overhead``: what the runtime costs beside the stock model, as ratios within one run.
+
+On a random-initialised model of a ``ModelShape`` (timing and memory do not depend on the weights), one image per
+sample, batch 1, for each visual-token count:
+
+* ``stock``   -- transformers' own text model (``model.model.language_model``) with no mask, its own cache, and the
+  LM head on the last position: the external reference.
+* ``full``    -- our runtime keeping every token (its overhead over stock is pure runtime cost).
+* ``mask``    -- our runtime pruning after K with fixed random keep masks (no glimpse token, no VIP).
+* ``glimpse`` -- the real GlimpsePrune path at the same kept count (glimpse token, query logits, VIP, taps).
+
+Prefill covers the LLM only (the batch is encoded once and replayed); decode is ms per step after one untimed step.
+All four are timed interleaved (order reversed every other repetition) after warm-up; a ratio is the median over
+repetitions of the two runs' ratio within the repetition (paired), which cancels the drift of a shared machine. Peak
+memory of each prefill is measured separately (``efficiency.measure_peak``), as is the encode peak with and without
+the vision taps. The analytic prefill ratio counts causal attention (n(n+1)/2 pairs): no mask is built any more.
+
+Checks (the issue's bar): full/stock prefill and decode <= 1.02, glimpse/mask prefill <= 1.03, measured
+glimpse/stock prefill within 5 % of the analytic glimpse/full ratio, glimpse prefill peak <= full prefill peak.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from ..runtime.engine import decode_step, prefill
+from . import flops as F
+from .efficiency import (
+    FrozenEncodeAdapter,
+    _interleaved,
+    _stats,
+    _sync,
+    _timed,
+    build_model,
+    make_variant,
+    measure_peak,
+    parse_variant,
+    synth_inputs,
+)
+from .shapes import load_shape
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = "glimpseprune.bench.overhead/1"
+BARS = {"full_vs_stock_prefill": 1.02, "full_vs_stock_decode": 1.02, "glimpse_vs_mask_prefill": 1.03,
+        "glimpse_measured_vs_analytic": 0.05}
+
+
+@dataclass
+class OverheadSettings:
+    shape: str = "qwen2_5_vl_scaled_cpu"
+    n_vis: tuple[int, ...] = (1024, 2025)
+    n_text: int = 64
+    keep: float = 0.04
+    warmup: int = 2
+    reps: int = 9
+    decode_steps: int = 16
+    device: str = "cpu"
+    dtype: str = "float32"
+    attn: str = "sdpa"
+    threads: int | None = None
+    seed: int = 0
+    memory: bool = True
+
+
+class StockRun:
+    """transformers' text model as shipped: no mask argument, its own ``DynamicCache``, LM head on the last token."""
+
+    def __init__(self, model):
+        self.model, self.lm = model, model.model.language_model
+
+    def prefill(self, enc):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.lm.config)
+        out = self.lm(inputs_embeds=enc.embeds, position_ids=enc.positions, past_key_values=cache, use_cache=True)
+        return self.model.lm_head(out.last_hidden_state[:, -1:])[:, -1], cache
+
+    def decode(self, cache, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        emb = self.lm.embed_tokens(tok[:, None])
+        out = self.lm(inputs_embeds=emb, position_ids=pos.view(1, -1, 1).expand(3, -1, 1), past_key_values=cache,
+                      use_cache=True)
+        return self.model.lm_head(out.last_hidden_state)[:, -1]
+
+
+def _prefill_fns(model, frozen, stock: StockRun, runs: dict, inputs: dict) -> dict[str, Any]:
+    enc = frozen.encode(model, inputs, ())
+    fns = {"stock": lambda: stock.prefill(enc)}
+    for name, (method, request) in runs.items():
+        fns[name] = lambda m=method, r=request: prefill(model, frozen, m, inputs, r)
+    return fns
+
+
+def _decode_fn(model, frozen, stock: StockRun, name: str, runs: dict, inputs: dict, steps: int):
+    """A closure timing ``steps`` decode steps of ``name`` after an untimed prefill and first step."""
+    if name == "stock":
+        enc = frozen.encode(model, inputs, ())
+        logits, cache = stock.prefill(enc)
+        tok = stock.decode(cache, logits.argmax(-1), enc.next_pos).argmax(-1)
+
+        def run_stock(tok=tok):
+            for s in range(steps):
+                tok = stock.decode(cache, tok, enc.next_pos + s + 1).argmax(-1)
+        return run_stock
+    method, request = runs[name]
+    pre = prefill(model, frozen, method, inputs, request)
+    tok = decode_step(model, frozen, pre, pre.logits.argmax(-1), 0).argmax(-1)
+
+    def run_ours(tok=tok):
+        for s in range(steps):
+            tok = decode_step(model, frozen, pre, tok, s + 1).argmax(-1)
+    return run_ours
+
+
+@torch.no_grad()
+def measure_one(model, shape, s: OverheadSettings, n_vis: int, device: torch.device) -> dict[str, Any]:
+    from ..registry import get_adapter
+
+    grid = (lambda h: (h, max(1, round(n_vis / h))))(max(1, round(n_vis ** 0.5)))
+    inputs = synth_inputs(shape, grid, s.n_text, 1, s.device, s.seed)
+    nv = [grid[0] * grid[1]]
+    specs = {"full": "full", "mask": f"mask:{s.keep}", "glimpse": f"glimpse:{s.keep}"}
+    runs = {n: make_variant(parse_variant(v), shape, nv, device, s.seed, dtype=s.dtype) for n, v in specs.items()}
+    frozen = FrozenEncodeAdapter(get_adapter(model))
+    for method, _ in runs.values():
+        frozen.encode(model, inputs, tuple(method.vision_taps()))
+    stock = StockRun(model)
+    fns = _prefill_fns(model, frozen, stock, runs, inputs)
+    names = list(fns)
+    t0 = time.perf_counter()
+    for n in _interleaved(names, s.warmup):
+        fns[n]()
+    prefill_s = {n: [] for n in names}
+    for n in _interleaved(names, s.reps):
+        prefill_s[n].append(_timed(fns[n], device)[0])
+    logger.info("  %d visual tokens: prefill timed (%d reps, %.0f s)", grid[0] * grid[1], s.reps,
+                time.perf_counter() - t0)
+    decode_ms = {n: [] for n in names}
+    for n in _interleaved(names, s.reps):
+        fn = _decode_fn(model, frozen, stock, n, runs, inputs, s.decode_steps)
+        _sync(device)
+        decode_ms[n].append(1000.0 * _timed(fn, device)[0] / s.decode_steps)
+    logger.info("  %d visual tokens: decode timed (%.0f s so far)", grid[0] * grid[1], time.perf_counter() - t0)
+    out: dict[str, Any] = {"grid": list(grid), "n_vis": grid[0] * grid[1],
+                           "prefill_s": {n: _stats(v) for n, v in prefill_s.items()},
+                           "decode_ms": {n: _stats(v) for n, v in decode_ms.items()}}
+    if s.memory:
+        out["prefill_peak"] = {n: measure_peak(fns[n], device) for n in names}
+        inner = get_adapter(model)
+        taps = tuple(runs["glimpse"][0].vision_taps())
+        out["encode_peak"] = {"no_taps": measure_peak(lambda: inner.encode(model, inputs, ()), device),
+                              "taps": measure_peak(lambda: inner.encode(model, inputs, taps), device)}
+    cost = {n: F.variant_cost(shape, parse_variant(v).method, parse_variant(v).keep,
+                              parse_variant(v).layer(shape), s.n_text, grid, True) for n, v in specs.items()}
+    out["analytic"] = {n: {k: c[k] for k in ("prune_layer", "n_kept", "kv_len", "prefill_llm_flops", "vip_flops")}
+                       for n, c in cost.items()}
+    out["ratios"] = ratios(out)
+    return out
+
+
+def _paired(a: list[float], b: list[float]) -> float:
+    """Median over repetitions of a[r] / b[r]: both ran in the same repetition, back to back, so slow drift of a
+    shared machine cancels (medians of each alone do not pair the runs)."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
+def ratios(r: dict) -> dict[str, Any]:
+    """The checked ratios of one ``measure_one`` result (paired medians), each with its bar and verdict."""
+    p = {n: v["all"] for n, v in r["prefill_s"].items()}
+    d = {n: v["all"] for n, v in r["decode_ms"].items()}
+    a = r["analytic"]
+    analytic = a["glimpse"]["prefill_llm_flops"] / a["full"]["prefill_llm_flops"]
+    measured = _paired(p["glimpse"], p["stock"])
+    out = {
+        "full_vs_stock_prefill": _paired(p["full"], p["stock"]), "full_vs_stock_decode": _paired(d["full"], d["stock"]),
+        "glimpse_vs_mask_prefill": _paired(p["glimpse"], p["mask"]), "mask_vs_stock_prefill": _paired(p["mask"],
+                                                                                                     p["stock"]),
+        "glimpse_vs_stock_prefill": measured, "glimpse_analytic_prefill": analytic,
+        "glimpse_measured_vs_analytic": measured / analytic - 1.0,
+        "glimpse_vs_stock_decode": _paired(d["glimpse"], d["stock"]),
+    }
+    checks = {k: (abs(out[k]) <= bar if k == "glimpse_measured_vs_analytic" else out[k] <= bar)
+              for k, bar in BARS.items()}
+    if "prefill_peak" in r:
+        peak = {n: m["delta_bytes"] for n, m in r["prefill_peak"].items()}
+        out["glimpse_vs_full_peak"] = peak["glimpse"] / max(peak["full"], 1)
+        checks["glimpse_peak_le_full"] = peak["glimpse"] <= peak["full"]
+    out["checks"] = checks
+    return out
+
+
+def run_overhead(s: OverheadSettings, model=None) -> dict[str, Any]:
+    from .meta import environment
+
+    shape = load_shape(s.shape)
+    device = torch.device(s.device)
+    if s.threads and device.type == "cpu":
+        torch.set_num_threads(s.threads)
+    model = model if model is not None else build_model(shape, s.device, s.dtype, s.attn, s.seed)
+    rows = {}
+    for n in s.n_vis:
+        logger.info("overhead: %s, %d visual + %d text tokens, keep %s", shape.name, n, s.n_text, s.keep)
+        rows[str(n)] = measure_one(model, shape, s, n, device)
+    ok = all(all(r["ratios"]["checks"].values()) for r in rows.values())
+    return {"schema": SCHEMA, "meta": environment(device), "settings": asdict(s), "shape": shape.to_dict(),
+            "bars": BARS, "rows": rows, "ok": ok}
+
+
+def table(result: dict) -> str:
+    """Markdown: one line per visual-token count with the medians and the checked ratios."""
+    lines = ["| visual tokens | stock ms | full ms | mask ms | glimpse ms | full/stock prefill | full/stock decode | "
+             "glimpse/mask | glimpse/stock (analytic) | peak glimpse/full |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"].values():
+        p, q = r["prefill_s"], r["ratios"]
+        ms = [f"{1000 * p[n]['median']:.1f}" for n in ("stock", "full", "mask", "glimpse")]
+        peak = f"{q['glimpse_vs_full_peak']:.3f}" if "glimpse_vs_full_peak" in q else "-"
+        lines.append(f"| {r['n_vis']} | {' | '.join(ms)} | {q['full_vs_stock_prefill']:.3f} | "
+                     f"{q['full_vs_stock_decode']:.3f} | {q['glimpse_vs_mask_prefill']:.3f} | "
+                     f"{q['glimpse_vs_stock_prefill']:.3f} ({q['glimpse_analytic_prefill']:.3f}) | {peak} |")
+    return "\n".join(lines) + "\n"
+
+
+def summary(result: dict) -> dict:
+    return {"shape": result["shape"]["name"], "device": result["meta"]["device_name"], "ok": result["ok"],
+            "ratios": {n: {k: v for k, v in r["ratios"].items()} for n, r in result["rows"].items()},
+            "decode_ms_median": {n: {k: statistics.median(v["all"]) for k, v in r["decode_ms"].items()}
+                                 for n, r in result["rows"].items()}}

@@ -1,0 +1,297 @@
+"""The runtime's efficient paths (issue 12): masks as transformers builds them (none where none is needed), the VIP on
+fused attention (no S x S tensor) and in the base dtype, ViT taps by hooks, no O(L^2) tensor on the prefill or decode
+path, the equivalence with stock transformers under the eager and flex attention implementations, the overhead bench
+and a bounded, logging Table-7 script."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import IMG_A, IMG_B, IMG_C, small_glimpse_config
+from oracle import dropped_positions, masking, oracle_model, stock_generate
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import glimpseprune as gp
+from glimpseprune.modules.vip import VIP
+from glimpseprune.ops.rope2d import apply_rope, grid_positions, rope2d_angles
+from glimpseprune.runtime.engine import prefill
+from glimpseprune.runtime.masks import attention_mask
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def test_mask_none_without_padding_bool_with_padding(model):
+    cfg = model.config.text_config
+    assert cfg._attn_implementation == "sdpa"
+    h = torch.zeros(2, 7, cfg.hidden_size)
+    assert attention_mask(cfg, h, torch.ones(2, 7, dtype=torch.bool)) is None  # SDPA's causal kernel
+    km = torch.ones(2, 7, dtype=torch.bool)
+    km[0, :2] = False
+    m = attention_mask(cfg, h, km)
+    assert m.dtype == torch.bool and m.shape == (2, 1, 7, 7)
+    assert not bool(m[0, 0, 3, 1]) and bool(m[0, 0, 3, 2]) and not bool(m[0, 0, 3, 4])  # padding, causal
+    with pytest.raises(ValueError, match="covers 6 keys"):
+        attention_mask(cfg, h, km[:, :6])
+
+
+def test_decode_mask_sized_by_cache(model, processor):
+    pre = prefill(model, gp.get_adapter(model), gp.make_method("full"), processor_batch(processor, [IMG_A]))
+    cfg = model.config.text_config
+    n = pre.cache.get_seq_length(0)
+    h = torch.zeros(1, 1, cfg.hidden_size)
+    assert attention_mask(cfg, h, torch.ones(1, n + 1, dtype=torch.bool), pre.cache) is None
+    with pytest.raises(ValueError, match="cache holds"):
+        attention_mask(cfg, h, torch.ones(1, n, dtype=torch.bool), pre.cache)
+
+
+def processor_batch(processor, specs, seed=0):
+    from conftest import make_batch
+
+    return make_batch(processor, specs, seed=seed)
+
+
+# --------------------------------------------------------------------------- VIP
+
+
+def _reference_attention(attn_mod, x, cond, grids):
+    """The VIP attention written the plain way: per image, explicit softmax(q k^T / sqrt(d)) v."""
+    u = torch.cat([x, cond], dim=-1)
+    S, H = x.shape[0], attn_mod.heads
+    q = attn_mod.q_proj(u).view(S, H, -1).transpose(0, 1)
+    k = attn_mod.k_proj(u).view(S, H, -1).transpose(0, 1)
+    v = attn_mod.v_proj(x).view(S, H, -1).transpose(0, 1)
+    outs, start = [], 0
+    for h, w in grids:
+        sl = slice(start, start + h * w)
+        ang = rope2d_angles(grid_positions(h, w), q.shape[-1], attn_mod.theta)
+        qq, kk = apply_rope(q[:, sl], ang), apply_rope(k[:, sl], ang)
+        p = torch.softmax(qq @ kk.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+        outs.append(p @ v[:, sl])
+        start += h * w
+    return attn_mod.o_proj(torch.cat(outs, dim=1).transpose(0, 1).reshape(S, -1))
+
+
+def test_vip_fused_attention_equals_reference(model):
+    torch.manual_seed(0)
+    vip = VIP(small_glimpse_config(model)).eval()
+    grids = [(5, 7), (3, 3)]
+    S = sum(h * w for h, w in grids)
+    attn = vip.layers[0].attn
+    x, cond = torch.randn(S, attn.v_proj.in_features), torch.randn(S, attn.q_proj.in_features - attn.v_proj.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, cond, grids), _reference_attention(attn, x, cond, grids), atol=1e-5,
+                                   rtol=1e-5)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op produces (numel), and which op made it."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel, self.op = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.numel() > self.numel:
+                self.numel, self.op = t.numel(), str(func)
+        return out
+
+
+def test_vip_never_builds_a_score_matrix(model):
+    """One 40x40 image (1,600 tokens): a per-head S x S score matrix would hold 2.56 M entries per head."""
+    torch.manual_seed(0)
+    vip = VIP(small_glimpse_config(model)).eval()
+    S = 1600
+    n_attn = vip.attn_in_proj.in_features
+    feats = [torch.randn(S, vip.cond_in_projs[0].in_features) for _ in vip.layers]
+    with torch.no_grad(), LargestTensor() as big:
+        vip(torch.randn(S, n_attn), feats, [(40, 40)])
+    assert big.numel < S * S // 4, f"{big.op} made a tensor of {big.numel} elements (S*S = {S * S})"
+
+
+def test_vip_in_bfloat16_within_tolerance_of_fp32():
+    """The embedded module on embedded-world inputs: bf16 VIP logits stay close to fp32 and almost every keep
+    decision (p > 0.5) is the same, so the module may follow a bf16 base model's dtype."""
+    from glimpseprune.assets import resolve_model, resolve_module
+    from glimpseprune.data import world
+    from glimpseprune.processing import build_inputs
+
+    pm = gp.load(resolve_model("embedded"), module=resolve_module("embedded"))
+    samples = [world.sample(seed) for seed in range(6)]
+    inputs = build_inputs(pm.processor, [[world.render(s.scene)] for s in samples], [s.question for s in samples])
+    with torch.no_grad():
+        fp32 = torch.cat(prefill(pm.model, pm.adapter, pm.method, inputs).scratch["vip_logits"])
+        pm.method.module.to(torch.bfloat16)
+        try:
+            lo = torch.cat(prefill(pm.model, pm.adapter, pm.method, inputs).scratch["vip_logits"])
+        finally:
+            pm.method.module.to(torch.float32)
+    err = (lo - fp32).abs()
+    assert float(err.max()) < 0.25 * float(fp32.std()), (float(err.max()), float(fp32.std()))
+    assert float(((lo > 0) == (fp32 > 0)).float().mean()) >= 0.99
+
+
+# --------------------------------------------------------------------------- ViT taps by hooks
+
+
+def test_vit_taps_by_hooks_equal_hidden_states(model, processor):
+    adapter = gp.get_adapter(model)
+    inputs = processor_batch(processor, [IMG_B])
+    visual = model.model.visual
+    taps = (0, len(visual.blocks) - 1)
+    hooks_before = [len(b._forward_hooks) for b in visual.blocks]
+    with torch.no_grad():
+        enc = adapter.encode(model, inputs, taps=taps)
+        hooks_after = [len(b._forward_hooks) for b in visual.blocks]
+        out = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"], output_hidden_states=True,
+                     return_dict=True)
+    from transformers.vision_utils import get_vision_window_index
+
+    m = model.config.vision_config.spatial_merge_size
+    win, _ = get_vision_window_index(inputs["image_grid_thw"], m, visual.window_size, visual.patch_size)
+    unwin = torch.argsort(win)
+    for t, got in zip(taps, enc.vision_feats):
+        h = out.hidden_states[t + 1]
+        ref = h.view(h.shape[0] // (m * m), m * m, -1).mean(dim=1)[unwin]
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
+    assert hooks_after == hooks_before  # ours removed: nothing left behind
+    with pytest.raises(ValueError, match="vision tap 99"):
+        adapter.encode(model, inputs, taps=(99,))
+
+
+# --------------------------------------------------------------------------- no O(L^2) tensor anywhere
+
+
+@pytest.mark.parametrize("method_name", ["full", "glimpse"])
+def test_no_quadratic_tensor_in_prefill_or_decode(model, processor, module, method_name):
+    """A 560x560 image (L ~ 300 tokens; the widest activation, L x 128 in the MLP, is below L*L/2): nothing the LLM
+    prefill or decoding makes reaches L*L/2 entries
+    (the old dense mask was B*L*L; a math-kernel VIP score matrix h*S*S)."""
+    adapter = gp.get_adapter(model)
+    inputs = processor_batch(processor, [[(560, 560)]])
+    L = inputs["input_ids"].shape[1]
+    from glimpseprune.bench.efficiency import FrozenEncodeAdapter
+
+    frozen = FrozenEncodeAdapter(adapter)
+    method = gp.make_method(method_name, module if method_name == "glimpse" else None)
+    with torch.no_grad():
+        frozen.encode(model, inputs, tuple(method.vision_taps()))  # the ViT is outside this check
+        with LargestTensor() as big:
+            pre = prefill(model, frozen, method, inputs)
+            from glimpseprune.runtime.engine import decode_step
+
+            decode_step(model, frozen, pre, pre.logits.argmax(-1), 0)
+    vocab = model.config.text_config.vocab_size
+    assert big.numel < max(L * L // 2, vocab), f"{big.op} made {big.numel} elements (L = {L})"
+
+
+# --------------------------------------------------------------------------- other attention implementations
+
+
+def _family_with_attn(family, impl):
+    from transformers import AutoModelForImageTextToText
+
+    m = AutoModelForImageTextToText.from_pretrained(family.model_dir, local_files_only=True).eval()
+    m.set_attn_implementation({"text_config": impl, "vision_config": "sdpa"})
+    return m
+
+
+@pytest.mark.parametrize("impl", ["eager", "flex_attention"])
+def test_equivalence_under_other_attention_implementations(family, impl):
+    """Keep-everything equals the stock model loaded with the same implementation (left-padded batch, decoding),
+    and pruning equals the stock (sdpa) model with the dropped keys masked, to 1e-5 in fp32."""
+    if impl == "flex_attention" and family.name == "qwen2_5_vl":
+        pytest.skip("transformers' Qwen2.5-VL text model does not support flex_attention")
+    model = _family_with_attn(family, impl)
+    assert model.config.text_config._attn_implementation == impl
+    pad = family.processor.tokenizer.pad_token_id
+    specs = [IMG_A, IMG_C] if impl == "eager" else [IMG_A]  # flex compiles per shape: keep it to one batch
+    inputs = family.batch(specs)
+    valid = inputs["attention_mask"].bool()
+    n_new = 4 if impl == "eager" else 2
+    with torch.no_grad():
+        ref = _stock_logits(family, model, inputs)
+        pre = prefill(model, gp.get_adapter(model), gp.make_method("full"), inputs, all_logits=True)
+    torch.testing.assert_close(pre.logits[valid], ref[valid], atol=1e-5, rtol=0)
+    stock_tokens, _ = stock_generate(model, inputs, n_new, pad_token_id=pad)
+    out = gp.apply(model, "full", processor=family.processor).generate(inputs, max_new_tokens=n_new)
+    assert torch.equal(out.sequences, stock_tokens)
+    # pruning: ours under `impl` vs the stock model with the dropped keys masked
+    n_vis = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    g = torch.Generator().manual_seed(1)
+    keep = [(torch.rand(n, generator=g) < 0.3) | (torch.arange(n) == 0) for n in n_vis]
+    pm = gp.apply(model, "mask", processor=family.processor)
+    got = pm.generate(inputs, max_new_tokens=n_new, keep_masks=keep, return_logits=True)
+    oracle = oracle_model(family.model_dir)
+    with masking(dropped_positions(inputs, model.config.image_token_id, keep), got.prune_layer), torch.no_grad():
+        ref_tokens, ref_logits = stock_generate(oracle, inputs, n_new, pad_token_id=pad)
+    assert torch.equal(got.sequences, ref_tokens)
+    for ours, theirs in zip(got.step_logits, ref_logits):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def _stock_logits(family, model, inputs):
+    kw = {}
+    if family.name == "llava":
+        mask = inputs["attention_mask"].bool()
+        kw["position_ids"] = (mask.long().cumsum(1) - 1).masked_fill(~mask, 0)
+    return model(**inputs, **kw).logits
+
+
+# --------------------------------------------------------------------------- benches
+
+
+def test_overhead_bench_runs_and_reports_ratios(tmp_path):
+    from test_bench import TINY
+
+    import glimpseprune.bench.shapes as S
+    from glimpseprune.bench import overhead as O
+
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(TINY.to_dict()))
+    s = O.OverheadSettings(shape=str(path), n_vis=(36,), n_text=10, keep=0.25, warmup=1, reps=2, decode_steps=2)
+    res = O.run_overhead(s)
+    r = res["rows"]["36"]
+    assert set(r["prefill_s"]) == {"stock", "full", "mask", "glimpse"}
+    q = r["ratios"]
+    for k in ("full_vs_stock_prefill", "full_vs_stock_decode", "glimpse_vs_mask_prefill", "glimpse_vs_stock_prefill"):
+        assert 0 < q[k] < 50
+    assert set(q["checks"]) >= set(O.BARS) | {"glimpse_peak_le_full"}
+    assert r["analytic"]["glimpse"]["n_kept"] == 9 and 0 < q["glimpse_analytic_prefill"] < 1
+    assert res["ok"] == all(q["checks"].values())
+    assert "| 36 |" in O.table(res)
+    assert S.load_shape(str(path)).name == "tiny"
+
+
+def test_table7_script_logs_progress_and_finishes_bounded(tmp_path):
+    """The GPU Table-7 script dry-run on CPU with a tiny shape: it must log each stage and finish well inside its
+    bound; a 1-second budget must cut repetitions (recorded) instead of running them all."""
+    from test_bench import TINY
+
+    shape = tmp_path / "tiny.json"
+    shape.write_text(json.dumps(TINY.to_dict()))
+    env = {**os.environ, "SHAPE": str(shape), "DEVICE": "cpu", "DTYPE": "float32", "GRID": "6x6", "NTEXT": "10",
+           "BATCHES": "1 2", "REPS": "50", "E2E_REPS": "50", "WARMUP": "1", "NEW_TOKENS": "2", "BUDGET_S": "1",
+           "TIMEOUT_S": "120", "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks/table7_gpu.sh"), str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True, timeout=180)
+    took = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert took < 120
+    log = proc.stderr
+    assert "building a random tiny" in log and "prefill: repetition 1/50 done" in log
+    assert "time budget of 1 s used up" in log
+    res = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert res["skipped_for_budget"] and len(res["results"]["full"]["prefill_s"]["all"]) < 50
