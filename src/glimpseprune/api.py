@@ -145,5 +145,7 @@ def load(model_dir: str | Path, module: str | Path | None = None, method: str | 
     method = method or ("glimpse" if module is not None else "full")
     mod = None
     if module is not None:
-        mod = load_module(module, get_adapter(model).dims(model), device=device, dtype=torch.float32)
+        # the module follows a bf16 base (tested: >= 99 % of the fp32 keep decisions); fp16 stays fp32 (untested)
+        mod_dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+        mod = load_module(module, get_adapter(model).dims(model), device=device, dtype=mod_dtype)
     return apply(model, method, module=mod, selection=selection, processor=processor, **method_kwargs)
