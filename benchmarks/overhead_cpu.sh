@@ -11,4 +11,4 @@ cd "$(dirname "$0")/.."
 source benchmarks/_bench_cmd.sh
 OUT="${1:-runs/bench/overhead_cpu}"
 shift || true
-"${BENCH[@]}" overhead --n-vis 1024 2025 --n-text 64 --keep 0.04 --warmup 2 --reps 9 --decode-steps 16 --out "$OUT" "$@"
+"${BENCH[@]}" overhead --n-vis 1024 2025 --n-text 64 --keep 0.04 --warmup 2 --reps 16 --decode-steps 16 --out "$OUT" "$@"

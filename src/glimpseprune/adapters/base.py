@@ -30,14 +30,16 @@ class Encoded:
 
 
 @contextlib.contextmanager
-def capture_outputs(modules: dict[int, nn.Module]) -> Iterator[dict[int, torch.Tensor]]:
+def capture_outputs(modules: dict[int, nn.Module], transform=None) -> Iterator[dict[int, torch.Tensor]]:
     """Record the output of each module while the block runs (forward hooks, removed on exit), instead of asking
-    the vision tower for every block's hidden states: only the tapped tensors stay alive."""
+    the vision tower for every block's hidden states: only the tapped tensors stay alive, reduced by ``transform``
+    (e.g. pooling) as soon as they are made."""
     out: dict[int, torch.Tensor] = {}
 
     def hook(key):
         def fn(_mod, _args, output):
-            out[key] = output[0] if isinstance(output, tuple) else output
+            t = output[0] if isinstance(output, tuple) else output
+            out[key] = transform(t) if transform is not None else t
         return fn
 
     handles = [m.register_forward_hook(hook(k)) for k, m in modules.items()]

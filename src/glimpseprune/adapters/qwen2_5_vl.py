@@ -85,16 +85,16 @@ class Qwen2_5_VLAdapter(Adapter):
             for t in taps:
                 if not 0 <= t < len(visual.blocks):
                     raise ValueError(f"vision tap {t} outside the ViT's blocks [0, {len(visual.blocks) - 1}]")
-            with capture_outputs({t: visual.blocks[t] for t in taps}) as tapped:  # only the taps are kept
+            def pool(h):  # (n_patch, C) in window order -> (n_patch / merge^2, C): each merge group is contiguous
+                return h.view(h.shape[0] // (merge * merge), merge * merge, -1).mean(dim=1)
+
+            with capture_outputs({t: visual.blocks[t] for t in taps}, pool) as tapped:  # only pooled taps are kept
                 out = visual(pixel_values.to(visual.dtype), grid_thw=grid, return_dict=True)
             embeds = embeds.masked_scatter(vis_mask[..., None], out.pooler_output.to(embeds.dtype))
             if taps:
                 win, _ = get_vision_window_index(grid, merge, visual.window_size, visual.patch_size)
                 unwin = torch.argsort(win.to(ids.device))
-                for t in taps:
-                    h = tapped[t]  # output of block t, window order, (n_patch, C)
-                    pooled = h.view(h.shape[0] // (merge * merge), merge * merge, -1).mean(dim=1)
-                    feats.append(pooled[unwin])
+                feats.extend(tapped[t][unwin] for t in taps)  # output of block t, merge-pooled, raster order
         mm = inputs.get("mm_token_type_ids")
         if mm is None:
             mm = vis_mask.int()

@@ -224,12 +224,34 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def tensor_peak_bytes(fn) -> tuple[int, int]:
+    """(peak, net) bytes of CPU tensor memory that ``fn()`` allocates beyond what was live before it: every
+    allocation and free of PyTorch's CPU allocator during the call, replayed in time order from
+    ``torch.profiler`` (``profile_memory=True``). Exact and repeatable, unlike process RSS: allocator caching, freed
+    pages kept by malloc and other threads do not enter it. Memory taken outside PyTorch's allocator is not seen."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    deltas = []
+    for e in prof.events():
+        d = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage  # frees / an op's own allocs
+        if d:
+            deltas.append((e.time_range.start, d))
+    deltas.sort(key=lambda x: x[0])
+    cur = peak = 0
+    for _, d in deltas:
+        cur += d
+        peak = max(peak, cur)
+    return peak, cur
+
+
 def measure_peak(fn, device) -> dict[str, Any]:
     """Peak memory of ``fn()``, with the method used. CUDA: ``torch.cuda.max_memory_allocated`` (peak_bytes) and its
-    rise over the allocation before the call (delta_bytes). CPU: process RSS, peak (VmHWM after a reset through
-    /proc/self/clear_refs, Linux, after returning freed heap to the OS)
-    minus RSS before the call; elsewhere ``resource`` ru_maxrss, which cannot be reset
-    (a process-lifetime peak). CPU numbers include allocator caching: treat them as approximate."""
+    rise over the allocation before the call (delta_bytes). CPU: the peak of live tensor bytes the call allocates
+    (``tensor_peak_bytes``, delta_bytes; repeatable) and, for scale, process RSS before the call plus that rise
+    (peak_bytes); ``rss_delta_bytes`` is the rise of the process's RSS high-water mark (VmHWM after a reset through
+    /proc/self/clear_refs, Linux), which includes allocator caching and is only approximate."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -240,19 +262,19 @@ def measure_peak(fn, device) -> dict[str, Any]:
         peak = torch.cuda.max_memory_allocated(device)
         return {"method": "torch.cuda.max_memory_allocated", "peak_bytes": peak, "delta_bytes": peak - base}
     _trim_heap()
+    rss_delta = None
     if _reset_peak_rss():
         base = _proc_status_kb("VmRSS")
         fn()
-        peak = _proc_status_kb("VmHWM")
-        return {"method": "cpu rss: /proc VmHWM after clear_refs reset", "peak_bytes": peak, "delta_bytes": peak - base}
-    import resource
+        rss_delta = _proc_status_kb("VmHWM") - base
+    else:
+        import resource
 
-    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-    fn()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-    return {"method": "cpu rss: resource ru_maxrss (process-lifetime peak, not reset)", "peak_bytes": peak,
-            "delta_bytes": peak - base}
+        scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    peak, _ = tensor_peak_bytes(fn)
+    return {"method": "cpu: peak live tensor bytes (torch.profiler allocation replay); peak_bytes = RSS before + it",
+            "peak_bytes": base + peak, "delta_bytes": peak, "rss_delta_bytes": rss_delta}
 
 
 def _interleaved(names: list[str], reps: int):

@@ -401,7 +401,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     o.add_argument("--n-text", type=int, default=64, help="non-visual prompt tokens per sample")
     o.add_argument("--keep", type=float, default=0.04, help="kept visual fraction of mask and glimpse")
     o.add_argument("--warmup", type=int, default=2, help="untimed runs of every variant first")
-    o.add_argument("--reps", type=int, default=9, help="timed, interleaved repetitions (medians)")
+    o.add_argument("--reps", type=int, default=16, help="timed, interleaved repetitions (medians; a multiple of 4 "
+                   "gives every variant every position equally often)")
     o.add_argument("--decode-steps", type=int, default=16, help="timed decode steps per repetition")
     o.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     o.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
