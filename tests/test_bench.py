@@ -123,7 +123,8 @@ def test_ratio_checks(result):
 
 def test_measure_peak_cpu():
     mem = E.measure_peak(lambda: torch.ones(4_000_000).sum(), "cpu")  # 16 MB
-    assert mem["method"].startswith("cpu rss") and mem["peak_bytes"] >= mem["delta_bytes"]
+    assert mem["method"].startswith("cpu: peak live tensor bytes") and mem["peak_bytes"] >= mem["delta_bytes"]
+    assert 16_000_000 <= mem["delta_bytes"] <= 16_000_000 + 64  # exact: the tensor, plus the 0-d sum
 
 
 def _cli(argv):

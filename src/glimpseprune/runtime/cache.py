@@ -26,3 +26,21 @@ def compact_cache(cache: DynamicCache, upto_layer: int, index: torch.Tensor) -> 
         idx = index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
         layer.keys = torch.gather(layer.keys, 2, idx)
         layer.values = torch.gather(layer.values, 2, idx)
+
+
+def merge_group_caches(cache: DynamicCache, parts: list[tuple[torch.Tensor, DynamicCache]], start: int, stop: int,
+                       length: int) -> None:
+    """Write layers start..stop-1 of per-group caches into ``cache`` as one left-padded batch of ``length``.
+
+    parts: (sample indices (n_g,), that group's cache, whose layers hold (n_g, kv_heads, L_g, head_dim), L_g <=
+    length). Padding slots hold zeros; the caller's key mask hides them."""
+    B = sum(int(ix.numel()) for ix, _ in parts)
+    for j in range(start, stop):
+        ref = parts[0][1].layers[j].keys
+        keys = ref.new_zeros(B, ref.shape[1], length, ref.shape[-1])
+        values = keys.clone()
+        for ix, gcache in parts:
+            k, v = gcache.layers[j].keys, gcache.layers[j].values
+            keys[ix, :, length - k.shape[2]:] = k
+            values[ix, :, length - v.shape[2]:] = v
+        cache.update(keys, values, j)  # layer j of the batch cache was empty: this initialises it

@@ -16,6 +16,7 @@ from ..adapters.base import Adapter, Encoded
 from ..methods.base import PruningMethod
 from .cache import compact_cache, new_cache
 from .compact import gather_seq, left_repad_index
+from .groups import plan_groups, run_grouped
 from .masks import attention_mask, check_left_padded
 
 
@@ -124,9 +125,10 @@ def _token_keep(state: PrefillState, keep_vis: list[torch.Tensor]) -> torch.Tens
 
 def prefill(
     model, adapter: Adapter, method: PruningMethod, inputs: dict, request: dict | None = None,
-    all_logits: bool = False,
+    all_logits: bool = False, group: bool = True,
 ) -> PrefillResult:
-    """Run the prompt through the LLM, pruning visual tokens after the method's layer K."""
+    """Run the prompt through the LLM, pruning visual tokens after the method's layer K. With ``group``, a batch
+    whose kept counts differ enough runs the layers after the last compaction in groups (``runtime/groups.py``)."""
     if inputs.get("attention_mask") is not None:
         check_left_padded(inputs["attention_mask"])
     layers = adapter.layers(model)
@@ -168,7 +170,12 @@ def prefill(
         compact(-1)
     text_config = adapter.text_config(model)
     mask = attention_mask(text_config, hidden, key_mask)
+    groups = plan_groups(key_mask.sum(dim=1).tolist()) if group and last == -1 else None
+    if groups:  # pruned before the LLM: every layer runs grouped
+        hidden = run_grouped(layers, 0, hidden, key_mask, state.rope, state.cache, text_config, groups)
     for i, layer in enumerate(layers):
+        if groups:
+            break
         pruning = last is not None and i <= last
         if pruning:
             hidden = method.before_layer(state, i, hidden)
@@ -180,6 +187,10 @@ def prefill(
         if i in stages:
             compact(i)
             mask = attention_mask(text_config, hidden, key_mask)
+            groups = plan_groups(key_mask.sum(dim=1).tolist()) if group and i == last else None
+            if groups and i + 1 < n_layers:
+                hidden = run_grouped(layers, i + 1, hidden, key_mask, state.rope, state.cache, text_config, groups)
+                break
     logits = adapter.logits(model, hidden if all_logits else hidden[:, -1:])
     return PrefillResult(
         logits=logits if all_logits else logits[:, -1], cache=state.cache, key_mask=key_mask,
