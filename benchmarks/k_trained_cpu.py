@@ -66,7 +66,7 @@ def main() -> None:
     methods.update({n: gp.make_method("glimpse", m) for n, m in mods.items()})
     for m in methods.values():
         for b in batches:
-            frozen.encode(model, b, tuple(m.vision_taps()))
+            frozen.prime(model, b, m)
 
     def run(m):
         for b in batches:

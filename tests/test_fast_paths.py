@@ -186,7 +186,7 @@ def test_no_quadratic_tensor_in_prefill_or_decode(model, processor, module, meth
     frozen = FrozenEncodeAdapter(adapter)
     method = gp.make_method(method_name, module if method_name == "glimpse" else None)
     with torch.no_grad():
-        frozen.encode(model, inputs, tuple(method.vision_taps()))  # the ViT is outside this check
+        frozen.prime(model, inputs, method)  # the ViT is outside this check
         with LargestTensor() as big:
             pre = prefill(model, frozen, method, inputs)
             from glimpseprune.runtime.engine import decode_step
@@ -327,10 +327,11 @@ def test_glimpse_prefill_peak_not_above_full():
             (("full", "full"), ("glimpse", "glimpse:0.04"))}
     with torch.no_grad():
         for m, _ in runs.values():
-            frozen.encode(model, inputs, tuple(m.vision_taps()))
+            frozen.prime(model, inputs, m)
         peaks = {n: E.tensor_peak_bytes(lambda m=m, r=r: prefill(model, frozen, m, inputs, r))[0]
                  for n, (m, r) in runs.items()}
-        enc = {n: E.tensor_peak_bytes(lambda m=m: adapter.encode(model, inputs, tuple(m.vision_taps())))[0]
+        enc = {n: E.tensor_peak_bytes(lambda m=m: adapter.encode(model, inputs, tuple(m.vision_taps()),
+                                                                  m.vision_tap_fn()))[0]
                for n, (m, _) in runs.items()}
     assert peaks["glimpse"] <= peaks["full"], peaks
     assert enc["glimpse"] <= 1.10 * enc["full"], enc

@@ -84,13 +84,14 @@ def test_vip_hand_computed():
                       base_vision_width=4, base_vision_depth=2, prune_layer=0, vision_taps=(1,), vip_width=8,
                       cond_width=8, vip_heads=2, vip_mlp_width=16)
     f = F.vip_flops(g, grids=[(2, 2), (1, 3)], n_keys=10, text=T)  # S = 7 tokens, 16 + 9 = 25 pairs
-    inputs = 2 * 7 * 2 * 8 + 2 * 7 * 4 * 8  # attention features (2 heads x 1 layer) and one condition projection
+    inputs = 2 * 7 * 2 * 8  # attention features (2 heads x 1 layer); the condition projection runs in the ViT
+    assert f["conditions"] == 2 * 7 * 4 * 8
     # attention: q.k at width 16, p.v at width 16 too (v is padded to the q/k width for the fused kernel)
     block = 2 * (2 * 7 * 16 * 16) + 2 * (2 * 7 * 8 * 8) + 2 * 25 * (16 + 16) + 3 * 2 * 7 * 8 * 16
-    assert f["vip"] == inputs + block + 2 * 7 * 8 == 16720
+    assert f["vip"] == inputs + block + 2 * 7 * 8 == 16272
     assert f["glimpse_scores"] == 2 * 8 * 8 + 2 * 8 * 10  # q projection of one token + logits over 10 keys
     assert f["glimpse_vectors"] == 2 * 8 * 8  # one glimpse layer (0) up to K = 0: Linear(8, 8) on one vector
-    assert f["total"] == 16720 + 288 + 128
+    assert f["total"] == 16272 + 288 + 128
 
 
 def test_table7_consistency():
@@ -160,7 +161,7 @@ def test_engine_prefill_matches_flop_counter(spec, eager_model):
     v = parse_variant(spec)
     method, request = make_variant(v, TINY, [16], "cpu")
     adapter = FrozenEncodeAdapter(get_adapter(eager_model))
-    adapter.encode(eager_model, inputs, method.vision_taps() if v.method == "glimpse" else ())
+    adapter.prime(eager_model, inputs, method)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):  # the VIP's fused CPU kernel is not in FlopCounterMode's table
         total, _ = _count(lambda: prefill(eager_model, adapter, method, inputs, request))
     K = v.layer(TINY)

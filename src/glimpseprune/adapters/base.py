@@ -32,14 +32,14 @@ class Encoded:
 @contextlib.contextmanager
 def capture_outputs(modules: dict[int, nn.Module], transform=None) -> Iterator[dict[int, torch.Tensor]]:
     """Record the output of each module while the block runs (forward hooks, removed on exit), instead of asking
-    the vision tower for every block's hidden states: only the tapped tensors stay alive, reduced by ``transform``
-    (e.g. pooling) as soon as they are made."""
+    the vision tower for every block's hidden states: only the tapped tensors stay alive, reduced by
+    ``transform(key, output)`` (e.g. pooling, a projection) as soon as they are made."""
     out: dict[int, torch.Tensor] = {}
 
     def hook(key):
         def fn(_mod, _args, output):
             t = output[0] if isinstance(output, tuple) else output
-            out[key] = transform(t) if transform is not None else t
+            out[key] = transform(key, t) if transform is not None else t
         return fn
 
     handles = [m.register_forward_hook(hook(k)) for k, m in modules.items()]
@@ -74,7 +74,9 @@ class Adapter:
     def layers(self, model: nn.Module) -> nn.ModuleList:
         raise NotImplementedError
 
-    def encode(self, model: nn.Module, inputs: dict, taps: tuple[int, ...] = ()) -> Encoded:
+    def encode(self, model: nn.Module, inputs: dict, taps: tuple[int, ...] = (), tap_fn=None) -> Encoded:
+        """Embed a batch; ``taps``: vision-tower layers whose features (per visual token, raster order) fill
+        ``vision_feats``, each passed through ``tap_fn(position in taps, features)`` when given."""
         raise NotImplementedError
 
     def rotary(self, model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor):

@@ -90,7 +90,7 @@ class LlavaAdapter(Adapter):
             )
         return per_sample
 
-    def encode(self, model: nn.Module, inputs: dict, taps: tuple[int, ...] = ()) -> Encoded:
+    def encode(self, model: nn.Module, inputs: dict, taps: tuple[int, ...] = (), tap_fn=None) -> Encoded:
         cfg = model.config
         ids = inputs["input_ids"]
         attn_mask = inputs.get("attention_mask")
@@ -117,11 +117,12 @@ class LlavaAdapter(Adapter):
                                                                           else {}))
             image_embeds = torch.cat(list(out.pooler_output), dim=0).to(embeds.device, embeds.dtype)
             embeds = embeds.masked_scatter(vis_mask[..., None], image_embeds)
-            for t in taps:
+            for i, t in enumerate(taps):
                 if not 0 <= t < len(out.hidden_states):
                     raise ValueError(f"vision tap {t} outside CLIP's hidden states [0, {len(out.hidden_states) - 1}]")
                 h = out.hidden_states[t][:, 1:]  # (n_images, gh * gw, C), CLS dropped, raster order
-                feats.append(h.reshape(-1, h.shape[-1]))
+                h = h.reshape(-1, h.shape[-1])
+                feats.append(h if tap_fn is None else tap_fn(i, h))
         pos = (attn_mask.long().cumsum(dim=1) - 1).masked_fill(~attn_mask, 0)  # (B, L), as generate counts
         owner = [b for b, n in enumerate(per_sample) for _ in range(n)]
         next_pos = attn_mask.sum(dim=1)

@@ -62,7 +62,7 @@ class Qwen2_5_VLAdapter(Adapter):
             if e != g:
                 raise ValueError(f"image {i}: its grid gives {e} visual tokens but the prompt holds {g} placeholders")
 
-    def encode(self, model: nn.Module, inputs: dict, taps: tuple[int, ...] = ()) -> Encoded:
+    def encode(self, model: nn.Module, inputs: dict, taps: tuple[int, ...] = (), tap_fn=None) -> Encoded:
         cfg = model.config
         ids = inputs["input_ids"]
         B, L = ids.shape
@@ -85,8 +85,11 @@ class Qwen2_5_VLAdapter(Adapter):
             for t in taps:
                 if not 0 <= t < len(visual.blocks):
                     raise ValueError(f"vision tap {t} outside the ViT's blocks [0, {len(visual.blocks) - 1}]")
-            def pool(h):  # (n_patch, C) in window order -> (n_patch / merge^2, C): each merge group is contiguous
-                return h.view(h.shape[0] // (merge * merge), merge * merge, -1).mean(dim=1)
+            pos = {t: i for i, t in enumerate(taps)}
+
+            def pool(t, h):  # (n_patch, C), window order -> (n_patch / merge^2, C'): merge groups are contiguous
+                pooled = h.view(h.shape[0] // (merge * merge), merge * merge, -1).mean(dim=1)
+                return pooled if tap_fn is None else tap_fn(pos[t], pooled)  # row-wise: commutes with unwindowing
 
             with capture_outputs({t: visual.blocks[t] for t in taps}, pool) as tapped:  # only pooled taps are kept
                 out = visual(pixel_values.to(visual.dtype), grid_thw=grid, return_dict=True)

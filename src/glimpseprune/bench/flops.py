@@ -121,12 +121,15 @@ def vip_flops(g: GlimpseConfig, grids: list[tuple[int, int]], n_keys: int, text:
     """The GlimpsePrune overhead: the VIP over merged-token grids [(h, w), ...] (attention within each image), the
     glimpse query's logits over its n_keys keys (prompt + itself) at each attention layer, recomputed from that
     layer's q projection (needs ``text``; skipped when None), and the glimpse vectors (Linear H -> H of each glimpse
-    layer's embedding, layers 0..K). Keys: vip, glimpse_scores, glimpse_vectors, total."""
+    layer's embedding, layers 0..K). Keys: vip, glimpse_scores, glimpse_vectors, total (what runs in the LLM
+    prefill) and conditions: the projections of the vision taps to the VIP's condition width, which run inside the
+    vision encoder (as the taps are made), so they are not in ``total``."""
     S = sum(h * w for h, w in grids)
     pairs = sum((h * w) ** 2 for h, w in grids)
     qk, W = g.vip_width + g.cond_width, g.vip_width
     n_attn = len(g.attn_layers) * g.base_num_heads
-    inputs = matmul_flops(S, n_attn, W) + g.n_vip_layers * matmul_flops(S, g.base_vision_width, g.cond_width)
+    conditions = g.n_vip_layers * matmul_flops(S, g.base_vision_width, g.cond_width)
+    inputs = matmul_flops(S, n_attn, W)
     # attention as executed: q.k at the q/k width, and p.v at the q/k width too, because the VIP pads v to it so that
     # SDPA can take its fused kernel (the padded columns are zero and dropped)
     block = (2 * matmul_flops(S, qk, qk) + 2 * matmul_flops(S, W, W) + MAC_FLOPS * pairs * 2 * max(qk, W)
@@ -138,7 +141,8 @@ def vip_flops(g: GlimpseConfig, grids: list[tuple[int, int]], n_keys: int, text:
                                        + MAC_FLOPS * text.q_width * n_keys)
     n_vec = sum(1 for i in g.glimpse_layers if i <= g.prune_layer)  # glimpse vectors used in layers 0..K
     vectors = n_vec * matmul_flops(1, g.base_hidden_size, g.base_hidden_size)
-    return {"vip": vip, "glimpse_scores": scores, "glimpse_vectors": vectors, "total": vip + scores + vectors}
+    return {"vip": vip, "glimpse_scores": scores, "glimpse_vectors": vectors, "total": vip + scores + vectors,
+            "conditions": conditions}
 
 
 @dataclass(frozen=True)

@@ -141,7 +141,7 @@ def measure_one(model, shape, s: OverheadSettings, n_vis: int, device: torch.dev
     runs = {n: make_variant(parse_variant(v), shape, nv, device, s.seed, dtype=s.dtype) for n, v in specs.items()}
     frozen = FrozenEncodeAdapter(get_adapter(model))
     for method, _ in runs.values():
-        frozen.encode(model, inputs, tuple(method.vision_taps()))
+        frozen.prime(model, inputs, method)
     stock = StockRun(model)
     fns = _prefill_fns(model, frozen, stock, runs, inputs)
     names = list(fns)
@@ -166,8 +166,9 @@ def measure_one(model, shape, s: OverheadSettings, n_vis: int, device: torch.dev
         out["prefill_peak"] = {n: measure_peak(fns[n], device) for n in names}
         inner = get_adapter(model)
         taps = tuple(runs["glimpse"][0].vision_taps())
+        fn = runs["glimpse"][0].vision_tap_fn()
         out["encode_peak"] = {"no_taps": measure_peak(lambda: inner.encode(model, inputs, ()), device),
-                              "taps": measure_peak(lambda: inner.encode(model, inputs, taps), device)}
+                              "taps": measure_peak(lambda: inner.encode(model, inputs, taps, fn), device)}
         # what a user's prefill holds at its peak: ViT (with the taps glimpse needs) + LLM prefill
         out["vit_prefill_peak"] = {n: measure_peak(lambda m=m, r=r: prefill(model, inner, m, inputs, r), device)
                                    for n, (m, r) in runs.items()}

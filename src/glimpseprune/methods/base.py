@@ -57,6 +57,12 @@ class PruningMethod:
     def vision_taps(self) -> tuple[int, ...]:
         return ()
 
+    def vision_tap_fn(self):
+        """None, or a callable (tap position i, features (n, C)) -> tensor that the adapter applies to each tap as
+        the vision tower makes it (e.g. the predictor's input projection), so only its (smaller) result is kept
+        while the rest of the tower runs. Must return the same object on every call (encodings are cached by it)."""
+        return None
+
     def extra_tokens(self, state: PrefillState) -> torch.Tensor | None:
         """Embeddings (B, n, H) appended after the prompt for layers 0..K; dropped before layer K+1."""
         return None

@@ -41,12 +41,20 @@ class GlimpseMethod(PruningMethod):
             raise ValueError("method 'glimpse' needs a trained module: pass module=load_module(DIR)")
         super().__init__(config if config is not None else GlimpseMethodConfig(selection or SelectionConfig()))
         self.module = module
+        self._tap_fn = self._project_tap  # one bound method: the same object on every vision_tap_fn() call
 
     def prune_layer(self, n_layers: int) -> int | None:
         return self.module.cfg.prune_layer
 
     def vision_taps(self) -> tuple[int, ...]:
         return self.module.cfg.vision_taps
+
+    def vision_tap_fn(self):
+        return self._tap_fn
+
+    def _project_tap(self, i: int, feats: torch.Tensor) -> torch.Tensor:
+        """Tap i (n, vision_width) -> the VIP's condition (n, cond_width), computed inside the vision tower."""
+        return self.module.vip.project_condition(i, feats)
 
     def extra_tokens(self, state) -> torch.Tensor:
         B, _, H = state.enc.embeds.shape
@@ -79,7 +87,7 @@ class GlimpseMethod(PruningMethod):
     def predict_logits(self, state) -> list[torch.Tensor]:
         """VIP logits per sample, (n_vis_b,) each."""
         attn = torch.cat(state.scratch.pop("glimpse_attn"), dim=-1)  # (n_vis_total, n_layers * h)
-        logits = self.module(attn, state.enc.vision_feats, state.enc.grids)
+        logits = self.module(attn, state.enc.vision_feats, state.enc.grids, projected=True)
         return list(logits.split(state.enc.n_vis))
 
     def select(self, state) -> list[torch.Tensor]:

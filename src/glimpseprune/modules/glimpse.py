@@ -44,5 +44,6 @@ class GlimpseModule(nn.Module):
         e = self.glimpse_embeddings[row, 0]
         return self.glimpse_dropout(self.glimpse_norm(self.glimpse_proj(e)))
 
-    def forward(self, attn: torch.Tensor, conds: list[torch.Tensor], grids: list[tuple[int, int]]) -> torch.Tensor:
-        return self.vip(attn, conds, grids)
+    def forward(self, attn: torch.Tensor, conds: list[torch.Tensor], grids: list[tuple[int, int]],
+                projected: bool = False) -> torch.Tensor:
+        return self.vip(attn, conds, grids, projected)

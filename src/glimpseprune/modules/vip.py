@@ -97,7 +97,14 @@ class VIP(nn.Module):
         self.layers = nn.ModuleList(VIPBlock(cfg) for _ in range(cfg.n_vip_layers))
         self.out_proj = nn.Linear(cfg.vip_width, 1)
 
-    def forward(self, attn: torch.Tensor, conds: list[torch.Tensor], grids: list[tuple[int, int]]) -> torch.Tensor:
+    def project_condition(self, i: int, feats: torch.Tensor) -> torch.Tensor:
+        """Vision feature i (n, vision_width) -> the condition of VIP block i (n, cond_width)."""
+        proj = self.cond_in_projs[i]
+        return proj(feats.to(proj.weight.dtype))
+
+    def forward(self, attn: torch.Tensor, conds: list[torch.Tensor], grids: list[tuple[int, int]],
+                projected: bool = False) -> torch.Tensor:
+        """conds: raw vision features, or with ``projected`` already passed through ``project_condition``."""
         n_tok = sum(h * w for h, w in grids)
         if attn.shape[0] != n_tok or any(c.shape[0] != n_tok for c in conds):
             raise ValueError(f"VIP inputs cover {attn.shape[0]} tokens but the image grids hold {n_tok}")
@@ -107,6 +114,6 @@ class VIP(nn.Module):
         x = self.attn_in_proj(attn.to(dtype))
         first = self.layers[0].attn
         rope = grid_angles(grids, first.q_proj.out_features // first.heads, first.theta, x.device)
-        for layer, proj, cond in zip(self.layers, self.cond_in_projs, conds):
-            x = layer(x, proj(cond.to(dtype)), grids, rope)
+        for i, (layer, cond) in enumerate(zip(self.layers, conds)):
+            x = layer(x, cond.to(dtype) if projected else self.project_condition(i, cond), grids, rope)
         return self.out_proj(x).squeeze(-1).float()  # (S,)

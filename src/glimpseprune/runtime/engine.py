@@ -134,7 +134,8 @@ def prefill(
     layers = adapter.layers(model)
     n_layers = len(layers)
     stages = _resolve_prune_layers(method, n_layers)
-    enc = adapter.encode(model, inputs, taps=method.vision_taps() if stages else ())
+    enc = adapter.encode(model, inputs, taps=method.vision_taps() if stages else (),
+                         tap_fn=method.vision_tap_fn() if stages else None)
     if not bool(enc.vis_mask.any()):
         stages = ()  # nothing to prune: the method is a no-op
     K, last = (stages[0], stages[-1]) if stages else (None, None)

@@ -76,7 +76,8 @@ def forward_train(model, adapter: Adapter, method: PruningMethod, inputs: dict, 
     K = _resolve_prune_layer(method, n_layers)
     if K is not None and K < 0:
         raise ValueError("forward_train needs a method that prunes after a layer (K >= 0)")
-    enc = adapter.encode(model, inputs, taps=method.vision_taps() if K is not None else ())
+    enc = adapter.encode(model, inputs, taps=method.vision_taps() if K is not None else (),
+                         tap_fn=method.vision_tap_fn() if K is not None else None)
     state = PrefillState(model, adapter, enc, new_cache(adapter.text_config(model)), {}, n_layers, K)
     B, L0, _ = enc.embeds.shape
     extra = method.extra_tokens(state) if K is not None else None
