@@ -247,7 +247,8 @@ def cmd_methods(args) -> int:
 def _model_args(a) -> None:
     a.add_argument("--model", default="embedded", help="local Hugging Face directory of the base VLM "
                    "(default: the embedded world model shipped in the package)")
-    a.add_argument("--module", help="glimpse module directory (default: the embedded one with the embedded model)")
+    a.add_argument("--module", help="glimpse module directory, or embedded / embedded-k0 (packaged; default: embedded "
+                   "with the embedded model)")
     a.add_argument("--method", choices=["full", "glimpse"], help="default: glimpse with a module, else full")
     a.add_argument("--threshold", type=float, default=0.5, help="keep a token when its probability > this")
     a.add_argument("--max-keep-ratio", type=float, help="cap on the kept fraction per sample (top-k)")
