@@ -5,6 +5,7 @@
 # peak memory of each prefill and of the encode with / without vision taps. Paired, interleaved ratios; pass/fail
 # bars of issue 12 printed per row; the last stdout line is JSON. About 3 min on 2 free cores (run it idle).
 # On a GPU: bash benchmarks/overhead_cpu.sh OUT --device cuda --dtype bfloat16 --shape qwen2_5_vl_7b --n-vis 5041
+# A folder that already holds a run is refused; add --overwrite to regenerate it (e.g. the committed results).
 #   bash benchmarks/overhead_cpu.sh [OUT_DIR] [extra bench-overhead options]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -335,3 +335,26 @@ def test_glimpse_prefill_peak_not_above_full():
                for n, (m, _) in runs.items()}
     assert peaks["glimpse"] <= peaks["full"], peaks
     assert enc["glimpse"] <= 1.10 * enc["full"], enc
+
+
+def test_bench_out_folder_with_a_run_is_refused_before_running(tmp_path):
+    """``bench run`` / ``bench overhead`` into a folder that already holds a result.json stop before any work unless
+    --overwrite; a folder whose parent is a file fails before the run too."""
+    from glimpseprune.bench.report import check_writable
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "result.json").write_text("{}")
+    with pytest.raises(SystemExit, match="already holds a run"):
+        check_writable(out)
+    check_writable(out, overwrite=True)
+    assert (out / "result.json").read_text() == "{}"  # checked, not touched
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="cannot write results"):
+        check_writable(tmp_path / "file" / "sub")
+    from glimpseprune.cli import main
+
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit, match="already holds a run"):
+        main(["bench", "overhead", "--shape", "qwen2_5_vl_scaled_cpu", "--out", str(out)])
+    assert time.perf_counter() - t0 < 5  # refused before building a model

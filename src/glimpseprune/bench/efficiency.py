@@ -97,10 +97,13 @@ class BenchSettings:
     budget_s: float | None = None  # wall-clock budget: later repetitions / batch sizes are skipped, and recorded
 
     def resolved_grid(self) -> tuple[int, int]:
-        if self.grid is not None:
-            return tuple(self.grid)
-        h = max(1, round(math.sqrt(self.n_vis)))
-        return h, max(1, round(self.n_vis / h))
+        return tuple(self.grid) if self.grid is not None else near_square_grid(self.n_vis)
+
+
+def near_square_grid(n_vis: int) -> tuple[int, int]:
+    """(h, w) of a near-square merged-token grid holding about ``n_vis`` tokens."""
+    h = max(1, round(math.sqrt(n_vis)))
+    return h, max(1, round(n_vis / h))
 
 
 class FrozenEncodeAdapter:
@@ -283,10 +286,14 @@ def measure_peak(fn, device) -> dict[str, Any]:
             "peak_bytes": base + peak, "delta_bytes": peak, "rss_delta_bytes": rss_delta}
 
 
+def _order(names: list[str], r: int) -> list[str]:
+    """Run order of repetition r: A B C, C B A, A B C, ... (cancels slow drift of the machine)."""
+    return names if r % 2 == 0 else names[::-1]
+
+
 def _interleaved(names: list[str], reps: int):
-    """Run order per repetition: A B C, C B A, A B C, ... (cancels slow drift of the machine)."""
     for r in range(reps):
-        yield from (names if r % 2 == 0 else names[::-1])
+        yield from _order(names, r)
 
 
 class Budget:
@@ -319,7 +326,7 @@ def _reps(names: list[str], reps: int, budget: Budget | None, what: str):
     for r in range(reps):
         if budget is not None and not budget.more(r, what):
             return
-        yield from (names if r % 2 == 0 else names[::-1])
+        yield from _order(names, r)
         logger.info("%s: repetition %d/%d done (%.1f s elapsed)", what, r + 1, reps,
                     budget.elapsed() if budget else 0.0)
 

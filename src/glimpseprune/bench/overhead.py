@@ -32,16 +32,16 @@ from typing import Any
 import torch
 
 from ..runtime.engine import decode_step, prefill
-from . import flops as F
 from .efficiency import (
     FrozenEncodeAdapter,
     _interleaved,
     _stats,
-    _sync,
     _timed,
+    analytic,
     build_model,
     make_variant,
     measure_peak,
+    near_square_grid,
     parse_variant,
     synth_inputs,
 )
@@ -134,7 +134,7 @@ def _decode_fn(model, frozen, stock: StockRun, name: str, runs: dict, inputs: di
 def measure_one(model, shape, s: OverheadSettings, n_vis: int, device: torch.device) -> dict[str, Any]:
     from ..registry import get_adapter
 
-    grid = (lambda h: (h, max(1, round(n_vis / h))))(max(1, round(n_vis ** 0.5)))
+    grid = near_square_grid(n_vis)
     inputs = synth_inputs(shape, grid, s.n_text, 1, s.device, s.seed)
     nv = [grid[0] * grid[1]]
     specs = {"full": "full", "mask": f"mask:{s.keep}", "glimpse": f"glimpse:{s.keep}"}
@@ -156,7 +156,6 @@ def measure_one(model, shape, s: OverheadSettings, n_vis: int, device: torch.dev
     decode_ms = {n: [] for n in names}
     for n in rotated(names, s.reps):
         fn = _decode_fn(model, frozen, stock, n, runs, inputs, s.decode_steps)
-        _sync(device)
         decode_ms[n].append(1000.0 * _timed(fn, device)[0] / s.decode_steps)
     logger.info("  %d visual tokens: decode timed (%.0f s so far)", grid[0] * grid[1], time.perf_counter() - t0)
     out: dict[str, Any] = {"grid": list(grid), "n_vis": grid[0] * grid[1],
@@ -172,8 +171,7 @@ def measure_one(model, shape, s: OverheadSettings, n_vis: int, device: torch.dev
         # what a user's prefill holds at its peak: ViT (with the taps glimpse needs) + LLM prefill
         out["vit_prefill_peak"] = {n: measure_peak(lambda m=m, r=r: prefill(model, inner, m, inputs, r), device)
                                    for n, (m, r) in runs.items()}
-    cost = {n: F.variant_cost(shape, parse_variant(v).method, parse_variant(v).keep,
-                              parse_variant(v).layer(shape), s.n_text, grid, True) for n, v in specs.items()}
+    cost = {n: analytic(shape, parse_variant(v), s.n_text, grid, causal=True) for n, v in specs.items()}
     out["analytic"] = {n: {k: c[k] for k in ("prune_layer", "n_kept", "kv_len", "prefill_llm_flops", "vip_flops")}
                        for n, c in cost.items()}
     out["ratios"] = ratios(out)
@@ -250,6 +248,6 @@ def table(result: dict) -> str:
 
 def summary(result: dict) -> dict:
     return {"shape": result["shape"]["name"], "device": result["meta"]["device_name"], "ok": result["ok"],
-            "ratios": {n: {k: v for k, v in r["ratios"].items()} for n, r in result["rows"].items()},
-            "decode_ms_median": {n: {k: statistics.median(v["all"]) for k, v in r["decode_ms"].items()}
+            "ratios": {n: r["ratios"] for n, r in result["rows"].items()},
+            "decode_ms_median": {n: {k: v["median"] for k, v in r["decode_ms"].items()}
                                  for n, r in result["rows"].items()}}

@@ -275,7 +275,7 @@ def cmd_run(args) -> int:
                   device=args.device, dtype=args.dtype, attn=args.attn, threads=args.threads,
                   e2e_reps=args.e2e_reps, budget_s=args.budget_s)
     if args.out:
-        check_writable(args.out)
+        check_writable(args.out, args.overwrite)
     result = run_benchmark(s)
     print(markdown_table(result))
     _checks(result, 0.15, args.causal)
@@ -312,7 +312,7 @@ def cmd_overhead(args) -> int:
                          warmup=args.warmup, reps=args.reps, decode_steps=args.decode_steps, device=args.device,
                          dtype=args.dtype, attn=args.attn, threads=args.threads, memory=not args.no_memory)
     if args.out:
-        check_writable(args.out)
+        check_writable(args.out, args.overwrite)
     result = run_overhead(s)
     print(table(result), end="")
     for n, r in result["rows"].items():
@@ -326,9 +326,13 @@ def cmd_overhead(args) -> int:
     return 1 if args.strict and not result["ok"] else 0
 
 
-def check_writable(out_dir: str | Path) -> None:
-    """Fail before a run when ``out_dir`` cannot be created or written (its parent is a file, no permission)."""
+def check_writable(out_dir: str | Path, overwrite: bool = False) -> None:
+    """Fail before a run when ``out_dir`` cannot be created or written (its parent is a file, no permission), or
+    already holds another run's result.json and ``overwrite`` was not asked for."""
     p = Path(out_dir)
+    if (p / "result.json").exists() and not overwrite:
+        raise SystemExit(f"{p} already holds a run (result.json): pass --overwrite to replace it, or choose another "
+                         "--out")
     try:
         p.mkdir(parents=True, exist_ok=True)
         probe = p / ".write_probe"
@@ -379,6 +383,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--budget-s", type=float, help="wall-clock budget in seconds: once spent, remaining repetitions "
                    "and batch sizes are skipped (logged, and listed in result.json); default: none")
     r.add_argument("--out", help="folder for result.json, table.md and PNG plots")
+    r.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     r.set_defaults(fn=cmd_run)
 
     c = sub.add_parser("ratio-check", help="measured vs analytic prefill ratio of full vs GlimpsePrune (CPU)")
@@ -411,6 +416,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     o.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     o.add_argument("--strict", action="store_true", help="exit 1 when a check fails")
     o.add_argument("--out", help="folder for result.json and table.md")
+    o.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     o.set_defaults(fn=cmd_overhead)
     return b
 

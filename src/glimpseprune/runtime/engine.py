@@ -170,13 +170,15 @@ def prefill(
     if K == -1:
         compact(-1)
     text_config = adapter.text_config(model)
-    mask = attention_mask(text_config, hidden, key_mask)
-    groups = plan_groups(key_mask.sum(dim=1).tolist()) if group and last == -1 else None
-    if groups:  # pruned before the LLM: every layer runs grouped
-        hidden = run_grouped(layers, 0, hidden, key_mask, state.rope, state.cache, text_config, groups)
+    mask, stale = None, True  # the mask of the current sequence, built when the first layer that needs it runs
     for i, layer in enumerate(layers):
-        if groups:
-            break
+        if group and last is not None and i == last + 1:  # the first layer after the last compaction
+            groups = plan_groups(key_mask.sum(dim=1).tolist())
+            if groups:
+                hidden = run_grouped(layers, i, hidden, key_mask, state.rope, state.cache, text_config, groups)
+                break
+        if stale:
+            mask, stale = attention_mask(text_config, hidden, key_mask), False
         pruning = last is not None and i <= last
         if pruning:
             hidden = method.before_layer(state, i, hidden)
@@ -187,11 +189,7 @@ def prefill(
             method.after_layer(state, i, h_in)
         if i in stages:
             compact(i)
-            mask = attention_mask(text_config, hidden, key_mask)
-            groups = plan_groups(key_mask.sum(dim=1).tolist()) if group and i == last else None
-            if groups and i + 1 < n_layers:
-                hidden = run_grouped(layers, i + 1, hidden, key_mask, state.rope, state.cache, text_config, groups)
-                break
+            stale = True
     logits = adapter.logits(model, hidden if all_logits else hidden[:, -1:])
     return PrefillResult(
         logits=logits if all_logits else logits[:, -1], cache=state.cache, key_mask=key_mask,
