@@ -119,6 +119,8 @@ class Adapter:
         cos, sin = rope
         q1, q2 = q.chunk(2, dim=-1)
         q = q * cos[:, None] + torch.cat([-q2, q1], dim=-1) * sin[:, None]
-        k = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)  # (B, h, L, hd)
+        h, kvh = q.shape[1], keys.shape[1]
         scale = getattr(attn, "scaling", hd**-0.5)
-        return (q @ k.transpose(-1, -2)).squeeze(2) * scale
+        # GQA without repeating the keys: query heads h = kvh * g, head j reads kv head j // g (transformers' layout)
+        q = q.view(B, kvh, h // kvh, hd)  # (B, kvh, g, hd)
+        return (q @ keys.transpose(-1, -2)).reshape(B, h, -1) * scale  # (B, h, L)

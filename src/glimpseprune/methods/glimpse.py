@@ -58,10 +58,17 @@ class GlimpseMethod(PruningMethod):
 
     def extra_tokens(self, state) -> torch.Tensor:
         B, _, H = state.enc.embeds.shape
-        return self.module.glimpse_vector(0).view(1, 1, H).expand(B, 1, H)
+        vectors = self.module.glimpse_vectors()  # once per prefill, all layers in one projection
+        state.scratch["glimpse_vectors"] = vectors
+        return vectors[0].view(1, 1, H).expand(B, 1, H)
 
     def before_layer(self, state, layer_idx: int, hidden: torch.Tensor) -> torch.Tensor:
-        g = self.module.glimpse_vector(layer_idx) if layer_idx > 0 else None
+        if layer_idx == 0:
+            return hidden
+        vectors = state.scratch.get("glimpse_vectors")
+        if vectors is None:
+            vectors = state.scratch["glimpse_vectors"] = self.module.glimpse_vectors()
+        g = vectors.get(layer_idx)
         if g is None:
             return hidden
         i = state.extra_at
@@ -91,6 +98,7 @@ class GlimpseMethod(PruningMethod):
         return list(logits.split(state.enc.n_vis))
 
     def select(self, state) -> list[torch.Tensor]:
+        state.scratch.pop("glimpse_vectors", None)  # the glimpse leaves the sequence here
         logits = self.predict_logits(state)
         state.scratch["vip_logits"] = logits
         return [select_with(self.config.selection, torch.sigmoid(lg)) for lg in logits]

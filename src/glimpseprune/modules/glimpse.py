@@ -44,6 +44,12 @@ class GlimpseModule(nn.Module):
         e = self.glimpse_embeddings[row, 0]
         return self.glimpse_dropout(self.glimpse_norm(self.glimpse_proj(e)))
 
+    def glimpse_vectors(self) -> dict[int, torch.Tensor]:
+        """Every glimpse layer's (H,) vector in one batched projection: {layer_idx: vector} (the function of
+        ``glimpse_vector`` per layer, one matmul instead of one per layer)."""
+        e = self.glimpse_dropout(self.glimpse_norm(self.glimpse_proj(self.glimpse_embeddings[:, 0])))
+        return {layer: e[row] for layer, row in self._row.items()}
+
     def forward(self, attn: torch.Tensor, conds: list[torch.Tensor], grids: list[tuple[int, int]],
                 projected: bool = False) -> torch.Tensor:
         return self.vip(attn, conds, grids, projected)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import GlimpseConfig
-from ..ops.rope2d import apply_rope, grid_positions, rope2d_angles
+from ..ops.rope2d import apply_rope_cs, grid_positions, rope2d_angles
 
 
 class CondAttention(nn.Module):
@@ -29,8 +29,8 @@ class CondAttention(nn.Module):
         self.o_proj = nn.Linear(width, width, bias=False)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, grids: list[tuple[int, int]],
-                rope: dict[tuple[int, int], torch.Tensor] | None = None) -> torch.Tensor:
-        # x: (S, width), cond: (S, cond_width); S = sum of h*w over grids; rope: 2D RoPE angles per grid (h*w, dqk)
+                rope: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        # x: (S, width), cond: (S, cond_width); S = sum of h*w over grids; rope: per grid, the 2D RoPE (cos, sin)
         u = torch.cat([x, cond], dim=-1)
         S, H = x.shape[0], self.heads
         q = self.q_proj(u).view(S, H, -1).transpose(0, 1)  # (H, S, dqk)
@@ -42,22 +42,30 @@ class CondAttention(nn.Module):
         if dv < dqk:
             v = F.pad(v, (0, dqk - dv))
         rope = rope if rope is not None else grid_angles(grids, dqk, self.theta, x.device)
-        outs, start = [], 0
-        for h, w in grids:
-            sl = slice(start, start + h * w)
-            ang = rope[(h, w)]
-            o = F.scaled_dot_product_attention(apply_rope(q[None, :, sl], ang), apply_rope(k[None, :, sl], ang),
-                                               v[None, :, sl])  # (1, H, h*w, dqk), O(h*w) memory
-            outs.append(o[0, ..., :dv])
-            start += h * w
-        o = torch.cat(outs, dim=1).transpose(0, 1).reshape(S, -1)  # (S, width)
-        return self.o_proj(o)
+        qk = torch.stack([q, k])  # (2, H, S, dqk): one rotation for both
+        if len(grids) == 1:  # one image: no slicing, no concatenation
+            qk = apply_rope_cs(qk, *rope[grids[0]])
+            o = F.scaled_dot_product_attention(qk[0:1], qk[1:2], v[None])[0, ..., :dv]  # (H, S, dv), O(S) memory
+        else:
+            outs, start = [], 0
+            for h, w in grids:
+                sl = slice(start, start + h * w)
+                r = apply_rope_cs(qk[:, :, sl], *rope[(h, w)])
+                outs.append(F.scaled_dot_product_attention(r[0:1], r[1:2], v[None, :, sl])[0, ..., :dv])
+                start += h * w
+            o = torch.cat(outs, dim=1)
+        return self.o_proj(o.transpose(0, 1).reshape(S, -1))  # (S, width)
 
 
 def grid_angles(grids: list[tuple[int, int]], head_dim: int, theta: float, device
-                ) -> dict[tuple[int, int], torch.Tensor]:
-    """2D RoPE angles (h*w, head_dim) per distinct grid, computed once per VIP call and shared by its blocks."""
-    return {g: rope2d_angles(grid_positions(*g, device), head_dim, theta) for g in dict.fromkeys(grids)}
+                ) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
+    """2D RoPE (cos, sin), each (h*w, head_dim) fp32, per distinct grid: computed once per VIP call and shared by
+    its blocks."""
+    out = {}
+    for g in dict.fromkeys(grids):
+        ang = rope2d_angles(grid_positions(*g, device), head_dim, theta)
+        out[g] = (ang.cos(), ang.sin())
+    return out
 
 
 class SwiGLU(nn.Module):

@@ -30,6 +30,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """Rotate x (..., S, head_dim) by angles (S, head_dim); computed in fp32, returned in x's dtype."""
+    return apply_rope_cs(x, angles.cos(), angles.sin())
+
+
+def apply_rope_cs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``apply_rope`` with the angles' cos and sin (S, head_dim, fp32) computed once by the caller."""
     xf = x.float()
-    out = xf * angles.cos() + _rotate_half(xf) * angles.sin()
+    out = xf * cos + _rotate_half(xf) * sin
     return out.to(x.dtype)
