@@ -8,14 +8,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import operator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 CONFIG_VERSION = 1
 
 
+def _check_real(name: str, value: Any) -> None:
+    """A real number (int or float; not a bool or a string), else ``TypeError`` (NaN fails the range checks)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+
+
 def _check_ratio(name: str, value: float | None) -> None:
-    if value is not None and not (0.0 < float(value) <= 1.0):
+    if value is None:
+        return
+    _check_real(name, value)
+    if not (0.0 < float(value) <= 1.0):
         raise ValueError(f"{name} must be in (0, 1], got {value}")
 
 
@@ -36,10 +48,14 @@ class SelectionConfig:
     fixed_keep_ratio: float | None = None
 
     def __post_init__(self) -> None:
+        _check_real("threshold", self.threshold)
         if not (0.0 <= float(self.threshold) <= 1.0):
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         _check_ratio("max_keep_ratio", self.max_keep_ratio)
         _check_ratio("fixed_keep_ratio", self.fixed_keep_ratio)
+        if isinstance(self.min_keep, bool) or not isinstance(self.min_keep, numbers.Integral):
+            raise TypeError(f"min_keep must be a whole number of tokens, got {type(self.min_keep).__name__} "
+                            f"{self.min_keep!r}")
         if int(self.min_keep) < 0:
             raise ValueError(f"min_keep must be >= 0, got {self.min_keep}")
 
@@ -55,11 +71,67 @@ def default_vision_taps(vit_depth: int) -> tuple[int, ...]:
     return tuple(i for i in (vit_depth - 1 - k * step for k in range(4)) if i >= 0)
 
 
+# VIP MLP activations (upstream ``attn_fuse_hidden_act``, transformers' ACT2FN names); ``modules.vip`` implements them.
+VIP_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
+
+
+def _as_int(name: str, value: Any) -> int:
+    """An integer from an int, an integral float or a decimal string; anything else (bools included) is an error
+    naming the field."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    else:
+        try:
+            return operator.index(value)  # int, numpy / torch integer scalars
+        except TypeError:
+            pass
+    raise ValueError(f"{name} must be an integer, got {value!r}")
+
+
+def _as_float(name: str, value: Any) -> float:
+    """A finite float from a number or a numeric string (e.g. ``"1e-6"``); else an error naming the field."""
+    f = None
+    if isinstance(value, str):
+        try:
+            f = float(value.strip())
+        except ValueError:
+            pass
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        f = float(value)
+    if f is None:
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(f):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return f
+
+
+def _as_layers(name: str, values: Any) -> tuple[int, ...]:
+    if isinstance(values, (str, bytes, dict)) or not isinstance(values, Iterable):
+        raise ValueError(f"{name} must be a list of layer indices, got {values!r}")
+    return tuple(_as_int(f"{name}[{i}]", v) for i, v in enumerate(values))
+
+
 @dataclass(frozen=True)
 class GlimpseConfig:
     """Architecture of a GlimpsePrune module, and the base model it was built for.
 
     The base-model fields (``base_*``) are recorded so that loading a module onto another model fails clearly.
+    Every field is validated on construction (also from JSON): a wrong type or value is a ValueError naming the
+    field. Numbers written as strings (hand-edited JSON, YAML's ``1e-6``) are accepted and converted: integer fields
+    take ints, integral floats and decimal strings ("18"); float fields take numbers and numeric strings ("1e-6")
+    and must be finite. Booleans are never numbers here. Epsilons and ``rope_theta`` must be > 0.
+
+    ``glimpse_norm_eps``: epsilon of the glimpse token's RMSNorm; upstream uses the base model's ``rms_norm_eps``
+    there (the VIP's norms keep ``rms_eps``). None (module files written before the field) means ``rms_eps``.
+    ``vip_act``: the activation of the VIP's gated MLP (upstream ``attn_fuse_hidden_act``), one of
+    ``VIP_ACTIVATIONS``.
     """
 
     base_model_type: str
@@ -70,7 +142,7 @@ class GlimpseConfig:
     base_vision_depth: int
     prune_layer: int
     vision_taps: tuple[int, ...]  # the adapter says what they index (Qwen: blocks; LLaVA: hidden_states)
-    attn_layers: tuple[int, ...] = ()  # LLM layers whose glimpse attention feeds the VIP; default (prune_layer,)
+    attn_layers: tuple[int, ...] = ()  # LLM layers feeding the VIP, columns in this order; default (prune_layer,)
     glimpse_layers: tuple[int, ...] = ()  # layers that get a glimpse vector; default: all layers
     vip_width: int = 256
     cond_width: int = 512
@@ -82,17 +154,45 @@ class GlimpseConfig:
     base_model_name: str | None = None
     version: int = CONFIG_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    glimpse_norm_eps: float | None = None  # the glimpse token's RMSNorm; None: rms_eps
+    vip_act: str = "silu"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        set_(self, "vision_taps", tuple(int(i) for i in self.vision_taps))
-        set_(self, "attn_layers", tuple(int(i) for i in (self.attn_layers or (self.prune_layer,))))
-        set_(self, "glimpse_layers", tuple(int(i) for i in (self.glimpse_layers or range(self.base_num_layers))))
-        L = self.base_num_layers
-        for name in ("vip_width", "cond_width", "vip_heads", "vip_mlp_width", "base_hidden_size", "base_num_layers"):
-            value = getattr(self, name, 1)
-            if not isinstance(value, int) or value <= 0:
+        positive = ("base_hidden_size", "base_num_layers", "base_num_heads", "base_vision_width", "base_vision_depth",
+                    "vip_width", "cond_width", "vip_heads", "vip_mlp_width")
+        for name in positive:
+            value = getattr(self, name)
+            try:
+                n = _as_int(name, value)
+            except ValueError:
+                n = 0
+            if n <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            set_(self, name, n)
+        set_(self, "prune_layer", _as_int("prune_layer", self.prune_layer))
+        set_(self, "version", _as_int("version", self.version))
+        for name in ("rms_eps", "rope_theta", "glimpse_norm_eps"):
+            value = getattr(self, name)
+            if value is None and name == "glimpse_norm_eps":
+                continue
+            f = _as_float(name, value)
+            if f <= 0:
+                raise ValueError(f"{name} must be > 0, got {value!r}")
+            set_(self, name, f)
+        if not isinstance(self.base_model_type, str) or not self.base_model_type:
+            raise ValueError(f"base_model_type must be a non-empty string, got {self.base_model_type!r}")
+        if self.base_model_name is not None and not isinstance(self.base_model_name, str):
+            raise ValueError(f"base_model_name must be a string or null, got {self.base_model_name!r}")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"extra must be a mapping, got {self.extra!r}")
+        if self.vip_act not in VIP_ACTIVATIONS:
+            raise ValueError(f"vip_act must be one of {list(VIP_ACTIVATIONS)}, got {self.vip_act!r}")
+        set_(self, "vision_taps", _as_layers("vision_taps", self.vision_taps))
+        set_(self, "attn_layers", _as_layers("attn_layers", self.attn_layers) or (self.prune_layer,))
+        glimpse_layers = _as_layers("glimpse_layers", self.glimpse_layers)
+        set_(self, "glimpse_layers", glimpse_layers or tuple(range(self.base_num_layers)))
+        L = self.base_num_layers
         for name in ("vision_taps", "attn_layers", "glimpse_layers"):
             values = getattr(self, name)
             if len(set(values)) != len(values):
@@ -122,6 +222,11 @@ class GlimpseConfig:
             )
 
     @property
+    def glimpse_eps(self) -> float:
+        """The epsilon the glimpse token's RMSNorm uses."""
+        return self.rms_eps if self.glimpse_norm_eps is None else self.glimpse_norm_eps
+
+    @property
     def n_vip_layers(self) -> int:
         return len(self.vision_taps)
 
@@ -133,11 +238,18 @@ class GlimpseConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GlimpseConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
+        """From ``to_dict``'s JSON; a missing, unknown or invalid field is a ValueError naming it."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a GlimpseConfig must be a JSON object, got {type(d).__name__}")
+        fields = dataclasses.fields(cls)
+        unknown = set(d) - {f.name for f in fields}
         if unknown:
-            raise ValueError(f"unknown GlimpseConfig fields: {sorted(unknown)}")
-        if int(d.get("version", CONFIG_VERSION)) > CONFIG_VERSION:
+            raise ValueError(f"unknown GlimpseConfig fields: {sorted(unknown, key=str)}")
+        missing = [f.name for f in fields if f.name not in d and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ValueError(f"missing GlimpseConfig fields: {missing}")
+        if _as_int("version", d.get("version", CONFIG_VERSION)) > CONFIG_VERSION:
             raise ValueError(f"module config version {d['version']} is newer than this library ({CONFIG_VERSION})")
         return cls(**d)
 

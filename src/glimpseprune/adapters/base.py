@@ -58,6 +58,8 @@ class ModelDims:
     num_heads: int
     vision_width: int
     vision_depth: int
+    # the text model's RMSNorm epsilon, where the adapter reports it (the glimpse norm uses it); not an identity
+    rms_norm_eps: float | None = field(default=None, compare=False)
 
 
 class Adapter:

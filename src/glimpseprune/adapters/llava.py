@@ -27,7 +27,7 @@ class LlavaAdapter(Adapter):
     def dims(self, model: nn.Module) -> ModelDims:
         t, v = model.config.text_config, model.config.vision_config
         return ModelDims("llava", t.hidden_size, t.num_hidden_layers, t.num_attention_heads, v.hidden_size,
-                         v.num_hidden_layers)
+                         v.num_hidden_layers, rms_norm_eps=getattr(t, "rms_norm_eps", None))
 
     def text_config(self, model: nn.Module):
         return model.config.text_config

@@ -31,7 +31,7 @@ class Qwen2_5_VLAdapter(Adapter):
     def dims(self, model: nn.Module) -> ModelDims:
         t, v = model.config.text_config, model.config.vision_config
         return ModelDims("qwen2_5_vl", t.hidden_size, t.num_hidden_layers, t.num_attention_heads,
-                         v.hidden_size, v.depth)
+                         v.hidden_size, v.depth, rms_norm_eps=getattr(t, "rms_norm_eps", None))
 
     def text_config(self, model: nn.Module):
         return model.config.text_config

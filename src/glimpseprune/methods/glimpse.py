@@ -58,17 +58,17 @@ class GlimpseMethod(PruningMethod):
 
     def extra_tokens(self, state) -> torch.Tensor:
         B, _, H = state.enc.embeds.shape
-        vectors = self.module.glimpse_vectors()  # once per prefill, all layers in one projection
+        # once per prefill, the layers up to K (where the glimpse lives at inference) in one projection
+        vectors = self.module.glimpse_vectors(upto=state.prune_layer)
         state.scratch["glimpse_vectors"] = vectors
         return vectors[0].view(1, 1, H).expand(B, 1, H)
 
     def before_layer(self, state, layer_idx: int, hidden: torch.Tensor) -> torch.Tensor:
         if layer_idx == 0:
             return hidden
-        vectors = state.scratch.get("glimpse_vectors")
-        if vectors is None:
-            vectors = state.scratch["glimpse_vectors"] = self.module.glimpse_vectors()
-        g = vectors.get(layer_idx)
+        vectors = state.scratch.get("glimpse_vectors") or {}
+        # training runs the glimpse past K too (those vectors train): one layer at a time, as they are needed
+        g = vectors[layer_idx] if layer_idx in vectors else self.module.glimpse_vector(layer_idx)
         if g is None:
             return hidden
         i = state.extra_at
@@ -89,11 +89,13 @@ class GlimpseMethod(PruningMethod):
             scores = scores.float().masked_fill(~visible, float("-inf")).log_softmax(dim=-1)
         L0 = state.enc.vis_mask.shape[1]
         per_sample = [scores[b, :, :L0][:, state.enc.vis_mask[b]].T for b in range(scores.shape[0])]  # (n_b, h)
-        state.scratch.setdefault("glimpse_attn", []).append(torch.cat(per_sample, dim=0))
+        state.scratch.setdefault("glimpse_attn", {})[layer_idx] = torch.cat(per_sample, dim=0)
 
     def predict_logits(self, state) -> list[torch.Tensor]:
-        """VIP logits per sample, (n_vis_b,) each."""
-        attn = torch.cat(state.scratch.pop("glimpse_attn"), dim=-1)  # (n_vis_total, n_layers * h)
+        """VIP logits per sample, (n_vis_b,) each. The attention features are stacked in the order of
+        ``cfg.attn_layers`` (as upstream's ``selected_layers``), not in the order the layers ran."""
+        feats = state.scratch.pop("glimpse_attn")
+        attn = torch.cat([feats[i] for i in self.module.cfg.attn_layers], dim=-1)  # (n_vis_total, n_layers * h)
         logits = self.module(attn, state.enc.vision_feats, state.enc.grids, projected=True)
         return list(logits.split(state.enc.n_vis))
 

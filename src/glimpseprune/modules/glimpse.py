@@ -19,7 +19,7 @@ class GlimpseModule(nn.Module):
         H = cfg.base_hidden_size
         self.glimpse_embeddings = nn.Parameter(torch.zeros(len(cfg.glimpse_layers), 1, H))
         self.glimpse_proj = nn.Linear(H, H)
-        self.glimpse_norm = nn.RMSNorm(H, eps=cfg.rms_eps)
+        self.glimpse_norm = nn.RMSNorm(H, eps=cfg.glimpse_eps)  # upstream: the base model's rms_norm_eps
         self.glimpse_dropout = nn.Dropout(dropout)
         self.vip = VIP(cfg)
         self._row = {layer: i for i, layer in enumerate(cfg.glimpse_layers)}
@@ -44,11 +44,13 @@ class GlimpseModule(nn.Module):
         e = self.glimpse_embeddings[row, 0]
         return self.glimpse_dropout(self.glimpse_norm(self.glimpse_proj(e)))
 
-    def glimpse_vectors(self) -> dict[int, torch.Tensor]:
-        """Every glimpse layer's (H,) vector in one batched projection: {layer_idx: vector} (the function of
-        ``glimpse_vector`` per layer, one matmul instead of one per layer)."""
-        e = self.glimpse_dropout(self.glimpse_norm(self.glimpse_proj(self.glimpse_embeddings[:, 0])))
-        return {layer: e[row] for layer, row in self._row.items()}
+    def glimpse_vectors(self, upto: int | None = None) -> dict[int, torch.Tensor]:
+        """The (H,) vectors of the glimpse layers <= ``upto`` (all with None) in one batched projection:
+        {layer_idx: vector}, the function of ``glimpse_vector`` per layer with one matmul instead of one per layer."""
+        layers = [(layer, row) for layer, row in self._row.items() if upto is None or layer <= upto]
+        rows = torch.tensor([row for _, row in layers], device=self.glimpse_embeddings.device)
+        e = self.glimpse_dropout(self.glimpse_norm(self.glimpse_proj(self.glimpse_embeddings[rows, 0])))
+        return {layer: e[i] for i, (layer, _) in enumerate(layers)}
 
     def forward(self, attn: torch.Tensor, conds: list[torch.Tensor], grids: list[tuple[int, int]],
                 projected: bool = False) -> torch.Tensor:

@@ -8,11 +8,13 @@ other images or other samples. Parameter names follow the upstream release so it
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import GlimpseConfig
+from ..config import VIP_ACTIVATIONS, GlimpseConfig
 from ..ops.rope2d import apply_rope_cs, grid_positions, rope2d_angles
 
 
@@ -68,15 +70,24 @@ def grid_angles(grids: list[tuple[int, int]], head_dim: int, theta: float, devic
     return out
 
 
+# ``GlimpseConfig.vip_act`` -> the function, as transformers' ACT2FN computes it under that name.
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+               "relu": F.relu}
+assert set(ACTIVATIONS) == set(VIP_ACTIVATIONS)
+
+
 class SwiGLU(nn.Module):
-    def __init__(self, width: int, hidden: int):
+    """down(act(gate(x)) * up(x)); SiLU by default (a GLU with another activation for other ``act`` names)."""
+
+    def __init__(self, width: int, hidden: int, act: str = "silu"):
         super().__init__()
         self.gate_proj = nn.Linear(width, hidden)
         self.up_proj = nn.Linear(width, hidden)
         self.down_proj = nn.Linear(hidden, width)
+        self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class VIPBlock(nn.Module):
@@ -85,7 +96,7 @@ class VIPBlock(nn.Module):
         self.norm1 = nn.RMSNorm(cfg.vip_width, eps=cfg.rms_eps)
         self.attn = CondAttention(cfg.vip_width, cfg.cond_width, cfg.vip_heads, cfg.rope_theta)
         self.norm2 = nn.RMSNorm(cfg.vip_width, eps=cfg.rms_eps)
-        self.mlp = SwiGLU(cfg.vip_width, cfg.vip_mlp_width)
+        self.mlp = SwiGLU(cfg.vip_width, cfg.vip_mlp_width, cfg.vip_act)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, grids: list[tuple[int, int]], rope=None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cond, grids, rope)
