@@ -9,8 +9,10 @@ and the ``BatchFeature`` a Qwen2.5-VL model consumes:
   processor directory (tokenizer, image processor, chat template).
 * :func:`make_tiny_qwen_tokenizer` -- a small byte-level BPE tokenizer trained
   in-process, carrying the Qwen2.5-VL special tokens and chat template.
-* :func:`build_inputs` / :func:`load_image` -- batch construction (left padded,
-  with ``mm_token_type_ids`` for M-RoPE) and image file reading.
+* :func:`build_inputs` / :func:`load_image` / :func:`to_rgb` -- batch
+  construction (left padded, with ``mm_token_type_ids`` for M-RoPE; user text
+  checked for control tokens and length) and image reading (decompression-bomb
+  limit, EXIF orientation, 16-bit and transparent images, animations refused).
 
 LLaVA processors load and batch through the same functions; the LLaVA chat
 format, tiny tokenizer and box -> token masks live in
@@ -21,11 +23,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers, trainers
 from tokenizers.models import BPE
 from transformers import AutoProcessor, AutoTokenizer, BatchFeature, Qwen2_5_VLProcessor, Qwen2Tokenizer
@@ -38,6 +43,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CHAT_TEMPLATE",
     "DEFAULT_SYSTEM_PROMPT",
+    "MAX_IMAGE_PIXELS",
     "QWEN_SPECIAL_TOKENS",
     "QWEN_EXTRA_TOKENS",
     "QwenVLProcessor",
@@ -47,9 +53,14 @@ __all__ = [
     "load_processor",
     "make_tiny_qwen_tokenizer",
     "save_processor",
+    "to_rgb",
 ]
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+# Largest image (width x height) :func:`load_image` decodes: PIL's default ``Image.MAX_IMAGE_PIXELS`` (a 24-bit
+# image of 0.25 GiB). Read at call time, so it can be changed here; PIL's own limit applies as well.
+MAX_IMAGE_PIXELS: int = 89_478_485
 
 # Control tokens of Qwen2.5-VL, in the order the released vocabulary lists them.
 QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
@@ -381,12 +392,92 @@ def _check_added_ids(tokenizer: Qwen2Tokenizer, first_added: int) -> None:
 # --------------------------------------------------------------------------- inputs
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image file with PIL and return it as RGB; ``ValueError`` naming ``path`` if unreadable."""
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_EXIF_ORIENTATION = 0x0112
+
+
+class _RefusedImage(ValueError):
+    """An image file :func:`load_image` refuses on purpose; its message is final."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB as it shows on screen; an RGB image without transparency is returned as is.
+
+    16-bit greyscale (``I;16*`` modes, and ``I``, taken as the 0..65535 range PNG/TIFF decoders give) keeps its
+    top 8 bits (``value >> 8``) instead of PIL's clipping at 255. Transparent images (an alpha channel, a palette
+    with alpha, or a ``transparency`` key) are composited onto white, so pixels hidden by the alpha never reach the
+    model. Other modes go through ``Image.convert("RGB")``. EXIF orientation is left alone here (in-memory pixels
+    are taken as given); :func:`load_image` applies it to files.
+    """
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.int64)
+        image = Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8))
+    if _has_transparency(image):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _has_transparency(image: Image.Image) -> bool:
+    """True when ``image`` carries alpha: an alpha band, a palette with alpha, or a transparent colour key."""
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        return True
+    return image.mode == "P" and image.palette is not None and image.palette.mode.endswith("A")
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF Orientation tag says; ``image`` itself when there is nothing to turn."""
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as err:
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception as err:  # unreadable metadata must not make a readable picture fail
+        logger.debug("ignoring unreadable EXIF of %s: %s", getattr(image, "filename", "image"), err)
+        return image
+    return image if orientation in (None, 1) else ImageOps.exif_transpose(image)
+
+
+def _check_image_file(image: Image.Image, path: str | os.PathLike[str], max_pixels: int) -> None:
+    """Refuse (from the header, before decoding) an image over ``max_pixels`` pixels or with several frames."""
+    width, height = image.size
+    if width * height > max_pixels:
+        raise _RefusedImage(
+            f"image file {path} is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
+            "pixels (decompression bomb?); pass max_pixels= or raise glimpseprune.processing.MAX_IMAGE_PIXELS "
+            "to read it"
+        )
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1 and image.format != "MPO":  # an MPO is a camera JPEG with extra pictures: its first is the photo
+        raise _RefusedImage(
+            f"image file {path} has {frames} frames (an animation or a multi-page file); only still images are "
+            "accepted: extract the frame you mean and pass it as a PIL image"
+        )
+
+
+def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = None) -> Image.Image:
+    """Read an image file as 8-bit RGB, as an image viewer shows it; ``ValueError`` naming ``path`` if it cannot.
+
+    * Decompression bombs: a file whose header claims more than ``max_pixels`` pixels (default
+      :data:`MAX_IMAGE_PIXELS`) is refused before its pixels are decoded, the error giving the size. PIL's own
+      ``Image.MAX_IMAGE_PIXELS`` applies too (its warning is turned into this error).
+    * EXIF orientation is applied: a JPEG stored sideways comes back upright.
+    * Pixel formats go through :func:`to_rgb`: 16-bit scaled to 8 bits, transparency composited onto white.
+    * Multi-frame files (animated GIF / PNG / WebP, multi-page TIFF) are refused with their frame count rather
+      than silently cut to one frame; an MPO (a camera JPEG with extra pictures) gives its primary picture.
+    """
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                _check_image_file(image, path, limit)
+                image.load()
+                rgb = to_rgb(_upright(image))
+                return rgb.copy() if rgb is image else rgb  # the opened image dies with its file
+    except _RefusedImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ValueError(f"image file {path} is too large to decode (decompression bomb?): {err}") from err
+    except (OSError, EOFError, UnidentifiedImageError, ValueError) as err:
         raise ValueError(f"cannot read image file {path}: {err}") from err
 
 
@@ -401,20 +492,88 @@ def build_messages(num_images: int, question: str, system_prompt: str | None = N
     return messages
 
 
+_PATH_TYPES = (str, bytes, os.PathLike)
+
+
 def _check_batch(images: Sequence[Sequence[Image.Image]], questions: Sequence[str]) -> None:
     """Validate the shapes and types of a :func:`build_inputs` batch."""
     if isinstance(questions, str):
         raise TypeError("questions must be a list of strings, not a single string")
+    if not isinstance(questions, Sequence) or isinstance(questions, (bytes, bytearray)):
+        raise TypeError(f"questions must be a list of strings (one per sample), got {type(questions).__name__}")
+    if isinstance(images, (Image.Image, *_PATH_TYPES)) or not isinstance(images, Sequence):
+        raise TypeError(f"images must be a list holding one list of PIL images per sample, got {type(images).__name__}")
     if len(images) != len(questions):
         raise ValueError(f"got {len(images)} image lists for {len(questions)} questions; they must match")
     if not questions:
         raise ValueError("build_inputs needs at least one sample")
+    for index, question in enumerate(questions):
+        if not isinstance(question, str):
+            raise TypeError(f"questions[{index}] is a {type(question).__name__}, expected str")
     for index, sample in enumerate(images):
         if isinstance(sample, Image.Image):
             raise TypeError(f"images[{index}] is a single image; wrap it in a list (one list of images per sample)")
+        if isinstance(sample, _PATH_TYPES) or not isinstance(sample, Sequence):
+            raise TypeError(
+                f"images[{index}] is a {type(sample).__name__}, not a list of images; wrap each sample's images in "
+                "a list (images=[[image], ...]), loading files with load_image"
+            )
         for image in sample:
             if not isinstance(image, Image.Image):
-                raise TypeError(f"images[{index}] holds a {type(image).__name__}, expected PIL.Image.Image")
+                hint = "; read image files with load_image" if isinstance(image, _PATH_TYPES) else ""
+                raise TypeError(f"images[{index}] holds a {type(image).__name__}, expected PIL.Image.Image{hint}")
+
+
+def _control_tokens(processor: ProcessorMixin) -> list[str]:
+    """The strings the processor's tokenizer reads as special or added tokens, plus its image/video placeholders."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    tokens: set[Any] = set(getattr(tokenizer, "all_special_tokens", None) or ())
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    tokens.update(getattr(token, "content", token) for token in added.values())
+    tokens.update(getattr(processor, name, None) for name in ("image_token", "video_token"))
+    return sorted(token for token in tokens if isinstance(token, str) and token.strip())
+
+
+def _check_user_text(processor: ProcessorMixin, questions: Sequence[str], system_prompt: str | None) -> None:
+    """Refuse user text holding a control token; ``ValueError`` naming the token and where it is."""
+    texts = [(f"questions[{index}]", question) for index, question in enumerate(questions)]
+    if system_prompt is not None:
+        if not isinstance(system_prompt, str):
+            raise TypeError(f"system_prompt is a {type(system_prompt).__name__}, expected str or None")
+        texts.append(("system_prompt", system_prompt))
+    tokens = _control_tokens(processor)
+    for where, text in texts:
+        found = [(text.find(token), -len(token), token) for token in tokens if token in text]
+        if found:
+            token = min(found)[2]
+            raise ValueError(
+                f"{where} contains the control token {token!r}; text may not hold the tokenizer's special or added "
+                "tokens (they would act as chat-template control or image placeholders), so it is refused"
+            )
+
+
+def _check_max_length(max_length: int | None) -> None:
+    if max_length is None:
+        return
+    if isinstance(max_length, bool) or not isinstance(max_length, int):
+        raise TypeError(f"max_length must be a positive int or None, got {type(max_length).__name__}")
+    if max_length < 1:
+        raise ValueError(f"max_length must be a positive int or None, got {max_length}")
+
+
+def _check_prompt_lengths(batch: BatchFeature, max_length: int) -> None:
+    """``ValueError`` when a sample's tokenised prompt (image tokens included, padding not) exceeds ``max_length``."""
+    mask = batch.get("attention_mask")
+    rows = batch["input_ids"] if mask is None else mask
+    rows = rows.tolist() if hasattr(rows, "tolist") else rows  # tensors, arrays or lists (return_tensors=None)
+    lengths = [len(row) if mask is None else int(sum(row)) for row in rows]
+    for index, length in enumerate(lengths):
+        if length > max_length:
+            raise ValueError(
+                f"questions[{index}]: the prompt is {length} tokens (chat template and image tokens included), "
+                f"longer than max_length={max_length} (the model's context, max_position_embeddings, when called "
+                "through glimpseprune.load); shorten the question or use fewer / smaller images"
+            )
 
 
 def build_inputs(
@@ -424,24 +583,37 @@ def build_inputs(
     *,
     system_prompt: str | None = None,
     return_tensors: str = "pt",
+    max_length: int | None = None,
 ) -> BatchFeature:
     """Tokenise a batch of (images, question) samples into model inputs.
 
     ``images[i]`` is the (possibly empty) list of PIL images of sample ``i``;
-    they are placed before the question in the user turn. The batch is left
-    padded and holds ``input_ids``, ``attention_mask``, ``mm_token_type_ids``
-    (M-RoPE processors only) and, when any sample has an image,
-    ``pixel_values`` (and ``image_grid_thw`` for Qwen2.5-VL).
+    they are placed before the question in the user turn and go through
+    :func:`to_rgb` (16-bit scaled, transparency composited onto white). The
+    batch is left padded and holds ``input_ids``, ``attention_mask``,
+    ``mm_token_type_ids`` (M-RoPE processors only) and, when any sample has an
+    image, ``pixel_values`` (and ``image_grid_thw`` for Qwen2.5-VL).
     Images are resized by the processor within its ``min_pixels``/``max_pixels``.
+
+    User text (questions and ``system_prompt``) holding any of the tokenizer's
+    special or added tokens (``<|im_start|>``, ``<|image_pad|>``, ``</s>``,
+    ``<image>``, ...) is refused with a ``ValueError`` naming the token and the
+    question index, not escaped: such text would forge chat turns or image
+    slots. With ``max_length`` (the model's context, e.g. its
+    ``max_position_embeddings``), a sample whose tokenised prompt, image tokens
+    included, is longer raises ``ValueError`` with both lengths, before the
+    batch reaches a model. Wrong types raise ``TypeError`` naming the index.
     """
     _check_batch(images, questions)
+    _check_max_length(max_length)
+    _check_user_text(processor, questions, system_prompt)
     prompts = [
         processor.apply_chat_template(
             build_messages(len(sample), question, system_prompt), add_generation_prompt=True, tokenize=False
         )
         for sample, question in zip(images, questions, strict=True)
     ]
-    flat_images = [image if image.mode == "RGB" else image.convert("RGB") for sample in images for image in sample]
+    flat_images = [to_rgb(image) for sample in images for image in sample]
     # M-RoPE models (Qwen2.5-VL) need mm_token_type_ids; others (LLaVA) reject them in generate
     needs_types = "mm_token_type_ids" in getattr(processor, "model_input_names", ())
     batch = processor(
@@ -454,4 +626,6 @@ def build_inputs(
     )
     if needs_types and "mm_token_type_ids" not in batch:
         raise RuntimeError(f"{type(processor).__name__} did not return mm_token_type_ids; M-RoPE would be wrong")
+    if max_length is not None:
+        _check_prompt_lengths(batch, max_length)
     return batch
