@@ -8,13 +8,16 @@ sparsity_weight * the mean keep probability, so the predictor learns to drop wha
 Runs on transformers' ``Trainer`` (progress bar, periodic eval, checkpoints, resume, fixed seed). Configs are YAML
 files headed by their command, e.g. ``configs/stage1_world.yaml``::
 
-    glimpseprune train --config configs/stage1_world.yaml [--resume]
+    glimpseprune train --config configs/stage1_world.yaml [--resume | --overwrite]
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import numbers
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import config_for_model
+from ..config import GlimpseConfig
 from ..data import world
 from ..data.records import read_records
 from ..methods.glimpse import GlimpseMethod
@@ -38,6 +42,10 @@ TRAIN_SEED0 = 3_000_000_000  # synthetic training scenes; write_split's held-out
 
 @dataclass
 class Stage1Config:
+    """A stage-1 run. Every field is checked on construction (``ValueError`` naming the field): numbers may be given
+    as numeric strings, which are converted (YAML 1.1 reads ``1e-3`` as a string); whole-number fields take integral
+    values only; booleans are not numbers. ``max_steps: -1`` trains for ``epochs`` epochs."""
+
     model: str = "embedded"  # base model directory, or "embedded" for the packaged world model
     output_dir: str = "runs/stage1"
     train_data: str | None = None  # JSONL records (ours or Visual-CoT's), all read; None = synthetic world scenes
@@ -65,25 +73,116 @@ class Stage1Config:
     threads: int | None = None
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _check_field(f.name, f.type, getattr(self, f.name)))
         if self.mode not in ("boxes", "kl"):
             raise ValueError(f"mode must be 'boxes' or 'kl', got {self.mode!r}")
-        for name in ("batch_size", "grad_accum", "train_samples", "logging_steps", "eval_steps", "save_steps"):
+        for name in _AT_LEAST_ONE:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 (or null for torch's default), got {self.threads}")
+        if self.max_steps != -1 and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, or -1 to train for `epochs` epochs, got {self.max_steps}")
+        for name in ("learning_rate", "epochs"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in _WEIGHTS:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        allowed = {f.name for f in dataclasses.fields(GlimpseConfig)} - _MODEL_FILLED
+        unknown = sorted(str(k) for k in self.module if k not in allowed)
+        if unknown:
+            raise ValueError(f"module: unknown GlimpseConfig fields {unknown}; known: {sorted(allowed)}")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> Stage1Config:
+        """Read a YAML mapping of field: value; ``overrides`` that are not None replace the file's values.
+        FileNotFoundError for a missing file; ValueError naming the file for unreadable or invalid YAML, a document
+        that is not a mapping, unknown fields (named) and invalid values (the field named)."""
         import yaml
 
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"no training config at {p}")
-        raw = yaml.safe_load(p.read_text()) or {}
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{p}: the training config is not UTF-8 text ({e})") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"{p} is not valid YAML: {e}") from None
+        if raw is None:  # an empty file (or comments only): every field at its default
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{p}: a training config is a mapping of field: value, got a {type(raw).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(raw) - known
+        given = {**raw, **{k: v for k, v in overrides.items() if v is not None}}
+        unknown = sorted(str(k) for k in given if k not in known)
         if unknown:
-            raise ValueError(f"{p}: unknown fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**{**raw, **{k: v for k, v in overrides.items() if v is not None}})
+            raise ValueError(f"{p}: unknown fields {unknown}; known: {sorted(known)}")
+        try:
+            return cls(**given)
+        except ValueError as e:
+            raise ValueError(f"{p}: {e}") from None
+
+
+# Fields a resumed run may change: where it writes, threads, cadence of logs/evals/checkpoints, and its length (the
+# learning-rate schedule then follows the new length from the resumed step on). Every other field changes what is
+# trained, so `train --resume` refuses a config that differs from the run's on any of them (a new field is strict).
+RESUME_FREE_FIELDS = frozenset({"output_dir", "threads", "logging_steps", "eval_steps", "save_steps", "max_steps",
+                                "epochs"})
+_AT_LEAST_ONE = ("batch_size", "grad_accum", "train_samples", "eval_samples", "logging_steps", "eval_steps",
+                 "save_steps")
+_WEIGHTS = ("dice_weight", "bce_weight", "loc_weight", "lm_weight", "kl_weight", "sparsity_weight")
+_MODEL_FILLED = {"base_model_type", "base_hidden_size", "base_num_layers", "base_num_heads", "base_vision_width",
+                 "base_vision_depth", "base_model_name", "version"}  # set from the base model, not by a config
+
+
+def _check_field(name: str, kind: str, value: Any) -> Any:
+    """``value`` converted to the field's annotated type (``kind``, a string under postponed annotations)."""
+    optional = kind.endswith("| None")
+    base = kind.removesuffix("| None").strip()
+    if value is None and optional:
+        return None
+    if base in ("int", "float"):
+        return _number(name, value, int if base == "int" else float)
+    if base == "str":
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str) or not value:
+            want = "a non-empty string" + (" or null" if optional else "")
+            raise ValueError(f"{name} must be {want}, got {value!r}")
+        return value
+    if base == "dict":
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} must be a mapping, got {value!r}")
+        return dict(value)
+    raise TypeError(f"Stage1Config field {name} has an unchecked type {kind!r}")  # a new field needs a rule here
+
+
+def _number(name: str, value: Any, kind: type) -> int | float:
+    shown = value
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = int(text) if kind is int and text.lstrip("+-").isdigit() else float(text)
+        except ValueError:
+            raise ValueError(f"{name} must be a number, got {shown!r}") from None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {shown!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {shown!r}")
+    if kind is int:
+        if value != int(value):
+            raise ValueError(f"{name} must be a whole number, got {shown!r}")
+        return int(value)
+    return float(value)
 
 
 # --------------------------------------------------------------------------- data

@@ -3,23 +3,60 @@
 The Trainer gives the progress bar, periodic evaluation, ``checkpoint-N`` folders (module weights + optimizer +
 scheduler + RNG state) and resume; the output folder ends with ``module/`` in our checkpoint format and
 ``train_summary.json``.
+
+An output folder holds one run of one config. Before the base model loads, ``check_output_dir`` decides:
+
+- a folder that holds run files (``run_config.json``, ``train_summary.json``, ``module/``, ``checkpoint-N/``, our
+  ``.glimpseprune-tmp-*`` leftovers) is refused unless ``resume`` (continue it) or ``overwrite`` (replace it); both
+  at once are refused;
+- ``overwrite`` removes exactly those run files, and refuses (naming one) a folder that also holds files glimpseprune
+  did not write, so it never deletes a user's files; a folder holding only other files is trained into as it is;
+- ``resume`` needs a complete ``checkpoint-N`` and the run's ``run_config.json`` (a folder from an older version
+  without it is refused), and refuses a config that differs from the run's on a field that changes what is trained
+  (every field but ``stage1.RESUME_FREE_FIELDS``), listing them;
+- a path that cannot be written (a file, a parent that is a file, no permission) is a ValueError naming it.
+
+``run_config.json`` (the config, rewritten on resume), ``train_summary.json`` and ``module/`` are written atomically:
+to a temporary name in the folder, then renamed. Replacing an existing ``module/`` (a resumed run that had finished)
+takes two renames; a crash between them leaves the old module in ``.glimpseprune-tmp-old-module-*``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
+import re
+import shutil
+import tempfile
 import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..api import load_base
 from ..assets import resolve_model
-from ..checkpoint import save_module
-from .stage1 import Collator, RecordDataset, Stage1Config, Stage1Model, WorldDataset, build_module
+from ..checkpoint import library_version, save_module
+from .stage1 import (
+    RESUME_FREE_FIELDS,
+    Collator,
+    RecordDataset,
+    Stage1Config,
+    Stage1Model,
+    WorldDataset,
+    build_module,
+)
 
 logger = logging.getLogger(__name__)
+RUN_CONFIG = "run_config.json"
+SUMMARY = "train_summary.json"
+MODULE = "module"
+TMP_PREFIX = ".glimpseprune-tmp-"  # our temporary names inside the output folder
+RUN_FORMAT = 1
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
 def _trainer_class():
@@ -61,20 +98,218 @@ def _datasets(cfg: Stage1Config):
     return train, evals
 
 
-def train(cfg: Stage1Config, resume: bool = False, device: str | None = None) -> Path:
-    """Train a glimpse module per ``cfg``; resume from the newest checkpoint in output_dir when ``resume``."""
+# --------------------------------------------------------------------------- the output folder
+
+
+def _is_run_file(name: str) -> bool:
+    return name in (RUN_CONFIG, SUMMARY, MODULE) or name.startswith(TMP_PREFIX) or bool(_CHECKPOINT.fullmatch(name))
+
+
+def run_files(out: str | Path) -> list[Path]:
+    """The entries of ``out`` that a training run writes (sorted); [] when ``out`` is not a folder."""
+    p = Path(out)
+    return sorted(e for e in p.iterdir() if _is_run_file(e.name)) if p.is_dir() else []
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    """``checkpoint-N`` folders of ``out``, newest (highest N) first."""
+    found = [e for e in out.iterdir() if e.is_dir() and _CHECKPOINT.fullmatch(e.name)] if out.is_dir() else []
+    return sorted(found, key=lambda e: int(_CHECKPOINT.fullmatch(e.name).group(1)), reverse=True)
+
+
+def _complete(ckpt: Path) -> bool:
+    """The Trainer writes trainer_state.json last: a checkpoint without a readable one was cut short."""
+    try:
+        json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _config_record(cfg: Stage1Config) -> dict[str, Any]:
+    """The config as JSON gives it back (tuples become lists), for storing and comparing."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def read_run_config(out: str | Path) -> dict[str, Any]:
+    """The config stored in ``out/run_config.json``; ValueError when it is missing or unreadable."""
+    path = Path(out) / RUN_CONFIG
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} cannot be read: {e}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        raise ValueError(f"{path} is not a glimpseprune run config (no 'config' mapping)")
+    return record["config"]
+
+
+def config_differences(stored: dict[str, Any], cfg: Stage1Config) -> list[str]:
+    """'field: run X, now Y' for each field outside RESUME_FREE_FIELDS where ``cfg`` differs from ``stored``."""
+    new, missing = _config_record(cfg), "(absent)"
+    names = sorted((set(stored) | set(new)) - RESUME_FREE_FIELDS)
+    return [f"{k}: run {stored.get(k, missing)!r}, now {new.get(k, missing)!r}" for k in names
+            if stored.get(k, missing) != new.get(k, missing)]
+
+
+def _ensure_writable(out: Path) -> None:
+    """Create ``out`` (and its parents) and write and remove a probe file in it; ValueError naming the path."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=TMP_PREFIX + "probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"output_dir {out} cannot be written: {e}") from None
+
+
+def check_output_dir(cfg: Stage1Config, resume: bool = False, overwrite: bool = False) -> Path | None:
+    """Check ``cfg.output_dir`` for a run (rules in the module docstring) before anything loads, creating the folder.
+    Returns the checkpoint to resume from (``resume``), else None. Writes nothing else and removes nothing: ``train``
+    removes an overwritten run's files after the base model has loaded."""
+    out = Path(cfg.output_dir)
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: resume continues the run in "
+                         f"{out}, overwrite deletes it")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir {out} is a file, not a folder")
+    ours = run_files(out)
+    ckpt = None
+    if resume:
+        found = _checkpoints(out)
+        if not found:
+            held = ""
+            if ours:
+                names = ", ".join(p.name for p in ours)
+                held = f"; it holds other run files ({names}): pass --overwrite to replace them"
+            raise ValueError(f"nothing to resume in {out}: no checkpoint-N folder there (a run saves one every "
+                             f"save_steps steps){held}, or run without --resume to start a new run")
+        if not (out / RUN_CONFIG).exists():
+            raise ValueError(f"cannot resume {out}: it holds checkpoints but no {RUN_CONFIG}, so it was made by an "
+                             "older glimpseprune (or by hand) and its config cannot be checked against this one; "
+                             "pass --overwrite (without --resume) to start it afresh, or choose another --output-dir")
+        try:
+            stored = read_run_config(out)
+        except ValueError as e:
+            raise ValueError(f"cannot resume {out}: {e}; pass --overwrite to start it afresh") from None
+        diff = config_differences(stored, cfg)
+        if diff:
+            raise ValueError(f"cannot resume {out}: the config differs from the run's on fields that change what is "
+                             f"trained: {'; '.join(diff)} (only {', '.join(sorted(RESUME_FREE_FIELDS))} may change); "
+                             "use the run's config, or another --output-dir for a new run")
+        ckpt = next((c for c in found if _complete(c)), None)
+        if ckpt is None:
+            raise ValueError(f"nothing to resume in {out}: no complete checkpoint (every checkpoint-N lacks a "
+                             "readable trainer_state.json)")
+        if ckpt != found[0]:
+            logger.warning("%s is incomplete (no readable trainer_state.json); resuming from %s", found[0], ckpt)
+    elif ours and not overwrite:
+        raise ValueError(f"{out} already holds a training run ({', '.join(p.name for p in ours[:4])}"
+                         f"{', ...' if len(ours) > 4 else ''}): pass --resume to continue it, --overwrite to replace "
+                         "it, or choose another --output-dir")
+    elif ours:
+        foreign = sorted(e.name for e in out.iterdir() if not _is_run_file(e.name))
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise ValueError(f"--overwrite refused: {out} holds {foreign[0]!r}{more}, which glimpseprune did not "
+                             "write; --overwrite only replaces a folder that holds nothing but a run. Move it away or "
+                             "choose another --output-dir")
+    _ensure_writable(out)
+    return ckpt
+
+
+def remove_run_files(out: str | Path) -> list[Path]:
+    """Delete exactly the run files of ``out`` (see ``run_files``); returns what was removed."""
+    removed = run_files(out)
+    for p in removed:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    return removed
+
+
+def _tmp_name(path: Path, tag: str = "") -> Path:
+    """An unused name beside ``path`` that marks a file as ours (created with the usual permissions, unlike
+    mkstemp's 0600)."""
+    return path.with_name(f"{TMP_PREFIX}{tag}{path.name}-{uuid.uuid4().hex[:12]}")
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as JSON to a temporary file beside ``path``, flush it to disk, then rename it over ``path``."""
+    path = Path(path)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "x") as f:
+            f.write(json.dumps(data, indent=1, default=str))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_module_atomic(module, dest: str | Path) -> Path:
+    """``save_module`` into a temporary folder beside ``dest``, then rename it to ``dest`` (an existing ``dest`` is
+    renamed aside first and deleted after)."""
+    dest = Path(dest)
+    tmp = _tmp_name(dest)
+    try:
+        save_module(module, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if dest.exists() or dest.is_symlink():
+        old = _tmp_name(dest, "old-")
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old is not None and old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old)
+    elif old is not None:
+        old.unlink()
+    return dest
+
+
+def _check_inputs(cfg: Stage1Config) -> None:
+    for name in ("train_data", "eval_data"):
+        path = getattr(cfg, name)
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{name}: no JSONL records at {path}")
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train(cfg: Stage1Config, resume: bool = False, overwrite: bool = False, device: str | None = None) -> Path:
+    """Train a glimpse module per ``cfg`` into ``cfg.output_dir``; with ``resume``, continue the run there from its
+    newest checkpoint; with ``overwrite``, replace the run there. Folder rules: see the module docstring."""
     from transformers import TrainingArguments, set_seed
 
+    out = Path(cfg.output_dir)
+    ckpt = check_output_dir(cfg, resume=resume, overwrite=overwrite)
+    _check_inputs(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
-    out = Path(cfg.output_dir)
-    base, processor = load_base(resolve_model(cfg.model), device=device or "cpu")
+    model_path = resolve_model(cfg.model)
+    base, processor = load_base(model_path, device=device or "cpu")
     for p in base.parameters():
         p.requires_grad_(False)
     module = build_module(base, cfg).to(base.device)
     model = Stage1Model(base, module, cfg)
     train_ds, eval_ds = _datasets(cfg)
+    if overwrite:
+        removed = remove_run_files(out)
+        if removed:
+            logger.info("--overwrite: removed %s from %s", ", ".join(p.name for p in removed), out)
+    write_json_atomic(out / RUN_CONFIG, {"format": RUN_FORMAT, "config": _config_record(cfg),
+                                         "model_path": str(model_path), "library_version": library_version()})
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs,
@@ -86,16 +321,18 @@ def train(cfg: Stage1Config, resume: bool = False, device: str | None = None) ->
     )
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                data_collator=Collator(processor, base))
+    if ckpt is not None:
+        logger.info("resuming %s from %s", out, ckpt)
     t0 = time.time()
-    has_ckpt = resume and any(out.glob("checkpoint-*"))
-    result = trainer.train(resume_from_checkpoint=True if has_ckpt else None)
+    result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt is not None else None)
     seconds = time.time() - t0
     trainer.evaluate()
     final_eval = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), {})
-    module_dir = save_module(module.cpu(), out / "module")
+    module_dir = save_module_atomic(module.cpu(), out / MODULE)
     summary = {"config": cfg.__dict__, "train_seconds": seconds, "global_step": result.global_step,
                "train_loss": result.training_loss, "final_eval": final_eval, "module": str(module_dir),
-               "resumed": bool(has_ckpt), "log_history": trainer.state.log_history}
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+               "resumed": ckpt is not None, "resumed_from": None if ckpt is None else str(ckpt),
+               "log_history": trainer.state.log_history}
+    write_json_atomic(out / SUMMARY, summary)
     logger.info("stage 1 done in %.0f s: %s", seconds, json.dumps(final_eval))
     return module_dir

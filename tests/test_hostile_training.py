@@ -1,0 +1,323 @@
+"""Stage-1 training against hostile folders and configs: a run folder holds one run of one config (refused without
+--resume / --overwrite, --overwrite removes only our files, --resume needs a checkpoint and the same config),
+unwritable output paths fail before the base model loads, Stage1Config validates every field, and the run's files
+are written atomically."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import glimpseprune as gp
+from glimpseprune.data import world
+from glimpseprune.data.records import write_split
+from glimpseprune.training import trainer as T
+from glimpseprune.training.stage1 import Stage1Config, Stage1Model
+
+SMALL = world.WorldConfig(min_cells=4, max_cells=5, min_objects=2, max_objects=3)  # small canvases: fast on a CPU
+TINY_MODULE = dict(vip_width=32, cond_width=32, vip_heads=4, vip_mlp_width=64)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("records")
+    return (write_split(root, n=4, seed=11, cfg=SMALL, name="train.jsonl"),
+            write_split(root, n=2, seed=12, cfg=SMALL, name="eval.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def make_cfg(tiny_dir, data):
+    def make(out, **kw) -> Stage1Config:
+        fields = dict(model=str(tiny_dir), output_dir=str(out), train_data=str(data[0]), eval_data=str(data[1]),
+                      eval_samples=2, batch_size=2, max_steps=2, save_steps=1, eval_steps=100, logging_steps=1,
+                      threads=1, module=TINY_MODULE)
+        return Stage1Config(**{**fields, **kw})
+
+    return make
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """The folder checks must fail before the base model loads."""
+
+    def refuse(*a, **kw):
+        raise AssertionError("the base model loaded before the output folder was checked")
+
+    monkeypatch.setattr(T, "load_base", refuse)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, make_cfg):
+    """One real 2-step run (checkpoint-1, checkpoint-2, module/, summary); tests copy it before changing it."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    seen = []
+    forward = Stage1Model.forward
+
+    def spy(self, *a, **kw):
+        seen.append((out / T.RUN_CONFIG).is_file())
+        return forward(self, *a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Stage1Model, "forward", spy)
+        T.train(make_cfg(out))
+    assert seen and all(seen), "run_config.json must exist before the first training step"
+    return out
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# --------------------------------------------------------------------------- a finished run
+
+
+def test_run_writes_config_and_nothing_temporary(finished_run, make_cfg):
+    assert names(finished_run) == ["checkpoint-1", "checkpoint-2", "module", "run_config.json", "train_summary.json"]
+    record = json.loads((finished_run / "run_config.json").read_text())
+    assert record["format"] == 1 and record["config"] == json.loads(json.dumps(make_cfg(finished_run).__dict__))
+    summary = json.loads((finished_run / "train_summary.json").read_text())
+    assert summary["resumed"] is False and summary["resumed_from"] is None and summary["global_step"] == 2
+
+
+# --------------------------------------------------------------------------- a folder that already holds a run
+
+
+@pytest.mark.parametrize("existing", ["run_config.json", "train_summary.json", "module", "checkpoint-3"])
+def test_new_run_into_a_run_folder_is_refused(tmp_path, make_cfg, no_load, existing):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / existing).mkdir() if "." not in existing else (out / existing).write_text("{}")
+    with pytest.raises(ValueError, match="already holds a training run") as e:
+        T.train(make_cfg(out))
+    assert str(out) in str(e.value) and "--resume" in str(e.value) and "--overwrite" in str(e.value)
+    assert names(out) == [existing]
+
+
+def fake_run(out: Path, *extra: str) -> Path:
+    """The files of an older version's run (no run_config.json), without training one."""
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (out / "module").mkdir()
+    (out / "train_summary.json").write_text("{}")
+    for name in extra:
+        (out / name).write_text("x")
+    return out
+
+
+def test_resume_and_overwrite_exclude_each_other(tmp_path, make_cfg, no_load):
+    out = fake_run(tmp_path / "out", "run_config.json")
+    with pytest.raises(ValueError, match="exclude each other"):
+        T.train(make_cfg(out), resume=True, overwrite=True)
+    assert names(out) == ["checkpoint-2", "module", "run_config.json", "train_summary.json"]
+
+
+def test_overwrite_replaces_exactly_the_old_run(tmp_path, make_cfg):
+    out = tmp_path / "out"
+    (out / "checkpoint-7").mkdir(parents=True)  # an older version's run: no run_config.json
+    (out / "checkpoint-7" / "trainer_state.json").write_text("{}")
+    (out / "module").mkdir()
+    (out / "module" / "stale.bin").write_text("old")
+    (out / "train_summary.json").write_text('{"global_step": 7}')
+    (out / f"{T.TMP_PREFIX}module-dead").mkdir()  # a crashed write's leftover
+    T.train(make_cfg(out, max_steps=1), overwrite=True)
+    assert names(out) == ["checkpoint-1", "module", "run_config.json", "train_summary.json"]
+    assert not (out / "module" / "stale.bin").exists()
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["global_step"] == 1 and summary["resumed"] is False
+
+
+def test_overwrite_never_deletes_other_files(tmp_path, make_cfg, no_load):
+    out = fake_run(tmp_path / "out", "notes.txt")
+    with pytest.raises(ValueError, match="'notes.txt'.*did not write"):
+        T.train(make_cfg(out), overwrite=True)
+    assert names(out) == ["checkpoint-2", "module", "notes.txt", "train_summary.json"]
+
+
+def test_folder_with_only_other_files_is_trained_into(tmp_path, make_cfg):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("my experiments")
+    assert T.check_output_dir(make_cfg(out)) is None
+    assert T.check_output_dir(make_cfg(out), overwrite=True) is None
+    assert names(out) == ["README.md"]
+
+
+# --------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("held", [None, "empty", "run_config.json"])
+def test_resume_without_a_checkpoint_is_refused(tmp_path, make_cfg, no_load, held):
+    out = tmp_path / "out"
+    if held:
+        out.mkdir()
+    if held == "run_config.json":  # a run that stopped before its first checkpoint
+        (out / held).write_text(json.dumps({"format": 1, "config": make_cfg(out).__dict__}))
+    with pytest.raises(ValueError, match="nothing to resume in") as e:
+        T.train(make_cfg(out), resume=True)
+    assert str(out) in str(e.value)
+    if held == "run_config.json":
+        assert "--overwrite" in str(e.value)
+
+
+def test_resume_of_a_folder_without_run_config_is_refused(tmp_path, make_cfg, no_load):
+    out = fake_run(tmp_path / "out")
+    with pytest.raises(ValueError, match="no run_config.json.*older glimpseprune.*--overwrite"):
+        T.train(make_cfg(out), resume=True)
+
+
+def test_resume_with_another_config_lists_the_differences(finished_run, tmp_path, make_cfg, no_load):
+    out = copy_run(finished_run, tmp_path / "out")
+    with pytest.raises(ValueError, match="config differs") as e:
+        T.train(make_cfg(out, learning_rate=5e-3, seed=7, mode="kl", max_steps=9), resume=True)
+    msg = str(e.value)
+    assert "learning_rate: run 0.001, now 0.005" in msg and "seed: run 42, now 7" in msg and "mode:" in msg
+    assert "max_steps:" not in msg  # extending a run is allowed
+    (out / "run_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot be read"):
+        T.train(make_cfg(out), resume=True)
+
+
+@pytest.mark.parametrize("cut", [False, True])
+def test_resume_reports_its_checkpoint(finished_run, tmp_path, make_cfg, caplog, cut):
+    out = copy_run(finished_run, tmp_path / "out")
+    if cut:  # checkpoint-2 was cut short while saving: resume from checkpoint-1
+        (out / "checkpoint-2" / "trainer_state.json").unlink()
+    want = out / ("checkpoint-1" if cut else "checkpoint-2")
+    caplog.set_level(logging.INFO, logger=T.__name__)
+    T.train(make_cfg(out, max_steps=3, save_steps=100, logging_steps=5), resume=True)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["resumed"] is True and summary["resumed_from"] == str(want)
+    assert summary["global_step"] == 3 and summary["config"]["max_steps"] == 3
+    assert any(f"from {want}" in r.getMessage() for r in caplog.records)
+    assert json.loads((out / "run_config.json").read_text())["config"]["max_steps"] == 3
+    assert not [n for n in names(out) if n.startswith(T.TMP_PREFIX)]
+
+
+# --------------------------------------------------------------------------- unwritable output paths
+
+
+def test_unwritable_output_dir_fails_before_loading(tmp_path, make_cfg, no_load):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    for out in (blocker / "run", blocker):
+        with pytest.raises(ValueError, match="output_dir") as e:
+            T.train(make_cfg(out))
+        assert str(out) in str(e.value)
+    assert blocker.read_text() == "x"
+
+
+# --------------------------------------------------------------------------- Stage1Config
+
+
+def write_yaml(tmp_path, text: str) -> Path:
+    p = tmp_path / "cfg.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_yaml_numeric_strings_become_numbers(tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-3 as a string
+    cfg = Stage1Config.from_yaml(write_yaml(tmp_path, 'learning_rate: 1e-3\nbatch_size: "4"\nepochs: 2\n'
+                                            "max_steps: -1\nthreads: 2.0\nwarmup_ratio: 5e-2\n"))
+    assert cfg.learning_rate == 1e-3 and isinstance(cfg.learning_rate, float)
+    assert cfg.batch_size == 4 and isinstance(cfg.batch_size, int)
+    assert cfg.epochs == 2.0 and isinstance(cfg.epochs, float) and cfg.max_steps == -1
+    assert cfg.threads == 2 and isinstance(cfg.threads, int) and cfg.warmup_ratio == 0.05
+
+
+@pytest.mark.parametrize("field, value", [
+    ("learning_rate", "abc"), ("learning_rate", 0), ("learning_rate", -1e-3), ("learning_rate", float("nan")),
+    ("batch_size", 0), ("batch_size", -2), ("batch_size", 2.5), ("batch_size", True), ("batch_size", "many"),
+    ("grad_accum", 0), ("grad_accum", -1), ("max_steps", 0), ("max_steps", -2), ("epochs", 0),
+    ("eval_samples", 0), ("threads", 0), ("warmup_ratio", 1.5), ("dice_weight", -1), ("seed", -1),
+    ("model", ""), ("model", 3), ("train_data", ""), ("module", [1, 2]), ("module", {"vip_widht": 8}),
+    ("module", {"base_num_layers": 9}), ("mode", "boxez"),
+])
+def test_bad_field_is_named(field, value):
+    with pytest.raises(ValueError, match=field):
+        Stage1Config(**{field: value})
+
+
+def test_bad_yaml_values_name_file_and_field(tmp_path):
+    p = write_yaml(tmp_path, "learning_rate: abc\n")
+    with pytest.raises(ValueError, match="learning_rate must be a number") as e:
+        Stage1Config.from_yaml(p)
+    assert str(p) in str(e.value)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("batch_size: 8\nleraning_rate: 0.1\nfoo: 1\n", r"unknown fields \['foo', 'leraning_rate'\]"),
+    ("- 1\n- 2\n", "is a mapping of field: value, got a list"),
+    ("just a string\n", "got a str"),
+    ("batch_size: [8\n", "is not valid YAML"),
+    ("a: b: c\n", "is not valid YAML"),
+])
+def test_bad_yaml_file_is_named(tmp_path, text, match):
+    p = write_yaml(tmp_path, text)
+    with pytest.raises(ValueError, match=match) as e:
+        Stage1Config.from_yaml(p)
+    assert str(p) in str(e.value)
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        Stage1Config.from_yaml(tmp_path / "nope.yaml")
+
+
+def test_yaml_overrides_are_checked(tmp_path):
+    p = write_yaml(tmp_path, "batch_size: 2\n")
+    assert Stage1Config.from_yaml(p, output_dir=str(tmp_path / "o"), threads=None).output_dir == str(tmp_path / "o")
+    with pytest.raises(ValueError, match="unknown fields \\['bogus'\\]"):
+        Stage1Config.from_yaml(p, bogus=1)
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def test_summary_write_is_atomic(tmp_path, monkeypatch):
+    target = tmp_path / "train_summary.json"
+    target.write_text('{"old": true}')
+
+    def crash(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError, match="disk full"):
+        T.write_json_atomic(target, {"new": list(range(1000))})
+    assert target.read_text() == '{"old": true}' and names(tmp_path) == ["train_summary.json"]
+    monkeypatch.undo()
+    T.write_json_atomic(target, {"new": 1})
+    assert json.loads(target.read_text()) == {"new": 1} and names(tmp_path) == ["train_summary.json"]
+
+
+def test_module_write_is_atomic(finished_run, tmp_path, monkeypatch):
+    out = copy_run(finished_run / "module", tmp_path / "module")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    module = gp.load_module(out)
+    with torch.no_grad():
+        module.vip.out_proj.bias.add_(1.0)
+
+    def killed(mod, folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "glimpse_config.json").write_text("{")  # cut short
+        raise OSError("killed mid-write")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(T, "save_module", killed)
+        with pytest.raises(OSError, match="killed"):
+            T.save_module_atomic(module, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and names(tmp_path) == ["module"]
+    assert T.save_module_atomic(module, out) == out  # replaces the existing module
+    assert names(tmp_path) == ["module"]
+    assert torch.equal(gp.load_module(out).vip.out_proj.bias, module.vip.out_proj.bias)
