@@ -73,19 +73,23 @@ class PrunedModel:
 
         if self.processor is None:
             raise ValueError("this PrunedModel has no processor; pass processor= or call generate(inputs=...)")
-        if len(images) != len(questions):
-            raise ValueError(f"got {len(images)} image lists for {len(questions)} questions")
+        check_batch_args(images, questions)
         pil = [[load_image(im) if isinstance(im, (str, Path)) else im for im in ims] for ims in images]
-        return build_inputs(self.processor, pil, questions)
+        limit = context_length(self.model)
+        return build_inputs(self.processor, pil, questions, max_length=None if limit is None else limit - 1)
 
     def generate(self, inputs: dict | None = None, *, images=None, questions=None, max_new_tokens: int = 32,
                  do_sample: bool = False, temperature: float = 1.0, seed: int | None = None,
                  keep_masks: list[torch.Tensor] | None = None, return_logits: bool = False) -> PruneOutput:
         """Generate for a batch given either processor ``inputs`` or ``images`` + ``questions``."""
+        check_generate_args(max_new_tokens, do_sample, temperature, seed, keep_masks)
         if inputs is None:
             if questions is None:
                 raise ValueError("pass inputs= (processor output) or questions= (+ images=)")
+            if isinstance(questions, (str, bytes)):
+                raise TypeError("questions must be a list of strings (one per sample), not a single string")
             inputs = self.prepare(images if images is not None else [[] for _ in questions], questions)
+        check_prompt_length(inputs, context_length(self.model))
         device = next(self.model.parameters()).device
         inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in dict(inputs).items()}
         eos, pad = _token_ids(self.model, self.processor)
@@ -101,6 +105,70 @@ class PrunedModel:
             prune_layer=pre.prune_layer, texts=texts, step_logits=step_logits if return_logits else None,
             prefill=pre, timing=pre.timing,
         )
+
+
+def check_batch_args(images, questions) -> None:
+    """The shapes a user gets wrong first, named before anything is loaded: a list of questions (str each) and, per
+    question, a list of images (paths or PIL images)."""
+    if isinstance(questions, (str, bytes)) or not isinstance(questions, (list, tuple)):
+        raise TypeError(f"questions must be a list of strings, got {type(questions).__name__}")
+    for i, q in enumerate(questions):
+        if not isinstance(q, str):
+            raise TypeError(f"questions[{i}] must be a string, got {type(q).__name__} {q!r:.60}")
+    if isinstance(images, (str, bytes, Path)) or not isinstance(images, (list, tuple)):
+        raise TypeError(f"images must be a list with one list of images per question, got {type(images).__name__}")
+    if len(images) != len(questions):
+        raise ValueError(f"got {len(images)} image lists for {len(questions)} questions")
+    for i, sample in enumerate(images):
+        if isinstance(sample, (str, Path)):
+            raise TypeError(f"images[{i}] is a single path ({sample!s:.80}); give each question a list of images: "
+                            f"images=[[{str(sample)!r:.80}]]")
+        if not isinstance(sample, (list, tuple)):
+            raise TypeError(f"images[{i}] must be a list of images (paths or PIL images), got "
+                            f"{type(sample).__name__}; wrap it in a list")
+
+
+def check_generate_args(max_new_tokens, do_sample, temperature, seed, keep_masks) -> None:
+    """Generation knobs: named errors instead of a silent wrong answer (a float keep mask cast to bool keeps
+    everything) or a traceback from deep inside torch."""
+    import math
+    import numbers
+
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number, got {temperature!r}")
+    if temperature < 0 or (do_sample and temperature == 0):
+        raise ValueError(f"temperature must be > 0 when sampling (>= 0 otherwise), got {temperature}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"seed must be a whole number or None, got {type(seed).__name__} {seed!r}")
+    if keep_masks is not None:
+        if torch.is_tensor(keep_masks) or not isinstance(keep_masks, (list, tuple)):
+            raise TypeError("keep_masks must be a list with one bool tensor per sample")
+        for i, m in enumerate(keep_masks):
+            dtype = getattr(m, "dtype", None)
+            if not (torch.is_tensor(m) or hasattr(m, "__array__")) or dtype not in (torch.bool, bool, "bool"):
+                what = f"{type(m).__name__} of {dtype}" if dtype is not None else type(m).__name__
+                raise TypeError(f"keep_masks[{i}] must be a bool tensor or array (True = keep), got {what}; "
+                                "threshold scores yourself (e.g. scores > 0.5)")
+
+
+def context_length(model) -> int | None:
+    """The LLM's context (``max_position_embeddings``), or None where the config does not say."""
+    value = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def check_prompt_length(inputs, limit: int | None) -> None:
+    """A prompt (the glimpse token included) longer than the model's context is refused before the model runs (for
+    ``inputs`` a caller built; ``prepare`` refuses while tokenising)."""
+    ids = inputs.get("input_ids") if hasattr(inputs, "get") else None
+    if limit is None or ids is None:
+        return
+    n = int(ids.shape[-1]) + 1
+    if n > limit:
+        raise ValueError(f"the prompt is {n - 1} tokens (+ 1 glimpse token) but the model's context is {limit} "
+                         "(max_position_embeddings): shorten the question or use fewer / smaller images")
 
 
 def make_method(name: str, module=None, selection: SelectionConfig | None = None, **kwargs) -> PruningMethod:

@@ -22,6 +22,34 @@ import sys
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--limit 0`` or ``--batch-size -1`` is an error, not an empty run)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def check_device(name: str) -> str:
+    """A torch device this machine has, or ``ValueError`` naming what is missing (before any model loads)."""
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"--device {name!r} is not a torch device ({err})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here (torch {torch.__version__})")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available here")
+    return name
+
+
 def _selection(args):
     from .config import SelectionConfig
 
@@ -42,6 +70,7 @@ def _load(args):
     from .api import load
     from .assets import resolve_model, resolve_module
 
+    check_device(args.device)
     module = _module_arg(args)
     if args.method == "full":
         module = None
@@ -49,17 +78,39 @@ def _load(args):
                 selection=_selection(args), device=args.device, dtype=getattr(torch, args.dtype))
 
 
+def _check_overlay(path: str, images: list[str]) -> None:
+    """Before the model loads: the overlay must go to a new PNG-able path that is not one of the inputs."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from .outputs import check_writable_file
+
+    if not images:
+        raise ValueError("--overlay needs an image")
+    out = Path(path)
+    for im in images:
+        same = out.resolve() == Path(im).resolve() or (out.exists() and Path(im).exists() and out.samefile(im))
+        if same:
+            raise ValueError(f"--overlay {path} is the input image {im}: refusing to overwrite it; choose another path")
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--overlay {path}: unknown image file extension {out.suffix!r} (use .png)")
+    check_writable_file(out)
+
+
 def cmd_ask(args) -> int:
     images = list(args.image or []) + ([args.image_pos] if args.image_pos else [])
     question = args.question or args.question_pos
     if not question:
         raise ValueError("no question: give it as the second argument or with --question")
+    if not _is_utf8(question):
+        raise ValueError(f"the question is not valid UTF-8 text: {_printable(question)!r}")
+    if args.overlay:
+        _check_overlay(args.overlay, images)
     pm = _load(args)
     out = pm.generate(images=[images], questions=[question], max_new_tokens=args.max_new_tokens)
     n, N = out.n_kept[0], out.n_vis[0]
     if args.overlay:
-        if not images:
-            raise ValueError("--overlay needs an image")
         _write_overlay(pm, images[0], out.image_keep_masks[0], args.overlay)
     if args.json:
         print(json.dumps({"answer": out.texts[0], "kept": n, "n_vis": N, "kv_len": out.kv_len[0],
@@ -79,21 +130,51 @@ def _write_overlay(pm, image_path, keep, out_path) -> None:
     print(f"wrote {out_path}")
 
 
-def _eval_one(args, method: str | None, out) -> dict:
+EVAL_OWNED = ["samples.jsonl", "summary.json", "errors.jsonl", "relative.json", "full"]
+
+
+def _eval_one(args, method: str | None, out, resume: bool) -> dict:
     import dataclasses
 
-    from .bench.accuracy import run
+    from .bench.accuracy import read_rows, run
+    from .outputs import atomic_write_json, ensure_writable_dir
 
     args = argparse.Namespace(**{**vars(args), "method": method})
+    ensure_writable_dir(out)
+    samples, errors = out / "samples.jsonl", out / "errors.jsonl"
+    done = read_rows(samples) if resume else []
+    if resume and done:
+        print(f"resuming {out}: {len(done)} samples already evaluated")
     pm = _load(args)
     meta = {"model": args.model, "module": None if pm.method.name == "full" else (args.module or "embedded"),
             "method": pm.method.name, "selection": dataclasses.asdict(_selection(args))}
-    rows, summary = run(pm, args.split, limit=args.limit, batch_size=args.batch_size, meta=meta)
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "samples.jsonl").open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    # rows are written as they come (a crash or a bad record keeps what was done); resume rewrites the file whole
+    # first, so a torn last line of the interrupted run is gone
+    if done:
+        atomic_write_text_lines(samples, done)
+    skipped: list[dict] = []
+    with samples.open("a" if done else "w") as f, errors.open("w") as ef:  # skipped records are retried on resume
+        def on_row(row: dict) -> None:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+
+        def on_skip(err) -> None:
+            skipped.append({"id": err.record_id, "error": err.reason})
+            ef.write(json.dumps(skipped[-1]) + "\n")
+            ef.flush()
+
+        try:
+            rows, summary = run(pm, args.split, limit=args.limit, batch_size=args.batch_size, meta=meta,
+                                on_row=on_row, done=done, on_error=args.on_error, on_skip=on_skip)
+        except ValueError as err:
+            f.flush()
+            n = len(read_rows(samples)) if samples.exists() else 0
+            raise ValueError(f"{err}\nstopped: {n} results so far are saved in {samples}; fix or remove the record "
+                             "and rerun with --resume, or pass --on-error skip") from err
+    if not errors.stat().st_size:
+        errors.unlink()
+    summary["skipped"] = [e["id"] for e in skipped]
+    atomic_write_json(out / "summary.json", summary)
     fam = ", ".join(f"{k} {v['exact_match']:.3f} (kept {v['kept_frac']['mean']:.3f})"
                     for k, v in summary["per_family"].items())
     kf = summary["kept_frac"]
@@ -104,26 +185,41 @@ def _eval_one(args, method: str | None, out) -> dict:
     print(f"[{pm.method.name}] wall time per sample (batch {args.batch_size}, this machine): prefill "
           f"{ms['prefill']:.1f} ms (ViT + LLM), decode {ms['decode']:.1f} ms; "
           f"KV cache {summary['mean_kv_len']:.0f} tokens")
-    print(f"[{pm.method.name}] wrote {out / 'summary.json'} and {out / 'samples.jsonl'}")
+    if skipped:
+        print(f"[{pm.method.name}] skipped {len(skipped)} records that could not be evaluated: see {errors}")
+    print(f"[{pm.method.name}] wrote {out / 'summary.json'} and {samples}")
     return summary
 
 
+def atomic_write_text_lines(path, rows: list[dict]) -> None:
+    from .outputs import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
 def cmd_eval(args) -> int:
+    import dataclasses
     from pathlib import Path
 
+    from .outputs import atomic_write_json, claim_run_dir
+
     out = Path(args.out)
-    main = _eval_one(args, args.method, out)
+    settings = {"split": str(Path(args.split).resolve()), "limit": args.limit, "model": str(args.model),
+                "module": _module_arg(args), "method": args.method, "compare_full": args.compare_full,
+                "selection": dataclasses.asdict(_selection(args)), "dtype": args.dtype}
+    claim_run_dir(out, "eval", settings, EVAL_OWNED, resume=args.resume, overwrite=args.overwrite)
+    main = _eval_one(args, args.method, out, args.resume)
     if args.compare_full and main["method"] != "full":
-        full = _eval_one(args, "full", out / "full")
+        full = _eval_one(args, "full", out / "full", args.resume)
         ratio = main["exact_match"] / max(full["exact_match"], 1e-9)
         per = {f: main["per_family"][f]["exact_match"] / max(v["exact_match"], 1e-9)
-               for f, v in full["per_family"].items()}
+               for f, v in full["per_family"].items() if f in main["per_family"]}
         report = {"method": main["method"], "exact_match": main["exact_match"],
                   "full_exact_match": full["exact_match"], "relative_accuracy": ratio,
                   "mean_kept_frac": main["kept_frac"]["mean"], "relative_accuracy_per_family": per,
                   "ms_per_sample": {"pruned": main["ms_per_sample"], "full": full["ms_per_sample"]},
                   "mean_kv_len": {"pruned": main["mean_kv_len"], "full": full["mean_kv_len"]}}
-        (out / "relative.json").write_text(json.dumps(report, indent=1))
+        atomic_write_json(out / "relative.json", report)
         print(f"{main['method']} keeps {100 * ratio:.1f} % of the full-token accuracy "
               f"({main['exact_match']:.4f} vs {full['exact_match']:.4f}) with {100 * main['kept_frac']['mean']:.1f} % "
               f"of the visual tokens on average; wrote {out / 'relative.json'}")
@@ -136,16 +232,27 @@ def cmd_eval(args) -> int:
     return 0
 
 
+COMPARE_OWNED = ["runs", "compare.md", "compare.png", "k_sweep.json", "k_sweep.md", "k_sweep.png"]
+
+
 def cmd_compare(args) -> int:
+    from pathlib import Path
+
     import torch
 
     from .api import load_base
     from .assets import resolve_model, resolve_module
     from .bench.compare import MASK_METHODS, compare, k_sweep
     from .checkpoint import load_module
+    from .outputs import claim_run_dir
     from .registry import get_adapter, list_methods
 
     methods = args.methods or [m for m in list_methods() if m not in (*MASK_METHODS, "full")]
+    check_device(args.device)
+    settings = {"split": str(Path(args.split).resolve()), "limit": args.limit, "model": str(args.model),
+                "module": _module_arg(args), "methods": methods, "budgets": args.budgets, "cap": args.cap,
+                "k_sweep": args.k_sweep, "dtype": args.dtype}
+    claim_run_dir(args.out, "compare", settings, COMPARE_OWNED, overwrite=args.overwrite, resume_flag="")
     model, processor = load_base(resolve_model(args.model), args.device, getattr(torch, args.dtype))
     module_arg = _module_arg(args)
     module = None
@@ -164,9 +271,12 @@ def cmd_compare(args) -> int:
 
 
 def cmd_make_world(args) -> int:
-    from .data.records import write_split
+    from .data.records import has_split, write_split
 
-    print(f"wrote {write_split(args.out, args.n, args.seed)}")
+    if not args.overwrite and has_split(args.out, args.n, args.seed):  # deterministic: the same split is kept
+        print(f"{args.out} already holds this split (n {args.n}, seed {args.seed}); left as it is")
+        return 0
+    print(f"wrote {write_split(args.out, args.n, args.seed, overwrite=args.overwrite)}")
     return 0
 
 
@@ -175,7 +285,9 @@ def cmd_train(args) -> int:
     from .training.trainer import train
 
     cfg = Stage1Config.from_yaml(args.config, output_dir=args.output_dir)
-    print(f"wrote {train(cfg, resume=args.resume, device=args.device)}")
+    if args.device:
+        check_device(args.device)
+    print(f"wrote {train(cfg, resume=args.resume, overwrite=args.overwrite, device=args.device)}")
     return 0
 
 
@@ -270,15 +382,21 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--question", help="the question text")
     a.add_argument("--overlay", help="write the (first) image with its kept tokens highlighted to this PNG")
     _model_args(a)
-    a.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
+    a.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens to generate")
     a.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     a.set_defaults(fn=cmd_ask)
 
     e = sub.add_parser("eval", help="exact match and kept fractions on a JSONL split (samples.jsonl + summary.json)")
     e.add_argument("--split", required=True, help="records JSONL (e.g. from `glimpseprune make-world`)")
     e.add_argument("--out", required=True, help="output folder")
-    e.add_argument("--limit", type=int, help="evaluate the first N records only")
-    e.add_argument("--batch-size", type=int, default=8, help="samples per batch")
+    e.add_argument("--limit", type=positive_int, help="evaluate the first N records only")
+    e.add_argument("--batch-size", type=positive_int, default=8, help="samples per batch")
+    e.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT (same settings): "
+                   "records already in OUT/samples.jsonl are not run again")
+    e.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in OUT")
+    e.add_argument("--on-error", choices=["stop", "skip"], default="stop", help="a record that cannot be "
+                   "evaluated (unreadable image, refused question): stop with the results so far saved (default), or "
+                   "skip it, logging it in OUT/errors.jsonl")
     e.add_argument("--compare-full", action="store_true", help="also run without pruning (OUT/full) and report "
                    "the relative accuracy (OUT/relative.json)")
     _model_args(e)
@@ -294,8 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--k-sweep", action="store_true", help="instead: accuracy and prefill cost vs the pruning "
                    "layer K (GlimpsePrune's masks, oracle boxes and attention top-k dropped after each K)")
     k.add_argument("--cap", type=float, default=0.111, help="cap of GlimpsePrune's capped dynamic run")
-    k.add_argument("--limit", type=int, help="evaluate the first N records only")
-    k.add_argument("--batch-size", type=int, default=16, help="samples per batch")
+    k.add_argument("--limit", type=positive_int, help="evaluate the first N records only")
+    k.add_argument("--batch-size", type=positive_int, default=16, help="samples per batch")
+    k.add_argument("--overwrite", action="store_true", help="replace the results of an earlier comparison in OUT")
     k.add_argument("--model", default="embedded", help="local base model folder (default: the embedded one)")
     k.add_argument("--module", help="glimpse module folder (default: the embedded one with the embedded model)")
     k.add_argument("--device", default="cpu", help="torch device")
@@ -304,14 +423,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("make-world", help="render a split of the synthetic VQA world (PNGs + records.jsonl)")
     w.add_argument("--out", required=True, help="output folder")
-    w.add_argument("--n", type=int, default=500, help="number of samples (families in turn)")
+    w.add_argument("--n", type=positive_int, default=500, help="number of samples (families in turn)")
+    w.add_argument("--overwrite", action="store_true", help="replace another split in OUT (the same split is left "
+                   "as it is)")
     w.add_argument("--seed", type=int, default=1, help="split seed (1 is the held-out split used in the README)")
     w.set_defaults(fn=cmd_make_world)
 
     r = sub.add_parser("train", help="stage-1 training of a glimpse module from a YAML config")
     r.add_argument("--config", required=True, help="YAML file (see configs/)")
     r.add_argument("--output-dir", help="override the config's output_dir")
-    r.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    r.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir (its "
+                   "recorded config must match)")
+    r.add_argument("--overwrite", action="store_true", help="replace the earlier run in output_dir")
     r.add_argument("--device", help="torch device (default cpu)")
     r.set_defaults(fn=cmd_train)
 
@@ -352,9 +475,37 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s" if verbose else "%(levelname)s %(message)s")
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, KeyError) as err:  # what bad input raises: one line, no traceback
+        if verbose:
+            logging.exception("failed")
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {_printable(str(msg))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug of ours, not bad input: still one line, the traceback on --verbose
+        if verbose:
+            raise
+        print(f"error: internal error ({type(err).__name__}: {_printable(str(err))}); rerun with -v for the "
+              "traceback and please report it", file=sys.stderr)
+        return 1
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(text: str) -> str:
+    """Arguments that were not UTF-8 reach Python as surrogate escapes: show them as \\x.. instead of failing."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.records import read_records
+from ..outputs import atomic_write_text
 from .accuracy import _stats, normalize
 
 RUN_VERSION = 1
@@ -283,7 +284,7 @@ def compare(model, processor, module, split, out, methods: list[str], budgets: l
     for spec in specs:
         rows, summary = cmp.run(spec)
         summary.update({**(meta or {}), "environment": env})
-        (out / "runs" / f"{slug(spec.label)}.json").write_text(json.dumps(summary, indent=1) + "\n")
+        atomic_write_text(out / "runs" / f"{slug(spec.label)}.json", json.dumps(summary, indent=1) + "\n")
         results.append(summary)
         a = summary["accounting"]
         log(f"{spec.label:32s} exact match {summary['exact_match']:.3f}  "
@@ -291,7 +292,7 @@ def compare(model, processor, module, split, out, methods: list[str], budgets: l
             f"equiv {a['equivalent_visual_tokens']:6.1f}"
             f"  KV {a['kv_entries_at_decode']:6.1f}  ({summary['seconds']:.0f} s)")
     md = markdown(results)
-    (out / "compare.md").write_text(md)
+    atomic_write_text(out / "compare.md", md)
     png = plot(results, out / "compare.png")
     log(md)
     log(f"wrote {out / 'runs'}/*.json, {out / 'compare.md'}" + (f", {png}" if png else
@@ -348,7 +349,7 @@ def k_sweep(model, processor, module, split, out, limit: int | None = None, batc
               "full_exact_match": full["exact_match"], "glimpse_dynamic_exact_match": dyn["exact_match"],
               "glimpse_kept_frac_mean": frac, "mean_n_vis": n_vis, "mean_n_text": n_text, "rows": rows,
               "environment": environment(next(model.parameters()).device)}
-    (out / "k_sweep.json").write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_text(out / "k_sweep.json", json.dumps(result, indent=1) + "\n")
     md = [f"{full['n']} samples; full {full['exact_match']:.3f}; GlimpsePrune (its own K = "
           f"{result['module_prune_layer']}) {dyn['exact_match']:.3f} keeping {100 * frac:.1f} %. Prefill: analytic "
           f"LLM FLOPs of dropping after K ({round(n_vis)} visual + {n_text} text tokens, {round(n_kept)} kept).", "",
@@ -357,7 +358,7 @@ def k_sweep(model, processor, module, split, out, limit: int | None = None, batc
     for r in rows:
         md.append(f"| {r['K']} | {100 * r['prefill_ratio_analytic']:.1f} | {r['glimpse_masks']:.3f} | "
                   f"{r['oracle']:.3f} | " + ("-" if r["fastv_topk"] is None else f"{r['fastv_topk']:.3f}") + " |")
-    (out / "k_sweep.md").write_text("\n".join(md) + "\n")
+    atomic_write_text(out / "k_sweep.md", "\n".join(md) + "\n")
     plt = _pyplot()
     if plt is not None:
         fig, ax = plt.subplots(figsize=(6.5, 4.5))

@@ -99,18 +99,73 @@ def _span(a: float, b: float, n: int) -> tuple[int, int]:
     return lo, min(hi, n)
 
 
-def write_split(out_dir: str | Path, n: int, seed: int, cfg: WorldConfig | None = None,
-                name: str = "records.jsonl") -> Path:
-    """Render ``n`` samples (families in turn, seeds ``seed*10^6 + i``) as PNGs plus one JSONL; returns its path."""
+def _split_record(n: int, seed: int, name: str, world: WorldConfig) -> dict:
+    return {"command": "make-world", "settings": {"n": n, "seed": seed, "name": name, "world": asdict(world)}}
+
+
+def _split_marker(out_dir: Path, name: str) -> Path:
+    from ..outputs import RUN_MARKER
+
+    return out_dir / f"{name}.{RUN_MARKER}"  # one per split file: train.jsonl and eval.jsonl may share a folder
+
+
+def has_split(out_dir: str | Path, n: int, seed: int, cfg: WorldConfig | None = None,
+              name: str = "records.jsonl") -> bool:
+    """True when ``out_dir`` already holds this very split, complete (``write_split`` with the same arguments)."""
     out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    marker = _split_marker(out_dir, name)
+    if not (out_dir / name).is_file() or not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()) == _split_record(n, seed, name, cfg or WorldConfig())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _images_of(path: Path) -> list[str]:
+    """Relative image paths (as glob patterns) of an existing records file; unreadable lines are ignored."""
+    import glob
+
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            image = json.loads(line).get("image")
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(image, str) and image and not Path(image).is_absolute() and ".." not in Path(image).parts:
+            out.append(glob.escape(image))
+    return out
+
+
+def write_split(out_dir: str | Path, n: int, seed: int, cfg: WorldConfig | None = None,
+                name: str = "records.jsonl", overwrite: bool = False) -> Path:
+    """Render ``n`` samples (families in turn, seeds ``seed*10^6 + i``) as PNGs plus one JSONL; returns its path.
+
+    A folder that already holds a split file of this name is refused unless ``overwrite`` (that file, its images and
+    its run record are removed first). The records file is written last and atomically: a split is complete when it
+    exists.
+    """
+    from ..outputs import atomic_write_text, claim_run_dir
+
+    if n < 1:
+        raise ValueError(f"a split needs at least one sample, got n={n}")
+    out_dir = Path(out_dir)
     path = out_dir / name
-    with path.open("w") as f:
-        for i in range(n):
-            s = sample(seed * 1_000_000 + i, FAMILIES[i % len(FAMILIES)], cfg or WorldConfig())
-            rel = f"images/{seed}-{i:06d}.png"
-            render(s.scene).save(out_dir / rel)
-            w, h = s.scene.size
-            rec = Record(f"{seed}-{i:06d}", rel, s.question, s.answer, w, h, s.boxes, s.family)
-            f.write(json.dumps(asdict(rec)) + "\n")
+    world = cfg or WorldConfig()
+    record = _split_record(n, seed, name, world)
+    owned = [name, f"images/{seed}-*.png", *_images_of(path)]  # the earlier split's images go with it
+    claim_run_dir(out_dir, "make-world", record["settings"], owned, overwrite=overwrite, resume_flag="",
+                  marker=_split_marker(out_dir, name).name)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        s = sample(seed * 1_000_000 + i, FAMILIES[i % len(FAMILIES)], world)
+        rel = f"images/{seed}-{i:06d}.png"
+        render(s.scene).save(out_dir / rel)
+        w, h = s.scene.size
+        rec = Record(f"{seed}-{i:06d}", rel, s.question, s.answer, w, h, s.boxes, s.family)
+        lines.append(json.dumps(asdict(rec)) + "\n")
+    atomic_write_text(path, "".join(lines))
     return path

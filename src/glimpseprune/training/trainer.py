@@ -29,7 +29,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -40,6 +39,7 @@ import torch
 from ..api import load_base
 from ..assets import resolve_model
 from ..checkpoint import library_version, save_module
+from ..outputs import atomic_write_text, ensure_writable_dir
 from .stage1 import (
     RESUME_FREE_FIELDS,
     Collator,
@@ -154,16 +154,8 @@ def config_differences(stored: dict[str, Any], cfg: Stage1Config) -> list[str]:
 
 
 def _ensure_writable(out: Path) -> None:
-    """Create ``out`` (and its parents) and write and remove a probe file in it; ValueError naming the path."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output_dir {out} is a file, not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out, prefix=TMP_PREFIX + "probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ValueError(f"output_dir {out} cannot be written: {e}") from None
+    """Create ``out`` (and its parents) as a folder we can write in; ValueError naming the path."""
+    ensure_writable_dir(out)
 
 
 def check_output_dir(cfg: Stage1Config, resume: bool = False, overwrite: bool = False) -> Path | None:
@@ -239,19 +231,8 @@ def _tmp_name(path: Path, tag: str = "") -> Path:
 
 
 def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Write ``data`` as JSON to a temporary file beside ``path``, flush it to disk, then rename it over ``path``."""
-    path = Path(path)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "x") as f:
-            f.write(json.dumps(data, indent=1, default=str))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``data`` as JSON through a temporary file beside ``path`` and a rename (``outputs.atomic_write_text``)."""
+    return atomic_write_text(path, json.dumps(data, indent=1, default=str))
 
 
 def save_module_atomic(module, dest: str | Path) -> Path:

@@ -1,0 +1,216 @@
+"""Hostile and careless use of the CLI and the Python API (hardening issue): no lost or mixed-up results, every bad
+input a one-line named error before the run, no silent wrong answer."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+import glimpseprune as gp
+from glimpseprune.cli import main
+from glimpseprune.config import SelectionConfig
+from glimpseprune.data.records import write_split
+from glimpseprune.testing import random_image
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    return write_split(tmp_path_factory.mktemp("hostile-world"), n=6, seed=7)
+
+
+def _eval(split, out, *extra):
+    return main(["eval", "--split", str(split), "--out", str(out), "--batch-size", "2", *extra])
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ------------------------------------------------------------------ data loss and mix-ups
+
+
+def test_eval_refuses_a_folder_with_an_earlier_run_and_overwrite_removes_stale_files(split, tmp_path, capsys):
+    out = tmp_path / "ev"
+    assert _eval(split, out, "--compare-full", "--limit", "2") == 0
+    assert (out / "relative.json").is_file() and (out / "full" / "summary.json").is_file()
+    capsys.readouterr()
+    assert _eval(split, out, "--limit", "2") == 2  # another run into the same folder: refused, files untouched
+    err = capsys.readouterr().err
+    assert "already holds results of an earlier run" in err and "--overwrite" in err
+    assert (out / "relative.json").is_file()
+    stray = out / "notes.txt"  # not ours: never touched
+    stray.write_text("mine")
+    assert _eval(split, out, "--limit", "2", "--overwrite") == 0
+    assert not (out / "relative.json").exists() and not (out / "full").exists()  # stale files of the other run gone
+    assert stray.read_text() == "mine" and len(_rows(out / "samples.jsonl")) == 2
+
+
+def test_eval_bad_record_stops_with_results_saved_then_resume_or_skip(split, tmp_path, capsys):
+    lines = split.read_text().splitlines()
+    bad = json.loads(lines[3])
+    bad["image"] = "images/missing.png"
+    broken = split.parent / "broken.jsonl"
+    broken.write_text("\n".join(lines[:3] + [json.dumps(bad)] + lines[4:]) + "\n")
+    out = tmp_path / "ev"
+    assert _eval(broken, out) == 2
+    err = capsys.readouterr().err
+    assert f"record {bad['id']}" in err and "3 results so far are saved" in err and "--resume" in err
+    assert [r["id"] for r in _rows(out / "samples.jsonl")] == [json.loads(x)["id"] for x in lines[:3]]
+    # fix the record, resume: the three done are not run again, the summary covers all six
+    broken.write_text("\n".join(lines) + "\n")
+    assert _eval(broken, out, "--resume") == 0
+    assert "resuming" in capsys.readouterr().out
+    rows = _rows(out / "samples.jsonl")
+    assert len(rows) == 6 and len({r["id"] for r in rows}) == 6
+    assert json.loads((out / "summary.json").read_text())["n"] == 6
+    # --on-error skip: the bad record is logged by id and left out, the rest evaluated
+    broken.write_text("\n".join(lines[:3] + [json.dumps(bad)] + lines[4:]) + "\n")
+    out2 = tmp_path / "ev2"
+    assert _eval(broken, out2, "--on-error", "skip") == 0
+    assert "skipped 1 records" in capsys.readouterr().out
+    assert [json.loads(x)["id"] for x in (out2 / "errors.jsonl").read_text().splitlines()] == [bad["id"]]
+    summary = json.loads((out2 / "summary.json").read_text())
+    assert summary["n"] == 5 and summary["skipped"] == [bad["id"]]
+
+
+def test_eval_resume_checks_the_settings(split, tmp_path, capsys):
+    out = tmp_path / "ev"
+    assert _eval(split, out, "--resume") == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert _eval(split, out, "--limit", "2") == 0
+    assert _eval(split, out, "--limit", "3", "--resume") == 2
+    assert "settings differ (limit: 2 -> 3)" in capsys.readouterr().err
+    assert _eval(split, out, "--resume", "--overwrite") == 2
+    assert "pass one of them" in capsys.readouterr().err
+
+
+def test_unwritable_output_fails_before_the_run(split, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    t0 = time.perf_counter()
+    assert _eval(split, blocker / "out") == 2
+    assert "cannot write output" in capsys.readouterr().err and time.perf_counter() - t0 < 5
+    assert main(["compare", "--split", str(split), "--out", str(blocker / "c"), "--methods", "random"]) == 2
+    assert "cannot write output" in capsys.readouterr().err
+    assert main(["make-world", "--out", str(blocker), "--n", "2"]) == 2
+    assert "it is a file" in capsys.readouterr().err
+
+
+def test_ask_overlay_never_overwrites_the_input(tmp_path, capsys):
+    img = tmp_path / "in.png"
+    random_image(64, 64, seed=1).save(img)
+    before = img.read_bytes()
+    assert main(["ask", str(img), "What colour is the square?", "--overlay", str(img)]) == 2
+    assert "is the input image" in capsys.readouterr().err and img.read_bytes() == before
+    assert main(["ask", str(img), "Q?", "--overlay", str(tmp_path / "." / "in.png")]) == 2
+    assert main(["ask", str(img), "Q?", "--overlay", str(tmp_path / "out.nope")]) == 2
+    assert "unknown image file extension" in capsys.readouterr().err
+
+
+def test_make_world_and_compare_refuse_another_run(tmp_path, capsys):
+    out = tmp_path / "w"
+    assert main(["make-world", "--out", str(out), "--n", "3", "--seed", "2"]) == 0
+    first = (out / "records.jsonl").read_text()
+    assert main(["make-world", "--out", str(out), "--n", "3", "--seed", "2"]) == 0  # the same split: kept
+    assert "left as it is" in capsys.readouterr().out
+    assert main(["make-world", "--out", str(out), "--n", "4", "--seed", "2"]) == 2  # another split: refused
+    assert "already holds results" in capsys.readouterr().err and (out / "records.jsonl").read_text() == first
+    assert main(["make-world", "--out", str(out), "--n", "2", "--seed", "5", "--overwrite"]) == 0
+    assert len((out / "records.jsonl").read_text().splitlines()) == 2
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["5-000000.png", "5-000001.png"]  # none stale
+    cmp_out = tmp_path / "cmp"
+    (cmp_out / "runs").mkdir(parents=True)
+    (cmp_out / "runs" / "old.json").write_text("{}")
+    assert main(["compare", "--split", str(out / "records.jsonl"), "--out", str(cmp_out), "--methods", "random",
+                 "--budgets", "0.5"]) == 2
+    assert "already holds results" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ arguments
+
+
+@pytest.mark.parametrize("argv", [["--batch-size", "-1"], ["--limit", "0"], ["--batch-size", "two"]])
+def test_cli_rejects_non_positive_counts(split, tmp_path, argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        _eval(split, tmp_path / "o", *argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and ("must be at least 1" in err or "expected a whole number" in err)
+
+
+def test_empty_split_is_an_error_not_n_0(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert _eval(empty, tmp_path / "o") == 2
+    assert "holds no records" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_device_without_cuda_is_named(tmp_path, capsys):
+    assert main(["ask", "--question", "Q?", "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert main(["ask", "--question", "Q?", "--device", "nonsense"]) == 2
+    assert "is not a torch device" in capsys.readouterr().err
+
+
+def test_non_utf8_arguments_give_one_line_errors(tmp_path, capsys):
+    bad = b"caf\xe9?".decode("utf-8", "surrogateescape")  # what Python makes of a Latin-1 argv byte
+    assert main(["ask", "--question", bad]) == 2
+    err = capsys.readouterr().err
+    assert "not valid UTF-8" in err and "\\xe9" in err and len(err.strip().splitlines()) == 1
+    assert main(["ask", str(tmp_path / bad), "Q?"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # (earlier lines: transformers' loading bar)
+    assert last.startswith("error: cannot read image file") and "\\udce9" in last
+
+
+# ------------------------------------------------------------------ the Python API
+
+
+@pytest.fixture(scope="module")
+def pm():
+    return gp.load(gp.assets.resolve_model("embedded"), module=gp.assets.resolve_module("embedded"))
+
+
+def test_api_batch_shapes_and_types(pm, tmp_path):
+    img = tmp_path / "a.png"
+    random_image(56, 56, seed=2).save(img)
+    with pytest.raises(TypeError, match=r"images\[0\] is a single path"):
+        pm.generate(images=[str(img)], questions=["Q?"])
+    with pytest.raises(TypeError, match="not a single string|list of strings"):
+        pm.generate(images=[[str(img)]], questions="Q?")
+    for q in (None, 3, b"Q?"):
+        with pytest.raises(TypeError, match=r"questions\[0\] must be a string"):
+            pm.generate(images=[[str(img)]], questions=[q])
+
+
+@pytest.mark.parametrize("kwargs, err", [
+    (dict(min_keep=2.7), TypeError), (dict(threshold="0.5"), TypeError), (dict(threshold=float("nan")), ValueError),
+    (dict(max_keep_ratio="0.1"), TypeError), (dict(min_keep=True), TypeError), (dict(min_keep=-1), ValueError)])
+def test_selection_types(kwargs, err):
+    with pytest.raises(err):
+        SelectionConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=-1.0), "temperature"), (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=0.0, do_sample=True), "temperature"), (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=2.5), "max_new_tokens"), (dict(seed="1"), "seed")])
+def test_generate_knobs(pm, kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        pm.generate(images=[[random_image(56, 56)]], questions=["Q?"], **kwargs)
+
+
+def test_float_keep_mask_is_refused_not_cast(tmp_path):
+    pm = gp.load(gp.assets.resolve_model("embedded"), method="oracle")
+    n = 16
+    with pytest.raises(TypeError, match="must be a bool tensor"):
+        pm.generate(images=[[random_image(56, 56)]], questions=["Q?"], keep_masks=[torch.full((n,), 0.2)])
+
+
+def test_long_question_refused_fast(pm):
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="the prompt is .* tokens .*the model's context"):
+        pm.generate(images=[[random_image(56, 56)]], questions=["why " * 10_000])
+    assert time.perf_counter() - t0 < 1.0
