@@ -33,7 +33,9 @@ def one_line_error(r: subprocess.CompletedProcess) -> tuple[bool, str]:
     err = r.stderr.decode("utf-8", "replace")
     lines = [ln for ln in err.strip().splitlines() if not ln.startswith("\rLoading") and "Loading weights" not in ln]
     last = lines[-1] if lines else ""
-    ok = r.returncode == 2 and "Traceback" not in err and last.startswith("error:")
+    # ours: "error: ..."; argparse's: "glimpseprune CMD: error: ..." (both one line, exit 2)
+    ok = r.returncode == 2 and "Traceback" not in err and (last.startswith("error:") or
+                                                            last.startswith("glimpseprune ") and ": error:" in last)
     return ok, f"exit {r.returncode}, {last[:150]!r}"
 
 
@@ -121,9 +123,10 @@ def main() -> int:
 
     # -- bounded time and memory: a 40,000-character question, in this process (model loaded first)
     import glimpseprune as gp
+    from glimpseprune.assets import resolve_model, resolve_module
     from glimpseprune.bench.efficiency import _proc_status_kb, _reset_peak_rss
 
-    pm = gp.load(gp.assets.resolve_model("embedded"), module=gp.assets.resolve_module("embedded"))
+    pm = gp.load(resolve_model("embedded"), module=resolve_module("embedded"))
     question = "why " * 10_000
     exact = _reset_peak_rss()
     base = _proc_status_kb("VmHWM") if exact else 0
@@ -134,7 +137,7 @@ def main() -> int:
     except ValueError as err:
         refused, msg = True, str(err)
     dt = time.perf_counter() - t0
-    rise = (_proc_status_kb("VmHWM") - base) / 1024 if exact else float("nan")
+    rise = (_proc_status_kb("VmHWM") - base) / 2**20 if exact else float("nan")  # bytes -> MiB
     check("40k-character question", refused and dt < 1.0 and (not exact or rise < 100),
           f"refused in {dt:.2f} s, peak RSS rise {rise:.1f} MiB: {msg[:90]!r}")
     n_fail = sum(not ok for _, ok, _ in RESULTS)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import glimpseprune as gp
+from glimpseprune.assets import resolve_model, resolve_module
 from glimpseprune.cli import main
 from glimpseprune.config import SelectionConfig
 from glimpseprune.data.records import write_split
@@ -170,7 +171,7 @@ def test_non_utf8_arguments_give_one_line_errors(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def pm():
-    return gp.load(gp.assets.resolve_model("embedded"), module=gp.assets.resolve_module("embedded"))
+    return gp.load(resolve_model("embedded"), module=resolve_module("embedded"))
 
 
 def test_api_batch_shapes_and_types(pm, tmp_path):
@@ -203,7 +204,7 @@ def test_generate_knobs(pm, kwargs, match):
 
 
 def test_float_keep_mask_is_refused_not_cast(tmp_path):
-    pm = gp.load(gp.assets.resolve_model("embedded"), method="oracle")
+    pm = gp.load(resolve_model("embedded"), method="oracle")
     n = 16
     with pytest.raises(TypeError, match="must be a bool tensor"):
         pm.generate(images=[[random_image(56, 56)]], questions=["Q?"], keep_masks=[torch.full((n,), 0.2)])

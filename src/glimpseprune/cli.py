@@ -104,7 +104,7 @@ def cmd_ask(args) -> int:
     if not question:
         raise ValueError("no question: give it as the second argument or with --question")
     if not _is_utf8(question):
-        raise ValueError(f"the question is not valid UTF-8 text: {_printable(question)!r}")
+        raise ValueError(f"the question is not valid UTF-8 text: {_printable(question)}")
     if args.overlay:
         _check_overlay(args.overlay, images)
     pm = _load(args)
@@ -136,7 +136,7 @@ EVAL_OWNED = ["samples.jsonl", "summary.json", "errors.jsonl", "relative.json", 
 def _eval_one(args, method: str | None, out, resume: bool) -> dict:
     import dataclasses
 
-    from .bench.accuracy import read_rows, run
+    from .bench.accuracy import RecordError, read_rows, run
     from .outputs import atomic_write_json, ensure_writable_dir
 
     args = argparse.Namespace(**{**vars(args), "method": method})
@@ -166,10 +166,10 @@ def _eval_one(args, method: str | None, out, resume: bool) -> dict:
         try:
             rows, summary = run(pm, args.split, limit=args.limit, batch_size=args.batch_size, meta=meta,
                                 on_row=on_row, done=done, on_error=args.on_error, on_skip=on_skip)
-        except ValueError as err:
+        except RecordError as err:
             f.flush()
             n = len(read_rows(samples)) if samples.exists() else 0
-            raise ValueError(f"{err}\nstopped: {n} results so far are saved in {samples}; fix or remove the record "
+            raise ValueError(f"{err}; stopped: {n} results so far are saved in {samples}; fix or remove the record "
                              "and rerun with --resume, or pass --on-error skip") from err
     if not errors.stat().st_size:
         errors.unlink()
