@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import check_compatible, load_module
+from .checkpoint import MERGED_ATTR, check_compatible, load_plus, read_merged_record
 from .config import SelectionConfig
 from .methods.base import PruningMethod
 from .registry import get_adapter, get_method
@@ -194,26 +194,38 @@ def load_base(model_dir: str | Path, device: str | torch.device = "cpu", dtype: 
 
     p = Path(model_dir)
     if not (p / "config.json").is_file():
+        hint = ("; this folder holds a LoRA adapter (GlimpsePrune+?): pass it as module=, the base model as "
+                "model_dir") if (p / "adapter_config.json").is_file() else ""
         raise FileNotFoundError(f"no model at {p}: expected a local Hugging Face directory with config.json "
-                                "(download it first, e.g. `hf download Qwen/Qwen2.5-VL-7B-Instruct --local-dir DIR`)")
+                                "(download it first, e.g. `hf download Qwen/Qwen2.5-VL-7B-Instruct --local-dir DIR`)"
+                                + hint)
     config = AutoConfig.from_pretrained(p, local_files_only=True)
     get_adapter(config.model_type)  # fail fast on unsupported families
+    merged = read_merged_record(p)  # a lora.merge_and_save folder: its weights hold a GlimpsePrune+ adapter
     model = AutoModelForImageTextToText.from_pretrained(p, dtype=dtype, local_files_only=True).to(device).eval()
+    if merged is not None:
+        setattr(model, MERGED_ATTR, merged)
     return model, load_processor(p)
 
 
 def load(model_dir: str | Path, module: str | Path | None = None, method: str | None = None,
          selection: SelectionConfig | None = None, device: str | torch.device = "cpu",
-         dtype: torch.dtype = torch.float32, **method_kwargs) -> PrunedModel:
+         dtype: torch.dtype = torch.float32, merge_adapter: bool = True, **method_kwargs) -> PrunedModel:
     """Load a base model (and a glimpse module) from local directories and wrap them.
 
-    method defaults to "glimpse" when a module is given, else "full".
+    method defaults to "glimpse" when a module is given, else "full". A GlimpsePrune+ module folder (module + LoRA
+    adapter, ``lora.save_plus``) is loaded as a whole: the adapter is applied to the base model (merged into its
+    weights unless ``merge_adapter=False``), then the module; the folder is checked before the base model loads.
     """
+    from .checkpoint import adapter_record
+
+    if module is not None:
+        adapter_record(module)  # missing / foreign adapter files: named errors before anything loads
     model, processor = load_base(model_dir, device, dtype)
     method = method or ("glimpse" if module is not None else "full")
     mod = None
     if module is not None:
         # the module follows a bf16 base (tested: >= 99 % of the fp32 keep decisions); fp16 stays fp32 (untested)
         mod_dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
-        mod = load_module(module, get_adapter(model).dims(model), device=device, dtype=mod_dtype)
+        model, mod = load_plus(model, module, merge=merge_adapter, device=device, dtype=mod_dtype)
     return apply(model, method, module=mod, selection=selection, processor=processor, **method_kwargs)

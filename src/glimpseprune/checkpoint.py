@@ -1,11 +1,18 @@
 """GlimpsePrune module checkpoints: ``glimpse_config.json`` + ``glimpse_module.safetensors`` (no pickles), recording
 the base model and library versions; plus the converter from the upstream release layout
-(``config.json`` + ``new_modules_gp.pt``), the only place a pickle is read (``torch.load(weights_only=True)``)."""
+(``config.json`` + ``new_modules_gp.pt``), the only place a pickle is read (``torch.load(weights_only=True)``).
+
+A GlimpsePrune+ folder also holds the PEFT LoRA adapter of the base model the module was trained on
+(``adapter_config.json`` + ``adapter_model.safetensors``); the module's JSON records it (``"adapter"``: format, rank,
+alpha, base model, sha256 of the weights file), and ``load_module`` refuses such a module without its adapter (the
+module alone on the stock base is the wrong function, upstream issue #7): load both with ``load_plus``."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +39,11 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "glimpse_config.json"
 WEIGHTS_NAME = "glimpse_module.safetensors"
 UPSTREAM_WEIGHTS = "new_modules_gp.pt"
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's names: the folder also loads with PeftModel.from_pretrained
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_FORMAT = "peft-lora"
+MERGED_NAME = "glimpseprune_merged_adapter.json"  # in a base model folder written by lora.merge_and_save
+MERGED_ATTR = "_glimpseprune_merged_adapter"  # on a model: sha256 of the adapter merged into its weights
 
 
 def library_version() -> str:
@@ -68,11 +80,74 @@ def check_compatible(cfg: GlimpseConfig, dims: ModelDims) -> None:
                          + "; ".join(bad))
 
 
-def save_module(module: GlimpseModule, out_dir: str | Path) -> Path:
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """What a module's JSON records about the LoRA adapter it was trained with (``"adapter"``)."""
+
+    sha256: str  # of adapter_model.safetensors
+    r: int
+    alpha: float
+    base_model_name: str | None = None
+    base_model_type: str | None = None
+    format: str = ADAPTER_FORMAT
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Any, where: Path) -> AdapterRecord:
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where}: 'adapter' must be an object, got {raw!r:.80}")
+        if raw.get("format") != ADAPTER_FORMAT:
+            raise ValueError(f"{where}: adapter format {raw.get('format')!r} is not supported "
+                             f"(only {ADAPTER_FORMAT!r})")
+        sha = raw.get("sha256")
+        if not isinstance(sha, str) or len(sha) != 64:
+            raise ValueError(f"{where}: adapter.sha256 must be a 64-digit hex string, got {sha!r:.80}")
+        try:
+            r, alpha = _as_int("adapter.r", raw.get("r")), _as_float("adapter.alpha", raw.get("alpha"))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from e
+        names = {k: raw.get(k) for k in ("base_model_name", "base_model_type")}
+        for k, v in names.items():
+            if v is not None and not isinstance(v, str):
+                raise ValueError(f"{where}: adapter.{k} must be a string or null, got {v!r:.80}")
+        return cls(sha256=sha.lower(), r=r, alpha=alpha, **names)
+
+
+
+def read_merged_record(model_dir: str | Path) -> str | None:
+    """The sha256 of the LoRA adapter merged into a base model folder (``lora.merge_and_save`` output), or None."""
+    f = Path(model_dir) / MERGED_NAME
+    if not f.is_file():
+        return None
+    raw = _read_json(f)
+    sha = raw.get("adapter_sha256") if isinstance(raw, dict) else None
+    if not isinstance(sha, str) or len(sha) != 64:
+        raise ValueError(f"{f}: adapter_sha256 must be a 64-digit hex string, got {sha!r:.80}")
+    return sha.lower()
+
+def save_module(module: GlimpseModule, out_dir: str | Path, adapter: AdapterRecord | None = None) -> Path:
+    """Write the module; ``adapter`` records the LoRA adapter saved beside it (``lora.save_plus`` passes it). A
+    folder that already holds an adapter is refused without one: it would not load (the two must belong together)."""
     out = Path(out_dir)
+    held = [n for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if (out / n).is_file()]
+    if adapter is None and held:
+        raise ValueError(f"{out} holds a LoRA adapter ({', '.join(held)}); save the module with its adapter "
+                         "(glimpseprune.lora.save_plus) or into another folder")
     out.mkdir(parents=True, exist_ok=True)
     meta = {"glimpse": module.cfg.to_dict(), "library_version": library_version(),
             "transformers_version": transformers.__version__, "torch_version": torch.__version__}
+    if adapter is not None:
+        meta["adapter"] = adapter.to_dict()
     (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", "library": "glimpseprune"})
@@ -121,18 +196,15 @@ def _expected_state(cfg: GlimpseConfig) -> dict[str, torch.Tensor]:
         return GlimpseModule(cfg).state_dict()
 
 
-def load_module(path: str | Path, dims: ModelDims | None = None, device=None, dtype=None) -> GlimpseModule:
-    """Load a module saved by ``save_module``; with ``dims``, check it belongs to that base model.
-
-    Everything is validated before use: invalid JSON or config fields, an unreadable or truncated weights file,
-    missing / unexpected / misshapen / non-floating tensors and NaN or Inf values (also after casting to ``dtype``)
-    raise ValueError naming the file and the field or tensor."""
-    p = Path(path)
+def _read_meta(p: Path) -> tuple[dict, GlimpseConfig]:
+    """The module folder's JSON and its validated config (files present, valid JSON, valid fields)."""
     cfg_file, w_file = p / CONFIG_NAME, p / WEIGHTS_NAME
     if not cfg_file.is_file() or not w_file.is_file():
         hint = ""
         if (p / UPSTREAM_WEIGHTS).is_file():
             hint = " (an upstream release? convert it with `glimpseprune convert`)"
+        elif (p / ADAPTER_CONFIG).is_file():
+            hint = " (only a LoRA adapter is here; its glimpse module is missing)"
         raise FileNotFoundError(f"no glimpse module at {p}: expected {CONFIG_NAME} and {WEIGHTS_NAME}{hint}")
     meta = _read_json(cfg_file)
     if not isinstance(meta, dict) or not isinstance(meta.get("glimpse"), dict):
@@ -141,8 +213,62 @@ def load_module(path: str | Path, dims: ModelDims | None = None, device=None, dt
         cfg = GlimpseConfig.from_dict(meta["glimpse"])
     except ValueError as e:
         raise ValueError(f"{cfg_file}: {e}") from e
+    return meta, cfg
+
+
+def adapter_record(path: str | Path, meta: dict | None = None) -> AdapterRecord | None:
+    """The LoRA adapter a module folder's JSON records (None: a plain module), checked against the folder: a recorded
+    adapter must be there (FileNotFoundError), and adapter files need a record with their sha256 and rank (ValueError):
+    the module and the adapter were trained together and are only valid together."""
+    p = Path(path)
+    if meta is None:
+        meta, _ = _read_meta(p)
+    cfg_file, a_cfg, a_w = p / CONFIG_NAME, p / ADAPTER_CONFIG, p / ADAPTER_WEIGHTS
+    held = [f.name for f in (a_cfg, a_w) if f.is_file()]
+    if meta.get("adapter") is None:
+        if held:
+            raise ValueError(f"{p} holds a LoRA adapter ({', '.join(held)}) but {CONFIG_NAME} records none: the "
+                             "module was not trained with this adapter (save both with glimpseprune.lora.save_plus, "
+                             "or move the adapter out)")
+        return None
+    rec = AdapterRecord.from_dict(meta["adapter"], cfg_file)
+    if len(held) < 2:
+        missing = [n for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if n not in held]
+        raise FileNotFoundError(f"this module was trained with a LoRA adapter that is missing from {p}; loading the "
+                                f"module alone loses its accuracy (missing {', '.join(missing)})")
+    if file_sha256(a_w) != rec.sha256:
+        raise ValueError(f"{a_w} is not the adapter this module was trained with (its sha256 differs from the one "
+                         f"{cfg_file} records)")
+    raw = _read_json(a_cfg)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{a_cfg}: expected a JSON object (a PEFT adapter config)")
+    if str(raw.get("peft_type", "")).upper() != "LORA":
+        raise ValueError(f"{a_cfg}: peft_type {raw.get('peft_type')!r} is not LORA")
+    if raw.get("r") != rec.r or raw.get("lora_alpha") != rec.alpha:
+        raise ValueError(f"{a_cfg} (r {raw.get('r')}, alpha {raw.get('lora_alpha')}) does not match the adapter "
+                         f"{cfg_file} records (r {rec.r}, alpha {rec.alpha})")
+    return rec
+
+
+def load_module(path: str | Path, dims: ModelDims | None = None, device=None, dtype=None, *,
+                allow_without_adapter: bool = False) -> GlimpseModule:
+    """Load a module saved by ``save_module``; with ``dims``, check it belongs to that base model.
+
+    Everything is validated before use: invalid JSON or config fields, an unreadable or truncated weights file,
+    missing / unexpected / misshapen / non-floating tensors and NaN or Inf values (also after casting to ``dtype``)
+    raise ValueError naming the file and the field or tensor. A module trained with a LoRA adapter (GlimpsePrune+)
+    is refused: load it with ``load_plus(model, path)``, or pass ``allow_without_adapter=True`` to take the module
+    alone (its adapter files are then not checked)."""
+    p = Path(path)
+    meta, cfg = _read_meta(p)
+    if not allow_without_adapter and adapter_record(p, meta) is not None:
+        raise ValueError(f"the glimpse module in {p} was trained with a LoRA adapter on its base model: alone, on the "
+                         "stock base, it is the wrong function (upstream lost 12 points this way). Load both with "
+                         f"gp.load(model_dir, module={str(p)!r}) or glimpseprune.checkpoint.load_plus(model, DIR), "
+                         "or pass allow_without_adapter=True to load the module alone")
     if dims is not None:
         check_compatible(cfg, dims)
+    w_file = p / WEIGHTS_NAME
     state = _read_safetensors(w_file)
     _check_tensors(state, _expected_state(cfg), w_file)
     module = GlimpseModule(cfg)
@@ -153,6 +279,37 @@ def load_module(path: str | Path, dims: ModelDims | None = None, device=None, dt
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{w_file}: tensor {name} is not finite after casting to {dtype}")
     return module
+
+
+def load_plus(model, path: str | Path, *, merge: bool = True, device=None, dtype=None):
+    """``(model, module)`` from a module folder, GlimpsePrune+ (module + LoRA adapter) or plain.
+
+    The folder is checked first (files, hashes, the module against the model, the adapter's modules and shapes
+    against the model); then the adapter is applied to ``model`` **in place**: merged into its weights (default;
+    the model stays a plain transformers model) or, with ``merge=False``, kept as active LoRA layers. A model whose
+    weights already hold this adapter (``lora.merge_and_save`` output, loaded by ``gp.load_base``) is used as it is;
+    one holding another adapter is refused. A plain module folder gives ``(model, load_module(...))``."""
+    from .registry import get_adapter
+
+    p = Path(path)
+    meta, cfg = _read_meta(p)
+    rec = adapter_record(p, meta)
+    check_compatible(cfg, get_adapter(model).dims(model))
+    merged = getattr(model, MERGED_ATTR, None)
+    if rec is None:
+        if merged is not None:
+            logger.warning("%s holds a plain glimpse module but the model's weights hold a merged LoRA adapter; the "
+                           "module was not trained on this adapted model", p)
+        return model, load_module(p, device=device, dtype=dtype)
+    if merged is not None and merged != rec.sha256:
+        raise ValueError(f"the model's weights already hold another LoRA adapter (sha256 {merged[:12]}...) than the "
+                         f"one in {p} ({rec.sha256[:12]}...): load the stock base model instead")
+    module = load_module(p, device=device, dtype=dtype, allow_without_adapter=True)
+    if merged is None:
+        from .lora import load_adapter
+
+        load_adapter(model, p, merge=merge, expected_sha256=rec.sha256)
+    return model, module
 
 
 # Upstream model_type (without "_gp") -> our adapter's model_type.
