@@ -243,9 +243,9 @@ def cmd_compare(args) -> int:
     from .api import load_base
     from .assets import resolve_model, resolve_module
     from .bench.compare import MASK_METHODS, compare, k_sweep
-    from .checkpoint import load_module
+    from .checkpoint import load_plus
     from .outputs import claim_run_dir
-    from .registry import get_adapter, list_methods
+    from .registry import list_methods
 
     methods = args.methods or [m for m in list_methods() if m not in (*MASK_METHODS, "full")]
     check_device(args.device)
@@ -257,7 +257,9 @@ def cmd_compare(args) -> int:
     module_arg = _module_arg(args)
     module = None
     if ("glimpse" in methods or args.k_sweep) and module_arg is not None:
-        module = load_module(resolve_module(module_arg), get_adapter(model).dims(model), device=args.device)
+        # a GlimpsePrune+ folder brings its LoRA adapter (merged into the base: every method then runs on the
+        # adapted model, the one the module was trained with)
+        model, module = load_plus(model, resolve_module(module_arg), device=args.device)
     torch.manual_seed(0)
     meta = {"model": str(args.model), "module": None if module is None else str(module_arg)}
     if args.k_sweep:
@@ -281,12 +283,27 @@ def cmd_make_world(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .training.stage1 import Stage1Config
+    from .training.stage2 import Stage2Config, load_config, train_stage2
     from .training.trainer import train
 
-    cfg = Stage1Config.from_yaml(args.config, output_dir=args.output_dir)
+    cfg = load_config(args.config, output_dir=args.output_dir)
     if args.device:
         check_device(args.device)
+    if isinstance(cfg, Stage2Config):
+        if args.merge:
+            from .outputs import ensure_writable_dir
+
+            ensure_writable_dir(args.merge)  # before the run, not after it
+        plus = train_stage2(cfg, resume=args.resume, overwrite=args.overwrite, device=args.device)
+        print(f"wrote {plus} (glimpse module + LoRA adapter: --module {plus})")
+        if args.merge:
+            from .assets import resolve_model
+            from .lora import merge_and_save
+
+            print(f"wrote a merged base model to {merge_and_save(resolve_model(cfg.model), plus, args.merge)}")
+        return 0
+    if args.merge:
+        raise ValueError("--merge applies to stage-2 (GlimpsePrune+) configs, which train a LoRA adapter")
     print(f"wrote {train(cfg, resume=args.resume, overwrite=args.overwrite, device=args.device)}")
     return 0
 
@@ -429,12 +446,15 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--seed", type=int, default=1, help="split seed (1 is the held-out split used in the README)")
     w.set_defaults(fn=cmd_make_world)
 
-    r = sub.add_parser("train", help="stage-1 training of a glimpse module from a YAML config")
+    r = sub.add_parser("train", help="train from a YAML config: stage 1 (glimpse token + VIP) or `stage: 2` "
+                       "(GlimpsePrune+, GRPO + LoRA)")
     r.add_argument("--config", required=True, help="YAML file (see configs/)")
     r.add_argument("--output-dir", help="override the config's output_dir")
     r.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir (its "
                    "recorded config must match)")
     r.add_argument("--overwrite", action="store_true", help="replace the earlier run in output_dir")
+    r.add_argument("--merge", metavar="DIR", help="stage 2: also write the base model with the LoRA adapter merged "
+                   "into its weights to DIR")
     r.add_argument("--device", help="torch device (default cpu)")
     r.set_defaults(fn=cmd_train)
 

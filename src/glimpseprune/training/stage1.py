@@ -101,33 +101,47 @@ class Stage1Config:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> Stage1Config:
-        """Read a YAML mapping of field: value; ``overrides`` that are not None replace the file's values.
-        FileNotFoundError for a missing file; ValueError naming the file for unreadable or invalid YAML, a document
-        that is not a mapping, unknown fields (named) and invalid values (the field named)."""
-        import yaml
+        """Read a YAML mapping of field: value (``config_from_yaml``)."""
+        return config_from_yaml(cls, path, **overrides)
 
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"no training config at {p}")
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{p}: the training config is not UTF-8 text ({e})") from None
-        except yaml.YAMLError as e:
-            raise ValueError(f"{p} is not valid YAML: {e}") from None
-        if raw is None:  # an empty file (or comments only): every field at its default
-            raw = {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{p}: a training config is a mapping of field: value, got a {type(raw).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        given = {**raw, **{k: v for k, v in overrides.items() if v is not None}}
-        unknown = sorted(str(k) for k in given if k not in known)
-        if unknown:
-            raise ValueError(f"{p}: unknown fields {unknown}; known: {sorted(known)}")
-        try:
-            return cls(**given)
-        except ValueError as e:
-            raise ValueError(f"{p}: {e}") from None
+
+def read_yaml_mapping(path: str | Path) -> dict:
+    """The YAML mapping in ``path``: FileNotFoundError for a missing file; ValueError naming the file for unreadable
+    or invalid YAML and for a document that is not a mapping (an empty file is {})."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no training config at {p}")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: the training config is not UTF-8 text ({e})") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{p} is not valid YAML: {e}") from None
+    if raw is None:  # an empty file (or comments only): every field at its default
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{p}: a training config is a mapping of field: value, got a {type(raw).__name__}")
+    return raw
+
+
+def config_from_yaml(cls, path: str | Path, **overrides: Any):
+    """A config dataclass ``cls`` from a YAML mapping; ``overrides`` that are not None replace the file's values.
+    A ``stage:`` key (which stage the file is for; see ``training.load_config``) is not a field. ValueError naming
+    the file for unknown fields (named) and invalid values (the field named)."""
+    p = Path(path)
+    raw = read_yaml_mapping(p)
+    raw.pop("stage", None)
+    known = {f.name for f in dataclasses.fields(cls)}
+    given = {**raw, **{k: v for k, v in overrides.items() if v is not None}}
+    unknown = sorted(str(k) for k in given if k not in known)
+    if unknown:
+        raise ValueError(f"{p}: unknown fields {unknown}; known: {sorted(known)}")
+    try:
+        return cls(**given)
+    except ValueError as e:
+        raise ValueError(f"{p}: {e}") from None
 
 
 # Fields a resumed run may change: where it writes, threads, cadence of logs/evals/checkpoints, and its length (the
@@ -157,13 +171,22 @@ def _check_field(name: str, kind: str, value: Any) -> Any:
             want = "a non-empty string" + (" or null" if optional else "")
             raise ValueError(f"{name} must be {want}, got {value!r}")
         return value
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return value
+    if base == "list":
+        if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, str) and v for v in value):
+            raise ValueError(f"{name} must be a list of names, got {value!r}")
+        return list(value)
     if base == "dict":
         if value is None:
             return {}
         if not isinstance(value, dict):
             raise ValueError(f"{name} must be a mapping, got {value!r}")
         return dict(value)
-    raise TypeError(f"Stage1Config field {name} has an unchecked type {kind!r}")  # a new field needs a rule here
+    raise TypeError(f"config field {name} has an unchecked type {kind!r}")  # a new field needs a rule here
 
 
 def _number(name: str, value: Any, kind: type) -> int | float:

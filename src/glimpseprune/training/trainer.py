@@ -148,7 +148,8 @@ def read_run_config(out: str | Path) -> dict[str, Any]:
 def config_differences(stored: dict[str, Any], cfg: Stage1Config) -> list[str]:
     """'field: run X, now Y' for each field outside RESUME_FREE_FIELDS where ``cfg`` differs from ``stored``."""
     new, missing = _config_record(cfg), "(absent)"
-    names = sorted((set(stored) | set(new)) - RESUME_FREE_FIELDS)
+    free = getattr(cfg, "resume_free_fields", RESUME_FREE_FIELDS)  # a config class may name its own
+    names = sorted((set(stored) | set(new)) - free)
     return [f"{k}: run {stored.get(k, missing)!r}, now {new.get(k, missing)!r}" for k in names
             if stored.get(k, missing) != new.get(k, missing)]
 
@@ -189,8 +190,9 @@ def check_output_dir(cfg: Stage1Config, resume: bool = False, overwrite: bool = 
             raise ValueError(f"cannot resume {out}: {e}; pass --overwrite to start it afresh") from None
         diff = config_differences(stored, cfg)
         if diff:
+            free = sorted(getattr(cfg, "resume_free_fields", RESUME_FREE_FIELDS))
             raise ValueError(f"cannot resume {out}: the config differs from the run's on fields that change what is "
-                             f"trained: {'; '.join(diff)} (only {', '.join(sorted(RESUME_FREE_FIELDS))} may change); "
+                             f"trained: {'; '.join(diff)} (only {', '.join(free)} may change); "
                              "use the run's config, or another --output-dir for a new run")
         ckpt = next((c for c in found if _complete(c)), None)
         if ckpt is None:

@@ -1,0 +1,107 @@
+"""GlimpsePrune+ RL pieces: GRPO math on hand-computed numbers, and group rollouts on the pruned schedule (one shared
+prefill = G independent ones; teacher-forced log-probs = the decode's own distribution)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import make_batch
+
+from glimpseprune.methods.glimpse import GlimpseMethod
+from glimpseprune.registry import get_adapter
+from glimpseprune.runtime.engine import decode_step, prefill
+from glimpseprune.runtime.rollout import completion_logprobs, expand_prefill, sample_group
+from glimpseprune.training.grpo import group_advantages, grpo_loss, k3_kl
+
+# ------------------------------------------------------------------ math
+
+
+def test_group_advantages_hand_computed():
+    a = group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0]), G=3, eps=1e-4)
+    # group 1: mean 1/3, population std sqrt(2)/3 = 0.4714; group 2: mean 2/3, same std
+    s = math.sqrt(2) / 3 + 1e-4
+    want = [2 / 3 / s, -1 / 3 / s, -1 / 3 / s, -2 / 3 / s, 1 / 3 / s, 1 / 3 / s]
+    assert torch.allclose(a, torch.tensor(want), atol=1e-6)
+    assert torch.equal(group_advantages(torch.tensor([0.7, 0.7, 0.7, 0.7]), G=4), torch.zeros(4))
+    with pytest.raises(ValueError, match="multiple of G"):
+        group_advantages(torch.ones(5), G=2)
+
+
+def test_k3_kl_hand_computed():
+    kl = k3_kl(torch.log(torch.tensor([0.5, 0.2])), torch.log(torch.tensor([0.25, 0.2])))
+    # d = log(0.25/0.5) = -log 2: e^d - d - 1 = 0.5 + 0.693147 - 1; equal probabilities: 0
+    assert torch.allclose(kl, torch.tensor([0.5 + math.log(2) - 1, 0.0]), atol=1e-6)
+
+
+def test_equal_rewards_give_no_policy_gradient_and_single_update_gradient_is_minus_a_grad_logp():
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -0.1], [-3.0, -1.0], [-0.2, -0.4]], requires_grad=True)
+    mask = torch.tensor([[True, True], [True, False], [True, True], [True, True]])
+    adv = group_advantages(torch.tensor([0.3, 0.3, 1.0, 0.0]), G=2)  # group 1 all equal
+    loss, _ = grpo_loss(logp, logp.detach(), None, adv, mask, beta=0.0)
+    loss.backward()
+    assert torch.equal(logp.grad[:2], torch.zeros(2, 2))  # the equal-reward group: no gradient
+    # rows 3-4: d loss / d logp[r, t] = -A_r / (n_tokens_r * R), R = 4 rows
+    a = adv[2:]
+    assert torch.allclose(logp.grad[2:], (-a[:, None] / (2 * 4)).expand(2, 2), atol=1e-6)
+
+
+def test_clipped_ratio_stops_the_gradient_beyond_the_clip():
+    logp = torch.tensor([[0.5]], requires_grad=True)  # ratio e^0.5 = 1.65 > 1.2 with a positive advantage
+    loss, _ = grpo_loss(logp, torch.zeros(1, 1), None, torch.tensor([1.0]), torch.ones(1, 1, dtype=torch.bool),
+                        beta=0.0, clip_eps=0.2)
+    loss.backward()
+    assert float(loss) == pytest.approx(-1.2) and float(logp.grad) == 0.0
+
+
+# ------------------------------------------------------------------ rollouts on the pruned schedule
+
+
+@pytest.fixture(scope="module")
+def setup(model, processor, module):
+    inputs = make_batch(processor, [[(56, 84)], [(84, 56)]], questions=["What is it?", "Which colour?"], seed=3)
+    return model, get_adapter(model), GlimpseMethod(module=module), dict(inputs)
+
+
+def test_g_rollouts_from_one_prefill_equal_g_independent_runs(setup):
+    model, adapter, method, inputs = setup
+    G, steps, seeds = 3, 5, [11, 12, 13, 21, 22, 23]
+    with torch.no_grad():
+        pre = prefill(model, adapter, method, inputs)
+        toks, mask = sample_group(model, adapter, expand_prefill(model, adapter, pre, G), steps, [-1], 0, 1.0, seeds)
+        for b in range(2):
+            one = {k: v[b:b + 1] if torch.is_tensor(v) and v.shape[0] == 2 else v for k, v in inputs.items()}
+            if "pixel_values" in inputs:  # one image per sample, rows in batch order
+                n = [int(t.prod()) for t in inputs["image_grid_thw"]]
+                start = sum(n[:b])
+                one["pixel_values"] = inputs["pixel_values"][start:start + n[b]]
+                one["image_grid_thw"] = inputs["image_grid_thw"][b:b + 1]
+            # trim sample b's left padding so it is a batch of its own
+            keep = one["attention_mask"][0].bool()
+            for k in ("input_ids", "attention_mask", "mm_token_type_ids"):
+                if k in one:
+                    one[k] = one[k][:, keep]
+            for g in range(G):
+                single = prefill(model, adapter, method, one)
+                t1, _ = sample_group(model, adapter, single, steps, [-1], 0, 1.0, [seeds[b * G + g]])
+                assert torch.equal(t1[0], toks[b * G + g]), (b, g)
+    assert mask.all()  # no eos id -1: every row runs all steps
+
+
+def test_teacher_forced_logprobs_equal_the_decode_distribution(setup):
+    model, adapter, method, inputs = setup
+    G = 2
+    with torch.no_grad():
+        pre = prefill(model, adapter, method, inputs)
+        ex = expand_prefill(model, adapter, pre, G)
+        toks, _ = sample_group(model, adapter, ex, 4, [-1], 0, 1.0, [1, 2, 3, 4])
+        # the decode's own log-probs of the sampled tokens, step by step from a fresh expanded prefill
+        ex2 = expand_prefill(model, adapter, pre, G)
+        want, logits = [], ex2.logits
+        for t in range(toks.shape[1]):
+            want.append(torch.log_softmax(logits.float(), -1).gather(-1, toks[:, t:t + 1]).squeeze(-1))
+            logits = decode_step(model, adapter, ex2, toks[:, t], t)
+        got = completion_logprobs(model, adapter, expand_prefill(model, adapter, pre, G), toks)
+    assert torch.allclose(got, torch.stack(want, dim=1), atol=1e-5)
+    assert pre.cache.get_seq_length(0) == pre.key_mask.shape[1]  # expansion never touched the original cache
