@@ -69,12 +69,13 @@ def _load(args):
 
     from .api import load
     from .assets import resolve_model, resolve_module
+    from .checkpoint import adapter_record
 
     check_device(args.device)
-    module = _module_arg(args)
-    if args.method == "full":
-        module = None
-    return load(resolve_model(args.model), module=resolve_module(module), method=args.method,
+    module = resolve_module(_module_arg(args))
+    if args.method == "full" and (module is None or adapter_record(module) is None):
+        module = None  # keep-all needs no module; a GlimpsePrune+ folder still brings its adapter (the GP+ model)
+    return load(resolve_model(args.model), module=module, method=args.method,
                 selection=_selection(args), device=args.device, dtype=getattr(torch, args.dtype))
 
 

@@ -155,6 +155,20 @@ def _make_rewards(cfg: Stage2Config, out: Path):
 # --------------------------------------------------------------------------- one step
 
 
+@dataclass
+class Rollouts:
+    """One batch of group rollouts: rows b*G .. b*G+G-1 answer prompt b."""
+
+    inputs: dict
+    keep_masks: list[torch.Tensor]  # per prompt, the visual tokens the rollouts saw
+    tokens: torch.Tensor  # (R, T)
+    mask: torch.Tensor  # (R, T) bool, up to and including the first EOS
+    texts: list[str]
+    rewards: torch.Tensor  # (R,)
+    advantages: torch.Tensor  # (R,)
+    stats: dict
+
+
 class GRPOStep:
     """Rollouts, rewards and the GRPO loss for one batch of prompts (the model carries the LoRA adapter)."""
 
@@ -191,23 +205,29 @@ class GRPOStep:
     def __call__(self, items: list[dict], seeds: list[int]) -> dict:
         """One GRPO step on ``items`` (rollout row r samples with seed ``seeds[r]``): updates the adapter through
         ``optimizer_step`` unless every group's rewards are equal; returns the step's statistics."""
-        from ..lora import disabled_adapter
+        batch = self.rollout(items, seeds)
+        if not bool(batch.advantages.any()):  # every group's rewards equal: no gradient to take
+            return {**batch.stats, "policy_loss": 0.0, "kl": 0.0, "skipped": 1.0}
+        return {**batch.stats, **self.update(batch)}
+
+    def rollout(self, items: list[dict], seeds: list[int]) -> Rollouts:
+        """G completions per prompt from one pruned prefill each (no gradient, eval mode: as at inference), their
+        rewards and group advantages."""
         from ..rewards import RewardInput
         from ..runtime.engine import prefill
-        from ..runtime.rollout import completion_logprobs, expand_prefill, sample_group
-        from .grpo import group_advantages, grpo_loss
+        from ..runtime.rollout import expand_prefill, sample_group
+        from .grpo import group_advantages
 
         cfg, model, adapter, G = self.cfg, self.model, self.adapter, self.cfg.num_generations
         inputs = self.inputs(items)
         boxes = self.keep_masks(items, inputs)
         training = model.training
-        model.eval()  # rollouts: the policy as at inference (no dropout), on the pruned schedule of inference
+        model.eval()
         with torch.no_grad():
             if boxes is None:
                 pre = prefill(model, adapter, self.vip, inputs)
             else:
                 pre = prefill(model, adapter, self.fixed, inputs, {"keep_masks": boxes})
-            keep = pre.keep_masks
             toks, mask = sample_group(model, adapter, expand_prefill(model, adapter, pre, G), cfg.max_new_tokens,
                                       self.eos, self.pad, cfg.temperature, seeds)
         model.train(training)
@@ -218,33 +238,42 @@ class GRPOStep:
         for fn in self.rewards:
             rewards += torch.tensor(fn(samples), dtype=torch.float32)
         adv = group_advantages(rewards, G)
-        kept = [float(k.float().mean()) for k in keep]
-        stats = {"reward": float(rewards.mean()), "reward_std": float(rewards.view(-1, G).std(1, unbiased=False)
-                                                                     .mean()),
+        kept = [float(k.float().mean()) for k in pre.keep_masks]
+        stats = {"reward": float(rewards.mean()),
+                 "reward_std": float(rewards.view(-1, G).std(1, unbiased=False).mean()),
                  "kept_frac": sum(kept) / len(kept), "answer_len": float(mask.sum(1).float().mean()),
                  "mixed_groups": float((adv.view(-1, G).abs().sum(1) > 0).float().mean())}
-        if not bool(adv.any()):  # every group's rewards equal: no gradient to take
-            stats.update(policy_loss=0.0, kl=0.0, skipped=1.0)
-            return stats
+        return Rollouts(inputs, pre.keep_masks, toks, mask, texts, rewards, adv, stats)
 
-        def logprobs() -> torch.Tensor:  # the same keep masks, fixed: the schedule the rollouts ran on
-            p = prefill(model, adapter, self.fixed, inputs, {"keep_masks": keep})
-            return completion_logprobs(model, adapter, expand_prefill(model, adapter, p, G), toks, cfg.temperature)
+    def logprobs(self, batch: Rollouts) -> torch.Tensor:
+        """(R, T) log-probs of the rollouts on the schedule they ran on (their keep masks fixed at K)."""
+        from ..runtime.engine import prefill
+        from ..runtime.rollout import completion_logprobs, expand_prefill
 
+        model, adapter = self.model, self.adapter
+        p = prefill(model, adapter, self.fixed, batch.inputs, {"keep_masks": batch.keep_masks})
+        return completion_logprobs(model, adapter, expand_prefill(model, adapter, p, self.cfg.num_generations),
+                                   batch.tokens, self.cfg.temperature)
+
+    def update(self, batch: Rollouts) -> dict:
+        """The GRPO update(s) on one batch of rollouts; returns the loss parts of the last one."""
+        from ..lora import disabled_adapter
+        from .grpo import grpo_loss
+
+        cfg = self.cfg
         ref = None
         if cfg.beta > 0:
-            with torch.no_grad(), disabled_adapter(model):
-                ref = logprobs()
+            with torch.no_grad(), disabled_adapter(self.model):
+                ref = self.logprobs(batch)
         old, parts = None, {}
         for _ in range(cfg.updates_per_batch):  # 1: upstream's single update; more: PPO-style, clipped ratio
-            logp = logprobs()
+            logp = self.logprobs(batch)
             old = logp.detach() if old is None else old
-            loss, parts = grpo_loss(logp, old, ref, adv, mask, cfg.beta,
+            loss, parts = grpo_loss(logp, old, ref, batch.advantages, batch.mask, cfg.beta,
                                     cfg.clip_eps if cfg.updates_per_batch > 1 else None)
             loss.backward()
             self.optimizer_step()
-        stats.update(parts)
-        return stats
+        return parts
 
     def optimizer_step(self) -> None:  # set by the trainer
         raise NotImplementedError

@@ -1,0 +1,153 @@
+"""GlimpsePrune+ stage 2 end to end on the embedded model: config errors before any training step, gradients reach only
+the LoRA, a few GRPO steps raise the probability of the rewarded answers, Visual-CoT rows are accepted, and a short
+run writes a folder that gp.load picks up as a whole (and resumes)."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+import torch
+
+import glimpseprune as gp
+from glimpseprune.assets import resolve_model, resolve_module
+from glimpseprune.checkpoint import load_module
+from glimpseprune.lora import LoraSettings, add_lora, lora_parameters
+from glimpseprune.registry import get_adapter
+from glimpseprune.rewards import make_reward
+from glimpseprune.training.stage1 import WorldDataset
+from glimpseprune.training.stage2 import GRPOStep, Stage2Config, load_config, train_stage2
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "run"), train_samples=16, eval_samples=4, prompts_per_step=2,
+                num_generations=2, max_new_tokens=4, max_steps=2, eval_steps=2, save_steps=1, logging_steps=1)
+    return Stage2Config(**{**base, **kw})
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(num_generations=1), "num_generations must be >= 2"), (dict(rewards=["nope"]), "unknown reward 'nope'"),
+    (dict(rewards=["judge"]), "needs judge_url and judge_model"), (dict(mask_source="oracle"), "mask_source"),
+    (dict(cap=1.5), "cap must be in"), (dict(learning_rate="fast"), "learning_rate must be a number")])
+def test_config_errors(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        _cfg(tmp_path, **kw)
+
+
+def test_yaml_stage_dispatch(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("stage: 2\nlearning_rate: 1e-3\nnum_generations: 3\n")
+    cfg = load_config(p)
+    assert isinstance(cfg, Stage2Config) and cfg.learning_rate == 1e-3 and cfg.num_generations == 3
+    p.write_text("stage: 3\n")
+    with pytest.raises(ValueError, match="stage must be 1"):
+        load_config(p)
+
+
+def test_judge_that_refuses_connections_fails_before_training(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = _cfg(tmp_path, rewards=["judge"], judge_url=f"http://127.0.0.1:{port}/v1", judge_model="m")
+    with pytest.raises(ValueError, match="refused"):
+        train_stage2(cfg)
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+def test_a_module_for_another_base_is_refused(tmp_path, tiny_dir):
+    cfg = _cfg(tmp_path, model=str(tiny_dir))  # the embedded module belongs to the embedded model
+    with pytest.raises(ValueError, match="another base model"):
+        train_stage2(cfg)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    model, processor = gp.load_base(resolve_model("embedded"))
+    module = load_module(resolve_module("embedded"), get_adapter(model).dims(model))
+    for p in module.parameters():
+        p.requires_grad_(False)
+    add_lora(model, LoraSettings(dropout=0.0))
+    return model, processor, module
+
+
+def _answer_logprob(model, processor, module, items, eos: int) -> float:
+    """Mean log p(reference answer + the end token) under the pruned schedule, teacher-forced: what the exact-match
+    reward's expectation grows with."""
+    from glimpseprune.methods.glimpse import GlimpseMethod
+    from glimpseprune.processing import build_inputs
+    from glimpseprune.runtime.engine import prefill
+    from glimpseprune.runtime.rollout import completion_logprobs
+
+    tok = processor.tokenizer
+    total = 0.0
+    with torch.no_grad():
+        for it in items:
+            inputs = dict(build_inputs(processor, [[it["image"]]], [it["question"]]))
+            pre = prefill(model, get_adapter(model), GlimpseMethod(module=module), inputs)
+            ids = torch.tensor([tok(it["answer"], add_special_tokens=False)["input_ids"] + [eos]])
+            total += float(completion_logprobs(model, get_adapter(model), pre, ids).sum())
+    return total / len(items)
+
+
+def test_grpo_steps_reach_only_the_lora_and_raise_the_rewarded_answers(policy, tmp_path):
+    model, processor, module = policy
+    cfg = _cfg(tmp_path, num_generations=8, prompts_per_step=4, learning_rate=1e-3, beta=0.0, max_new_tokens=6)
+    items = [WorldDataset(64)[i] for i in range(0, 64, 4)][:8]
+    step = GRPOStep(model, processor, module, cfg, [make_reward("exact")])
+    params = lora_parameters(model)
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate)
+    frozen = [p for p in list(model.parameters()) + list(module.parameters()) if not any(p is q for q in params)]
+    seen = {"grad": False}
+
+    def optimizer_step():
+        assert all(p.grad is None for p in frozen)  # nothing but the LoRA gets a gradient
+        seen["grad"] |= any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step.optimizer_step = optimizer_step
+    before = _answer_logprob(model, processor, module, items, step.eos[0])
+    for s in range(6):
+        step(items[(s % 2) * 4:(s % 2) * 4 + 4], seeds=list(range(s * 100, s * 100 + 32)))
+    after = _answer_logprob(model, processor, module, items, step.eos[0])
+    assert seen["grad"] and after > before + 0.01, (before, after)
+
+
+def test_visual_cot_rows_are_rl_data(policy, tmp_path):
+    from glimpseprune.testing import random_image
+    from glimpseprune.training.stage1 import RecordDataset
+
+    model, processor, module = policy
+    random_image(224, 224, seed=1).save(tmp_path / "a.jpg")
+    rows = [{"question_id": "viscot-1", "dataset": "gqa", "image": "a.jpg", "question": "What colour is the cup?",
+             "answer": "red", "width": 224, "height": 224, "bboxs": [[10, 10, 80, 90]]}]
+    (tmp_path / "viscot.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = [RecordDataset(tmp_path / "viscot.jsonl")[0]] * 2
+    for kw in (dict(prompt_suffix="Answer the question using a single word or phrase."), dict(mask_source="boxes")):
+        cfg = _cfg(tmp_path, **kw)
+        step = GRPOStep(model, processor, module, cfg, [make_reward("exact")])
+        step.optimizer_step = lambda: None
+        stats = step(items, seeds=list(range(4)))
+        assert 0.0 <= stats["reward"] <= 1.0 and 0.0 < stats["kept_frac"] <= 1.0
+
+
+def test_short_run_writes_one_folder_that_loads_and_resumes(tmp_path):
+    cfg = _cfg(tmp_path)
+    plus = train_stage2(cfg)
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["global_step"] == 2 and len(summary["history"]) == 2 and summary["evals"]
+    assert (plus / "adapter_model.safetensors").is_file() and (plus / "glimpse_config.json").is_file()
+    pm = gp.load(resolve_model("embedded"), module=plus)
+    out = pm.generate(images=[[WorldDataset(1)[0]["image"]]], questions=["What colour is the square?"],
+                      max_new_tokens=3)
+    assert out.n_kept[0] < out.n_vis[0]
+    with pytest.raises(ValueError, match="LoRA adapter|adapter"):
+        load_module(plus)  # the module alone is the wrong function
+    # resume: a longer run continues from the newest checkpoint with the same settings
+    longer = _cfg(tmp_path, max_steps=3)
+    train_stage2(longer, resume=True)
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["global_step"] == 3 and summary["resumed_from"].endswith("checkpoint-1")
+    with pytest.raises(ValueError, match="differs"):
+        train_stage2(_cfg(tmp_path, max_steps=4, beta=0.1), resume=True)
