@@ -44,3 +44,13 @@ def merge_group_caches(cache: DynamicCache, parts: list[tuple[torch.Tensor, Dyna
             keys[ix, :, length - k.shape[2]:] = k
             values[ix, :, length - v.shape[2]:] = v
         cache.update(keys, values, j)  # layer j of the batch cache was empty: this initialises it
+
+
+def repeat_cache(cache: DynamicCache, text_config, G: int) -> DynamicCache:
+    """A new cache holding every batch row of ``cache`` G times in a row (rows b*G .. b*G+G-1 = row b); the copy is
+    differentiable (``repeat_interleave``) and ``cache`` is not modified."""
+    out = new_cache(text_config)
+    for i, layer in enumerate(cache.layers):
+        out.update(layer.keys.repeat_interleave(G, dim=0), layer.values.repeat_interleave(G, dim=0), i)
+    return out
+

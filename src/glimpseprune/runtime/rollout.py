@@ -16,7 +16,7 @@ from dataclasses import replace
 import torch
 
 from ..adapters.base import Adapter
-from .cache import new_cache
+from .cache import repeat_cache
 from .engine import PrefillResult, decode_step
 from .masks import attention_mask
 
@@ -25,9 +25,7 @@ def expand_prefill(model, adapter: Adapter, pre: PrefillResult, G: int) -> Prefi
     """Every sample of ``pre`` repeated G times in a row (a new cache; ``pre`` is not modified)."""
     if G < 1:
         raise ValueError(f"G must be >= 1, got {G}")
-    cache = new_cache(adapter.text_config(model))
-    for i, layer in enumerate(pre.cache.layers):
-        cache.update(layer.keys.repeat_interleave(G, dim=0), layer.values.repeat_interleave(G, dim=0), i)
+    cache = repeat_cache(pre.cache, adapter.text_config(model), G)
     rep = lambda xs: [x for x in xs for _ in range(G)]  # noqa: E731
     return replace(pre, logits=pre.logits.repeat_interleave(G, dim=0), cache=cache,
                    key_mask=pre.key_mask.repeat_interleave(G, dim=0), next_pos=pre.next_pos.repeat_interleave(G, dim=0),
