@@ -151,3 +151,20 @@ def test_short_run_writes_one_folder_that_loads_and_resumes(tmp_path):
     assert summary["global_step"] == 3 and summary["resumed_from"].endswith("checkpoint-1")
     with pytest.raises(ValueError, match="differs"):
         train_stage2(_cfg(tmp_path, max_steps=4, beta=0.1), resume=True)
+
+
+def test_step_b_retrains_the_module_on_the_adapted_model(tmp_path):
+    from glimpseprune.training.stage1 import Stage1Config
+    from glimpseprune.training.trainer import train
+
+    plus = train_stage2(_cfg(tmp_path, max_steps=1))
+    cfg = Stage1Config(adapter=str(plus), output_dir=str(tmp_path / "b"), train_samples=4, eval_samples=2,
+                       max_steps=1, batch_size=2, eval_steps=1, save_steps=1, logging_steps=1,
+                       module=dict(vip_width=32, cond_width=32, vip_heads=2, vip_mlp_width=64))
+    out = train(cfg)
+    assert (out / "adapter_model.safetensors").read_bytes() == (plus / "adapter_model.safetensors").read_bytes()
+    pm = gp.load(resolve_model("embedded"), module=out)  # the new module and the adapter, as a whole
+    assert pm.method.module.cfg.vip_width == 32
+    bad = Stage1Config(adapter=str(resolve_module("embedded")), output_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="holds no LoRA adapter"):
+        train(bad)

@@ -47,6 +47,9 @@ class Stage1Config:
     values only; booleans are not numbers. ``max_steps: -1`` trains for ``epochs`` epochs."""
 
     model: str = "embedded"  # base model directory, or "embedded" for the packaged world model
+    # GlimpsePrune+ step B: a stage-2 output folder (module + LoRA adapter); its adapter is merged into the base
+    # before the new module trains, and OUT/module holds the new module with that adapter (they load together)
+    adapter: str | None = None
     output_dir: str = "runs/stage1"
     train_data: str | None = None  # JSONL records (ours or Visual-CoT's), all read; None = synthetic world scenes
     train_samples: int = 3000  # number of synthetic scenes (used only without train_data)

@@ -237,13 +237,22 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=1, default=str))
 
 
-def save_module_atomic(module, dest: str | Path) -> Path:
+def save_module_atomic(module, dest: str | Path, adapter_dir: str | Path | None = None, adapter=None) -> Path:
     """``save_module`` into a temporary folder beside ``dest``, then rename it to ``dest`` (an existing ``dest`` is
-    renamed aside first and deleted after)."""
+    renamed aside first and deleted after). With ``adapter_dir`` (step B of GlimpsePrune+), the LoRA adapter files
+    the module was trained on are copied in and recorded (``adapter``, their ``AdapterRecord``): one folder."""
+    from ..checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
     dest = Path(dest)
     tmp = _tmp_name(dest)
     try:
-        save_module(module, tmp)
+        if adapter_dir is not None:
+            tmp.mkdir(parents=True)
+            for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+                shutil.copy2(Path(adapter_dir) / name, tmp / name)
+            save_module(module, tmp, adapter=adapter)
+        else:
+            save_module(module, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -264,6 +273,11 @@ def _check_inputs(cfg: Stage1Config) -> None:
         path = getattr(cfg, name)
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{name}: no JSONL records at {path}")
+    if cfg.adapter is not None:
+        from ..checkpoint import adapter_record
+
+        if adapter_record(cfg.adapter) is None:  # missing folder / files: named errors, before the model loads
+            raise ValueError(f"adapter {cfg.adapter} holds no LoRA adapter (expected a GlimpsePrune+ stage-2 folder)")
 
 
 # --------------------------------------------------------------------------- training
@@ -282,6 +296,15 @@ def train(cfg: Stage1Config, resume: bool = False, overwrite: bool = False, devi
     set_seed(cfg.seed)
     model_path = resolve_model(cfg.model)
     base, processor = load_base(model_path, device=device or "cpu")
+    adapter = None
+    if cfg.adapter is not None:  # step B of GlimpsePrune+: the module learns on the adapted LLM
+        from ..checkpoint import adapter_record
+        from ..lora import load_adapter
+
+        adapter = adapter_record(cfg.adapter)
+        if adapter is None:
+            raise ValueError(f"adapter {cfg.adapter} holds no LoRA adapter (expected a GlimpsePrune+ stage-2 folder)")
+        load_adapter(base, cfg.adapter, merge=True, expected_sha256=adapter.sha256)
     for p in base.parameters():
         p.requires_grad_(False)
     module = build_module(base, cfg).to(base.device)
@@ -311,7 +334,7 @@ def train(cfg: Stage1Config, resume: bool = False, overwrite: bool = False, devi
     seconds = time.time() - t0
     trainer.evaluate()
     final_eval = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), {})
-    module_dir = save_module_atomic(module.cpu(), out / MODULE)
+    module_dir = save_module_atomic(module.cpu(), out / MODULE, adapter_dir=cfg.adapter, adapter=adapter)
     summary = {"config": cfg.__dict__, "train_seconds": seconds, "global_step": result.global_step,
                "train_loss": result.training_loss, "final_eval": final_eval, "module": str(module_dir),
                "resumed": ckpt is not None, "resumed_from": None if ckpt is None else str(ckpt),
