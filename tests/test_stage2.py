@@ -168,3 +168,14 @@ def test_step_b_retrains_the_module_on_the_adapted_model(tmp_path):
     bad = Stage1Config(adapter=str(resolve_module("embedded")), output_dir=str(tmp_path / "c"))
     with pytest.raises(ValueError, match="holds no LoRA adapter"):
         train(bad)
+
+
+def test_co_trained_vip_moves_the_module_with_its_stage1_loss(tmp_path):
+    cfg = _cfg(tmp_path, mask_source="vip_cotrain", max_steps=2, save_steps=1)
+    before = load_module(resolve_module("embedded")).state_dict()
+    plus = train_stage2(cfg)
+    after = load_module(plus, allow_without_adapter=True).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the VIP learned alongside the adapter
+    hist = json.loads((tmp_path / "run" / "train_summary.json").read_text())["history"]
+    assert all("vip_loc_loss" in h for h in hist)
+    train_stage2(_cfg(tmp_path, mask_source="vip_cotrain", max_steps=3, save_steps=1), resume=True)

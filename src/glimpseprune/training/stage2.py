@@ -38,7 +38,7 @@ from ..config import SelectionConfig
 from .stage1 import TRAIN_SEED0, RecordDataset, WorldDataset, _check_field, config_from_yaml
 
 logger = logging.getLogger(__name__)
-MASK_SOURCES = ("vip", "boxes")
+MASK_SOURCES = ("vip", "boxes", "vip_cotrain")
 EVAL_SEED0 = 4_000_000_000  # the same held-out synthetic scenes as stage 1's eval
 
 
@@ -55,7 +55,10 @@ class Stage2Config:
     eval_data: str | None = None  # JSONL records for the periodic eval; None = held-out synthetic scenes
     eval_samples: int = 100
     prompt_suffix: str | None = None  # appended to each question, e.g. "Answer the question using a single word..."
-    mask_source: str = "vip"  # "vip": the frozen module's masks (as at inference); "boxes": ground-truth box tokens
+    # "vip": the frozen module's masks (as at inference); "boxes": ground-truth box tokens; "vip_cotrain": the
+    # module's masks, the module trained alongside with its stage-1 loss (Dice + 0.1 BCE on box masks + LM loss)
+    mask_source: str = "vip"
+    vip_learning_rate: float = 1e-3  # with vip_cotrain
     cap: float | None = None  # max kept fraction per sample with mask_source vip (SelectionConfig.max_keep_ratio)
     rewards: list = field(default_factory=lambda: ["exact"])  # registered reward names, summed
     judge_url: str | None = None  # for the "judge" reward: an OpenAI-compatible endpoint
@@ -96,7 +99,7 @@ class Stage2Config:
                      "max_steps", "lora_r", "logging_steps", "eval_steps", "save_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("learning_rate", "temperature", "lora_alpha", "max_grad_norm", "clip_eps"):
+        for name in ("learning_rate", "vip_learning_rate", "temperature", "lora_alpha", "max_grad_norm", "clip_eps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.beta < 0:
@@ -206,9 +209,30 @@ class GRPOStep:
         """One GRPO step on ``items`` (rollout row r samples with seed ``seeds[r]``): updates the adapter through
         ``optimizer_step`` unless every group's rewards are equal; returns the step's statistics."""
         batch = self.rollout(items, seeds)
+        vip = self.vip_update(items) if self.cfg.mask_source == "vip_cotrain" else {}
         if not bool(batch.advantages.any()):  # every group's rewards equal: no gradient to take
-            return {**batch.stats, "policy_loss": 0.0, "kl": 0.0, "skipped": 1.0}
-        return {**batch.stats, **self.update(batch)}
+            return {**batch.stats, **vip, "policy_loss": 0.0, "kl": 0.0, "skipped": 1.0}
+        return {**batch.stats, **vip, **self.update(batch)}
+
+    def vip_update(self, items: list[dict]) -> dict:
+        """Co-trained VIP: one stage-1 step of the glimpse module on the adapted LLM (Dice + 0.1 BCE against the
+        box token masks + the answer's LM loss); only the module moves (``vip_optimizer_step``)."""
+        from ..runtime.train import forward_train
+        from .losses import lm_loss, mask_loss
+        from .stage1 import Collator
+
+        batch = Collator(self.processor, self.model)(
+            [{**it, "question": _question(self.cfg, it["question"])} for it in items])
+        out = forward_train(self.model, self.adapter, self.vip, batch["inputs"], batch["suffix_ids"],
+                            batch["suffix_mask"])
+        loc = mask_loss(out.vip_logits, batch["targets"], 1.0, 0.1)
+        lm = lm_loss(out.suffix_logits, batch["suffix_ids"], batch["suffix_mask"])
+        (loc + lm).backward()
+        self.vip_optimizer_step()
+        return {"vip_loc_loss": float(loc.detach()), "vip_lm_loss": float(lm.detach())}
+
+    def vip_optimizer_step(self) -> None:  # set by the trainer with vip_cotrain
+        raise NotImplementedError
 
     def rollout(self, items: list[dict], seeds: list[int]) -> Rollouts:
         """G completions per prompt from one pruned prefill each (no gradient, eval mode: as at inference), their
@@ -349,8 +373,9 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, overwrite: bool = Fals
     model, processor = load_base(model_path, device=device or "cpu")
     adapter_ = get_adapter(model)
     module = load_module(resolve_module(cfg.module), adapter_.dims(model), device=device or "cpu")
+    cotrain = cfg.mask_source == "vip_cotrain"
     for p in module.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(cotrain)
     rewards = _make_rewards(cfg, out)
     train_ds, eval_ds = _datasets(cfg)
     if overwrite:
@@ -363,6 +388,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, overwrite: bool = Fals
              base_model_name=str(cfg.model))
     params = lora_parameters(model)
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    vip_opt = torch.optim.AdamW(module.parameters(), lr=cfg.vip_learning_rate, weight_decay=0.0) if cotrain else None
     warmup = int(cfg.warmup_ratio * cfg.max_steps)
     step, history, evals = 0, [], []
     if ckpt is not None:
@@ -371,6 +397,9 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, overwrite: bool = Fals
         for k, v in state["lora"].items():
             named[k].data.copy_(v)
         opt.load_state_dict(state["optimizer"])
+        if vip_opt is not None:
+            module.load_state_dict(state["module"])
+            vip_opt.load_state_dict(state["vip_optimizer"])
         step, history, evals = state["step"], state["history"], state["evals"]
         random.setstate(state["py_rng"])
         torch.set_rng_state(state["torch_rng"])
@@ -385,6 +414,14 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, overwrite: bool = Fals
         opt.zero_grad(set_to_none=True)
 
     grpo.optimizer_step = optimizer_step
+
+    def vip_optimizer_step() -> None:  # the module alone moves; the LoRA's gradients of this loss are dropped
+        torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+        vip_opt.step()
+        vip_opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
+
+    grpo.vip_optimizer_step = vip_optimizer_step
     eval_items = [eval_ds[i] for i in range(len(eval_ds))]
 
     def run_eval() -> dict:
@@ -400,9 +437,11 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, overwrite: bool = Fals
         dest = out / f"checkpoint-{step}"
         tmp = _tmp_name(dest)
         tmp.mkdir()
-        torch.save({"lora": lora_state_dict_named(model), "optimizer": opt.state_dict(), "step": step,
-                    "history": history, "evals": evals, "py_rng": random.getstate(),
-                    "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
+        state = {"lora": lora_state_dict_named(model), "optimizer": opt.state_dict(), "step": step,
+                 "history": history, "evals": evals, "py_rng": random.getstate(), "torch_rng": torch.get_rng_state()}
+        if vip_opt is not None:
+            state.update(module=module.state_dict(), vip_optimizer=vip_opt.state_dict())
+        torch.save(state, tmp / "trainer_state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"global_step": step}))  # written last: complete
         tmp.rename(dest)
 
