@@ -385,7 +385,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, overwrite: bool = Fals
     write_json_atomic(out / RUN_CONFIG, {"format": "glimpseprune.stage2/1", "config": _config_record(cfg),
                                          "model_path": str(model_path), "library_version": library_version()})
     add_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout),
-             base_model_name=str(cfg.model))
+             base_model_name=str(model_path))
     params = lora_parameters(model)
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     vip_opt = torch.optim.AdamW(module.parameters(), lr=cfg.vip_learning_rate, weight_decay=0.0) if cotrain else None
