@@ -131,7 +131,7 @@ def _write_overlay(pm, image_path, keep, out_path) -> None:
     print(f"wrote {out_path}")
 
 
-EVAL_OWNED = ["samples.jsonl", "summary.json", "errors.jsonl", "relative.json", "full"]
+EVAL_OWNED = ["samples.jsonl", "summary.json", "errors.jsonl", "relative.json", "full", "judge_cache"]
 
 
 def _eval_one(args, method: str | None, out, resume: bool) -> dict:
@@ -198,20 +198,83 @@ def atomic_write_text_lines(path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def _eval_task(args, method: str | None, out, resume: bool) -> dict:
+    """``eval --task NAME --data DIR``: a registered benchmark through the generic task path."""
+    import dataclasses
+
+    from .bench.accuracy import read_rows
+    from .eval.runner import run_task, summarize_task
+    from .eval.tasks import get_task
+    from .outputs import atomic_write_json, ensure_writable_dir
+
+    args = argparse.Namespace(**{**vars(args), "method": method})
+    task = get_task(args.task)
+    samples = task.load(args.data, args.limit)  # a missing or foreign layout fails here, before the model loads
+    if not samples:
+        raise ValueError(f"{args.task}: no samples in {args.data}")
+    judge = None
+    if task.metric == "judge":
+        judge = _judge(args, out)
+    ensure_writable_dir(out)
+    path = out / "samples.jsonl"
+    done = read_rows(path) if resume else []
+    if done:
+        print(f"resuming {out}: {len(done)} samples already evaluated")
+        atomic_write_text_lines(path, done)
+    pm = _load(args)
+    meta = {"model": args.model, "module": None if pm.method.name == "full" else (args.module or "embedded"),
+            "method": pm.method.name, "selection": dataclasses.asdict(_selection(args)), "data": str(args.data),
+            "judge_model": args.judge_model if judge is not None else None}
+    with path.open("a" if done else "w") as f:
+        def on_row(row: dict) -> None:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+
+        rows = run_task(pm, task, samples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                        on_row=on_row, done=done, judge=judge, on_error=args.on_error)
+    summary = summarize_task(task, rows, meta)
+    atomic_write_json(out / "summary.json", summary)
+    print(f"[{pm.method.name}] {task.name}: {task.metric} {summary['score']:.4f} on {summary['n']} samples; kept "
+          f"fraction {summary['kept_frac']:.4f}; prefill {summary['ms_per_sample']['prefill']:.1f} ms, decode "
+          f"{summary['ms_per_sample']['decode']:.1f} ms per sample; wrote {out / 'summary.json'} and {path}")
+    return {"method": pm.method.name, "exact_match": summary["score"], "kept_frac": {"mean": summary["kept_frac"]},
+            "per_family": {k: {"exact_match": v.get("score", float("nan"))}
+                           for k, v in summary.get("per_category", {}).items()},
+            "ms_per_sample": summary["ms_per_sample"], "mean_kv_len": summary["mean_kv_len"]}
+
+
+def _judge(args, out):
+    from .rewards.judge import JudgeConfig, JudgeReward, check_judge
+
+    if not (args.judge_url and args.judge_model):
+        raise ValueError(f"task {args.task} is scored by an LLM judge: pass --judge-url and --judge-model")
+    cfg = JudgeConfig(url=args.judge_url, model=args.judge_model, on_error="zero",
+                      cache_dir=args.judge_cache or str(out / "judge_cache"))
+    check_judge(cfg)  # a judge that refuses connections fails here, before the first sample
+    return JudgeReward(config=cfg)
+
+
 def cmd_eval(args) -> int:
     import dataclasses
     from pathlib import Path
 
     from .outputs import atomic_write_json, claim_run_dir
 
+    if (args.split is None) == (args.task is None):
+        raise ValueError("give either --split (a records JSONL) or --task NAME --data DIR")
+    if args.task is not None and args.data is None:
+        raise ValueError(f"--task {args.task} needs --data DIR (the benchmark's local release folder)")
     out = Path(args.out)
-    settings = {"split": str(Path(args.split).resolve()), "limit": args.limit, "model": str(args.model),
+    source = ({"split": str(Path(args.split).resolve())} if args.split else
+              {"task": args.task, "data": str(Path(args.data).resolve()), "judge_model": args.judge_model})
+    settings = {**source, "limit": args.limit, "model": str(args.model),
                 "module": _module_arg(args), "method": args.method, "compare_full": args.compare_full,
                 "selection": dataclasses.asdict(_selection(args)), "dtype": args.dtype}
     claim_run_dir(out, "eval", settings, EVAL_OWNED, resume=args.resume, overwrite=args.overwrite)
-    main = _eval_one(args, args.method, out, args.resume)
+    one = _eval_one if args.split else _eval_task
+    main = one(args, args.method, out, args.resume)
     if args.compare_full and main["method"] != "full":
-        full = _eval_one(args, "full", out / "full", args.resume)
+        full = one(args, "full", out / "full", args.resume)
         ratio = main["exact_match"] / max(full["exact_match"], 1e-9)
         per = {f: main["per_family"][f]["exact_match"] / max(v["exact_match"], 1e-9)
                for f, v in full["per_family"].items() if f in main["per_family"]}
@@ -365,6 +428,15 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
+def cmd_tasks(args) -> int:
+    from .eval.tasks import get_task, list_tasks
+
+    for name in list_tasks():
+        t = get_task(name)
+        print(f"{name:16s} {t.metric:16s} {t.download}")
+    return 0
+
+
 def cmd_methods(args) -> int:
     from .registry import get_method, list_methods
 
@@ -405,7 +477,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(fn=cmd_ask)
 
     e = sub.add_parser("eval", help="exact match and kept fractions on a JSONL split (samples.jsonl + summary.json)")
-    e.add_argument("--split", required=True, help="records JSONL (e.g. from `glimpseprune make-world`)")
+    e.add_argument("--split", help="records JSONL (e.g. from `glimpseprune make-world`)")
+    e.add_argument("--task", help="instead of --split: a registered benchmark (see `glimpseprune tasks`), read from "
+                   "--data")
+    e.add_argument("--data", help="with --task: the benchmark's local release folder (nothing is downloaded)")
+    e.add_argument("--max-new-tokens", type=positive_int, default=32, help="with --task: tokens to generate")
+    e.add_argument("--judge-url", help="OpenAI-compatible endpoint of the LLM judge (free-form tasks)")
+    e.add_argument("--judge-model", help="the judge's model name (recorded in the results)")
+    e.add_argument("--judge-cache", help="folder of the judge's on-disk cache (default OUT/judge_cache)")
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--limit", type=positive_int, help="evaluate the first N records only")
     e.add_argument("--batch-size", type=positive_int, default=8, help="samples per batch")
@@ -478,6 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output directory")
     t.add_argument("--seed", type=int, default=0, help="initialisation seed")
     t.set_defaults(fn=cmd_make_tiny)
+
+    tk = sub.add_parser("tasks", help="list the registered benchmark tasks (eval --task NAME --data DIR)")
+    tk.set_defaults(fn=cmd_tasks)
 
     m = sub.add_parser("methods", help="list the registered pruning methods")
     m.set_defaults(fn=cmd_methods)
