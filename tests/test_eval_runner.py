@@ -79,3 +79,23 @@ def test_bad_input_fails_before_the_first_sample(split, tmp_path, capsys):
                  "--judge-url", f"http://127.0.0.1:{port}/v1", "--judge-model", "m"]) == 2
     assert "refused" in capsys.readouterr().err
     assert not (tmp_path / "o6" / "samples.jsonl").exists()
+
+
+def test_two_process_accelerate_launch_equals_one_process(split, tmp_path):
+    import subprocess
+    import sys
+
+    args = ["eval", "--task", "world", "--data", str(split.parent), "--batch-size", "3"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                        "-m", "glimpseprune.cli", *args, "--out", str(tmp_path / "two")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    one, two = _rows(tmp_path / "one" / "samples.jsonl"), _rows(tmp_path / "two" / "samples.jsonl")
+    keys = ("prediction", "score", "n_vis", "n_kept", "kv_len")
+    assert one.keys() == two.keys() and all({k: one[i][k] for k in keys} == {k: two[i][k] for k in keys} for i in one)
+    assert not list((tmp_path / "two").glob("samples.rank*.jsonl"))  # gathered into one file
+    s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
+    s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert s1["score"] == s2["score"] and s1["n"] == s2["n"] == 12

@@ -131,7 +131,8 @@ def _write_overlay(pm, image_path, keep, out_path) -> None:
     print(f"wrote {out_path}")
 
 
-EVAL_OWNED = ["samples.jsonl", "summary.json", "errors.jsonl", "relative.json", "full", "judge_cache"]
+EVAL_OWNED = ["samples.jsonl", "samples.rank*.jsonl", "summary.json", "errors.jsonl", "relative.json", "full",
+              "judge_cache"]
 
 
 def _eval_one(args, method: str | None, out, resume: bool) -> dict:
@@ -216,8 +217,17 @@ def _eval_task(args, method: str | None, out, resume: bool) -> dict:
     if task.metric == "judge":
         judge = _judge(args, out)
     ensure_writable_dir(out)
-    path = out / "samples.jsonl"
-    done = read_rows(path) if resume else []
+    merged = out / "samples.jsonl"
+    dist = _distributed()
+    order = {smp.id: n for n, smp in enumerate(samples)}
+    if dist is not None:  # data parallel (accelerate launch): rank r takes samples r, r + W, ...; its own file
+        samples = samples[dist.process_index::dist.num_processes]
+        path = out / f"samples.rank{dist.process_index}.jsonl"
+    else:
+        path = merged
+    mine = {smp.id for smp in samples}
+    done = [r for r in read_rows(merged) + (read_rows(path) if path != merged else []) if r["id"] in mine] \
+        if resume else []
     if done:
         print(f"resuming {out}: {len(done)} samples already evaluated")
         atomic_write_text_lines(path, done)
@@ -232,6 +242,17 @@ def _eval_task(args, method: str | None, out, resume: bool) -> dict:
 
         rows = run_task(pm, task, samples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                         on_row=on_row, done=done, judge=judge, on_error=args.on_error)
+    if dist is not None:  # gather: the main process merges every rank's rows, in sample order, into one file
+        dist.wait_for_everyone()
+        if not dist.is_main_process:
+            return {"method": pm.method.name, "exact_match": float("nan"), "kept_frac": {"mean": float("nan")},
+                    "per_family": {}, "ms_per_sample": {}, "mean_kv_len": float("nan")}
+        shards = [out / f"samples.rank{r}.jsonl" for r in range(dist.num_processes)]
+        rows = sorted((row for sh in shards for row in read_rows(sh)), key=lambda row: order[row["id"]])
+        atomic_write_text_lines(merged, rows)
+        for sh in shards:
+            sh.unlink()
+        path = merged
     summary = summarize_task(task, rows, meta)
     atomic_write_json(out / "summary.json", summary)
     print(f"[{pm.method.name}] {task.name}: {task.metric} {summary['score']:.4f} on {summary['n']} samples; kept "
@@ -241,6 +262,18 @@ def _eval_task(args, method: str | None, out, resume: bool) -> dict:
             "per_family": {k: {"exact_match": v.get("score", float("nan"))}
                            for k, v in summary.get("per_category", {}).items()},
             "ms_per_sample": summary["ms_per_sample"], "mean_kv_len": summary["mean_kv_len"]}
+
+
+def _distributed():
+    """accelerate's process state under a multi-process launch (``accelerate launch --num_processes N``), else
+    None: one process evaluates everything."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState()
 
 
 def _judge(args, out):
@@ -270,7 +303,13 @@ def cmd_eval(args) -> int:
     settings = {**source, "limit": args.limit, "model": str(args.model),
                 "module": _module_arg(args), "method": args.method, "compare_full": args.compare_full,
                 "selection": dataclasses.asdict(_selection(args)), "dtype": args.dtype}
-    claim_run_dir(out, "eval", settings, EVAL_OWNED, resume=args.resume, overwrite=args.overwrite)
+    dist = _distributed() if args.task else None
+    if dist is None or dist.is_main_process:
+        claim_run_dir(out, "eval", settings, EVAL_OWNED, resume=args.resume, overwrite=args.overwrite)
+    if dist is not None:
+        dist.wait_for_everyone()
+        if args.compare_full:
+            raise ValueError("--compare-full is not supported under a multi-process launch; run the two separately")
     one = _eval_one if args.split else _eval_task
     main = one(args, args.method, out, args.resume)
     if args.compare_full and main["method"] != "full":
