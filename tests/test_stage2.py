@@ -179,3 +179,20 @@ def test_co_trained_vip_moves_the_module_with_its_stage1_loss(tmp_path):
     hist = json.loads((tmp_path / "run" / "train_summary.json").read_text())["history"]
     assert all("vip_loc_loss" in h for h in hist)
     train_stage2(_cfg(tmp_path, mask_source="vip_cotrain", max_steps=3, save_steps=1), resume=True)
+
+
+def test_dynamic_sampling_updates_on_mixed_groups_only(policy, tmp_path):
+    model, processor, module = policy
+    cfg = _cfg(tmp_path, num_generations=8, prompts_per_step=2, dynamic_sampling=3, beta=0.0, max_new_tokens=4)
+    step = GRPOStep(model, processor, module, cfg, [make_reward("exact")])
+    seen = []
+    step.update = lambda batch: seen.append(batch) or {"policy_loss": 0.0, "kl": 0.0}
+    pool = iter([WorldDataset(64)[i] for i in range(64)])
+    stats = step.mixed_step(lambda: [next(pool), next(pool)], lambda k: list(range(k * 16, k * 16 + 16)))
+    assert len(seen) == 1 and 1 <= stats["rollout_batches"] <= 4  # fixed seeds: mixed groups are found
+    b = seen[0]
+    groups = b.rewards.view(-1, 8)
+    assert stats["update_prompts"] == groups.shape[0] <= 2
+    assert bool((groups.max(1).values > groups.min(1).values).all())  # every kept group has mixed rewards
+    assert b.tokens.shape == b.mask.shape and b.tokens.shape[0] == groups.shape[0] * 8
+    assert b.inputs["input_ids"].shape[0] == groups.shape[0] and len(b.keep_masks) == groups.shape[0]

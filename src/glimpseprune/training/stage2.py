@@ -65,6 +65,9 @@ class Stage2Config:
     judge_model: str | None = None
     judge_cache: str | None = None  # folder of the judge's on-disk cache (default: OUT/judge_cache)
     num_generations: int = 4  # G rollouts per prompt
+    # dynamic sampling (DAPO): up to this many extra rollout batches per step, keeping only prompts whose group has
+    # mixed rewards (the only ones with a gradient) until prompts_per_step of them are found; 0 = off
+    dynamic_sampling: int = 0
     prompts_per_step: int = 8
     max_new_tokens: int = 16
     temperature: float = 1.0
@@ -95,6 +98,8 @@ class Stage2Config:
         if self.num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (GRPO compares rollouts within a group), got "
                              f"{self.num_generations}")
+        if self.dynamic_sampling < 0:
+            raise ValueError(f"dynamic_sampling must be >= 0, got {self.dynamic_sampling}")
         for name in ("train_samples", "eval_samples", "prompts_per_step", "max_new_tokens", "updates_per_batch",
                      "max_steps", "lora_r", "logging_steps", "eval_steps", "save_steps"):
             if getattr(self, name) < 1:
@@ -213,6 +218,48 @@ class GRPOStep:
         if not bool(batch.advantages.any()):  # every group's rewards equal: no gradient to take
             return {**batch.stats, **vip, "policy_loss": 0.0, "kl": 0.0, "skipped": 1.0}
         return {**batch.stats, **vip, **self.update(batch)}
+
+    def mixed_step(self, draw, seeds) -> dict:
+        """Dynamic sampling: roll out batches from ``draw()`` (up to 1 + dynamic_sampling of them, seeds from
+        ``seeds(k)``), keep the prompts whose G rewards differ, and update once on (at most) prompts_per_step of
+        them. Statistics are over every rollout made."""
+        cfg, G = self.cfg, self.cfg.num_generations
+        kept_items, groups, all_stats = [], [], []
+        for k in range(1 + cfg.dynamic_sampling):
+            items = draw()
+            batch = self.rollout(items, seeds(k))
+            all_stats.append(batch.stats)
+            for b, it in enumerate(items):
+                rows = slice(b * G, (b + 1) * G)
+                if bool(batch.advantages[rows].any()) and len(kept_items) < cfg.prompts_per_step:
+                    kept_items.append(it)
+                    groups.append((batch, b))
+            if len(kept_items) >= cfg.prompts_per_step:
+                break
+        stats = {k: sum(st[k] for st in all_stats) / len(all_stats) for k in all_stats[0]}
+        stats["rollout_batches"] = float(len(all_stats))
+        stats["update_prompts"] = float(len(kept_items))
+        if not kept_items:
+            return {**stats, "policy_loss": 0.0, "kl": 0.0, "skipped": 1.0}
+        return {**stats, **self.update(self._merge(kept_items, groups))}
+
+    def _merge(self, items: list[dict], groups: list[tuple[Rollouts, int]]) -> Rollouts:
+        """One ``Rollouts`` of the chosen prompts' groups (re-tokenised together, completions right-padded)."""
+        G = self.cfg.num_generations
+        T = max(batch.tokens.shape[1] for batch, _ in groups)
+        toks, masks, rewards, advs, texts, keep = [], [], [], [], [], []
+        for batch, b in groups:
+            rows = slice(b * G, (b + 1) * G)
+            t, m = batch.tokens[rows], batch.mask[rows]
+            pad = T - t.shape[1]
+            toks.append(torch.nn.functional.pad(t, (0, pad), value=self.pad))
+            masks.append(torch.nn.functional.pad(m, (0, pad), value=False))
+            rewards.append(batch.rewards[rows])
+            advs.append(batch.advantages[rows])
+            texts += batch.texts[rows]
+            keep.append(batch.keep_masks[b])
+        return Rollouts(self.inputs(items), keep, torch.cat(toks), torch.cat(masks), texts, torch.cat(rewards),
+                        torch.cat(advs), {})
 
     def vip_update(self, items: list[dict]) -> dict:
         """Co-trained VIP: one stage-1 step of the glimpse module on the adapted LLM (Dice + 0.1 BCE against the
@@ -390,7 +437,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, overwrite: bool = Fals
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     vip_opt = torch.optim.AdamW(module.parameters(), lr=cfg.vip_learning_rate, weight_decay=0.0) if cotrain else None
     warmup = int(cfg.warmup_ratio * cfg.max_steps)
-    step, history, evals = 0, [], []
+    step, history, evals, drawn = 0, [], [], 0
     if ckpt is not None:
         state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
         named = dict(model.named_parameters())
@@ -400,7 +447,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, overwrite: bool = Fals
         if vip_opt is not None:
             module.load_state_dict(state["module"])
             vip_opt.load_state_dict(state["vip_optimizer"])
-        step, history, evals = state["step"], state["history"], state["evals"]
+        step, history, evals, drawn = state["step"], state["history"], state["evals"], state.get("drawn", 0)
         random.setstate(state["py_rng"])
         torch.set_rng_state(state["torch_rng"])
         logger.info("resuming %s from %s (step %d)", out, ckpt, step)
@@ -437,7 +484,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, overwrite: bool = Fals
         dest = out / f"checkpoint-{step}"
         tmp = _tmp_name(dest)
         tmp.mkdir()
-        state = {"lora": lora_state_dict_named(model), "optimizer": opt.state_dict(), "step": step,
+        state = {"lora": lora_state_dict_named(model), "optimizer": opt.state_dict(), "step": step, "drawn": drawn,
                  "history": history, "evals": evals, "py_rng": random.getstate(), "torch_rng": torch.get_rng_state()}
         if vip_opt is not None:
             state.update(module=module.state_dict(), vip_optimizer=vip_opt.state_dict())
@@ -453,12 +500,23 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, overwrite: bool = Fals
     model.train()
     t0 = time.time()
     bar = tqdm(total=cfg.max_steps, initial=step, desc="GlimpsePrune+", dynamic_ncols=True)
+    R = cfg.prompts_per_step * cfg.num_generations
     while step < cfg.max_steps:
-        start = (step * cfg.prompts_per_step) % len(order)
-        idx = [order[(start + j) % len(order)] for j in range(cfg.prompts_per_step)]
-        items = [train_ds[i] for i in idx]
-        seeds = [cfg.seed * 1_000_003 + step * 10_007 + r for r in range(len(items) * cfg.num_generations)]
-        stats = grpo(items, seeds)
+        if cfg.dynamic_sampling:
+            def draw() -> list[dict]:  # prompts in order, continuing where the last step stopped
+                nonlocal drawn
+                idx = [order[(drawn + j) % len(order)] for j in range(cfg.prompts_per_step)]
+                drawn += cfg.prompts_per_step
+                return [train_ds[i] for i in idx]
+
+            stats = grpo.mixed_step(draw, lambda k, s=step: [cfg.seed * 1_000_003 + s * 10_007 + k * R + r
+                                                               for r in range(R)])
+        else:
+            start = (step * cfg.prompts_per_step) % len(order)
+            idx = [order[(start + j) % len(order)] for j in range(cfg.prompts_per_step)]
+            items = [train_ds[i] for i in idx]
+            seeds = [cfg.seed * 1_000_003 + step * 10_007 + r for r in range(len(items) * cfg.num_generations)]
+            stats = grpo(items, seeds)
         step += 1
         stats["step"] = step
         history.append(stats)
