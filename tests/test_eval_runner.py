@@ -99,3 +99,31 @@ def test_two_process_accelerate_launch_equals_one_process(split, tmp_path):
     s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
     s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert s1["score"] == s2["score"] and s1["n"] == s2["n"] == 12
+
+
+def test_paper_eval_script_issues_valid_commands(tmp_path):
+    """benchmarks/eval_qwen2_5_vl_7b.sh with a stand-in `glimpseprune` on PATH: every command it would run parses
+    with our real CLI and names a registered task."""
+    import os
+    import shlex
+    import subprocess
+    from pathlib import Path
+
+    from glimpseprune.cli import build_parser
+    from glimpseprune.eval.tasks import list_tasks
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    log = tmp_path / "calls.txt"
+    fake = bindir / "glimpseprune"
+    fake.write_text(f'#!/usr/bin/env bash\nprintf "%q " "$@" >> {log}\necho >> {log}\n')
+    fake.chmod(0o755)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_qwen2_5_vl_7b.sh"
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"), "PLUS": "plus/"}
+    r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    calls = [shlex.split(line) for line in log.read_text().splitlines() if line.strip()]
+    assert len(calls) == 3 + 2 * 9
+    for argv in calls:
+        args = build_parser().parse_args(argv)
+        assert args.cmd == "eval" and args.task in list_tasks() and args.device == "cuda"
