@@ -1,0 +1,99 @@
+"""The lmms-eval plugin: ``--model glimpseprune`` resolves to our class through the ``lmms_eval.models`` entry point,
+and a tiny local task (world questions saved with ``datasets``) is evaluated end to end offline, batched, with the
+kept-token statistics logged beside the scores."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+# Not skipped when missing: the README's test command installs lmms-eval (--no-deps) and the `lmms` extra, and this
+# test must run in CI.
+import lmms_eval  # noqa: F401
+import pytest
+
+from glimpseprune.assets import resolve_model, resolve_module
+from glimpseprune.data.records import write_split
+from glimpseprune.eval.lmms_plugin import GlimpsePruneLMMS, clean_context, truncate_at
+
+TASK = "gp_world_tiny"
+
+
+def test_name_resolves_to_plugin_class():
+    from lmms_eval.models import get_model, list_available_models
+
+    assert "glimpseprune" in list_available_models()
+    assert get_model("glimpseprune") is GlimpsePruneLMMS
+
+
+def test_context_and_until_helpers():
+    assert clean_context("<image>\nWhat colour is the triangle?") == "What colour is the triangle?"
+    assert clean_context("<image 1> <image_2>How many?  ") == "How many?"
+    assert truncate_at("red\nmore", ["\n"]) == "red" and truncate_at("red", []) == "red"
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    """A task yaml + helper module + a ``datasets`` DatasetDict on disk holding 3 world questions with PIL images."""
+    import datasets
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("lmms_task")
+    records = write_split(root / "world", n=3, seed=1)
+    rows = [json.loads(line) for line in records.read_text().splitlines()]
+    ds = datasets.Dataset.from_dict({
+        "image": [Image.open(records.parent / r["image"]).convert("RGB") for r in rows],
+        "question": [r["question"] for r in rows], "answer": [r["answer"] for r in rows],
+    }, features=datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
+                                   "answer": datasets.Value("string")}))
+    datasets.DatasetDict({"test": ds}).save_to_disk(str(root / "data"))
+    tasks = root / "tasks"
+    tasks.mkdir()
+    (tasks / "gp_world_utils.py").write_text(textwrap.dedent("""
+        def doc_to_visual(doc):
+            return [doc["image"].convert("RGB")]
+
+        def doc_to_text(doc):
+            return "<image>\\n" + doc["question"]
+    """))
+    (tasks / f"{TASK}.yaml").write_text(textwrap.dedent(f"""
+        task: {TASK}
+        dataset_path: {root / "data"}
+        dataset_kwargs:
+          load_from_disk: true
+        test_split: test
+        output_type: generate_until
+        doc_to_visual: !function gp_world_utils.doc_to_visual
+        doc_to_text: !function gp_world_utils.doc_to_text
+        doc_to_target: answer
+        generation_kwargs:
+          max_new_tokens: 4
+          until: ["\\n"]
+        metric_list:
+          - metric: exact_match
+            aggregation: mean
+            higher_is_better: true
+            ignore_case: true
+            ignore_punctuation: true
+    """))
+    return tasks
+
+
+def test_evaluates_tiny_task_offline(task_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    model_args = f"model={resolve_model('embedded')},module={resolve_module('embedded')},max_keep_ratio=0.5"
+    results = simple_evaluate(model="glimpseprune", model_args=model_args, tasks=[TASK], batch_size=2,
+                              task_manager=TaskManager("WARNING", include_path=str(task_dir)), log_samples=True,
+                              verbosity="WARNING", bootstrap_iters=0)
+    scores = results["results"][TASK]
+    assert 0.0 <= scores["exact_match,none"] <= 1.0
+    assert len(results["samples"][TASK]) == 3
+    stats = results["throughput"]
+    n_vis, n_kept = stats["avg_glimpseprune_n_vis"], stats["avg_glimpseprune_n_kept"]
+    assert 1 <= n_kept <= 0.5 * n_vis + 1e-6  # the cap held
+    assert 0.0 < stats["avg_glimpseprune_kept_frac"] <= 0.5
+    assert stats["avg_glimpseprune_kv_len"] > n_kept  # the cache holds the kept visual tokens + the text
