@@ -88,8 +88,9 @@ class PrunedModel:
                 raise ValueError("pass inputs= (processor output) or questions= (+ images=)")
             if isinstance(questions, (str, bytes)):
                 raise TypeError("questions must be a list of strings (one per sample), not a single string")
-            inputs = self.prepare(images if images is not None else [[] for _ in questions], questions)
-        check_prompt_length(inputs, context_length(self.model))
+            inputs = self.prepare(images if images is not None else [[] for _ in questions], questions)  # checked
+        else:
+            check_prompt_length(inputs, context_length(self.model))
         device = next(self.model.parameters()).device
         inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in dict(inputs).items()}
         eos, pad = _token_ids(self.model, self.processor)

@@ -133,6 +133,11 @@ def _lora_named(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
             yield name, p
 
 
+def lora_named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The LoRA parameters by their full parameter name (what a training checkpoint saves and a resume copies back)."""
+    return dict(_lora_named(model))
+
+
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The adapter's weights (LoRA A and B of every adapted layer): what the optimiser trains."""
     params = [p for _, p in _lora_named(model)]

@@ -80,19 +80,11 @@ class Stage1Config:
             setattr(self, f.name, _check_field(f.name, f.type, getattr(self, f.name)))
         if self.mode not in ("boxes", "kl"):
             raise ValueError(f"mode must be 'boxes' or 'kl', got {self.mode!r}")
-        for name in _AT_LEAST_ONE:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 (or null for torch's default), got {self.threads}")
         if self.max_steps != -1 and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, or -1 to train for `epochs` epochs, got {self.max_steps}")
-        for name in ("learning_rate", "epochs"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in _WEIGHTS:
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_bounds(self, at_least_one=_AT_LEAST_ONE, positive=("learning_rate", "epochs"), nonnegative=_WEIGHTS)
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.seed < 2**32:
@@ -157,6 +149,15 @@ _AT_LEAST_ONE = ("batch_size", "grad_accum", "train_samples", "eval_samples", "l
 _WEIGHTS = ("dice_weight", "bce_weight", "loc_weight", "lm_weight", "kl_weight", "sparsity_weight")
 _MODEL_FILLED = {"base_model_type", "base_hidden_size", "base_num_layers", "base_num_heads", "base_vision_width",
                  "base_vision_depth", "base_model_name", "version"}  # set from the base model, not by a config
+
+
+def check_bounds(cfg, at_least_one=(), positive=(), nonnegative=()) -> None:
+    """ValueError naming the first field of ``cfg`` below its bound: >= 1, > 0 or >= 0."""
+    for names, ok, bound in ((at_least_one, lambda v: v >= 1, ">= 1"), (positive, lambda v: v > 0, "> 0"),
+                             (nonnegative, lambda v: v >= 0, ">= 0")):
+        for name in names:
+            if not ok(getattr(cfg, name)):
+                raise ValueError(f"{name} must be {bound}, got {getattr(cfg, name)}")
 
 
 def _check_field(name: str, kind: str, value: Any) -> Any:

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from ..config import SelectionConfig
-from .stage1 import TRAIN_SEED0, RecordDataset, WorldDataset, _check_field, config_from_yaml
+from .stage1 import TRAIN_SEED0, RecordDataset, WorldDataset, _check_field, check_bounds, config_from_yaml
 
 logger = logging.getLogger(__name__)
 MASK_SOURCES = ("vip", "boxes", "vip_cotrain")
@@ -98,17 +98,12 @@ class Stage2Config:
         if self.num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (GRPO compares rollouts within a group), got "
                              f"{self.num_generations}")
-        if self.dynamic_sampling < 0:
-            raise ValueError(f"dynamic_sampling must be >= 0, got {self.dynamic_sampling}")
-        for name in ("train_samples", "eval_samples", "prompts_per_step", "max_new_tokens", "updates_per_batch",
-                     "max_steps", "lora_r", "logging_steps", "eval_steps", "save_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("learning_rate", "vip_learning_rate", "temperature", "lora_alpha", "max_grad_norm", "clip_eps"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        check_bounds(self, at_least_one=("train_samples", "eval_samples", "prompts_per_step", "max_new_tokens",
+                                         "updates_per_batch", "max_steps", "lora_r", "logging_steps", "eval_steps",
+                                         "save_steps"),
+                     positive=("learning_rate", "vip_learning_rate", "temperature", "lora_alpha", "max_grad_norm",
+                               "clip_eps"),
+                     nonnegative=("dynamic_sampling", "beta"))
         if not 0 <= self.lora_dropout < 1 or not 0 <= self.warmup_ratio < 1:
             raise ValueError("lora_dropout and warmup_ratio must be in [0, 1)")
         if self.cap is not None and not 0 < self.cap <= 1:
@@ -396,15 +391,15 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, overwrite: bool = Fals
     from ..api import load_base
     from ..assets import resolve_model, resolve_module
     from ..checkpoint import library_version, load_module
-    from ..lora import LoraSettings, add_lora, lora_parameters, save_plus
+    from ..lora import LoraSettings, add_lora, lora_named_parameters, lora_parameters, save_plus
     from ..registry import get_adapter
     from .trainer import (
         RUN_CONFIG,
         SUMMARY,
         _config_record,
-        _tmp_name,
         check_output_dir,
         remove_run_files,
+        write_dir_atomic,
         write_json_atomic,
     )
 
@@ -481,16 +476,18 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, overwrite: bool = Fals
         return r
 
     def save_checkpoint() -> None:
-        dest = out / f"checkpoint-{step}"
-        tmp = _tmp_name(dest)
-        tmp.mkdir()
-        state = {"lora": lora_state_dict_named(model), "optimizer": opt.state_dict(), "step": step, "drawn": drawn,
-                 "history": history, "evals": evals, "py_rng": random.getstate(), "torch_rng": torch.get_rng_state()}
+        lora = {k: v.detach().clone() for k, v in lora_named_parameters(model).items()}
+        state = {"lora": lora, "optimizer": opt.state_dict(), "step": step, "drawn": drawn, "history": history,
+                 "evals": evals, "py_rng": random.getstate(), "torch_rng": torch.get_rng_state()}
         if vip_opt is not None:
             state.update(module=module.state_dict(), vip_optimizer=vip_opt.state_dict())
-        torch.save(state, tmp / "trainer_state.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({"global_step": step}))  # written last: complete
-        tmp.rename(dest)
+
+        def write(tmp: Path) -> None:
+            tmp.mkdir()
+            torch.save(state, tmp / "trainer_state.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps({"global_step": step}))  # last: complete
+
+        write_dir_atomic(out / f"checkpoint-{step}", write)
 
     if not evals:
         run_eval()
@@ -537,14 +534,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, overwrite: bool = Fals
     bar.close()
     seconds = time.time() - t0
     model.eval()
-    dest = out / "module"
-    tmp = _tmp_name(dest)
-    save_plus(module, model, tmp)
-    if dest.exists():
-        import shutil
-
-        shutil.rmtree(dest)
-    tmp.rename(dest)
+    dest = write_dir_atomic(out / "module", lambda tmp: save_plus(module, model, tmp))
     write_json_atomic(out / SUMMARY, {"config": dataclasses.asdict(cfg), "train_seconds": seconds,
                                       "global_step": step, "resumed_from": None if ckpt is None else str(ckpt),
                                       "module": str(dest), "evals": evals, "history": history})
@@ -560,8 +550,3 @@ def load_config(path: str | Path, **overrides: Any):
     if stage not in (1, 2):
         raise ValueError(f"{path}: stage must be 1 (glimpse token + VIP) or 2 (GlimpsePrune+), got {stage!r}")
     return (Stage2Config if stage == 2 else Stage1Config).from_yaml(path, **overrides)
-
-
-def lora_state_dict_named(model) -> dict[str, torch.Tensor]:
-    """The LoRA parameters by their full parameter name (what a resumed run copies back)."""
-    return {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}

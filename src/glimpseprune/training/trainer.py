@@ -154,11 +154,6 @@ def config_differences(stored: dict[str, Any], cfg: Stage1Config) -> list[str]:
             if stored.get(k, missing) != new.get(k, missing)]
 
 
-def _ensure_writable(out: Path) -> None:
-    """Create ``out`` (and its parents) as a folder we can write in; ValueError naming the path."""
-    ensure_writable_dir(out)
-
-
 def check_output_dir(cfg: Stage1Config, resume: bool = False, overwrite: bool = False) -> Path | None:
     """Check ``cfg.output_dir`` for a run (rules in the module docstring) before anything loads, creating the folder.
     Returns the checkpoint to resume from (``resume``), else None. Writes nothing else and removes nothing: ``train``
@@ -211,7 +206,7 @@ def check_output_dir(cfg: Stage1Config, resume: bool = False, overwrite: bool = 
             raise ValueError(f"--overwrite refused: {out} holds {foreign[0]!r}{more}, which glimpseprune did not "
                              "write; --overwrite only replaces a folder that holds nothing but a run. Move it away or "
                              "choose another --output-dir")
-    _ensure_writable(out)
+    ensure_writable_dir(out)
     return ckpt
 
 
@@ -237,22 +232,13 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=1, default=str))
 
 
-def save_module_atomic(module, dest: str | Path, adapter_dir: str | Path | None = None, adapter=None) -> Path:
-    """``save_module`` into a temporary folder beside ``dest``, then rename it to ``dest`` (an existing ``dest`` is
-    renamed aside first and deleted after). With ``adapter_dir`` (step B of GlimpsePrune+), the LoRA adapter files
-    the module was trained on are copied in and recorded (``adapter``, their ``AdapterRecord``): one folder."""
-    from ..checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-
+def write_dir_atomic(dest: str | Path, write) -> Path:
+    """``write(tmp)`` fills a temporary folder beside ``dest``, which is then renamed to ``dest`` (an existing
+    ``dest`` is renamed aside first and deleted after): a crash never leaves half a folder or loses the old one."""
     dest = Path(dest)
     tmp = _tmp_name(dest)
     try:
-        if adapter_dir is not None:
-            tmp.mkdir(parents=True)
-            for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-                shutil.copy2(Path(adapter_dir) / name, tmp / name)
-            save_module(module, tmp, adapter=adapter)
-        else:
-            save_module(module, tmp)
+        write(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -266,6 +252,23 @@ def save_module_atomic(module, dest: str | Path, adapter_dir: str | Path | None 
     elif old is not None:
         old.unlink()
     return dest
+
+
+def save_module_atomic(module, dest: str | Path, adapter_dir: str | Path | None = None, adapter=None) -> Path:
+    """``save_module`` through ``write_dir_atomic``. With ``adapter_dir`` (step B of GlimpsePrune+), the LoRA adapter
+    files the module was trained on are copied in and recorded (``adapter``, their ``AdapterRecord``): one folder."""
+    from ..checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    def write(tmp: Path) -> None:
+        if adapter_dir is None:
+            save_module(module, tmp)
+            return
+        tmp.mkdir(parents=True)
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            shutil.copy2(Path(adapter_dir) / name, tmp / name)
+        save_module(module, tmp, adapter=adapter)
+
+    return write_dir_atomic(dest, write)
 
 
 def _check_inputs(cfg: Stage1Config) -> None:
