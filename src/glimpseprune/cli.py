@@ -131,8 +131,9 @@ def _write_overlay(pm, image_path, keep, out_path) -> None:
     print(f"wrote {out_path}")
 
 
-EVAL_OWNED = ["samples.jsonl", "samples.rank*.jsonl", "summary.json", "errors.jsonl", "relative.json", "full",
-              "judge_cache"]
+# judge_cache/ is not a result: --overwrite keeps it (its answers are keyed by judge model + prompt, so reusing them
+# is exact, and asking again costs the user)
+EVAL_OWNED = ["samples.jsonl", "samples.rank*.jsonl", "summary.json", "errors.jsonl", "relative.json", "full"]
 
 
 def _eval_one(args, method: str | None, out, resume: bool) -> dict:
