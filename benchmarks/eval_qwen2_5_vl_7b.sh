@@ -8,7 +8,7 @@
 #   DATA     one folder per benchmark in its public release layout; `glimpseprune tasks` prints what each expects
 #   JUDGE_URL / JUDGE_MODEL  an OpenAI-compatible endpoint for the free-form judge, e.g.
 #            vllm serve Qwen/Qwen2.5-32B-Instruct-GPTQ-Int8 --max-model-len 2048   (then http://localhost:8000/v1)
-# Interrupted runs resume (--resume); results go to OUT/<method>/<task>/{samples.jsonl,summary.json}; data-parallel over all GPUs with
+# Set COMPARE=1 to also compare the peer methods at 11.1 % (compare --task). Interrupted runs resume (--resume); results go to OUT/<method>/<task>/{samples.jsonl,summary.json}; data-parallel over all GPUs with
 #   LAUNCH="accelerate launch --num_processes $(nvidia-smi -L | wc -l)" bash benchmarks/eval_qwen2_5_vl_7b.sh
 # The paper judges with temperature 0.7 (stochastic); ours asks the judge at temperature 0 with a cache, so figures
 # are repeatable and comparable across methods, not bit-equal to the paper's.
@@ -41,4 +41,18 @@ for spec in "vqav2 vqav2" "gqa gqa" "textvqa textvqa" "docvqa docvqa" "pope pope
   run full "$1" "$2" --method full --max-new-tokens 32
   run glimpse "$1" "$2" --module "$MODULE" --max-new-tokens 32
 done
-echo "summaries: $OUT/*/*/summary.json"
+# Table 1's peer methods (COMPARE=1): every method at the paper's 11.1 % budget on each short-form suite, one process
+# (compare --task runs methods x budgets through the same task path; it resumes an interrupted comparison)
+if [ -n "${COMPARE:-}" ]; then
+  for spec in "vqav2 vqav2" "gqa gqa" "textvqa textvqa" "docvqa docvqa" "pope pope" "chartqa chartqa" "mme mme" \
+              "scienceqa_img scienceqa" "mmbench_en_dev mmbench"; do
+    set -- $spec
+    out="$OUT/compare/$1"
+    if [ -f "$out/compare.md" ]; then echo "done: $out"; continue; fi
+    resume=(); [ -f "$out/glimpseprune_run.json" ] && resume=(--resume)
+    glimpseprune compare --task "$1" --data "$DATA/$2" --out "$out" --module "$MODULE" --budgets 0.111 \
+      --methods glimpse fastv pdrop visionzip divprune cdpruner vscan random --max-new-tokens 32 "${COMMON[@]}" \
+      "${resume[@]}"
+  done
+fi
+echo "summaries: $OUT/*/*/summary.json" ${COMPARE:+"and $OUT/compare/*/compare.md"}

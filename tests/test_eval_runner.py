@@ -119,11 +119,13 @@ def test_paper_eval_script_issues_valid_commands(tmp_path):
     fake.write_text(f'#!/usr/bin/env bash\nprintf "%q " "$@" >> {log}\necho >> {log}\n')
     fake.chmod(0o755)
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_qwen2_5_vl_7b.sh"
-    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"), "PLUS": "plus/"}
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"), "PLUS": "plus/",
+           "COMPARE": "1"}
     r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     calls = [shlex.split(line) for line in log.read_text().splitlines() if line.strip()]
-    assert len(calls) == 3 + 2 * 9
+    assert len(calls) == 3 + 2 * 9 + 9
     for argv in calls:
         args = build_parser().parse_args(argv)
-        assert args.cmd == "eval" and args.task in list_tasks() and args.device == "cuda"
+        assert args.cmd in ("eval", "compare") and args.task in list_tasks() and args.device == "cuda"
+    assert sum(build_parser().parse_args(a).cmd == "compare" for a in calls) == 9

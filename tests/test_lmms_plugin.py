@@ -97,3 +97,28 @@ def test_evaluates_tiny_task_offline(task_dir, monkeypatch):
     assert 1 <= n_kept <= 0.5 * n_vis + 1e-6  # the cap held
     assert 0.0 < stats["avg_glimpseprune_kept_frac"] <= 0.5
     assert stats["avg_glimpseprune_kv_len"] > n_kept  # the cache holds the kept visual tokens + the text
+
+
+def test_lmms_eval_console_command_runs_the_plugin(task_dir, tmp_path):
+    """The command a user types: ``lmms-eval --model glimpseprune --model_args ... --tasks ...`` (the console script
+    installed beside this interpreter), end to end, offline; its results file holds the score and our statistics."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "lmms-eval"
+    assert exe.is_file(), f"the lmms-eval console script is not installed beside {sys.executable}"
+    model_args = f"model={resolve_model('embedded')},module={resolve_module('embedded')},max_keep_ratio=0.5"
+    r = subprocess.run([str(exe), "--model", "glimpseprune", "--model_args", model_args, "--tasks", TASK,
+                        "--include_path", str(task_dir), "--batch_size", "2", "--output_path", str(tmp_path / "out"),
+                        "--log_samples"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    (results,) = (tmp_path / "out").rglob("*_results.json")
+    data = json.loads(results.read_text())
+    assert 0.0 <= data["results"][TASK]["exact_match,none"] <= 1.0
+    assert data["config"]["model"] == "glimpseprune"
+    assert "avg_glimpseprune_kept_frac" in r.stdout and "avg_glimpseprune_n_kept" in r.stdout
+    (samples,) = (tmp_path / "out").rglob(f"*_samples_{TASK}.jsonl")
+    assert len(samples.read_text().splitlines()) == 3

@@ -133,7 +133,8 @@ def _write_overlay(pm, image_path, keep, out_path) -> None:
 
 # judge_cache/ is not a result: --overwrite keeps it (its answers are keyed by judge model + prompt, so reusing them
 # is exact, and asking again costs the user)
-EVAL_OWNED = ["samples.jsonl", "samples.rank*.jsonl", "summary.json", "errors.jsonl", "relative.json", "full"]
+EVAL_OWNED = ["samples.jsonl", "samples.rank*.jsonl", "summary.json", "errors.jsonl", "errors.rank*.jsonl",
+              "summary.md", "relative.json", "full"]
 
 
 def _eval_one(args, method: str | None, out, resume: bool) -> dict:
@@ -205,9 +206,9 @@ def _eval_task(args, method: str | None, out, resume: bool) -> dict:
     import dataclasses
 
     from .bench.accuracy import read_rows
-    from .eval.runner import run_task, summarize_task
+    from .eval.runner import markdown_row, run_task, summarize_task
     from .eval.tasks import get_task
-    from .outputs import atomic_write_json, ensure_writable_dir
+    from .outputs import atomic_write_json, atomic_write_text, ensure_writable_dir
 
     args = argparse.Namespace(**{**vars(args), "method": method})
     task = get_task(args.task)
@@ -236,13 +237,25 @@ def _eval_task(args, method: str | None, out, resume: bool) -> dict:
     meta = {"model": args.model, "module": None if pm.method.name == "full" else (args.module or "embedded"),
             "method": pm.method.name, "selection": dataclasses.asdict(_selection(args)), "data": str(args.data),
             "judge_model": args.judge_model if judge is not None else None}
-    with path.open("a" if done else "w") as f:
+    errors = out / ("errors.jsonl" if dist is None else f"errors.rank{dist.process_index}.jsonl")
+    skipped: list[str] = []
+    with path.open("a" if done else "w") as f, errors.open("w") as ef:  # skipped samples are retried on resume
         def on_row(row: dict) -> None:
             f.write(json.dumps(row) + "\n")
             f.flush()
 
+        def on_skip(sample_id: str, reason: str) -> None:
+            skipped.append(sample_id)
+            ef.write(json.dumps({"id": sample_id, "error": reason}) + "\n")
+            ef.flush()
+
         rows = run_task(pm, task, samples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                        on_row=on_row, done=done, judge=judge, on_error=args.on_error)
+                        on_row=on_row, done=done, judge=judge, on_error=args.on_error, on_skip=on_skip,
+                        progress=f"{task.name}" + (f" rank {dist.process_index}" if dist is not None else ""))
+    if not skipped:
+        errors.unlink()
+    else:
+        print(f"[{pm.method.name}] skipped {len(skipped)} samples that could not be evaluated: see {errors}")
     if dist is not None:  # gather: the main process merges every rank's rows, in sample order, into one file
         dist.wait_for_everyone()
         if not dist.is_main_process:
@@ -256,9 +269,10 @@ def _eval_task(args, method: str | None, out, resume: bool) -> dict:
         path = merged
     summary = summarize_task(task, rows, meta)
     atomic_write_json(out / "summary.json", summary)
+    atomic_write_text(out / "summary.md", markdown_row(summary, header=True))
     print(f"[{pm.method.name}] {task.name}: {task.metric} {summary['score']:.4f} on {summary['n']} samples; kept "
           f"fraction {summary['kept_frac']:.4f}; prefill {summary['ms_per_sample']['prefill']:.1f} ms, decode "
-          f"{summary['ms_per_sample']['decode']:.1f} ms per sample; wrote {out / 'summary.json'} and {path}")
+          f"{summary['ms_per_sample']['decode']:.1f} ms per sample; wrote {out / 'summary.json'}, .md and {path}")
     return {"method": pm.method.name, "exact_match": summary["score"], "kept_frac": {"mean": summary["kept_frac"]},
             "per_family": {k: {"exact_match": v.get("score", float("nan"))}
                            for k, v in summary.get("per_category", {}).items()},
@@ -346,17 +360,43 @@ def cmd_compare(args) -> int:
 
     from .api import load_base
     from .assets import resolve_model, resolve_module
-    from .bench.compare import MASK_METHODS, compare, k_sweep
+    from .bench.compare import MASK_METHODS, compare, k_sweep, plan
     from .checkpoint import load_plus
     from .outputs import claim_run_dir
     from .registry import list_methods
 
-    methods = args.methods or [m for m in list_methods() if m not in (*MASK_METHODS, "full")]
+    if (args.split is None) == (args.task is None):
+        raise ValueError("give either --split (a records JSONL) or --task NAME --data DIR")
+    task = samples = None
+    if args.task is not None:
+        from .eval.tasks import get_task
+
+        if args.data is None:
+            raise ValueError(f"--task {args.task} needs --data DIR (the benchmark's local release folder)")
+        if args.k_sweep:
+            raise ValueError("--k-sweep runs on a world split (--split): it needs ground-truth boxes")
+        task = get_task(args.task)
+        samples = task.load(args.data, args.limit)  # a missing or foreign layout fails here, before the model loads
+        if not samples:
+            raise ValueError(f"{args.task}: no samples in {args.data}")
+    elif args.resume:
+        raise ValueError("--resume continues a `compare --task` run; a world comparison (--split) reruns whole")
+    skip = (*MASK_METHODS, "full") + (("oracle",) if task is not None else ())  # benchmark tasks have no boxes
+    methods = args.methods or [m for m in list_methods() if m not in skip]
+    if task is not None and "oracle" in methods:
+        raise ValueError(f"method 'oracle' needs ground-truth boxes; task {task.name} has none: leave it out of "
+                         "--methods")
+    plan(methods, args.budgets, args.cap)  # unknown methods, impossible budgets: refused before OUT is touched
     check_device(args.device)
-    settings = {"split": str(Path(args.split).resolve()), "limit": args.limit, "model": str(args.model),
+    source = ({"split": str(Path(args.split).resolve())} if task is None else
+              {"task": args.task, "data": str(Path(args.data).resolve()), "judge_model": args.judge_model,
+               "max_new_tokens": args.max_new_tokens})
+    settings = {**source, "limit": args.limit, "model": str(args.model),
                 "module": _module_arg(args), "methods": methods, "budgets": args.budgets, "cap": args.cap,
                 "k_sweep": args.k_sweep, "dtype": args.dtype}
-    claim_run_dir(args.out, "compare", settings, COMPARE_OWNED, overwrite=args.overwrite, resume_flag="")
+    judge = _judge(args, Path(args.out)) if task is not None and task.metric == "judge" else None
+    claim_run_dir(args.out, "compare", settings, COMPARE_OWNED, overwrite=args.overwrite, resume=args.resume,
+                  resume_flag="--resume" if task is not None else "")
     model, processor = load_base(resolve_model(args.model), args.device, getattr(torch, args.dtype))
     module_arg = _module_arg(args)
     module = None
@@ -366,6 +406,13 @@ def cmd_compare(args) -> int:
         model, module = load_plus(model, resolve_module(module_arg), device=args.device)
     torch.manual_seed(0)
     meta = {"model": str(args.model), "module": None if module is None else str(module_arg)}
+    if task is not None:
+        from .eval.compare_task import compare_task
+
+        meta["judge_model"] = args.judge_model if judge is not None else None
+        compare_task(model, processor, module, task, samples, args.out, methods, args.budgets, args.cap,
+                     args.batch_size, args.max_new_tokens, judge=judge, meta=meta, resume=args.resume)
+        return 0
     if args.k_sweep:
         if module is None:
             raise ValueError("--k-sweep needs a glimpse module (--module)")
@@ -541,8 +588,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("compare", help="pruning methods x budgets on a split: one JSON per run, compare.md, "
                        "compare.png")
-    k.add_argument("--split", required=True, help="records JSONL (e.g. from `glimpseprune make-world`)")
+    k.add_argument("--split", help="records JSONL (e.g. from `glimpseprune make-world`)")
     k.add_argument("--out", required=True, help="output folder")
+    k.add_argument("--task", help="instead of --split: a registered benchmark (see `glimpseprune tasks`), read from "
+                   "--data; every run goes through the task's prompt and metric")
+    k.add_argument("--data", help="with --task: the benchmark's local release folder (nothing is downloaded)")
+    k.add_argument("--max-new-tokens", type=positive_int, default=32, help="with --task: tokens to generate")
+    k.add_argument("--judge-url", help="OpenAI-compatible endpoint of the LLM judge (free-form tasks)")
+    k.add_argument("--judge-model", help="the judge's model name (recorded in the results)")
+    k.add_argument("--judge-cache", help="folder of the judge's on-disk cache (default OUT/judge_cache)")
+    k.add_argument("--resume", action="store_true", help="with --task: continue an interrupted comparison in OUT "
+                   "(same settings): finished runs are kept, an interrupted one continues from its samples")
     k.add_argument("--methods", nargs="+", help="registered methods (default: all but mask; full always runs)")
     k.add_argument("--budgets", type=float, nargs="+", default=[0.056, 0.111, 0.222, 0.333],
                    help="kept fractions of the fixed-budget runs")

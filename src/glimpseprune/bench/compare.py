@@ -203,20 +203,26 @@ def slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "_", label).strip("_")
 
 
-def markdown(results: list[dict]) -> str:
-    """Two tables: every run with its accounting, and exact match per method x budget."""
+def _cell(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def markdown(results: list[dict], score_key: str = "exact_match", score_name: str = "exact match") -> str:
+    """Two tables: every run with its accounting, and the score (``score_key`` of each run and of its per-family
+    entries; exact match on the world) per method x budget."""
     full = next((r for r in results if r["method"] == "full"), None)
     fams = sorted({f for r in results for f in r["per_family"]})
-    head = ["run", "exact match", "rel. to full", "kept % (mean)", "entering LLM", "equiv. tokens", "KV at decode",
+    head = ["run", score_name, "rel. to full", "kept % (mean)", "entering LLM", "equiv. tokens", "KV at decode",
             *fams]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         a = r["accounting"]
-        rel = f"{100 * r['exact_match'] / full['exact_match']:.1f} %" if full and full["exact_match"] else "-"
+        rel = f"{100 * r[score_key] / full[score_key]:.1f} %" if full and full[score_key] else "-"
         lines.append("| " + " | ".join([
-            r["label"], f"{r['exact_match']:.3f}", rel, f"{100 * r['kept_frac']['mean']:.1f}",
+            r["label"], f"{r[score_key]:.3f}", rel, f"{100 * r['kept_frac']['mean']:.1f}",
             f"{a['visual_tokens_entering_llm']:.1f}", f"{a['equivalent_visual_tokens']:.1f}",
-            f"{a['kv_entries_at_decode']:.1f}", *[f"{r['per_family'][f]['exact_match']:.2f}" for f in fams]]) + " |")
+            f"{a['kv_entries_at_decode']:.1f}", 
+            *[_cell(r['per_family'].get(f, {}).get(score_key), '.2f') for f in fams]]) + " |")
     budgets = sorted({r["budget"] for r in results if r["setting"] == "fixed"})
     methods = list(dict.fromkeys(r["method"] for r in results if r["setting"] == "fixed"))
     pivot = ["", "| method | " + " | ".join(f"{100 * b:.1f} %" for b in budgets) + " |",
@@ -225,18 +231,20 @@ def markdown(results: list[dict]) -> str:
         cells = []
         for b in budgets:
             hit = [r for r in results if r["method"] == m and r["setting"] == "fixed" and r["budget"] == b]
-            cells.append(f"{hit[0]['exact_match']:.3f}" if hit else "-")
+            cells.append(f"{hit[0][score_key]:.3f}" if hit else "-")
         pivot.append(f"| {m} | " + " | ".join(cells) + " |")
     n = results[0]["n"] if results else 0
     mean_vis = results[0]["accounting"]["mean_n_vis"] if results else 0
     intro = (f"{n} samples, {mean_vis:.1f} visual tokens per sample on average. Counts are means per sample: visual "
              "tokens entering the LLM, layer-averaged equivalent visual tokens, KV entries per layer at decode "
              "start (text + visual).")
-    return intro + "\n\n" + "\n".join(lines) + "\n\nExact match by method and budget (kept fraction):\n" + \
+    title = score_name[:1].upper() + score_name[1:]
+    return intro + "\n\n" + "\n".join(lines) + f"\n\n{title} by method and budget (kept fraction):\n" + \
         "\n".join(pivot) + "\n"
 
 
-def plot(results: list[dict], path: str | Path) -> Path | None:
+def plot(results: list[dict], path: str | Path, score_key: str = "exact_match",
+         score_name: str = "exact match") -> Path | None:
     """Accuracy vs kept fraction (mean), one line per method; dynamic settings and the oracle as single points."""
     from .report import _pyplot
 
@@ -246,18 +254,18 @@ def plot(results: list[dict], path: str | Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7.5, 5))
     methods = list(dict.fromkeys(r["method"] for r in results if r["setting"] == "fixed"))
     for m in methods:
-        pts = sorted((r["kept_frac"]["mean"], r["exact_match"]) for r in results
+        pts = sorted((r["kept_frac"]["mean"], r[score_key]) for r in results
                      if r["method"] == m and r["setting"] == "fixed")
         ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o", label=m)
     for r in results:
         if r["setting"] in ("dynamic", "dynamic_cap", "oracle"):
-            ax.scatter([100 * r["kept_frac"]["mean"]], [r["exact_match"]], marker="*", s=160, zorder=5,
+            ax.scatter([100 * r["kept_frac"]["mean"]], [r[score_key]], marker="*", s=160, zorder=5,
                        label=r["label"])
     full = next((r for r in results if r["method"] == "full"), None)
     if full:
-        ax.axhline(full["exact_match"], color="black", linestyle="--", linewidth=1, label="full (100 %)")
+        ax.axhline(full[score_key], color="black", linestyle="--", linewidth=1, label="full (100 %)")
     ax.set_xlabel("visual tokens kept at decode (% , mean per sample)")
-    ax.set_ylabel("exact match")
+    ax.set_ylabel(score_name)
     ax.set_title(f"Pruning methods at matched budgets ({results[0]['n']} samples)" if results else "")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)

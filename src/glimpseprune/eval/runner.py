@@ -50,51 +50,70 @@ def score(task, sample, pred: str) -> float | None:
 
 def run_task(pm, task, samples: list, batch_size: int = 8, max_new_tokens: int = 32,
              on_row: Callable[[dict], None] | None = None, done: list[dict] | None = None, judge=None,
-             on_error: str = "stop", on_skip: Callable[[str, str], None] | None = None) -> list[dict]:
+             on_error: str = "stop", on_skip: Callable[[str, str], None] | None = None,
+             progress: bool | str = False) -> list[dict]:
     """Rows for ``samples`` not in ``done`` (by id), in length-sorted batches; returns ``done`` + the new rows.
 
     A sample the model refuses (its prompt too long, an unreadable image) stops the run naming it (the rows before it
-    are already handed to ``on_row``) or, with ``on_error="skip"``, is logged and given to ``on_skip(id, reason)``."""
-    from ..processing import load_image
-    from ..rewards import RewardInput
+    are already handed to ``on_row``) or, with ``on_error="skip"``, is logged and given to ``on_skip(id, reason)``.
+    ``progress``: a progress bar on stderr (samples done / all, rate, ETA; a string is its label), counting the
+    resumed rows as done. Each row also carries the layer accounting of ``compare``: ``entering`` (visual tokens
+    fed to the first LLM layer) and ``equivalent`` (visual tokens averaged over the LLM layers)."""
+    from tqdm.auto import tqdm
 
     if task.metric == "judge" and judge is None:
         raise ValueError(f"task {task.name} is scored by an LLM judge: pass --judge-url and --judge-model")
     seen = {r["id"] for r in (done or [])}
     todo = sorted((s for s in samples if s.id not in seen), key=lambda s: (len(s.image_paths), len(s.prompt)))
     rows = list(done or [])
-    for i in range(0, len(todo), batch_size):
-        chunk = todo[i:i + batch_size]
-        try:
-            images = [[load_image(p) for p in s.image_paths] for s in chunk]
-            out = pm.generate(images=images, questions=[s.prompt for s in chunk], max_new_tokens=max_new_tokens)
-        except ValueError as err:
-            if on_error != "skip":
-                raise ValueError(f"{task.name}: batch starting at sample {chunk[0].id}: {err}") from err
-            for s in chunk:
-                logger.error("skipped %s: %s", s.id, err)
-                if on_skip is not None:
-                    on_skip(s.id, str(err))
-            continue
-        per = {k: 1000.0 * out.timing[k] / len(chunk) for k in ("prefill", "decode")}
-        new = []
-        for b, s in enumerate(chunk):
-            pred = out.texts[b].strip()
-            new.append({"id": s.id, "prediction": pred, "answers": s.answers, "score": score(task, s, pred),
-                        "meta": {k: v for k, v in s.meta.items() if isinstance(v, (str, int, float, bool))},
-                        "n_vis": out.n_vis[b], "n_kept": out.n_kept[b],
-                        "kept_frac": out.n_kept[b] / max(out.n_vis[b], 1), "kv_len": out.kv_len[b],
-                        "prefill_ms": per["prefill"], "decode_ms": per["decode"]})
-        if judge is not None:
-            marks = judge([RewardInput(question=s.question, answer=s.answers[0] if s.answers else "",
-                                       completion=r["prediction"]) for s, r in zip(chunk, new, strict=True)])
-            for r, m in zip(new, marks, strict=True):
-                r["score"] = float(m)
-        for r in new:
-            rows.append(r)
-            if on_row is not None:
-                on_row(r)
+    n_layers = len(pm.adapter.layers(pm.model))
+    with tqdm(total=len(rows) + len(todo), initial=len(rows), unit="sample", dynamic_ncols=True,
+              desc=progress if isinstance(progress, str) else task.name, disable=not progress) as bar:
+        for i in range(0, len(todo), batch_size):
+            _batch(pm, task, todo[i:i + batch_size], rows, n_layers, max_new_tokens, on_row, judge, on_error,
+                   on_skip)
+            bar.update(min(batch_size, len(todo) - i))
     return rows
+
+
+def _batch(pm, task, chunk, rows, n_layers, max_new_tokens, on_row, judge, on_error, on_skip) -> None:
+    """Generate, score and hand on one batch of samples (appended to ``rows``)."""
+    from ..bench.compare import layer_counts
+    from ..processing import load_image
+    from ..rewards import RewardInput
+
+    try:
+        images = [[load_image(p) for p in s.image_paths] for s in chunk]
+        out = pm.generate(images=images, questions=[s.prompt for s in chunk], max_new_tokens=max_new_tokens)
+    except ValueError as err:
+        if on_error != "skip":
+            raise ValueError(f"{task.name}: batch starting at sample {chunk[0].id}: {err}") from err
+        for s in chunk:
+            logger.error("skipped %s: %s", s.id, err)
+            if on_skip is not None:
+                on_skip(s.id, str(err))
+        return
+    per = {k: 1000.0 * out.timing[k] / len(chunk) for k in ("prefill", "decode")}
+    new = []
+    pre = out.prefill
+    for b, s in enumerate(chunk):
+        pred = out.texts[b].strip()
+        counts = layer_counts(out.n_vis[b], pre.prune_layers, [k[b] for k in pre.stage_kept], n_layers)
+        new.append({"id": s.id, "prediction": pred, "answers": s.answers, "score": score(task, s, pred),
+                    "meta": {k: v for k, v in s.meta.items() if isinstance(v, (str, int, float, bool))},
+                    "n_vis": out.n_vis[b], "n_kept": out.n_kept[b],
+                    "kept_frac": out.n_kept[b] / max(out.n_vis[b], 1), "kv_len": out.kv_len[b],
+                    "entering": counts[0], "equivalent": statistics.fmean(counts),
+                    "prefill_ms": per["prefill"], "decode_ms": per["decode"]})
+    if judge is not None:
+        marks = judge([RewardInput(question=s.question, answer=s.answers[0] if s.answers else "",
+                                   completion=r["prediction"]) for s, r in zip(chunk, new, strict=True)])
+        for r, m in zip(new, marks, strict=True):
+            r["score"] = float(m)
+    for r in new:
+        rows.append(r)
+        if on_row is not None:
+            on_row(r)
 
 
 def _mean(values: list[float]) -> float:
@@ -126,3 +145,21 @@ def summarize_task(task, rows: list[dict], meta: dict | None = None) -> dict:
         out["per_category"] = {k: {"n": len(g), "score": _mean([r["score"] for r in g if r["score"] is not None])}
                                for k, g in sorted(groups.items())}
     return out
+
+
+ROW_FIELDS = ("task", "method", "model", "module", "metric", "score", "n", "kept %", "KV at decode", "prefill ms",
+              "decode ms", "judge")
+
+
+def markdown_row(summary: dict, header: bool = False) -> str:
+    """One markdown table row for a ``summarize_task`` summary (``header``: with the table's header lines first), so
+    the rows of several runs paste into one table."""
+    ms = summary.get("ms_per_sample", {})
+    cells = [summary.get("task"), summary.get("method"), summary.get("model"), summary.get("module") or "-",
+             summary.get("metric"), f"{summary['score']:.4f}", summary["n"], f"{100 * summary['kept_frac']:.1f}",
+             f"{summary['mean_kv_len']:.1f}", f"{ms.get('prefill', float('nan')):.1f}",
+             f"{ms.get('decode', float('nan')):.1f}", summary.get("judge_model") or "-"]
+    row = "| " + " | ".join(str(c) for c in cells) + " |\n"
+    if not header:
+        return row
+    return "| " + " | ".join(ROW_FIELDS) + " |\n|" + "---|" * len(ROW_FIELDS) + "\n" + row

@@ -1,0 +1,102 @@
+"""``compare --task NAME --data DIR``: methods x budgets through the generic task path give what the world comparison
+gives on the same split; an interrupted comparison resumes; ``eval --task`` shows a progress bar with an ETA."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from glimpseprune.cli import main
+from glimpseprune.data.records import write_split
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    return write_split(tmp_path_factory.mktemp("cmp-task-world"), n=10, seed=5)
+
+
+ARGS = ["--methods", "glimpse", "fastv", "random", "--budgets", "0.1", "0.3", "--batch-size", "4"]
+
+
+def _runs(folder):
+    return {json.loads(p.read_text())["label"]: json.loads(p.read_text()) for p in (folder / "runs").glob("*.json")}
+
+
+@pytest.fixture(scope="module")
+def world_and_task(split, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmp")
+    assert main(["compare", "--split", str(split), "--out", str(out / "world"), *ARGS]) == 0
+    assert main(["compare", "--task", "world", "--data", str(split.parent), "--out", str(out / "task"),
+                 "--max-new-tokens", "8", *ARGS]) == 0
+    return out
+
+
+def test_compare_task_equals_the_world_comparison(world_and_task):
+    world, task = _runs(world_and_task / "world"), _runs(world_and_task / "task")
+    assert world.keys() == task.keys()
+    # full, glimpse at 2 budgets + dynamic + capped, fastv and random at 2 budgets each
+    assert len(task) == 1 + 4 + 2 + 2
+    for label, w in world.items():
+        t = task[label]
+        assert t["metric"] == "exact_match" and t["task"] == "world" and t["n"] == w["n"] == 10
+        assert t["score"] == pytest.approx(w["exact_match"]), label
+        assert t["kept_frac"]["mean"] == pytest.approx(w["kept_frac"]["mean"]), label
+        for key in ("visual_tokens_entering_llm", "equivalent_visual_tokens", "kv_entries_at_decode",
+                    "visual_kv_at_decode"):
+            assert t["accounting"][key] == pytest.approx(w["accounting"][key]), (label, key)
+        assert {f: v["score"] for f, v in t["per_family"].items()} == pytest.approx(
+            {f: v["exact_match"] for f, v in w["per_family"].items()}), label
+    md = (world_and_task / "task" / "compare.md").read_text()
+    assert "world exact_match by method and budget" in md.lower() and "| fastv |" in md
+    rows = (world_and_task / "task" / "runs" / "fastv_0.1.samples.jsonl").read_text().splitlines()
+    assert len(rows) == 10 and {"entering", "equivalent", "kept_frac"} <= json.loads(rows[0]).keys()
+
+
+def test_compare_task_interrupted_and_resumed_gives_the_same_runs(split, world_and_task, tmp_path):
+    out = tmp_path / "half"
+    args = ["compare", "--task", "world", "--data", str(split.parent), "--out", str(out), "--max-new-tokens", "8",
+            *ARGS]
+    assert main(args) == 0
+    runs = out / "runs"
+    (runs / "random_0.3.json").unlink()  # killed during the last run, after its 6th sample
+    samples = runs / "random_0.3.samples.jsonl"
+    lines = samples.read_text().splitlines()
+    samples.write_text("\n".join(lines[:6]) + "\n" + lines[6][:11])
+    marked = {**json.loads((runs / "fastv_0.3.json").read_text()), "seconds": -1.0}
+    (runs / "fastv_0.3.json").write_text(json.dumps(marked))  # a finished run is read back, not rerun
+    assert main(args) == 2  # a folder holding another run is refused without --resume
+    assert main([*args, "--resume"]) == 0
+    assert json.loads((runs / "fastv_0.3.json").read_text())["seconds"] == -1.0
+    whole = _runs(world_and_task / "task")
+    got = json.loads((runs / "random_0.3.json").read_text())
+    assert got["score"] == whole["random@0.3"]["score"] and got["n"] == 10
+    assert len(samples.read_text().splitlines()) == 10
+    assert main([*args[:-len(ARGS)], "--methods", "fastv", "--resume"]) == 2  # other settings: refused
+
+
+def test_compare_task_bad_input(split, tmp_path, capsys):
+    base = ["compare", "--data", str(split.parent), "--out", str(tmp_path / "o")]
+    assert main([*base, "--task", "world", "--methods", "oracle"]) == 2
+    assert "oracle" in capsys.readouterr().err
+    assert main([*base, "--task", "nope"]) == 2
+    assert "unknown task" in capsys.readouterr().err
+    assert main([*base, "--task", "gqa"]) == 2
+    assert "gqa:" in capsys.readouterr().err
+    assert main(["compare", "--out", str(tmp_path / "o")]) == 2
+    assert "--split" in capsys.readouterr().err
+    assert main(["compare", "--split", str(split), "--out", str(tmp_path / "o"), "--resume"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_task_shows_progress_with_eta_and_writes_a_markdown_row(split, tmp_path, capsys):
+    assert main(["eval", "--task", "world", "--data", str(split.parent), "--out", str(tmp_path / "e"),
+                 "--batch-size", "4", "--limit", "8"]) == 0
+    err = capsys.readouterr().err
+    assert "world" in err and "8/8" in err and "<" in err  # tqdm: "n/total [elapsed<remaining, rate]"
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    head, rule, row = (tmp_path / "e" / "summary.md").read_text().splitlines()
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert head.startswith("| task | method |") and rule.startswith("|---|")
+    assert cells[:2] == ["world", "glimpse"] and cells[5] == f"{summary['score']:.4f}" and cells[6] == "8"
