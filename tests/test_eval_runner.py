@@ -129,3 +129,53 @@ def test_paper_eval_script_issues_valid_commands(tmp_path):
         args = build_parser().parse_args(argv)
         assert args.cmd in ("eval", "compare") and args.task in list_tasks() and args.device == "cuda"
     assert sum(build_parser().parse_args(a).cmd == "compare" for a in calls) == 9
+
+
+def test_judged_task_killed_and_resumed_asks_the_judge_nothing_twice(split, tmp_path, monkeypatch):
+    """A judge-scored task through the real CLI against a chat-completions server on 127.0.0.1: the run killed half
+    way and resumed gives the whole run's summary, and the resumed run sends the judge no grading request again (only
+    the one health check every run makes)."""
+    from test_rewards import JudgeServer  # the local chat-completions server of the judge tests
+
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.delenv("GLIMPSEPRUNE_JUDGE_API_KEY", raising=False)
+
+    class JudgedWorld(WorldTask):
+        name, metric = "world_judged", "judge"
+
+    register_task(JudgedWorld(), replace=True)
+
+    def grade(body, n):  # a deterministic judge whose score depends on the prompt
+        text = body["messages"][-1]["content"]
+        return 200, f"Score: {0.9 if len(text) % 2 else 0.3}", 0.0
+
+    def grading(requests):  # the grading prompts sent (the health check asks about two plus two)
+        texts = [r["messages"][-1]["content"] for r in requests]
+        return [t for t in texts if "two plus two" not in t]
+
+    server = JudgeServer(grade)
+    try:
+        args = ["eval", "--task", "world_judged", "--data", str(split.parent), "--batch-size", "4",
+                "--judge-url", server.url, "--judge-model", "judge-m"]
+        assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+        asked = grading(server.requests)
+        assert len(asked) == len(set(asked)) >= 6  # one request per distinct (question, reference, answer)
+        samples = tmp_path / "whole" / "samples.jsonl"
+        assert len(samples.read_text().splitlines()) == 12
+        assert main([*args, "--out", str(tmp_path / "half"), "--judge-cache", str(tmp_path / "half_cache")]) == 0
+        assert len(grading(server.requests)) == 2 * len(asked)  # another cache folder: asked again
+        samples = tmp_path / "half" / "samples.jsonl"
+        lines = samples.read_text().splitlines()
+        samples.write_text("\n".join(lines[:5]) + "\n" + lines[5][:17])  # killed mid-write of the 6th row
+        (tmp_path / "half" / "summary.json").unlink()
+        before = len(server.requests)
+        assert main([*args, "--out", str(tmp_path / "half"), "--judge-cache", str(tmp_path / "half_cache"),
+                     "--resume"]) == 0
+        assert grading(server.requests[before:]) == []  # the 7 re-run samples were answered from the cache
+        assert len(server.requests) == before + 1  # the health check, made before every run
+        whole = json.loads((tmp_path / "whole" / "summary.json").read_text())
+        half = json.loads((tmp_path / "half" / "summary.json").read_text())
+        assert half["n"] == whole["n"] == 12 and half["score"] == pytest.approx(whole["score"])
+        assert half["judge_model"] == "judge-m" and 0.3 <= half["score"] <= 0.9
+    finally:
+        server.close()
