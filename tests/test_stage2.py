@@ -196,3 +196,31 @@ def test_dynamic_sampling_updates_on_mixed_groups_only(policy, tmp_path):
     assert bool((groups.max(1).values > groups.min(1).values).all())  # every kept group has mixed rewards
     assert b.tokens.shape == b.mask.shape and b.tokens.shape[0] == groups.shape[0] * 8
     assert b.inputs["input_ids"].shape[0] == groups.shape[0] and len(b.keep_masks) == groups.shape[0]
+
+
+def test_visual_cot_image_root(tmp_path):
+    """Visual-CoT's metadata names images relative to its cot_image_data/ folder, not to the JSONL: ``image_root``
+    says where they start; without it the first missing image is named with the hint."""
+    from glimpseprune.testing import random_image
+    from glimpseprune.training.stage1 import RecordDataset, Stage1Config
+
+    (tmp_path / "cot_image_data" / "gqa").mkdir(parents=True)
+    random_image(64, 48, seed=2).save(tmp_path / "cot_image_data" / "gqa" / "1.jpg")
+    (tmp_path / "metadata").mkdir()
+    row = {"question_id": "viscot-1", "image": "gqa/1.jpg", "question": "What is it?", "answer": "a cup",
+           "width": 64, "height": 48, "bboxs": [[1, 1, 20, 20]]}
+    (tmp_path / "metadata" / "train.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(FileNotFoundError, match="image_root"):
+        RecordDataset(tmp_path / "metadata" / "train.jsonl")
+    item = RecordDataset(tmp_path / "metadata" / "train.jsonl", image_root=tmp_path / "cot_image_data")[0]
+    assert item["image"].size == (64, 48) and item["boxes"] == [[1, 1, 20, 20]]
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        RecordDataset(tmp_path / "metadata" / "train.jsonl", image_root=tmp_path / "nope")
+    # upstream's layout: "image" is a file name under <image_root>/<dataset>/
+    random_image(32, 32, seed=3).save(tmp_path / "cot_image_data" / "gqa" / "2.jpg")
+    row2 = {**row, "question_id": "viscot-2", "image": "2.jpg", "dataset": "gqa", "width": 32, "height": 32}
+    (tmp_path / "metadata" / "up.jsonl").write_text(json.dumps(row2) + "\n")
+    assert RecordDataset(tmp_path / "metadata" / "up.jsonl", image_root=tmp_path / "cot_image_data")[0][
+        "image"].size == (32, 32)
+    assert Stage1Config(image_root=str(tmp_path)).image_root == str(tmp_path)
+    assert _cfg(tmp_path, image_root=str(tmp_path / "cot_image_data")).image_root.endswith("cot_image_data")

@@ -35,8 +35,15 @@ class Record:
     family: str = ""
 
     def image_path(self, root: Path) -> Path:
+        """``image`` under ``root`` (absolute paths as they are); Visual-CoT's training rows name a file under
+        ``<root>/<dataset>/``, which is taken when ``root/image`` does not exist but that file does."""
         p = Path(self.image)
-        return p if p.is_absolute() else root / p
+        if p.is_absolute():
+            return p
+        q = Path(root) / p
+        if self.family and not q.exists() and (Path(root) / self.family / p).is_file():
+            return Path(root) / self.family / p
+        return q
 
 
 def _parse(row: dict, where: str) -> Record:

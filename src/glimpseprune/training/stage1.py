@@ -55,6 +55,9 @@ class Stage1Config:
     train_samples: int = 3000  # number of synthetic scenes (used only without train_data)
     eval_data: str | None = None
     eval_samples: int = 100
+    # folder the records' relative image paths start from (Visual-CoT's metadata names images relative to its
+    # cot_image_data/ folder, not to the JSONL); None = each JSONL's own folder
+    image_root: str | None = None
     mode: str = "boxes"  # "boxes" (Dice + BCE + LM) or "kl" (label-free)
     module: dict = field(default_factory=dict)  # GlimpseConfig overrides (vip_width, prune_layer, ...)
     dice_weight: float = 1.0
@@ -234,9 +237,17 @@ class WorldDataset(torch.utils.data.Dataset):
 class RecordDataset(torch.utils.data.Dataset):
     """Records of a JSONL file; images are read from disk when an item is taken."""
 
-    def __init__(self, path: str | Path, limit: int | None = None):
-        self.root = Path(path).parent
+    def __init__(self, path: str | Path, limit: int | None = None, image_root: str | Path | None = None):
+        self.root = Path(image_root) if image_root is not None else Path(path).parent
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image_root {self.root} is not a folder (the records' image paths start there)")
         self.records = read_records(path, limit)
+        if self.records and not self.records[0].image_path(self.root).is_file():
+            r = self.records[0]
+            hint = "" if image_root is not None else (
+                "; if the records name images relative to another folder (Visual-CoT: cot_image_data/), set "
+                "image_root in the config")
+            raise FileNotFoundError(f"{path}: the first record's image {r.image_path(self.root)} does not exist{hint}")
 
     def __len__(self) -> int:
         return len(self.records)

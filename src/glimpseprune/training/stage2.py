@@ -53,6 +53,7 @@ class Stage2Config:
     train_data: str | None = None  # JSONL records (ours or Visual-CoT's); None = synthetic world scenes
     train_samples: int = 4000
     eval_data: str | None = None  # JSONL records for the periodic eval; None = held-out synthetic scenes
+    image_root: str | None = None  # where relative image paths start (Visual-CoT: cot_image_data/); None = JSONL's
     eval_samples: int = 100
     prompt_suffix: str | None = None  # appended to each question, e.g. "Answer the question using a single word..."
     # "vip": the frozen module's masks (as at inference); "boxes": ground-truth box tokens; "vip_cotrain": the
@@ -126,9 +127,10 @@ class Stage2Config:
 
 
 def _datasets(cfg: Stage2Config):
-    train = RecordDataset(cfg.train_data) if cfg.train_data else WorldDataset(cfg.train_samples, seed0=TRAIN_SEED0)
-    evals = RecordDataset(cfg.eval_data, limit=cfg.eval_samples) if cfg.eval_data else WorldDataset(
-        cfg.eval_samples, seed0=EVAL_SEED0)
+    train = RecordDataset(cfg.train_data, image_root=cfg.image_root) if cfg.train_data else WorldDataset(
+        cfg.train_samples, seed0=TRAIN_SEED0)
+    evals = RecordDataset(cfg.eval_data, limit=cfg.eval_samples, image_root=cfg.image_root) if cfg.eval_data else \
+        WorldDataset(cfg.eval_samples, seed0=EVAL_SEED0)
     if len(train) == 0:
         raise ValueError(f"no training prompts in {cfg.train_data}")
     return train, evals

@@ -90,9 +90,10 @@ def _trainer_class():
 
 
 def _datasets(cfg: Stage1Config):
-    train = RecordDataset(cfg.train_data) if cfg.train_data else WorldDataset(cfg.train_samples)
+    train = RecordDataset(cfg.train_data, image_root=cfg.image_root) if cfg.train_data else \
+        WorldDataset(cfg.train_samples)
     if cfg.eval_data:
-        evals = RecordDataset(cfg.eval_data, limit=cfg.eval_samples)
+        evals = RecordDataset(cfg.eval_data, limit=cfg.eval_samples, image_root=cfg.image_root)
     else:
         evals = WorldDataset(cfg.eval_samples, seed0=4_000_000_000)
     return train, evals
