@@ -21,22 +21,70 @@ from .checkpoint import MERGED_ATTR, check_compatible, load_plus, read_merged_re
 from .config import SelectionConfig
 from .methods.base import PruningMethod
 from .registry import get_adapter, get_method
-from .runtime.engine import PrefillResult, generate
+from .runtime.engine import PrefillResult, generate, resolve_generation_config
 
 
 @dataclass
 class PruneOutput:
-    sequences: torch.Tensor  # (B, T) generated token ids (prompt excluded), pad after EOS
-    keep_masks: list[torch.Tensor]  # per sample (n_vis_b,) bool, its images concatenated
-    image_keep_masks: list[torch.Tensor]  # per image (h, w) bool, images in batch order
+    """What ``PrunedModel.generate`` returns for a batch of B samples.
+
+    Fields:
+        sequences: (B, T) generated token ids (prompt excluded); a row that stopped early (EOS, a stop string) is
+            padded with the pad id up to the longest row, as ``model.generate`` pads.
+        keep_masks: per sample, (n_vis_b,) bool over its visual tokens (its images concatenated), True = kept.
+        image_keep_masks: per image in batch order, (h, w) bool on the image's token grid.
+        n_vis: per sample, visual tokens before pruning.
+        n_kept: per sample, visual tokens kept (``keep_masks[b].sum()``).
+        kv_len: per sample, valid KV-cache entries at the start of decoding (prompt after pruning).
+        prune_layer: the LLM layer after which tokens were dropped (-1: before the LLM; None: nothing pruned).
+        texts: per sample, the decoded ``sequences`` (special tokens skipped); None without a processor.
+        step_logits: with ``return_logits=True``, per generated token the raw (B, V) logits (before any logits
+            processor); else None.
+        prefill: the runtime's ``PrefillResult`` (cache, masks, per-stage keep masks, the method's scratch).
+        timing: wall seconds of the batch: ``prefill`` (ViT + LLM), ``decode`` and its ``decode_steps`` steps.
+
+    ``to_dict()`` gives the JSON-able summary (no tensors, no cache).
+    """
+
+    sequences: torch.Tensor
+    keep_masks: list[torch.Tensor]
+    image_keep_masks: list[torch.Tensor]
     n_vis: list[int]
     n_kept: list[int]
-    kv_len: list[int]  # cache entries per sample at the start of decoding
+    kv_len: list[int]
     prune_layer: int | None
     texts: list[str] | None = None
-    step_logits: list[torch.Tensor] | None = None  # per generated token, (B, V)
+    step_logits: list[torch.Tensor] | None = None
     prefill: PrefillResult | None = None
-    timing: dict | None = None  # wall seconds of the batch: "prefill" (ViT + LLM), "decode" ("decode_steps" steps)
+    timing: dict | None = None
+
+    @property
+    def kept_frac(self) -> list[float]:
+        """Per sample, the kept share of its visual tokens (1.0 for a sample without images)."""
+        return [k / n if n else 1.0 for k, n in zip(self.n_kept, self.n_vis)]
+
+    def to_dict(self) -> dict:
+        """JSON-able summary: texts, token ids, visual-token counts and kept fractions, kept indices per sample
+        (``kept_idx``: positions in its concatenated visual tokens) and per image, the prune layer(s), timing."""
+        pre = self.prefill
+        return {
+            "texts": None if self.texts is None else list(self.texts),
+            "sequences": self.sequences.tolist(),
+            "n_vis": [int(n) for n in self.n_vis],
+            "n_kept": [int(n) for n in self.n_kept],
+            "kept_frac": self.kept_frac,
+            "kv_len": [int(n) for n in self.kv_len],
+            "prune_layer": None if self.prune_layer is None else int(self.prune_layer),
+            "prune_layers": [] if pre is None else [int(k) for k in pre.prune_layers],
+            "kept_idx": [_kept_idx(m) for m in self.keep_masks],
+            "image_kept_idx": [_kept_idx(m) for m in self.image_keep_masks],  # flat row-major index on (h, w)
+            "image_grids": [list(m.shape) for m in self.image_keep_masks],
+            "timing": {k: (int(v) if isinstance(v, int) else float(v)) for k, v in (self.timing or {}).items()},
+        }
+
+
+def _kept_idx(mask: torch.Tensor) -> list[int]:
+    return mask.detach().flatten().nonzero().flatten().cpu().tolist()
 
 
 def _split_images(pre: PrefillResult) -> list[torch.Tensor]:
@@ -55,6 +103,48 @@ def _token_ids(model, processor) -> tuple[Any, int]:
     if pad is None and tok is not None:
         pad = tok.pad_token_id
     return eos, 0 if pad is None else int(pad)
+
+
+def base_generation_config(model, processor=None, generation_config=None):
+    """The ``GenerationConfig`` a call starts from, before its keywords.
+
+    Without ``generation_config``: glimpseprune's defaults (greedy, 32 new tokens, no penalties) with the model's
+    special tokens (EOS, pad; pad falls back to the tokenizer's, then 0); the checkpoint's sampling knobs
+    (``generation_config.json``) are not applied, so results do not change with them. With one: a copy whose unset
+    fields are filled from ``model.generation_config``, as ``model.generate`` fills them; pass
+    ``generation_config=model.generation_config`` to decode as the checkpoint recommends."""
+    import copy
+
+    from transformers import GenerationConfig
+
+    eos, pad = _token_ids(model, processor)
+    model_gc = getattr(model, "generation_config", None)
+    if generation_config is None:
+        return GenerationConfig(bos_token_id=getattr(model_gc, "bos_token_id", None), eos_token_id=eos,
+                                pad_token_id=pad)
+    if not isinstance(generation_config, GenerationConfig):
+        raise TypeError(f"generation_config must be a transformers.GenerationConfig, got "
+                        f"{type(generation_config).__name__}")
+    gc = copy.deepcopy(generation_config)
+    if model_gc is not None:
+        gc.update(**model_gc.to_dict(), defaults_only=True)
+    gc.update(eos_token_id=eos, pad_token_id=pad, defaults_only=True)
+    return gc
+
+
+def execution_device(model) -> torch.device:
+    """Where a batch's tensors go: the input embeddings' device or, for a model spread or offloaded by accelerate
+    (``device_map=``, ``cpu_offload``: weights may sit on "meta" between calls), their hook's execution device."""
+    emb = model.get_input_embeddings()
+    hook = getattr(emb, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):  # a SequentialHook holds several
+        dev = getattr(h, "execution_device", None)
+        if dev is not None:
+            return torch.device(dev)
+    dev = emb.weight.device
+    if dev.type != "meta":
+        return dev
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
 
 
 class PrunedModel:
@@ -78,11 +168,39 @@ class PrunedModel:
         limit = context_length(self.model)
         return build_inputs(self.processor, pil, questions, max_length=None if limit is None else limit - 1)
 
-    def generate(self, inputs: dict | None = None, *, images=None, questions=None, max_new_tokens: int = 32,
-                 do_sample: bool = False, temperature: float = 1.0, seed: int | None = None,
-                 keep_masks: list[torch.Tensor] | None = None, return_logits: bool = False) -> PruneOutput:
-        """Generate for a batch given either processor ``inputs`` or ``images`` + ``questions``."""
+    def generate(self, inputs: dict | None = None, *, images=None, questions=None, generation_config=None,
+                 max_new_tokens: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
+                 top_p: float | None = None, top_k: int | None = None, repetition_penalty: float | None = None,
+                 stop_strings: str | list[str] | None = None, eos_token_id: int | list[int] | None = None,
+                 streamer=None, tokenizer=None, seed: int | None = None,
+                 keep_masks: list[torch.Tensor] | None = None, return_logits: bool = False,
+                 **generation_kwargs) -> PruneOutput:
+        """Generate for a batch given either processor ``inputs`` or ``images`` + ``questions``.
+
+        Decoding follows ``transformers``: a ``GenerationConfig`` (``generation_config=``) and/or its fields as
+        keywords (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``,
+        ``stop_strings``, ``eos_token_id`` (replaces the model's EOS ids, as in transformers), ``min_new_tokens``,
+        ...; keywords win). The logits processors and stopping criteria are transformers' own, so with the
+        ``full`` method the tokens equal ``model.generate``'s. Defaults: greedy, 32 new tokens (see
+        ``base_generation_config``). ``seed`` samples with a private generator; without it sampling consumes the
+        global RNG like ``model.generate``. ``streamer``: a ``TextStreamer`` / ``TextIteratorStreamer`` (batch of 1).
+        ``tokenizer`` (for ``stop_strings``) defaults to the processor's.
+
+        Example::
+
+            from transformers import TextIteratorStreamer
+            streamer = TextIteratorStreamer(pm.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+            threading.Thread(target=pm.generate, kwargs=dict(images=[["cat.jpg"]], questions=["What is it?"],
+                                                             streamer=streamer, do_sample=True, top_p=0.9)).start()
+            print("".join(streamer))
+        """
         check_generate_args(max_new_tokens, do_sample, temperature, seed, keep_masks)
+        gc = resolve_generation_config(
+            base_generation_config(self.model, self.processor, generation_config), max_new_tokens=max_new_tokens,
+            do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+            repetition_penalty=repetition_penalty, stop_strings=stop_strings, eos_token_id=eos_token_id,
+            **generation_kwargs)
+        check_generate_args(gc.max_new_tokens, gc.do_sample, gc.temperature, seed, keep_masks)
         if inputs is None:
             if questions is None:
                 raise ValueError("pass inputs= (processor output) or questions= (+ images=)")
@@ -91,12 +209,14 @@ class PrunedModel:
             inputs = self.prepare(images if images is not None else [[] for _ in questions], questions)  # checked
         else:
             check_prompt_length(inputs, context_length(self.model))
-        device = next(self.model.parameters()).device
+        device = execution_device(self.model)
         inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in dict(inputs).items()}
-        eos, pad = _token_ids(self.model, self.processor)
         request = {"keep_masks": keep_masks} if keep_masks is not None else {}
-        toks, pre, step_logits = generate(self.model, self.adapter, self.method, inputs, max_new_tokens, eos, pad,
-                                          do_sample, temperature, seed, request, keep_logits=return_logits)
+        if tokenizer is None:
+            tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        toks, pre, step_logits = generate(self.model, self.adapter, self.method, inputs, seed=seed, request=request,
+                                          keep_logits=return_logits, generation_config=gc, streamer=streamer,
+                                          tokenizer=tokenizer)
         texts = None
         if self.processor is not None:
             texts = self.processor.batch_decode(toks, skip_special_tokens=True)
@@ -131,16 +251,18 @@ def check_batch_args(images, questions) -> None:
 
 def check_generate_args(max_new_tokens, do_sample, temperature, seed, keep_masks) -> None:
     """Generation knobs: named errors instead of a silent wrong answer (a float keep mask cast to bool keeps
-    everything) or a traceback from deep inside torch."""
+    everything) or a traceback from deep inside torch. None means "not given" (checked again once resolved)."""
     import math
     import numbers
 
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
+    if max_new_tokens is not None and (isinstance(max_new_tokens, bool)
+                                       or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1):
         raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not math.isfinite(temperature):
-        raise ValueError(f"temperature must be a finite number, got {temperature!r}")
-    if temperature < 0 or (do_sample and temperature == 0):
-        raise ValueError(f"temperature must be > 0 when sampling (>= 0 otherwise), got {temperature}")
+    if temperature is not None:
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not math.isfinite(temperature):
+            raise ValueError(f"temperature must be a finite number, got {temperature!r}")
+        if temperature < 0 or (do_sample and temperature == 0):
+            raise ValueError(f"temperature must be > 0 when sampling (>= 0 otherwise), got {temperature}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
         raise TypeError(f"seed must be a whole number or None, got {type(seed).__name__} {seed!r}")
     if keep_masks is not None:
@@ -187,13 +309,41 @@ def apply(model, method: str | PruningMethod = "glimpse", module=None, selection
     return PrunedModel(model, method, processor)
 
 
-def load_base(model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """(model, processor) from a local HF directory, offline."""
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+
+
+def resolve_dtype(dtype) -> torch.dtype | str:
+    """``"auto"`` (or None: the checkpoint's own dtype, from its config), a ``torch.dtype``, or its name
+    (``"bfloat16"``, ``"torch.float16"``, ``"bf16"``)."""
+    if dtype is None or dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        value = getattr(torch, _DTYPE_ALIASES.get(name, name), None)
+        if isinstance(value, torch.dtype) and value.is_floating_point:
+            return value
+    raise ValueError(f"dtype must be 'auto', a torch dtype or its name (e.g. 'bfloat16'), got {dtype!r}")
+
+
+def load_base(model_dir: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str = "auto",
+              device_map: str | dict | None = None, offload_folder: str | Path | None = None):
+    """(model, processor) from a local HF directory (or ``"embedded"``, the packaged world model), offline.
+
+    ``dtype="auto"`` keeps the checkpoint's dtype (its config's ``dtype`` / ``torch_dtype``); a torch dtype or its
+    name casts. ``device`` (default "cpu") moves the whole model; ``device_map`` ("auto", "balanced", or a dict of
+    module name -> device / "cpu" / "disk") instead lets accelerate spread and offload it (``offload_folder`` holds
+    the "disk" weights), e.g. ``load_base(dir, device_map="auto")`` for a model larger than one GPU."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
+    from .assets import resolve_model
     from .processing import load_processor
 
-    p = Path(model_dir)
+    p = resolve_model(model_dir)
+    torch_dtype = resolve_dtype(dtype)
+    if device_map is not None and device is not None:
+        raise ValueError(f"pass device= or device_map=, not both (got device={device!r}, device_map={device_map!r})")
     if not (p / "config.json").is_file():
         hint = ("; this folder holds a LoRA adapter (GlimpsePrune+?): pass it as module=, the base model as "
                 "model_dir") if (p / "adapter_config.json").is_file() else ""
@@ -203,30 +353,46 @@ def load_base(model_dir: str | Path, device: str | torch.device = "cpu", dtype: 
     config = AutoConfig.from_pretrained(p, local_files_only=True)
     get_adapter(config.model_type)  # fail fast on unsupported families
     merged = read_merged_record(p)  # a lora.merge_and_save folder: its weights hold a GlimpsePrune+ adapter
-    model = AutoModelForImageTextToText.from_pretrained(p, dtype=dtype, local_files_only=True).to(device).eval()
+    spread = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
+    model = AutoModelForImageTextToText.from_pretrained(p, dtype=torch_dtype, local_files_only=True, **spread)
+    if device_map is None:
+        model = model.to(device if device is not None else "cpu")
+    model.eval()
     if merged is not None:
         setattr(model, MERGED_ATTR, merged)
     return model, load_processor(p)
 
 
 def load(model_dir: str | Path, module: str | Path | None = None, method: str | None = None,
-         selection: SelectionConfig | None = None, device: str | torch.device = "cpu",
-         dtype: torch.dtype = torch.float32, merge_adapter: bool = True, **method_kwargs) -> PrunedModel:
+         selection: SelectionConfig | None = None, device: str | torch.device | None = None,
+         dtype: torch.dtype | str = "auto", merge_adapter: bool = True, device_map: str | dict | None = None,
+         offload_folder: str | Path | None = None, **method_kwargs) -> PrunedModel:
     """Load a base model (and a glimpse module) from local directories and wrap them.
 
-    method defaults to "glimpse" when a module is given, else "full". A GlimpsePrune+ module folder (module + LoRA
-    adapter, ``lora.save_plus``) is loaded as a whole: the adapter is applied to the base model (merged into its
-    weights unless ``merge_adapter=False``), then the module; the folder is checked before the base model loads.
+    ``model_dir`` / ``module`` may also name the packaged defaults: ``gp.load("embedded", module="embedded")`` (or
+    ``module="embedded-k0"``). method defaults to "glimpse" when a module is given, else "full". ``dtype``,
+    ``device``, ``device_map`` and ``offload_folder`` are those of ``load_base``; the module goes to the model's
+    execution device, in the model's dtype for fp32 / bf16 bases (fp32 otherwise). A GlimpsePrune+ module folder
+    (module + LoRA adapter, ``lora.save_plus``) is loaded as a whole: the adapter is applied to the base model
+    (merged into its weights unless ``merge_adapter=False``), then the module; the folder is checked before the base
+    model loads. With ``device_map`` such a folder is refused: merge it first (``lora.merge_and_save``) and load the
+    merged model.
     """
+    from .assets import resolve_module
     from .checkpoint import adapter_record
 
+    module = resolve_module(module)
     if module is not None:
-        adapter_record(module)  # missing / foreign adapter files: named errors before anything loads
-    model, processor = load_base(model_dir, device, dtype)
+        # missing / foreign adapter files: named errors before anything loads
+        if adapter_record(module) is not None and device_map is not None:
+            raise ValueError(f"{module} holds a LoRA adapter (GlimpsePrune+), which cannot be applied to a model "
+                             "spread by device_map: merge it first (glimpseprune.lora.merge_and_save) and load the "
+                             "merged folder with the module")
+    model, processor = load_base(model_dir, device, dtype, device_map=device_map, offload_folder=offload_folder)
     method = method or ("glimpse" if module is not None else "full")
     mod = None
     if module is not None:
         # the module follows a bf16 base (tested: >= 99 % of the fp32 keep decisions); fp16 stays fp32 (untested)
-        mod_dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
-        model, mod = load_plus(model, module, merge=merge_adapter, device=device, dtype=mod_dtype)
+        mod_dtype = model.dtype if model.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        model, mod = load_plus(model, module, merge=merge_adapter, device=execution_device(model), dtype=mod_dtype)
     return apply(model, method, module=mod, selection=selection, processor=processor, **method_kwargs)

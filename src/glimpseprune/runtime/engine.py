@@ -213,45 +213,135 @@ def decode_step(model, adapter: Adapter, pre: PrefillResult, tokens: torch.Tenso
     return adapter.logits(model, hidden)[:, -1]
 
 
-def pick_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, generator) -> torch.Tensor:
+# GenerationConfig fields whose decoding strategy this loop does not run (one greedy / sampled sequence per prompt)
+_UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "guidance_scale": 1.0, "penalty_alpha": None,
+                "assistant_early_exit": None, "prompt_lookup_num_tokens": None}
+DEFAULT_MAX_NEW_TOKENS = 32  # when neither the call nor its GenerationConfig says (transformers' own default is 20)
+
+
+def resolve_generation_config(generation_config=None, **overrides):
+    """A fresh ``transformers.GenerationConfig``: a copy of ``generation_config`` (or an empty one), updated with the
+    ``overrides`` that are not None, then transformers' global defaults where still unset (greedy, top_k 50 when
+    sampling, ...), and ``max_new_tokens`` = 32 where unset. Unknown keywords and unsupported decoding strategies
+    (beam search, several sequences per prompt, classifier-free guidance, assisted decoding) are refused by name."""
+    import copy
+
+    from transformers import GenerationConfig
+
+    if generation_config is not None and not isinstance(generation_config, GenerationConfig):
+        raise TypeError(f"generation_config must be a transformers.GenerationConfig, got "
+                        f"{type(generation_config).__name__}")
+    gc = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
+    unknown = gc.update(**{k: v for k, v in overrides.items() if v is not None})
+    if unknown:
+        raise TypeError(f"unknown generation arguments {sorted(unknown)}: pass fields of transformers.GenerationConfig")
+    gc.update(**GenerationConfig._get_default_generation_params(), defaults_only=True)
+    if gc.max_new_tokens is None:
+        gc.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+    for key, neutral in _UNSUPPORTED.items():
+        value = getattr(gc, key, None)
+        if value is not None and value != neutral:
+            raise ValueError(f"{key}={value!r} is not supported by the pruning runtime (greedy or sampled decoding of "
+                             "one sequence per prompt)")
+    if getattr(gc, "assistant_model", None) is not None:
+        raise ValueError("assisted decoding is not supported by the pruning runtime")
+    return gc
+
+
+def _mixin_call(model, name: str, *args, **kwargs):
+    """``model.<name>(...)`` of transformers' GenerationMixin; the unbound method where the model lacks it."""
+    from transformers import GenerationMixin
+
+    fn = getattr(model, name, None)
+    return fn(*args, **kwargs) if fn is not None else getattr(GenerationMixin, name)(model, *args, **kwargs)
+
+
+def build_decoding(model, gc, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, tokenizer=None):
+    """(logits processors, stopping criteria) exactly as ``model.generate`` builds them for ``gc`` and this prompt.
+    ``gc`` is finalised in place: ``max_length`` = prompt + ``max_new_tokens``, special tokens as tensors."""
+    from transformers import StoppingCriteriaList
+
+    L, device = input_ids.shape[1], input_ids.device
+    gc.max_length = L + gc.max_new_tokens
+    _mixin_call(model, "_prepare_special_tokens", gc, True, device=device, batch_size=input_ids.shape[0])
+    processors = _mixin_call(model, "_get_logits_processor", gc, input_ids_seq_length=L, encoder_input_ids=input_ids,
+                             device=device, model_kwargs={"attention_mask": attention_mask})
+    criteria = _mixin_call(model, "_get_stopping_criteria", gc, StoppingCriteriaList(), tokenizer=tokenizer)
+    return processors, criteria
+
+
+def next_tokens(scores: torch.Tensor, do_sample: bool, generator=None) -> torch.Tensor:
+    """(B,) from processed scores (B, V): argmax, or one draw from their softmax. Without a ``generator`` the draw
+    uses the global RNG exactly as ``model.generate`` does, so the same ``torch.manual_seed`` gives the same tokens."""
     if not do_sample:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / max(temperature, 1e-5), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return scores.argmax(dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
 @torch.no_grad()
 def generate(
-    model, adapter: Adapter, method: PruningMethod, inputs: dict, max_new_tokens: int = 32,
-    eos_token_id: int | list[int] | None = None, pad_token_id: int = 0, do_sample: bool = False,
-    temperature: float = 1.0, seed: int | None = None, request: dict | None = None, keep_logits: bool = False,
+    model, adapter: Adapter, method: PruningMethod, inputs: dict, max_new_tokens: int | None = None,
+    eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None, do_sample: bool | None = None,
+    temperature: float | None = None, seed: int | None = None, request: dict | None = None,
+    keep_logits: bool = False, *, generation_config=None, streamer=None, tokenizer=None, **generation_kwargs,
 ) -> tuple[torch.Tensor, PrefillResult, list[torch.Tensor]]:
-    """Prefill with pruning, then decode. Returns (new tokens (B, T), prefill result, per-step logits (B, V) if
-    keep_logits else [])."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    eos = torch.tensor([] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int)
-                                                         else list(eos_token_id)))
+    """Prefill with pruning, then decode like ``model.generate``: the logits processors and stopping criteria are the
+    ones transformers builds for the ``GenerationConfig`` (``generation_config`` updated with the keywords given,
+    e.g. ``top_p=0.9, repetition_penalty=1.1, stop_strings=["."]``; stop strings need ``tokenizer``), applied to the
+    running (B, prompt + t) ids. Rows that stopped get ``pad_token_id`` while others go on. EOS ids come from the
+    config or ``eos_token_id`` only (none: decode ``max_new_tokens`` steps). ``seed`` samples with a private
+    ``torch.Generator``; without it sampling consumes the global RNG as ``model.generate`` does. A ``streamer``
+    (``TextStreamer``, ``TextIteratorStreamer``; batch of 1) gets the prompt ids, each new token, then ``end()``.
+
+    Returns (new tokens (B, T), prefill result, per-step raw logits (B, V) if keep_logits else [])."""
+    gc = resolve_generation_config(generation_config, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                   pad_token_id=pad_token_id, do_sample=do_sample, temperature=temperature,
+                                   **generation_kwargs)
+    if gc.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {gc.max_new_tokens}")
+    if streamer is not None:
+        streamer.put(inputs["input_ids"].cpu())
+    try:
+        return _decode(model, adapter, method, inputs, gc, seed, request, keep_logits, streamer, tokenizer)
+    finally:
+        if streamer is not None:
+            streamer.end()  # also on errors, so a consumer thread iterating a TextIteratorStreamer is released
+
+
+def _decode(model, adapter, method, inputs, gc, seed, request, keep_logits, streamer, tokenizer):
     t0 = time.perf_counter()
     pre = prefill(model, adapter, method, inputs, request)
     logits = pre.logits
     _sync(logits.device)
     t1 = time.perf_counter()
-    gen = None if seed is None else torch.Generator(device=logits.device).manual_seed(seed)
-    B = logits.shape[0]
-    done = torch.zeros(B, dtype=torch.bool, device=logits.device)
+    device = logits.device
+    mask = inputs.get("attention_mask")
+    if mask is not None and bool((mask == 1).all()):
+        mask = None  # as transformers does before building its processors (no padding to skip)
+    seq = inputs["input_ids"].to(device)  # (B, prompt + t): what the processors and stopping criteria read
+    processors, criteria = build_decoding(model, gc, seq, None if mask is None else mask.to(device), tokenizer)
+    gen = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    pad = gc._pad_token_tensor
+    pad_done = gc._eos_token_tensor is not None and pad is not None  # as transformers: pad only with EOS criteria
+    unfinished = torch.ones(seq.shape[0], dtype=torch.bool, device=device)
     out, step_logits = [], []
-    for t in range(max_new_tokens):
+    for t in range(gc.max_new_tokens):
         if keep_logits:
             step_logits.append(logits)
-        tok = pick_tokens(logits, do_sample, temperature, gen).to(logits.device)
-        tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
+        scores = processors(seq, logits.to(device=device, dtype=torch.float32, copy=True))
+        tok = next_tokens(scores, gc.do_sample, gen)
+        if pad_done:
+            tok = torch.where(unfinished, tok, pad.to(device))
+        seq = torch.cat([seq, tok[:, None]], dim=1)
         out.append(tok)
-        done = done | torch.isin(tok, eos.to(tok.device))
-        if bool(done.all()) or t == max_new_tokens - 1:
+        unfinished = unfinished & ~criteria(seq, None)
+        if streamer is not None:
+            streamer.put(tok.cpu())
+        if not bool(unfinished.any()) or t == gc.max_new_tokens - 1:
             break
         logits = decode_step(model, adapter, pre, tok, t)
-    _sync(logits.device)
+    _sync(device)
     pre.timing = {"prefill": t1 - t0, "decode": time.perf_counter() - t1, "decode_steps": len(out) - 1}
     return torch.stack(out, dim=1), pre, step_logits
 
