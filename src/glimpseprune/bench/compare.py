@@ -243,35 +243,191 @@ def markdown(results: list[dict], score_key: str = "exact_match", score_name: st
         "\n".join(pivot) + "\n"
 
 
-def plot(results: list[dict], path: str | Path, score_key: str = "exact_match",
-         score_name: str = "exact match") -> Path | None:
-    """Accuracy vs kept fraction (mean), one line per method; dynamic settings and the oracle as single points."""
-    from .report import _pyplot
+# ------------------------------------------------------------------------------------------------------ figures
 
-    plt = _pyplot()
-    if plt is None:
+GLIMPSE_COLOR = "#c2185b"  # the headline method: one strong colour, drawn last and thickest
+PEER_COLORS = ("#5b7fa6", "#6f9e76", "#a88a5c", "#8f7bab", "#5fa3b3", "#9a9a5a", "#8c8c8c", "#b07f94")
+PEER_MARKERS = ("s", "^", "D", "v", "P", "X", "<", ">", "h", "p")
+POINT_STYLE = {  # single-point settings: their own colours and markers, never a line's
+    "dynamic": {"marker": "*", "color": "#f0a202", "s": 320, "short": "dynamic"},
+    "dynamic_cap": {"marker": "h", "color": "#2a9d8f", "s": 90, "short": "dynamic, capped"},
+    "oracle": {"marker": "D", "color": "#222222", "s": 80, "short": "oracle"},
+}
+
+
+def _short_path(text: str) -> str:
+    """``/a/b/world/records.jsonl`` -> ``world/records.jsonl``; a folder or name as it is."""
+    p = Path(str(text))
+    return f"{p.parent.name}/{p.name}" if p.parent.name else p.name or str(text)
+
+
+def _model_name(result: dict) -> str | None:
+    model = result.get("model")
+    return Path(str(model)).name or str(model) if model else None
+
+
+def _data_name(result: dict) -> str | None:
+    if result.get("task"):
+        data = result.get("data") or result.get("split")
+        return f"{result['task']} ({_short_path(data)})" if data else str(result["task"])
+    for key in ("data", "split"):
+        if result.get(key):
+            return _short_path(result[key])
+    return None
+
+
+def figure_title(result: dict, what: str) -> str:
+    """``what``, naming the model and the data of ``result`` when it carries them (``model``, ``task`` / ``data``
+    / ``split``)."""
+    model, data = _model_name(result), _data_name(result)
+    where = " on ".join(x for x in (model, data) if x)
+    return f"{what}: {where}" if where else what
+
+
+def compare_figure(results: list[dict], score_key: str = "exact_match", score_name: str = "exact match",
+                   title: str | None = None):
+    """The figure of :func:`plot` (a matplotlib ``Figure``, not registered with pyplot), or None without
+    matplotlib."""
+    from .report import _figure
+
+    fig = _figure(figsize=(10, 5.2))
+    if fig is None:
         return None
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    methods = list(dict.fromkeys(r["method"] for r in results if r["setting"] == "fixed"))
-    for m in methods:
-        pts = sorted((r["kept_frac"]["mean"], r[score_key]) for r in results
-                     if r["method"] == m and r["setting"] == "fixed")
-        ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o", label=m)
-    for r in results:
-        if r["setting"] in ("dynamic", "dynamic_cap", "oracle"):
-            ax.scatter([100 * r["kept_frac"]["mean"]], [r[score_key]], marker="*", s=160, zorder=5,
-                       label=r["label"])
+    ax = fig.add_subplot()
+    first = results[0] if results else {}
+    fixed = [r for r in results if r["setting"] == "fixed"]
+    methods = list(dict.fromkeys(r["method"] for r in fixed))
+    peers = [m for m in methods if m != "glimpse"]
+    for i, m in enumerate(peers):
+        pts = sorted((r["kept_frac"]["mean"], r[score_key]) for r in fixed if r["method"] == m)
+        color = PEER_COLORS[i % len(PEER_COLORS)]
+        # hollow markers, a little larger than glimpse's: a peer hidden under glimpse's line still shows its rim
+        ax.plot([100 * x for x, _ in pts], [y for _, y in pts], color=color, linewidth=1.4, alpha=0.9,
+                marker=PEER_MARKERS[i % len(PEER_MARKERS)], markersize=9, markerfacecolor="white",
+                markeredgewidth=1.4, label=m, zorder=2 + i / 100)
+    if "glimpse" in methods:
+        pts = sorted((r["kept_frac"]["mean"], r[score_key]) for r in fixed if r["method"] == "glimpse")
+        ax.plot([100 * x for x, _ in pts], [y for _, y in pts], color=GLIMPSE_COLOR, linewidth=2.8, marker="o",
+                markersize=6.5, label="glimpse (GlimpsePrune, fixed budget)", zorder=10, gid="glimpse")
+    singles = [r for r in results if r["setting"] in POINT_STYLE]
+    for i, r in enumerate(singles):
+        st = POINT_STYLE[r["setting"]]
+        x, y = 100 * r["kept_frac"]["mean"], r[score_key]
+        ax.scatter([x], [y], marker=st["marker"], s=st["s"], color=st["color"], edgecolors="black",
+                   linewidths=0.8, zorder=12, label=f"{r['label']}: {x:.1f} %")
+        # the points sit close together (a few % kept): their labels stacked one under another never collide
+        ax.annotate(st["short"], (x, y), xytext=(0, -14 - 11 * i), textcoords="offset points", ha="center",
+                    va="top", fontsize=7.5, color=st["color"] if st["color"] != "#f0a202" else "#a86f00",
+                    fontweight="bold", zorder=13)
     full = next((r for r in results if r["method"] == "full"), None)
     if full:
-        ax.axhline(full[score_key], color="black", linestyle="--", linewidth=1, label="full (100 %)")
-    ax.set_xlabel("visual tokens kept at decode (% , mean per sample)")
+        ax.axhline(full[score_key], color="black", linestyle="--", linewidth=1.1, zorder=1,
+                   label=f"full (all visual tokens): {full[score_key]:.3f}")
+        ax.annotate(f"full\n{full[score_key]:.3f}", (1, full[score_key]), xycoords=("axes fraction", "data"),
+                    xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
+    ax.set_xlabel("visual tokens kept (% of N, mean per sample)")
     ax.set_ylabel(score_name)
-    ax.set_title(f"Pruning methods at matched budgets ({results[0]['n']} samples)" if results else "")
+    ax.set_xlim(left=0)
+    ax.margins(y=0.08)
+    ax.grid(alpha=0.3, zorder=0)
+    what = "Exact match" if score_name == "exact match" else score_name  # a task's own name keeps its case
+    fig.suptitle(title or figure_title(first, f"{what} vs visual tokens kept"),
+                 fontsize=12, fontweight="bold")
+    ns = sorted({r["n"] for r in results})
+    sub = [f"{ns[0]} samples" if len(ns) == 1 else f"{ns[0]}-{ns[-1]} samples"] if ns else []
+    if first.get("accounting"):
+        sub.append(f"N = {first['accounting']['mean_n_vis']:.0f} visual tokens per sample (mean)")
+    if first.get("module"):
+        sub.append(f"module: {_model_name({'model': first['module']})}")
+    ax.set_title(" · ".join(sub) + "\nbudgets matched on the visual tokens kept at decode", loc="left",
+                 fontsize=8.5, color="#444444")
+    handles, labels = ax.get_legend_handles_labels()
+    if "glimpse" in methods:  # the headline first in the legend too
+        i = labels.index("glimpse (GlimpsePrune, fixed budget)")
+        handles.insert(0, handles.pop(i))
+        labels.insert(0, labels.pop(i))
+    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.07, 1.0), borderaxespad=0, fontsize=8,
+              frameon=False)
+    return fig
+
+
+def plot(results: list[dict], path: str | Path, score_key: str = "exact_match", score_name: str = "exact match",
+         title: str | None = None) -> Path | None:
+    """Score vs kept fraction (mean): one line per fixed-budget method (glimpse on top, peers muted), dynamic
+    settings and the oracle as labelled points, the full model as a dashed line; the legend outside the axes; the
+    title names the model and the data. None when matplotlib is not installed."""
+    fig = compare_figure(results, score_key, score_name, title)
+    if fig is None:
+        return None
+    fig.savefig(path, dpi=130)
+    return Path(path)
+
+
+def k_sweep_figure(result: dict, title: str | None = None):
+    """The figure of :func:`plot_k_sweep` (a matplotlib ``Figure``), or None without matplotlib."""
+    from .report import _figure
+
+    fig = _figure(figsize=(8.6, 4.8))
+    if fig is None:
+        return None
+    from matplotlib.ticker import MaxNLocator
+
+    ax = fig.add_subplot()
+    rows = result["rows"]
+    ks = [r["K"] for r in rows]
+    ax2 = ax.twinx()  # the cost behind the scores: its line muted, its axis on the right
+    ax2.plot(ks, [100 * r["prefill_ratio_analytic"] for r in rows], color="#9e9e9e", linestyle=":", linewidth=1.8,
+             label="prefill cost, % of full (right axis)")
+    ax2.set_ylabel("prefill cost, % of full (analytic)", color="#6e6e6e")
+    ax2.tick_params(axis="y", colors="#6e6e6e")
+    ax2.set_ylim(0, 105)
+    ax.set_zorder(ax2.get_zorder() + 1)  # the scores above the cost line
+    ax.patch.set_visible(False)
+    fv = [r for r in rows if r.get("fastv_topk") is not None]
+    ax.plot([r["K"] for r in fv], [r["fastv_topk"] for r in fv], color=PEER_COLORS[0], marker="^", markersize=8,
+            markerfacecolor="white", markeredgewidth=1.4, linewidth=1.4, label="top-k by attention at layer K",
+            zorder=2)
+    ax.plot(ks, [r["oracle"] for r in rows], color="#222222", marker="D", markersize=6, linewidth=1.4,
+            label="oracle box tokens, dropped after K", zorder=3)
+    ax.plot(ks, [r["glimpse_masks"] for r in rows], color=GLIMPSE_COLOR, marker="o", markersize=6.5,
+            linewidth=2.8, label="GlimpsePrune's masks, dropped after K", zorder=4)
+    full = result.get("full_exact_match")
+    if full is not None:
+        ax.axhline(full, color="black", linestyle="--", linewidth=1.1, zorder=1,
+                   label=f"full (all visual tokens): {full:.3f}")
+    K = result.get("module_prune_layer")
+    if K is not None:
+        ax.axvline(K, color=GLIMPSE_COLOR, linestyle=(0, (1, 3)), linewidth=1.2, zorder=1,
+                   label=f"the module's K = {K}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("pruning layer K (-1: before the LLM)")
+    ax.set_ylabel("exact match")
+    ax.margins(y=0.08)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.suptitle(title or figure_title(result, "Accuracy vs pruning layer K"), fontsize=12,
+                 fontweight="bold")
+    sub = [f"{result['n']} samples" if "n" in result else None,
+           f"the module's K = {K}" if K is not None else None,
+           f"GlimpsePrune keeps {100 * result['glimpse_kept_frac_mean']:.1f} %"
+           if result.get("glimpse_kept_frac_mean") is not None else None,
+           f"{result['n_layers']} LLM layers" if result.get("n_layers") else None]
+    ax.set_title(" · ".join(x for x in sub if x), loc="left", fontsize=8.5, color="#444444")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    order = [2, 1, 0, *range(3, len(h1))]  # glimpse first, as drawn last
+    ax.legend([h1[i] for i in order] + h2, [l1[i] for i in order] + l2, loc="upper center",
+              bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8, frameon=False)
+    return fig
+
+
+def plot_k_sweep(result: dict, path: str | Path, title: str | None = None) -> Path | None:
+    """``k_sweep.png`` from a :func:`k_sweep` result: exact match of GlimpsePrune's masks, the oracle boxes and
+    attention top-k dropped after each K, the full model, the module's own K, and the analytic prefill cost on a
+    second axis (all in one legend, below the axes). None when matplotlib is not installed."""
+    fig = k_sweep_figure(result, title)
+    if fig is None:
+        return None
+    fig.savefig(path, dpi=130)
     return Path(path)
 
 
@@ -320,7 +476,6 @@ def k_sweep(model, processor, module, split, out, limit: int | None = None, batc
     Writes ``OUT/k_sweep.json``, ``OUT/k_sweep.md``, ``OUT/k_sweep.png``."""
     from .flops import prefill_flops
     from .meta import environment
-    from .report import _pyplot
     from .shapes import ModelShape
 
     out = Path(out)
@@ -367,25 +522,6 @@ def k_sweep(model, processor, module, split, out, limit: int | None = None, batc
         md.append(f"| {r['K']} | {100 * r['prefill_ratio_analytic']:.1f} | {r['glimpse_masks']:.3f} | "
                   f"{r['oracle']:.3f} | " + ("-" if r["fastv_topk"] is None else f"{r['fastv_topk']:.3f}") + " |")
     atomic_write_text(out / "k_sweep.md", "\n".join(md) + "\n")
-    plt = _pyplot()
-    if plt is not None:
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        ks = [r["K"] for r in rows]
-        ax.plot(ks, [r["glimpse_masks"] for r in rows], marker="o", label="GlimpsePrune masks, dropped after K")
-        ax.plot(ks, [r["oracle"] for r in rows], marker="s", label="oracle box tokens, dropped after K")
-        ax.plot([r["K"] for r in rows if r["fastv_topk"] is not None],
-                [r["fastv_topk"] for r in rows if r["fastv_topk"] is not None], marker="^",
-                label="top-k by attention at layer K")
-        ax.axhline(full["exact_match"], color="black", linestyle="--", linewidth=1, label="full")
-        ax2 = ax.twinx()
-        ax2.plot(ks, [100 * r["prefill_ratio_analytic"] for r in rows], color="grey", linestyle=":",
-                 label="prefill % of full")
-        ax2.set_ylabel("prefill cost, % of full (analytic)")
-        ax.set_xlabel("pruning layer K (-1: before the LLM)")
-        ax.set_ylabel("exact match")
-        ax.legend(fontsize=7, loc="lower right")
-        fig.tight_layout()
-        fig.savefig(out / "k_sweep.png", dpi=120)
-        plt.close(fig)
+    plot_k_sweep(result, out / "k_sweep.png")
     log("\n".join(md))
     return result

@@ -80,6 +80,16 @@ def _pyplot():
     return plt
 
 
+def _figure(**kw):
+    """A matplotlib ``Figure`` with constrained layout, not registered with pyplot (nothing to close, no global
+    state), or None when matplotlib is not installed."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    return Figure(layout="constrained", **kw)
+
+
 def write_plots(result: dict, out_dir: str | Path) -> list[Path] | str:
     """prefill_ratio.png (analytic vs measured % of full) and, with end-to-end runs, throughput.png. Returns the
     paths, or the message ``PLOTS_MISSING`` when matplotlib is not installed."""
