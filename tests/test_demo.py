@@ -1,0 +1,117 @@
+"""``glimpseprune demo``: the session logic (streamed answer equal to a plain generate, overlay, side-by-side numbers)
+and the running Gradio app driven by a real headless browser (Debian's chromium through playwright's client):
+a question is asked in the page, the answer text and the overlay image appear, and a screenshot is written.
+
+Not skipped when something is missing: the README's test command installs gradio and playwright, and `.ci/run`
+installs chromium (``apt-get install chromium``) when it is absent. Set GLIMPSEPRUNE_SCREENSHOT_DIR to keep the
+screenshot (the README's docs/demo.png is made that way)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from glimpseprune.data.records import read_records, write_split
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    split = write_split(tmp_path_factory.mktemp("demo-scene"), n=2, seed=4)
+    r = read_records(split)[0]
+    return r.image_path(split.parent), r.question
+
+
+@pytest.fixture(scope="module")
+def session():
+    from glimpseprune.demo import DemoSession
+
+    return DemoSession(max_new_tokens=8)
+
+
+def _expected(session, image_path, question, threshold=0.5, cap=None):
+    from glimpseprune.processing import load_image
+
+    pm = session._pruned("glimpse", threshold, cap)
+    out = pm.generate(images=[[load_image(image_path)]], questions=[question], max_new_tokens=8)
+    return out.texts[0].strip(), out.n_kept[0], out.n_vis[0]
+
+
+def test_session_streams_the_answer_and_compares_with_full_tokens(session, scene):
+    from PIL import Image
+
+    image_path, question = scene
+    steps = list(session.ask(Image.open(image_path), question))
+    answer, n_kept, n_vis = _expected(session, image_path, question)
+    streamed = [s[0] for s in steps if s[1] is None]
+    assert streamed and streamed[-1].strip() == answer  # the text grew token by token to the final answer
+    assert all(b.startswith(a) for a, b in zip(streamed, streamed[1:]))
+    final_answer, drawn, table = steps[-1]
+    assert final_answer == answer and drawn is not None and drawn.width == Image.open(image_path).width
+    assert f"{n_kept}/{n_vis}" in table and f"{n_vis}/{n_vis}" in table and "Prefill" in table
+    capped = list(session.ask(Image.open(image_path), question, threshold=0.05, cap=0.02))[-1][2]
+    _, k_capped, _ = _expected(session, image_path, question, threshold=0.05, cap=0.02)
+    assert k_capped <= 0.02 * n_vis + 1 and f"| {k_capped}/{n_vis} (" in capped  # the sliders' settings are used
+
+
+def test_session_refuses_bad_input(session, scene):
+    image_path, question = scene
+    with pytest.raises(ValueError, match="image"):
+        next(session.ask(None, question))
+    with pytest.raises(ValueError, match="question"):
+        next(session.ask(str(image_path), "  "))
+    with pytest.raises(ValueError, match="threshold"):
+        next(session.ask(str(image_path), question, threshold=1.5))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_demo_in_a_real_browser(scene, tmp_path, monkeypatch):
+    from playwright.sync_api import sync_playwright
+
+    from glimpseprune.demo import DemoSession, launch
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "the browser test needs Debian's chromium: apt-get install chromium (.ci/run does)"
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    image_path, question = scene
+    port = _free_port()
+    app = launch(port=port, block=False, max_new_tokens=8)
+    try:
+        answer, n_kept, n_vis = _expected(DemoSession(max_new_tokens=8), image_path, question)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1360, "height": 1000})
+            page.goto(f"http://127.0.0.1:{port}/", wait_until="networkidle")
+            page.locator("#gp-image input[type=file]").set_input_files(str(image_path))
+            page.locator("#gp-question textarea").fill(question)
+            page.locator("#gp-ask").click()
+            # the full-token column fills last: then the answer, the overlay and the numbers are all there
+            page.wait_for_function("() => document.querySelector('#gp-stats') && "
+                                   "document.querySelector('#gp-stats').innerText.includes('Prefill')",
+                                   timeout=120_000)
+            shown = page.locator("#gp-answer textarea").input_value()
+            img = page.locator("#gp-overlay img")
+            img.wait_for(state="visible", timeout=30_000)
+            natural = img.evaluate("el => [el.complete, el.naturalWidth, el.naturalHeight]")
+            stats = page.locator("#gp-stats").inner_text()
+            shot = tmp_path / "demo.png"
+            page.screenshot(path=str(shot), full_page=True)
+            browser.close()
+    finally:
+        app.close()
+    assert shown.strip() == answer
+    assert natural[0] and natural[1] > 0 and natural[2] > 0
+    assert f"{n_kept}/{n_vis}" in stats and "all visual tokens" in stats
+    assert shot.is_file() and shot.stat().st_size > 10_000
+    keep = os.environ.get("GLIMPSEPRUNE_SCREENSHOT_DIR")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(keep) / "demo.png")
