@@ -73,19 +73,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_demo_in_a_real_browser(scene, tmp_path, monkeypatch):
-    from playwright.sync_api import sync_playwright
+def _serve(port: int, tmp_path):
+    """``glimpseprune demo`` in a subprocess, as a user starts it; returns the process once the page answers."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
 
-    from glimpseprune.demo import DemoSession, launch
+    log = (tmp_path / "demo.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "glimpseprune.cli", "demo", "--port", str(port),
+                             "--max-new-tokens", "8"], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "no_proxy": "127.0.0.1,localhost", "GRADIO_ANALYTICS_ENABLED": "False"})
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"glimpseprune demo exited: {(tmp_path / 'demo.log').read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise AssertionError("glimpseprune demo did not serve its page within 180 s")
+
+
+def test_demo_in_a_real_browser(scene, session, tmp_path):
+    import subprocess
+
+    from playwright.sync_api import sync_playwright
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "the browser test needs Debian's chromium: apt-get install chromium (.ci/run does)"
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     image_path, question = scene
+    answer, n_kept, n_vis = _expected(session, image_path, question)
     port = _free_port()
-    app = launch(port=port, block=False, max_new_tokens=8)
+    proc = _serve(port, tmp_path)
     try:
-        answer, n_kept, n_vis = _expected(DemoSession(max_new_tokens=8), image_path, question)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1360, "height": 1000})
@@ -106,7 +130,11 @@ def test_demo_in_a_real_browser(scene, tmp_path, monkeypatch):
             page.screenshot(path=str(shot), full_page=True)
             browser.close()
     finally:
-        app.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
     assert shown.strip() == answer
     assert natural[0] and natural[1] > 0 and natural[2] > 0
     assert f"{n_kept}/{n_vis}" in stats and "all visual tokens" in stats

@@ -63,7 +63,7 @@ def test_eval_bad_record_stops_with_results_saved_then_resume_or_skip(split, tmp
     # fix the record, resume: the three done are not run again, the summary covers all six
     broken.write_text("\n".join(lines) + "\n")
     assert _eval(broken, out, "--resume") == 0
-    assert "resuming" in capsys.readouterr().out
+    assert "resuming" in capsys.readouterr().err  # a note: stderr (stdout is for results)
     rows = _rows(out / "samples.jsonl")
     assert len(rows) == 6 and len({r["id"] for r in rows}) == 6
     assert json.loads((out / "summary.json").read_text())["n"] == 6
@@ -71,7 +71,7 @@ def test_eval_bad_record_stops_with_results_saved_then_resume_or_skip(split, tmp
     broken.write_text("\n".join(lines[:3] + [json.dumps(bad)] + lines[4:]) + "\n")
     out2 = tmp_path / "ev2"
     assert _eval(broken, out2, "--on-error", "skip") == 0
-    assert "skipped 1 records" in capsys.readouterr().out
+    assert "skipped 1 records" in capsys.readouterr().err
     assert [json.loads(x)["id"] for x in (out2 / "errors.jsonl").read_text().splitlines()] == [bad["id"]]
     summary = json.loads((out2 / "summary.json").read_text())
     assert summary["n"] == 5 and summary["skipped"] == [bad["id"]]

@@ -318,18 +318,27 @@ CLIP_L_DEPTH = 24  # the CLIP-L/14(-336) tower of every LLaVA-1.5 release
 
 
 def _upstream_vision(raw: dict, family: str, vision_depth: int | None) -> tuple[int, int]:
-    """(width, depth) of the vision encoder; ``vision_depth`` fills a depth the config does not record. LLaVA releases
-    are flat Llama configs: ``mm_hidden_size`` is the CLIP width, the depth is absent (default 24, CLIP-L)."""
+    """(width, depth) of the vision encoder. LLaVA releases are flat Llama configs: ``mm_hidden_size`` is the CLIP
+    width and the depth is absent (default 24, CLIP-L); Qwen releases record ``vision_config.depth``.
+    ``vision_depth`` overrides the recorded or default depth (a warning when it differs from a recorded one)."""
     vision = raw.get("vision_config") or {}
     if not isinstance(vision, dict):
         raise ValueError(f"vision_config must be an object, got {vision!r}")
     if family == "llava":
-        width = raw.get("mm_hidden_size") or vision.get("hidden_size") or 1024
-        depth = vision.get("num_hidden_layers") or vision_depth or CLIP_L_DEPTH
-        return _as_int("mm_hidden_size", width), _as_int("vision depth", depth)
-    width = vision.get("hidden_size", 1280)
-    return _as_int("vision_config.hidden_size", width), _as_int("vision_config.depth",
-                                                                 vision.get("depth") or vision_depth or 32)
+        width = _as_int("mm_hidden_size", raw.get("mm_hidden_size") or vision.get("hidden_size") or 1024)
+        key, recorded, default = "vision_config.num_hidden_layers", vision.get("num_hidden_layers"), CLIP_L_DEPTH
+    else:
+        width = _as_int("vision_config.hidden_size", vision.get("hidden_size", 1280))
+        key, recorded, default = "vision_config.depth", vision.get("depth"), 32
+    if vision_depth is None:
+        return width, _as_int(key, recorded or default)
+    depth = _as_int("vision depth", vision_depth)
+    if depth < 1:
+        raise ValueError(f"the vision depth must be at least 1, got {depth}")
+    if recorded and _as_int(key, recorded) != depth:
+        logger.warning("the upstream config records %s = %s; using the vision depth %d given instead", key,
+                       recorded, depth)
+    return width, depth
 
 
 _REQUIRED = object()
@@ -495,7 +504,8 @@ def convert_upstream(src: str | Path, out_dir: str | Path, vision_depth: int | N
 
     The key names and shapes are the same for both families (LLaVA: ``attn_in_proj`` [256, heads], conditions of
     CLIP width 1024); LLaVA vision taps index CLIP's hidden states as upstream does, so they carry over unchanged.
-    ``vision_depth`` gives the encoder depth where the upstream config does not record it (LLaVA; default 24).
+    ``vision_depth`` overrides the encoder depth; without it, the recorded one is used (Qwen: ``vision_config.depth``)
+    or, where the config does not record it (LLaVA), CLIP-L's 24 blocks.
     Fields are read or refused as ``_upstream_config`` says; a file that is not valid JSON, a weights file that
     cannot be unpickled (``weights_only``) or is not the upstream dict, and tensors of the wrong shape, dtype or
     with NaN / Inf raise ValueError naming the file and the field or key. Nothing is written unless all is valid.

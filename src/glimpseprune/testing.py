@@ -5,7 +5,8 @@ thousand parameters) that run on a CPU in milliseconds and are built entirely
 offline: :func:`tiny_qwen2_5_vl_config` / :func:`tiny_llava_config` describe
 them, :func:`build_tiny_qwen2_5_vl` / :func:`build_tiny_llava` write loadable
 checkpoint directories (weights, generation config and processor) and
-:func:`random_image` makes deterministic test images.
+:func:`random_image` makes deterministic test images; :func:`make_tiny` writes a model, an untrained module
+and an image in one go (``glimpseprune make-tiny``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "TINY_MIN_PIXELS",
     "build_tiny_llava",
     "build_tiny_qwen2_5_vl",
+    "make_tiny",
     "random_image",
     "tiny_llava_config",
     "tiny_qwen2_5_vl_config",
@@ -302,3 +304,34 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0, image_mode: str = "pad"
     config = tiny_llava_config(**overrides)
     processor = _tiny_llava_processor(config, image_mode)
     return _build_and_save(LlavaForConditionalGeneration, config, processor, out_dir, seed)
+
+
+# ------------------------------------------------------------------- a whole tiny kit (`glimpseprune make-tiny`)
+
+TINY_FAMILIES = {"qwen2_5_vl": build_tiny_qwen2_5_vl, "llava": build_tiny_llava}
+
+
+def make_tiny(out_dir: str | Path, family: str = "qwen2_5_vl", seed: int = 0) -> dict[str, Path]:
+    """A tiny RANDOM model of ``family`` (``out_dir/model``), an UNTRAINED glimpse module sized for it
+    (``out_dir/module``) and a test image (``out_dir/example.png``): everything a smoke run needs, offline.
+
+    Example: ``kit = make_tiny("tiny", "llava"); gp.load(kit["model"], module=kit["module"])``. Returns the three
+    paths under the keys ``model``, ``module`` and ``image``.
+    """
+    from .api import load_base
+    from .checkpoint import config_for_model, save_module
+    from .modules.glimpse import GlimpseModule
+    from .registry import get_adapter
+
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"no tiny model of family {family!r}; known: {sorted(TINY_FAMILIES)}")
+    out = Path(out_dir)
+    model_dir = TINY_FAMILIES[family](out / "model", seed=seed)
+    model, _ = load_base(model_dir)
+    torch.manual_seed(seed)
+    cfg = config_for_model(get_adapter(model).dims(model), base_model_name=str(model_dir),
+                           vip_width=32, cond_width=32, vip_heads=2, vip_mlp_width=64)
+    module_dir = save_module(GlimpseModule(cfg), out / "module")
+    image = out / "example.png"
+    random_image(448, 336, seed=seed).save(image)
+    return {"model": model_dir, "module": module_dir, "image": image}

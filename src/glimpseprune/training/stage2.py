@@ -383,8 +383,8 @@ def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def train_stage2(cfg: Stage2Config, resume: bool = False, overwrite: bool = False, device: str | None = None
-                 ) -> Path:
+def train_stage2(cfg: Stage2Config, resume: bool = False, overwrite: bool = False, device: str | None = None,
+                 progress: bool = True) -> Path:
     """Run GlimpsePrune+ per ``cfg``; returns OUT/module (glimpse module + LoRA adapter in one folder). The output
     folder follows stage 1's rules (``trainer.check_output_dir``): another run is refused unless ``overwrite``;
     ``resume`` continues the newest checkpoint when the recorded config matches."""
@@ -498,7 +498,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, overwrite: bool = Fals
     rng.shuffle(order)
     model.train()
     t0 = time.time()
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="GlimpsePrune+", dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="GlimpsePrune+", dynamic_ncols=True, disable=not progress)
     R = cfg.prompts_per_step * cfg.num_generations
     while step < cfg.max_steps:
         if cfg.dynamic_sampling:
