@@ -100,3 +100,17 @@ def test_eval_task_shows_progress_with_eta_and_writes_a_markdown_row(split, tmp_
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert head.startswith("| task | method |") and rule.startswith("|---|")
     assert cells[:2] == ["world", "glimpse"] and cells[5] == f"{summary['score']:.4f}" and cells[6] == "8"
+
+
+def test_world_eval_and_compare_show_progress(split, tmp_path, capsys):
+    """eval --split and the world comparison are not silent on long runs: a bar per run with i/N and an ETA."""
+    assert main(["eval", "--split", str(split), "--out", str(tmp_path / "e"), "--batch-size", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "eval [glimpse]" in err and "10/10" in err and "<" in err
+    assert main(["compare", "--split", str(split), "--out", str(tmp_path / "c"), "--methods", "random",
+                 "--budgets", "0.2", "--batch-size", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "[1/2] full" in err and "[2/2] random@0.2" in err and "10/10" in err
+    assert main(["compare", "-q", "--split", str(split), "--out", str(tmp_path / "q"), "--methods", "random",
+                 "--budgets", "0.2", "--batch-size", "4"]) == 0
+    assert "[1/2]" not in capsys.readouterr().err  # -q: no bars

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from ..data.records import Record, read_records
 from ..processing import load_image
 
@@ -55,8 +57,9 @@ def _generate_rows(pm, chunk: list[Record], images: list, max_new_tokens: int) -
 
 def evaluate(pm, records: list[Record], root: Path, batch_size: int = 8, max_new_tokens: int = 8,
              on_row: Callable[[dict], None] | None = None, on_error: str = "stop",
-             on_skip: Callable[[RecordError], None] | None = None) -> list[dict]:
+             on_skip: Callable[[RecordError], None] | None = None, progress: bool | str = False) -> list[dict]:
     """Greedy answers for ``records`` (images under ``root``) with ``pm`` (a PrunedModel); one row per record.
+    ``progress``: a progress bar on stderr (records done / all, rate, ETA; a string is its label).
 
     ``on_row`` gets each row as soon as its batch is done (to write it). A record that cannot be evaluated (its
     image unreadable, its question refused by the processor) raises ``RecordError`` naming it (``on_error="stop"``;
@@ -80,26 +83,33 @@ def evaluate(pm, records: list[Record], root: Path, batch_size: int = 8, max_new
             if on_row is not None:
                 on_row(row)
 
-    for i in range(0, len(records), batch_size):
-        chunk, images, failed = [], [], []
-        for r in records[i:i + batch_size]:
-            try:
-                images.append([load_image(r.image_path(root))])
-                chunk.append(r)
-            except ValueError as err:
-                failed.append(RecordError(r, str(err)))
-        try:
-            if chunk:
-                emit(_generate_rows(pm, chunk, images, max_new_tokens))
-        except ValueError:
-            for r, ims in zip(chunk, images, strict=True):  # find the record the batch failed on
-                try:
-                    emit(_generate_rows(pm, [r], [ims], max_new_tokens))
-                except ValueError as one:
-                    failed.append(RecordError(r, str(one)))
-        for err in failed:  # after the batch's good records are done (and handed to on_row)
-            bad(err)
+    with tqdm(total=len(records), unit="sample", dynamic_ncols=True, disable=not progress,
+              desc=progress if isinstance(progress, str) else "eval") as bar:
+        for i in range(0, len(records), batch_size):
+            _evaluate_batch(pm, records[i:i + batch_size], root, max_new_tokens, emit, bad)
+            bar.update(min(batch_size, len(records) - i))
     return rows
+
+
+def _evaluate_batch(pm, batch: list[Record], root: Path, max_new_tokens: int, emit, bad) -> None:
+    chunk, images, failed = [], [], []
+    for r in batch:
+        try:
+            images.append([load_image(r.image_path(root))])
+            chunk.append(r)
+        except ValueError as err:
+            failed.append(RecordError(r, str(err)))
+    try:
+        if chunk:
+            emit(_generate_rows(pm, chunk, images, max_new_tokens))
+    except ValueError:
+        for r, ims in zip(chunk, images, strict=True):  # find the record the batch failed on
+            try:
+                emit(_generate_rows(pm, [r], [ims], max_new_tokens))
+            except ValueError as one:
+                failed.append(RecordError(r, str(one)))
+    for err in failed:  # after the batch's good records are done (and handed to on_row)
+        bad(err)
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -132,7 +142,7 @@ def summarize(rows: list[dict], meta: dict) -> dict:
 
 def run(pm, split: str | Path, limit: int | None = None, batch_size: int = 8, meta: dict | None = None,
         on_row: Callable[[dict], None] | None = None, done: list[dict] | None = None, on_error: str = "stop",
-        on_skip: Callable[[RecordError], None] | None = None):
+        on_skip: Callable[[RecordError], None] | None = None, progress: bool | str = False):
     """Evaluate a JSONL split; returns (rows, summary). ``done``: rows of an earlier, interrupted run of the same
     settings (``--resume``): their records are not run again and the summary covers both."""
     split = Path(split)
@@ -148,7 +158,8 @@ def run(pm, split: str | Path, limit: int | None = None, batch_size: int = 8, me
         except RecordError:
             pass  # reported by the timed run below
     t0 = time.time()
-    rows = done + evaluate(pm, todo, split.parent, batch_size, on_row=on_row, on_error=on_error, on_skip=on_skip)
+    rows = done + evaluate(pm, todo, split.parent, batch_size, on_row=on_row, on_error=on_error, on_skip=on_skip,
+                           progress=progress)
     summary = summarize(rows, {**(meta or {}), "split": str(split), "seconds": round(time.time() - t0, 2)})
     return rows, summary
 

@@ -141,16 +141,21 @@ class Comparison:
                                            [im.size for im in images])
             self.batches.append((chunk, inputs, masks))
 
-    def run(self, spec: RunSpec, keep_masks: list | None = None) -> tuple[list[dict], dict]:
+    def run(self, spec: RunSpec, keep_masks: list | None = None, progress: bool | str = False
+            ) -> tuple[list[dict], dict]:
         """Evaluate one run. ``keep_masks`` (per batch, per sample) feeds the ``mask`` method; the keep masks of
-        the run are left in ``self.last_keep_masks`` (same layout)."""
+        the run are left in ``self.last_keep_masks`` (same layout). ``progress``: a progress bar on stderr (samples
+        done, rate, ETA; a string is its label)."""
         import torch
+        from tqdm.auto import tqdm
 
         from ..api import PrunedModel
 
         pm = PrunedModel(self.model, _method(spec, self.module), self.processor)
         rows, t0 = [], time.time()
         self.last_keep_masks = []
+        bar = tqdm(total=len(self.records), unit="sample", dynamic_ncols=True, disable=not progress,
+                   desc=progress if isinstance(progress, str) else spec.label)
         for j, (chunk, inputs, masks) in enumerate(self.batches):
             kw = {}
             if spec.method == "oracle":
@@ -171,6 +176,8 @@ class Comparison:
                     "correct": normalize(out.texts[b]) == normalize(r.answer), "n_vis": n_vis,
                     "n_kept": out.n_kept[b], "kept_frac": out.n_kept[b] / max(n_vis, 1), "entering": counts[0],
                     "equivalent": statistics.fmean(counts), "kv_len": out.kv_len[b]})
+            bar.update(len(chunk))
+        bar.close()
         seconds = time.time() - t0
         return rows, self._summary(spec, rows, seconds, list(pre.prune_layers))
 
@@ -433,8 +440,9 @@ def plot_k_sweep(result: dict, path: str | Path, title: str | None = None) -> Pa
 
 def compare(model, processor, module, split, out, methods: list[str], budgets: list[float] = BUDGETS,
             cap: float = DEFAULT_CAP, limit: int | None = None, batch_size: int = 16, meta: dict | None = None,
-            log=print) -> list[dict]:
-    """Run the plan and write ``OUT/runs/<label>.json``, ``OUT/compare.md``, ``OUT/compare.png``."""
+            log=print, progress: bool = False) -> list[dict]:
+    """Run the plan and write ``OUT/runs/<label>.json``, ``OUT/compare.md``, ``OUT/compare.png``. ``progress``: a
+    bar per run on stderr, labelled ``[i/N] run``, with its ETA."""
     from .meta import environment
 
     specs = plan(methods, list(budgets), cap)
@@ -445,8 +453,8 @@ def compare(model, processor, module, split, out, methods: list[str], budgets: l
     cmp = Comparison(model, processor, module, split, limit, batch_size)
     env: dict[str, Any] = environment(next(model.parameters()).device)
     results = []
-    for spec in specs:
-        rows, summary = cmp.run(spec)
+    for n, spec in enumerate(specs, 1):
+        rows, summary = cmp.run(spec, progress=f"[{n}/{len(specs)}] {spec.label}" if progress else False)
         summary.update({**(meta or {}), "environment": env})
         atomic_write_text(out / "runs" / f"{slug(spec.label)}.json", json.dumps(summary, indent=1) + "\n")
         results.append(summary)

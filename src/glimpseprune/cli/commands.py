@@ -1,0 +1,194 @@
+"""The smaller ``glimpseprune`` commands: ask (with its overlay), make-world, train, convert, new-module,
+make-tiny, tasks, methods, demo."""
+
+from __future__ import annotations
+
+import json
+
+from .common import _is_utf8, _note, _printable, check_device
+from .method_args import SELECTION_FLAGS, _check_method, _load, _show
+
+
+def _check_overlay(path: str, images: list[str]) -> None:
+    """Before the model loads: the overlay must go to a new PNG-able path that is not one of the inputs."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from ..outputs import check_writable_file
+
+    if not images:
+        raise ValueError("--overlay needs an image")
+    out = Path(path)
+    for im in images:
+        same = out.resolve() == Path(im).resolve() or (out.exists() and Path(im).exists() and out.samefile(im))
+        if same:
+            raise ValueError(f"--overlay {path} is the input image {im}: refusing to overwrite it; choose another path")
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--overlay {path}: unknown image file extension {out.suffix!r} (use .png)")
+    check_writable_file(out)
+
+
+def cmd_ask(args) -> int:
+    images = list(args.image or []) + ([args.image_pos] if args.image_pos else [])
+    question = args.question or args.question_pos
+    if not question:
+        raise ValueError("no question: give it as the second argument or with --question")
+    if not _is_utf8(question):
+        raise ValueError(f"the question is not valid UTF-8 text: {_printable(question)}")
+    _check_method(args)
+    if args.overlay:
+        _check_overlay(args.overlay, images)
+    pm, _ = _load(args)
+    out = pm.generate(images=[images], questions=[question], max_new_tokens=args.max_new_tokens)
+    n, N = out.n_kept[0], out.n_vis[0]
+    if args.overlay:
+        _write_overlay(pm, images[0], out.image_keep_masks[0], args.overlay, question, out.texts[0].strip())
+        _note(args, f"wrote {args.overlay}")
+    if args.json:
+        print(json.dumps({"answer": out.texts[0], "kept": n, "n_vis": N, "kv_len": out.kv_len[0],
+                          "prune_layer": out.prune_layer, "method": pm.method.name}))
+    else:
+        print(out.texts[0].strip())
+        print(f"kept {n}/{N} ({100.0 * n / max(N, 1):.1f} %)")
+    return 0
+
+
+def _write_overlay(pm, image_path, keep, out_path, question: str | None = None, answer: str | None = None) -> None:
+    """The input image at its own size, dropped tokens dimmed, kept ones outlined, with the question, the answer and
+    this image's kept count in a caption band below."""
+    from ..bench.overlay import grid_box, overlay
+    from ..processing import load_image
+
+    image = load_image(image_path)
+    k = keep.cpu().numpy()
+    overlay(image, k, box=grid_box(pm.adapter, pm.processor, image.size), question=question, answer=answer,
+            kept=int(k.sum()), total=int(k.size)).save(out_path)
+
+
+def cmd_make_world(args) -> int:
+    from ..data.records import has_split, write_split
+
+    if not args.overwrite and has_split(args.out, args.n, args.seed):  # deterministic: the same split is kept
+        print(f"{args.out} already holds this split (n {args.n}, seed {args.seed}); left as it is")
+        return 0
+    print(f"wrote {write_split(args.out, args.n, args.seed, overwrite=args.overwrite)}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from ..training.stage2 import Stage2Config, load_config, train_stage2
+    from ..training.trainer import train
+
+    cfg = load_config(args.config, output_dir=args.output_dir)
+    if args.device:
+        check_device(args.device)
+    if isinstance(cfg, Stage2Config):
+        if args.merge:
+            from ..outputs import ensure_writable_dir
+
+            ensure_writable_dir(args.merge)  # before the run, not after it
+        plus = train_stage2(cfg, resume=args.resume, overwrite=args.overwrite, device=args.device,
+                            progress=not getattr(args, "quiet", False))
+        print(f"wrote {plus} (glimpse module + LoRA adapter: --module {plus})")
+        if args.merge:
+            from ..assets import resolve_model
+            from ..lora import merge_and_save
+
+            print(f"wrote a merged base model to {merge_and_save(resolve_model(cfg.model), plus, args.merge)}")
+        return 0
+    if args.merge:
+        raise ValueError("--merge applies to stage-2 (GlimpsePrune+) configs, which train a LoRA adapter")
+    print(f"wrote {train(cfg, resume=args.resume, overwrite=args.overwrite, device=args.device)}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from ..checkpoint import convert_upstream
+
+    out = convert_upstream(args.upstream, args.out, vision_depth=args.vision_depth)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_new_module(args) -> int:
+    import torch
+
+    from ..api import load_base
+    from ..checkpoint import config_for_model, save_module
+    from ..config import PRESETS
+    from ..modules.glimpse import GlimpseModule
+    from ..registry import get_adapter
+
+    model, _ = load_base(args.model)
+    overrides = {}
+    if args.preset:
+        if args.preset not in PRESETS:
+            raise KeyError(f"unknown preset {args.preset!r}; available: {sorted(PRESETS)}")
+        overrides = {k: v for k, v in PRESETS[args.preset].items() if not k.startswith("base_")}
+    elif args.small:
+        overrides = dict(vip_width=32, cond_width=32, vip_heads=2, vip_mlp_width=64)
+    torch.manual_seed(args.seed)
+    cfg = config_for_model(get_adapter(model).dims(model), base_model_name=str(args.model), **overrides)
+    print(f"wrote untrained module to {save_module(GlimpseModule(cfg), args.out)}")
+    return 0
+
+
+def cmd_make_tiny(args) -> int:
+    from ..testing import make_tiny
+
+    kit = make_tiny(args.out, family=args.family, seed=args.seed)
+    name = {"qwen2_5_vl": "Qwen2.5-VL", "llava": "LLaVA-1.5"}.get(args.family, args.family)
+    print(f"wrote a tiny RANDOM {name} ({kit['model']}), an UNTRAINED glimpse module ({kit['module']}) and "
+          f"{kit['image']}; try:\n  glimpseprune ask --model {kit['model']} --module {kit['module']} "
+          f"--image {kit['image']} --question 'What colour is the square?'")
+    return 0
+
+
+def cmd_tasks(args) -> int:
+    from ..eval.tasks import get_task, list_tasks
+
+    for name in list_tasks():
+        t = get_task(name)
+        print(f"{name:16s} {t.metric:16s} {t.download}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from ..registry import describe_method, list_methods
+
+    infos = [describe_method(name) for name in list_methods()]
+    if args.json:
+        print(json.dumps(infos, default=str))
+        return 0
+    rows = [("method", "where it prunes", "what it does")] + [(m["name"], m["where"], m["summary"]) for m in infos]
+    w0, w1 = (max(len(r[i]) for r in rows) for i in (0, 1))
+    print(f"{rows[0][0]:{w0}}  {rows[0][1]:{w1}}  {rows[0][2]}")
+    for m in infos:
+        print(f"{m['name']:{w0}}  {m['where']:{w1}}  {m['summary']}")
+        settings = [s for s in m["settings"] if s["group"] is None]
+        if settings:
+            print(f"{'':{w0}}  settings: " + ", ".join(f"{s['name']}={_show(s['default'])}" for s in settings))
+        if m["needs"] == "a trained module":
+            print(f"{'':{w0}}  needs --module; selection: " + ", ".join(
+                f"{SELECTION_FLAGS.get(s['name'], s['name'])} {_show(s['default'])}" for s in m["settings"]
+                if s["group"] is not None))
+        elif m["needs"]:
+            print(f"{'':{w0}}  needs {m['needs']} (Python API, or the oracle in `compare --split`)")
+    print("\nL is the LLM's depth, layers count from 0. ask / eval: --method NAME --method-arg KEY=VALUE (repeat); "
+          "compare: --methods NAME ...")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    check_device(args.device)
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise ValueError("the demo needs gradio: pip install 'glimpseprune[demo]'") from None
+    from ..demo import launch
+
+    _note(args, f"serving the demo on http://{args.host}:{args.port}/ (Ctrl+C stops it)")
+    launch(args.model, args.module, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+           max_new_tokens=args.max_new_tokens)
+    return 0
