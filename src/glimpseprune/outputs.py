@@ -69,6 +69,11 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return p
 
 
+def atomic_write_text_lines(path: str | Path, rows: list[dict]) -> Path:
+    """Rows as JSON lines (``samples.jsonl``), written atomically: a resumed run rewrites what it keeps this way."""
+    return atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
 

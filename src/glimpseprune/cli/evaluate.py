@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 
+from ..outputs import atomic_write_text_lines
 from .common import _note, _say
 from .method_args import _check_method, _load, _module_arg, _run_meta, _selection
 
@@ -87,12 +88,6 @@ def _eval_one(args, method: str | None, out, resume: bool) -> tuple[dict, dict]:
         print(f"[{name}] skipped {len(skipped)} records that could not be evaluated: see {errors}", file=sys.stderr)
     _note(args, f"[{name}] wrote {out / 'summary.json'} and {samples}")
     return summary, summary
-
-
-def atomic_write_text_lines(path, rows: list[dict]) -> None:
-    from ..outputs import atomic_write_text
-
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _eval_task(args, method: str | None, out, resume: bool) -> tuple[dict, dict | None]:

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..bench.accuracy import read_rows
 from ..bench.compare import BUDGETS, DEFAULT_CAP, RUN_VERSION, RunSpec, _method, plan, plot, slug
-from ..outputs import atomic_write_text
+from ..outputs import atomic_write_text, atomic_write_text_lines
 from .runner import run_task, summarize_task
 
 
@@ -87,7 +87,7 @@ def compare_task(model, processor, module, task, samples: list, out, methods: li
             continue
         done = read_rows(rows_file) if resume else []
         if done:  # rewrite whole first: a torn last line of the interrupted run is gone
-            atomic_write_text(rows_file, "".join(json.dumps(r) + "\n" for r in done))
+            atomic_write_text_lines(rows_file, done)
         pm = PrunedModel(model, _method(spec, module), processor)
         t0 = time.time()
         with rows_file.open("a" if done else "w") as f:
