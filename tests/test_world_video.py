@@ -1,0 +1,67 @@
+"""The video world: the evidence of a clip's question is visible in one moment (frame pair) only, distractors never
+change the answer, splits round-trip and are deterministic."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from glimpseprune.data.world import FAMILIES
+from glimpseprune.data.world_video import (
+    TEMPORAL_PATCH,
+    VideoConfig,
+    clip_sample,
+    read_video_records,
+    write_video_split,
+)
+
+
+@pytest.mark.parametrize("seed", range(15))
+def test_evidence_lives_in_one_moment_and_distractors_change_nothing(seed):
+    fam = FAMILIES[seed % len(FAMILIES)]
+    clip = clip_sample(1000 + seed, fam)
+    frames = [np.asarray(clip.frame(i), dtype=np.int16) for i in range(len(clip.visible))]
+    assert len(frames) == 4 and all(f.shape == frames[0].shape for f in frames)
+    for i, boxes in enumerate(clip.frame_boxes):
+        shown = i // TEMPORAL_PATCH == clip.moment
+        absent_no = clip.family == "exist" and clip.answer == "no"
+        assert bool(boxes) == (shown or absent_no)
+    # frames of one moment are identical (one visual token per frame pair); the moments differ
+    assert (frames[0] == frames[1]).all() and (frames[2] == frames[3]).all() and (frames[1] != frames[2]).any()
+    if clip.frame_boxes[2 * clip.moment] and not (clip.family == "exist" and clip.answer == "no"):
+        other = 2 * (1 - clip.moment)
+        x1, y1, x2, y2 = clip.frame_boxes[2 * clip.moment][0]
+        assert (frames[2 * clip.moment][y1:y2, x1:x2] != frames[other][y1:y2, x1:x2]).any()  # it appears
+    # distractors (objects of the other moments only) name none of the question's colours or shapes: the answer
+    # over the whole clip is the image world's answer
+    words = set(clip.question.lower().rstrip("?").split())
+    on_moment = set(clip.visible[TEMPORAL_PATCH * clip.moment])
+    distractors = {o for objs in clip.visible for o in objs} - on_moment
+    assert not any(o.shape in words or o.colour in words for o in distractors)
+
+
+def test_split_round_trip_and_determinism(tmp_path):
+    a = write_video_split(tmp_path / "a", n=5, seed=2)
+    b = write_video_split(tmp_path / "b", n=5, seed=2)
+    assert a.read_text().replace("/a/", "/b/") == b.read_text().replace("/a/", "/b/")
+    recs = read_video_records(a)
+    assert [r.family for r in recs] == list(FAMILIES) and all(len(r.frames) == 4 for r in recs)
+    assert all(p.is_file() for r in recs for p in r.frame_paths(a.parent))
+    with pytest.raises(ValueError, match="already holds"):
+        write_video_split(tmp_path / "a", n=5, seed=2)
+    assert write_video_split(tmp_path / "a", n=3, seed=2, overwrite=True) == a and len(read_video_records(a)) == 3
+    row = json.loads(a.read_text().splitlines()[0])
+    row["frame_boxes"] = row["frame_boxes"][:1]
+    (tmp_path / "bad.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match="frame_boxes"):
+        read_video_records(tmp_path / "bad.jsonl")
+
+
+def test_config_is_checked():
+    with pytest.raises(ValueError, match="multiple"):
+        VideoConfig(frames=3)
+    with pytest.raises(ValueError, match="fps"):
+        VideoConfig(fps=0)
+    assert VideoConfig(frames=6).moments == 3
