@@ -253,7 +253,8 @@ def markdown(results: list[dict], score_key: str = "exact_match", score_name: st
 # ------------------------------------------------------------------------------------------------------ figures
 
 GLIMPSE_COLOR = "#c2185b"  # the headline method: one strong colour, drawn last and thickest
-PEER_COLORS = ("#5b7fa6", "#6f9e76", "#a88a5c", "#8f7bab", "#5fa3b3", "#9a9a5a", "#8c8c8c", "#b07f94")
+PEER_COLORS = ("#5b7fa6", "#6f9e76", "#a88a5c", "#8f7bab", "#5fa3b3", "#9a9a5a", "#8c8c8c", "#b07f94", "#d08c3c",
+               "#b5523b", "#4f8a4b")
 PEER_MARKERS = ("s", "^", "D", "v", "P", "X", "<", ">", "h", "p")
 POINT_STYLE = {  # single-point settings: their own colours and markers, never a line's
     "dynamic": {"marker": "*", "color": "#f0a202", "s": 320, "short": "dynamic"},
