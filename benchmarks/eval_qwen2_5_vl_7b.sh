@@ -35,8 +35,9 @@ run full visual_cot viscot --method full "${JUDGE[@]}"
 run glimpse visual_cot viscot --module "$MODULE" "${JUDGE[@]}"
 [ -n "${PLUS:-}" ] && run glimpse_plus visual_cot viscot --module "$PLUS" "${JUDGE[@]}"
 # Table 1: short-form suites (lmms-eval prompts; upstream used vqav2_val_lite: add --limit to subsample)
-for spec in "vqav2 vqav2" "gqa gqa" "textvqa textvqa" "docvqa docvqa" "pope pope" "chartqa chartqa" "mme mme" \
-            "scienceqa_img scienceqa" "mmbench_en_dev mmbench"; do
+for spec in "vqav2 vqav2" "gqa gqa" "vizwiz_vqa vizwiz" "textvqa textvqa" "docvqa docvqa" "infovqa infovqa" \
+            "pope pope" "chartqa chartqa" "mme mme" "scienceqa_img scienceqa" "mmbench_en_dev mmbench" \
+            "vstar_bench vstar"; do
   set -- $spec
   run full "$1" "$2" --method full --max-new-tokens 32
   run glimpse "$1" "$2" --module "$MODULE" --max-new-tokens 32
@@ -44,8 +45,9 @@ done
 # Table 1's peer methods (COMPARE=1): every method at the paper's 11.1 % budget on each short-form suite, one process
 # (compare --task runs methods x budgets through the same task path; it resumes an interrupted comparison)
 if [ -n "${COMPARE:-}" ]; then
-  for spec in "vqav2 vqav2" "gqa gqa" "textvqa textvqa" "docvqa docvqa" "pope pope" "chartqa chartqa" "mme mme" \
-              "scienceqa_img scienceqa" "mmbench_en_dev mmbench"; do
+  for spec in "vqav2 vqav2" "gqa gqa" "vizwiz_vqa vizwiz" "textvqa textvqa" "docvqa docvqa" "infovqa infovqa" \
+              "pope pope" "chartqa chartqa" "mme mme" "scienceqa_img scienceqa" "mmbench_en_dev mmbench" \
+              "vstar_bench vstar"; do
     set -- $spec
     out="$OUT/compare/$1"
     if [ -f "$out/compare.md" ]; then echo "done: $out"; continue; fi

@@ -124,11 +124,11 @@ def test_paper_eval_script_issues_valid_commands(tmp_path):
     r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     calls = [shlex.split(line) for line in log.read_text().splitlines() if line.strip()]
-    assert len(calls) == 3 + 2 * 9 + 9
+    assert len(calls) == 3 + 2 * 12 + 12
     for argv in calls:
         args = build_parser().parse_args(argv)
         assert args.cmd in ("eval", "compare") and args.task in list_tasks() and args.device == "cuda"
-    assert sum(build_parser().parse_args(a).cmd == "compare" for a in calls) == 9
+    assert sum(build_parser().parse_args(a).cmd == "compare" for a in calls) == 12
 
 
 def test_judged_task_killed_and_resumed_asks_the_judge_nothing_twice(split, tmp_path, monkeypatch):

@@ -52,7 +52,8 @@ def test_registry_lists_every_family():
     names = list_tasks()
     assert names == sorted(names)
     for name in ("visual_cot", "visual_cot_brief", "vqav2", "gqa", "textvqa", "docvqa", "pope", "chartqa", "mme",
-                 "scienceqa_img", "mmbench_en_dev", "mmbench_en_test", "mmbench_cn_dev", "mmbench_cn_test"):
+                 "scienceqa_img", "mmbench_en_dev", "mmbench_en_test", "mmbench_cn_dev", "mmbench_cn_test",
+                 "vizwiz_vqa", "infovqa", "vstar_bench"):
         task = get_task(name)
         assert task.name == name and task.metric in METRICS and task.download
     assert {get_task(n).metric for n in names} == {"judge", "vqa_accuracy", "exact_match", "anls", "pope",
@@ -98,7 +99,8 @@ def test_sample_is_frozen():
 
 
 BUILTIN = ("visual_cot", "visual_cot_brief", "vqav2", "gqa", "textvqa", "docvqa", "pope", "chartqa", "mme",
-           "scienceqa_img", "mmbench_en_dev", "mmbench_en_test", "mmbench_cn_dev", "mmbench_cn_test")
+           "scienceqa_img", "mmbench_en_dev", "mmbench_en_test", "mmbench_cn_dev", "mmbench_cn_test", "vizwiz_vqa",
+           "infovqa", "vstar_bench")
 
 
 def test_missing_data_dir_and_bad_limit(tmp_path):
@@ -641,3 +643,99 @@ def test_mmbench_errors(tmp_path):
         f"index\tquestion\tA\tB\tanswer\timage\n0\tq\ta\tb\tE\t{b64_image('PNG', 0)}\n")
     with pytest.raises(ValueError, match="answer 'E' is not an option"):
         get_task("mmbench_en_dev").load(tmp_path)
+
+
+# ---- VizWiz ---------------------------------------------------------------------------------------------------------
+
+def make_vizwiz(root: Path) -> Path:
+    ans = lambda *xs: [{"answer": x, "answer_confidence": "yes"} for x in xs]  # noqa: E731
+    write_json(root / "val.json", [
+        {"image": "VizWiz_val_00000000.jpg", "question": "what is this can of?",
+         "answers": ans(*["soup"] * 7, "tomato soup", "unanswerable", "soup can"), "answer_type": "other",
+         "answerable": 1},
+        {"image": "VizWiz_val_00000001.jpg", "question": "What color is this?",
+         "answers": ans(*["unanswerable"] * 10), "answer_type": "unanswerable", "answerable": 0},
+    ])
+    img(root / "val/VizWiz_val_00000000.jpg")
+    img(root / "val/VizWiz_val_00000001.jpg")
+    return root
+
+
+def test_vizwiz(tmp_path):
+    from glimpseprune.eval.metrics import vqa_accuracy
+
+    root = make_vizwiz(tmp_path)
+    samples = get_task("vizwiz_vqa").load(root)
+    assert [s.id for s in samples] == ["VizWiz_val_00000000", "VizWiz_val_00000001"]
+    assert samples[0].prompt == ("What is this can of?\nWhen the provided information is insufficient, respond with "
+                                 "'Unanswerable'.\nAnswer the question using a single word or phrase.")
+    assert len(samples[0].answers) == 10 and samples[0].image_paths == [root / "val/VizWiz_val_00000000.jpg"]
+    assert samples[1].meta["category"] == "unanswerable"
+    assert vqa_accuracy("Unanswerable", samples[1].answers) == 1.0 and vqa_accuracy("soup", samples[0].answers) == 1.0
+    (root / "val").rename(root / "imgs")
+    with pytest.raises(FileNotFoundError, match="image folder val/ not found.*vizwiz.org"):
+        get_task("vizwiz_vqa").load(root)
+
+
+# ---- InfographicVQA ------------------------------------------------------------------------------------------------
+
+def make_infovqa(root: Path) -> Path:
+    write_json(root / "infographicsVQA_val_v1.0_withQT.json", {"dataset_name": "infographicVQA", "data": [
+        {"questionId": 98313, "question": "Which social platform has heavy female audience?",
+         "image_local_name": "37313.jpeg", "image_url": "https://example/37313.jpeg", "answers": ["pinterest"],
+         "answer_type": ["single span"], "data_split": "val"},
+        {"questionId": 98314, "question": "What percentage of men use Twitter?", "image_local_name": "37313.jpeg",
+         "answers": ["24%", "24"], "answer_type": ["single span"], "data_split": "val"},
+    ]})
+    img(root / "infographicsvqa_images/37313.jpeg")
+    return root
+
+
+def test_infovqa(tmp_path):
+    root = make_infovqa(tmp_path)
+    samples = get_task("infovqa").load(root)
+    assert [s.id for s in samples] == ["98313", "98314"] and get_task("infovqa").metric == "anls"
+    assert samples[0].prompt == ("Which social platform has heavy female audience?\n"
+                                 "Answer the question using a single word or phrase.")
+    assert samples[1].answers == ["24%", "24"]
+    assert samples[0].image_paths == [root / "infographicsvqa_images/37313.jpeg"]
+    assert len(get_task("infovqa").load(root, limit=1)) == 1
+    (root / "infographicsVQA_val_v1.0_withQT.json").unlink()
+    with pytest.raises(FileNotFoundError, match="infographicsVQA_val_v1.0_withQT.json"):
+        get_task("infovqa").load(root)
+
+
+# ---- V* -------------------------------------------------------------------------------------------------------------
+
+def make_vstar(root: Path) -> Path:
+    write_jsonl(root / "test_questions.jsonl", [
+        {"image": "direct_attributes/sa_4690.jpg", "text": "What is the material of the glove?\n(A) rubber\n"
+         "(B) cotton\n(C) leather\n(D) polyester\nAnswer with the option's letter from the given choices directly.",
+         "category": "direct_attributes", "question_id": 0, "label": "A"},
+        {"image": "relative_position/sa_100.jpg", "text": "Is the dog on the left or right side of the bike?\n"
+         "(A) The dog is on the left side of the bike.\n(B) The dog is on the right side of the bike.",
+         "category": "relative_position", "question_id": 1, "label": "B"},
+    ])
+    img(root / "direct_attributes/sa_4690.jpg")
+    img(root / "relative_position/sa_100.jpg")
+    return root
+
+
+def test_vstar(tmp_path):
+    from glimpseprune.eval.runner import score
+
+    root = make_vstar(tmp_path)
+    task = get_task("vstar_bench")
+    samples = task.load(root)
+    assert samples[0].prompt == ("What is the material of the glove?\nA. rubber\nB. cotton\nC. leather\n"
+                                 "D. polyester\nAnswer with the option's letter from the given choices directly.")
+    assert samples[0].prompt.count("Answer with the option") == 1  # the release's own copy is not repeated
+    assert samples[1].meta["choices"] == ["The dog is on the left side of the bike.",
+                                          "The dog is on the right side of the bike."]
+    assert [s.meta["category"] for s in samples] == ["direct_attributes", "relative_position"]
+    assert score(task, samples[0], "A") == 1.0 and score(task, samples[0], "B. cotton") == 0.0
+    assert score(task, samples[1], "B") == 1.0
+    write_jsonl(root / "test_questions.jsonl", [{"image": "direct_attributes/sa_4690.jpg", "text": "No options?",
+                                                 "label": "A"}])
+    with pytest.raises(ValueError, match="no \\(A\\)/\\(B\\) options"):
+        task.load(root)

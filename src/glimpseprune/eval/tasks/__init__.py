@@ -15,19 +15,22 @@ from ._base import CHOICE_LETTER, METRICS, SHORT_ANSWER, SINGLE_WORD, Sample, Ta
 from .chartqa import ChartQATask
 from .docvqa import DocVQATask
 from .gqa import GQATask
+from .infovqa import InfoVQATask
 from .mmbench import MMBenchTask
 from .mme import MMETask
 from .pope import POPETask
 from .scienceqa import ScienceQAImgTask
 from .textvqa import TextVQATask
 from .visual_cot import VisualCoTTask
+from .vizwiz import VizWizTask
 from .vqav2 import VQAv2Task
+from .vstar import VStarTask
 from .world import WorldTask
 
 __all__ = [
     "CHOICE_LETTER", "METRICS", "SHORT_ANSWER", "SINGLE_WORD", "Sample", "Task", "ChartQATask", "DocVQATask",
-    "GQATask", "MMBenchTask", "MMETask", "POPETask", "ScienceQAImgTask", "TextVQATask", "VisualCoTTask", "VQAv2Task",
-    "WorldTask",
+    "GQATask", "InfoVQATask", "MMBenchTask", "MMETask", "POPETask", "ScienceQAImgTask", "TextVQATask", "VisualCoTTask",
+    "VizWizTask", "VQAv2Task", "VStarTask", "WorldTask",
     "register_task", "get_task", "list_tasks",
 ]
 
@@ -66,7 +69,7 @@ def list_tasks() -> list[str]:
 
 for _task in (
     VisualCoTTask(), VisualCoTTask(brief=True), VQAv2Task(), GQATask(), TextVQATask(), DocVQATask(), POPETask(),
-    ChartQATask(), MMETask(), ScienceQAImgTask(), WorldTask(),
+    ChartQATask(), MMETask(), ScienceQAImgTask(), WorldTask(), VizWizTask(), InfoVQATask(), VStarTask(),
     MMBenchTask("en", "dev"), MMBenchTask("en", "test"), MMBenchTask("cn", "dev"), MMBenchTask("cn", "test"),
 ):
     register_task(_task)
