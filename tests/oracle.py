@@ -50,9 +50,15 @@ def oracle_model(model_dir):
     return m
 
 
-def dropped_positions(inputs, image_token_id: int, keep_masks) -> torch.Tensor:
+def visual_positions(inputs, token_ids) -> torch.Tensor:
+    """(B, L) bool: True at the placeholder tokens ``token_ids`` (one id, e.g. the image token, or several, e.g.
+    image and video tokens)."""
+    return torch.isin(inputs["input_ids"], torch.as_tensor(token_ids, device=inputs["input_ids"].device))
+
+
+def dropped_positions(inputs, image_token_id, keep_masks) -> torch.Tensor:
     """(B, L) bool: True at the visual tokens that keep_masks drop."""
-    vis = inputs["input_ids"] == image_token_id
+    vis = visual_positions(inputs, image_token_id)
     dropped = torch.zeros_like(vis)
     for b, keep in enumerate(keep_masks):
         dropped[b, vis[b]] = ~keep
@@ -64,9 +70,9 @@ def masking(dropped: torch.Tensor, K: int):
     return masking_stages(torch.where(dropped, K, KEPT))
 
 
-def stage_drop_layers(inputs, image_token_id: int, stage_layers, stage_keep_masks) -> torch.Tensor:
+def stage_drop_layers(inputs, image_token_id, stage_layers, stage_keep_masks) -> torch.Tensor:
     """(B, L) long: the compaction layer after which each visual token leaves (KEPT for tokens never dropped)."""
-    vis = inputs["input_ids"] == image_token_id
+    vis = visual_positions(inputs, image_token_id)
     out = torch.full(vis.shape, KEPT, dtype=torch.long)
     for K, masks in reversed(list(zip(stage_layers, stage_keep_masks))):  # the earliest stage that drops it wins
         for b, keep in enumerate(masks):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import IMG_A, IMG_B, IMG_C, QUESTIONS
-from oracle import masking_stages, oracle_model, stage_drop_layers, stock_generate
+from oracle import masking_stages, oracle_model, stage_drop_layers, stock_generate, visual_positions
 
 import glimpseprune as gp
 import glimpseprune.ops.budget as budget_mod
@@ -76,11 +76,11 @@ def pad_id(family):
 
 
 @contextlib.contextmanager
-def input_rows_replaced(model, inputs, image_token_id: int, merged):
+def input_rows_replaced(model, inputs, image_token_id, merged):
     """The stock model fed a merging method's input embeddings: ``merged`` is ``scratch["merged_embeds"]`` (per
     sample None or (visual-token indices, rows)); those visual tokens' LLM input rows are overwritten at every call
     that covers the whole prompt (the prefill, or each uncached step)."""
-    vis = inputs["input_ids"] == image_token_id
+    vis = visual_positions(inputs, image_token_id)  # one placeholder id, or several (image and video)
 
     def hook(module, args, kwargs):
         emb = kwargs.get("inputs_embeds")

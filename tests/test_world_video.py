@@ -65,3 +65,26 @@ def test_config_is_checked():
     with pytest.raises(ValueError, match="fps"):
         VideoConfig(fps=0)
     assert VideoConfig(frames=6).moments == 3
+
+
+def test_video_world_through_eval_and_compare(tmp_path, capsys):
+    """`make-world --video` then `eval --task world_video` and `compare --task world_video` on the embedded
+    default: every clip is answered through the video path (all its frames' tokens), pruned over the whole clip."""
+    from glimpseprune.cli import main
+
+    assert main(["make-world", "--video", "--out", str(tmp_path / "vw"), "--n", "5", "--seed", "3"]) == 0
+    assert main(["eval", "--task", "world_video", "--data", str(tmp_path / "vw"), "--out", str(tmp_path / "e"),
+                 "--compare-full"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "e" / "samples.jsonl").read_text().splitlines()]
+    full = [json.loads(x) for x in (tmp_path / "e" / "full" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and {r["meta"]["category"] for r in rows} == set(FAMILIES)
+    by_id = {r["id"]: r for r in full}
+    for r in rows:  # a clip's visual tokens: 2 moments x its frame grid; pruned over the whole clip
+        assert r["n_vis"] == by_id[r["id"]]["n_vis"] == by_id[r["id"]]["n_kept"]
+        assert 1 <= r["n_kept"] < 0.2 * r["n_vis"]
+    assert main(["compare", "--task", "world_video", "--data", str(tmp_path / "vw"), "--out", str(tmp_path / "c"),
+                 "--methods", "fastv", "random", "--budgets", "0.1", "--max-new-tokens", "8"]) == 0
+    runs = {json.loads(p.read_text())["label"]: json.loads(p.read_text()) for p in (tmp_path / "c" / "runs").glob(
+        "*.json")}
+    assert set(runs) == {"full", "fastv@0.1", "random@0.1"}
+    assert all(abs(runs[k]["kept_frac"]["mean"] - 0.1) < 0.03 for k in ("fastv@0.1", "random@0.1"))

@@ -16,9 +16,10 @@ from .config import GlimpseConfig, SelectionConfig, preset
 from .modules.glimpse import GlimpseModule
 from .ops.select import select_tokens
 from .registry import get_adapter, get_method, list_adapters, list_methods, register_method
+from .video import Video, load_video
 
 __all__ = [
     "GlimpseConfig", "GlimpseModule", "PruneOutput", "PrunedModel", "SelectionConfig", "apply", "config_for_model",
     "convert_upstream", "get_adapter", "get_method", "list_adapters", "list_methods", "load", "load_base",
-    "load_module", "make_method", "preset", "register_method", "save_module", "select_tokens",
+    "load_module", "make_method", "preset", "register_method", "save_module", "select_tokens", "Video", "load_video",
 ]

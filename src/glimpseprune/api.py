@@ -11,7 +11,7 @@ Example (offline; the directories must already be on disk)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,11 @@ class PruneOutput:
     Fields:
         sequences: (B, T) generated token ids (prompt excluded); a row that stopped early (EOS, a stop string) is
             padded with the pad id up to the longest row, as ``model.generate`` pads.
-        keep_masks: per sample, (n_vis_b,) bool over its visual tokens (its images concatenated), True = kept.
-        image_keep_masks: per image in batch order, (h, w) bool on the image's token grid.
+        keep_masks: per sample, (n_vis_b,) bool over its visual tokens (its images, then its video, concatenated in
+            prompt order), True = kept.
+        image_keep_masks: per image in batch order (videos not included), (h, w) bool on the image's token grid.
+        video_keep_masks: per video in batch order, (t, h, w) bool: t frame-groups (``temporal_patch_size`` frames
+            each) of (h, w) tokens.
         n_vis: per sample, visual tokens before pruning.
         n_kept: per sample, visual tokens kept (``keep_masks[b].sum()``).
         kv_len: per sample, valid KV-cache entries at the start of decoding (prompt after pruning).
@@ -57,6 +60,7 @@ class PruneOutput:
     step_logits: list[torch.Tensor] | None = None
     prefill: PrefillResult | None = None
     timing: dict | None = None
+    video_keep_masks: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def kept_frac(self) -> list[float]:
@@ -65,7 +69,8 @@ class PruneOutput:
 
     def to_dict(self) -> dict:
         """JSON-able summary: texts, token ids, visual-token counts and kept fractions, kept indices per sample
-        (``kept_idx``: positions in its concatenated visual tokens) and per image, the prune layer(s), timing."""
+        (``kept_idx``: positions in its concatenated visual tokens), per image and per video, the prune layer(s),
+        timing."""
         pre = self.prefill
         return {
             "texts": None if self.texts is None else list(self.texts),
@@ -79,6 +84,8 @@ class PruneOutput:
             "kept_idx": [_kept_idx(m) for m in self.keep_masks],
             "image_kept_idx": [_kept_idx(m) for m in self.image_keep_masks],  # flat row-major index on (h, w)
             "image_grids": [list(m.shape) for m in self.image_keep_masks],
+            "video_kept_idx": [_kept_idx(m) for m in self.video_keep_masks],  # flat row-major index on (t, h, w)
+            "video_grids": [list(m.shape) for m in self.video_keep_masks],
             "timing": {k: (int(v) if isinstance(v, int) else float(v)) for k, v in (self.timing or {}).items()},
         }
 
@@ -87,12 +94,18 @@ def _kept_idx(mask: torch.Tensor) -> list[int]:
     return mask.detach().flatten().nonzero().flatten().cpu().tolist()
 
 
-def _split_images(pre: PrefillResult) -> list[torch.Tensor]:
-    out, offset = [], [0] * len(pre.keep_masks)
-    for (h, w), b in zip(pre.grids, pre.image_owner):
-        out.append(pre.keep_masks[b][offset[b]: offset[b] + h * w].view(h, w))
+def _split_visuals(pre: PrefillResult) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(per image (h, w), per video (t, h, w)) keep masks, cut from the per-sample masks along ``pre.grids``."""
+    images, videos, offset = [], {}, [0] * len(pre.keep_masks)
+    for i, ((h, w), b) in enumerate(zip(pre.grids, pre.image_owner)):
+        m = pre.keep_masks[b][offset[b]: offset[b] + h * w].view(h, w)
         offset[b] += h * w
-    return out
+        v = pre.grid_video[i] if pre.grid_video else -1
+        if v < 0:
+            images.append(m)
+        else:
+            videos.setdefault(v, []).append(m)
+    return images, [torch.stack(videos[v]) for v in sorted(videos)]
 
 
 def _token_ids(model, processor) -> tuple[Any, int]:
@@ -157,25 +170,37 @@ class PrunedModel:
         if module is not None:
             check_compatible(module.cfg, self.adapter.dims(model))
 
-    def prepare(self, images: list[list[Any]], questions: list[str]) -> dict:
-        """Processor inputs for a batch; images: per sample a list of PIL images or paths (may be empty)."""
+    def prepare(self, images: list[list[Any]] | None, questions: list[str], videos: list[Any] | None = None) -> dict:
+        """Processor inputs for a batch; images: per sample a list of PIL images or paths (may be empty; None: no
+        images); videos: per sample None, a video file path (sampled at ``video.DEFAULT_FPS``, at most
+        ``video.MAX_FRAMES``), a list of PIL frames (or image paths; taken as sampled at ``DEFAULT_FPS``) or a
+        ``glimpseprune.video.Video`` (``load_video(path, fps=..., max_frames=...)`` for other rates). Bad videos (an
+        undecodable file, an empty or mixed-size frame list, too many frames) raise ``ValueError`` here, before the
+        model runs."""
         from .processing import build_inputs, load_image
 
         if self.processor is None:
             raise ValueError("this PrunedModel has no processor; pass processor= or call generate(inputs=...)")
-        check_batch_args(images, questions)
+        if images is None and isinstance(questions, (list, tuple)):
+            images = [[] for _ in questions]
+        check_batch_args(images, questions, videos)
         pil = [[load_image(im) if isinstance(im, (str, Path)) else im for im in ims] for ims in images]
         limit = context_length(self.model)
-        return build_inputs(self.processor, pil, questions, max_length=None if limit is None else limit - 1)
+        return build_inputs(self.processor, pil, questions, max_length=None if limit is None else limit - 1,
+                            videos=videos)
 
-    def generate(self, inputs: dict | None = None, *, images=None, questions=None, generation_config=None,
+    def generate(self, inputs: dict | None = None, *, images=None, questions=None, videos=None, generation_config=None,
                  max_new_tokens: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
                  top_p: float | None = None, top_k: int | None = None, repetition_penalty: float | None = None,
                  stop_strings: str | list[str] | None = None, eos_token_id: int | list[int] | None = None,
                  streamer=None, tokenizer=None, seed: int | None = None,
                  keep_masks: list[torch.Tensor] | None = None, return_logits: bool = False,
                  **generation_kwargs) -> PruneOutput:
-        """Generate for a batch given either processor ``inputs`` or ``images`` + ``questions``.
+        """Generate for a batch given either processor ``inputs`` or ``questions`` + ``images`` and/or ``videos``
+        (one entry per question; see ``prepare``): a batch may mix image, video and text-only samples, e.g.
+        ``videos=[None, "clip.mp4", [frame0, frame1, frame2, frame3]]``. A video's visual tokens are all its frames'
+        merged tokens (t x h x w); budgets (``max_keep_ratio``, ``min_keep``, keep ratios) apply per sample, over the
+        whole video.
 
         Decoding follows ``transformers``: a ``GenerationConfig`` (``generation_config=``) and/or its fields as
         keywords (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``,
@@ -203,10 +228,10 @@ class PrunedModel:
         check_generate_args(gc.max_new_tokens, gc.do_sample, gc.temperature, seed, keep_masks)
         if inputs is None:
             if questions is None:
-                raise ValueError("pass inputs= (processor output) or questions= (+ images=)")
+                raise ValueError("pass inputs= (processor output) or questions= (+ images= and/or videos=)")
             if isinstance(questions, (str, bytes)):
                 raise TypeError("questions must be a list of strings (one per sample), not a single string")
-            inputs = self.prepare(images if images is not None else [[] for _ in questions], questions)  # checked
+            inputs = self.prepare(images, questions, videos)  # checked
         else:
             check_prompt_length(inputs, context_length(self.model))
         device = execution_device(self.model)
@@ -220,17 +245,19 @@ class PrunedModel:
         texts = None
         if self.processor is not None:
             texts = self.processor.batch_decode(toks, skip_special_tokens=True)
+        image_masks, video_masks = _split_visuals(pre)
         return PruneOutput(
-            sequences=toks, keep_masks=pre.keep_masks, image_keep_masks=_split_images(pre),
+            sequences=toks, keep_masks=pre.keep_masks, image_keep_masks=image_masks, video_keep_masks=video_masks,
             n_vis=pre.n_vis, n_kept=pre.n_kept, kv_len=pre.kv_len,
             prune_layer=pre.prune_layer, texts=texts, step_logits=step_logits if return_logits else None,
             prefill=pre, timing=pre.timing,
         )
 
 
-def check_batch_args(images, questions) -> None:
+def check_batch_args(images, questions, videos=None) -> None:
     """The shapes a user gets wrong first, named before anything is loaded: a list of questions (str each) and, per
-    question, a list of images (paths or PIL images)."""
+    question, a list of images (paths or PIL images) and (optionally) a video entry (None, a path, a list of frames or
+    a ``Video``; its content is checked by ``video.as_video``)."""
     if isinstance(questions, (str, bytes)) or not isinstance(questions, (list, tuple)):
         raise TypeError(f"questions must be a list of strings, got {type(questions).__name__}")
     for i, q in enumerate(questions):
@@ -247,6 +274,14 @@ def check_batch_args(images, questions) -> None:
         if not isinstance(sample, (list, tuple)):
             raise TypeError(f"images[{i}] must be a list of images (paths or PIL images), got "
                             f"{type(sample).__name__}; wrap it in a list")
+    if videos is None:
+        return
+    if isinstance(videos, (str, bytes, Path)) or not isinstance(videos, (list, tuple)):
+        raise TypeError(f"videos must be a list with one entry per question (None, a file path, a list of frames or "
+                        f"a Video), got {type(videos).__name__}; e.g. videos=[{str(videos)!r:.80}]")
+    if len(videos) != len(questions):
+        raise ValueError(f"got {len(videos)} videos entries for {len(questions)} questions (None where a sample has "
+                         "no video)")
 
 
 def check_generate_args(max_new_tokens, do_sample, temperature, seed, keep_masks) -> None:

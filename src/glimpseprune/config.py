@@ -283,6 +283,27 @@ PRESETS: dict[str, dict[str, Any]] = {
         vip_width=256, cond_width=512, vip_heads=4, vip_mlp_width=512, attn_score="log_softmax",
         base_model_name="llava-hf/llava-1.5-13b-hf",
     ),
+    # Qwen3-VL (no released GlimpsePrune module): the released rule by analogy -- K = ceil(2L/3) - 1, four evenly spaced
+    # ViT blocks from the last (2x2-merge means; Qwen3-VL has no full/window split), VIP 4 blocks x 256, conditions
+    # 512, 4 heads. Sizes from the public config.json files (text hidden / layers / heads, ViT width / depth).
+    "qwen3_vl_8b": dict(
+        base_model_type="qwen3_vl", base_hidden_size=4096, base_num_layers=36, base_num_heads=32,
+        base_vision_width=1152, base_vision_depth=27, prune_layer=23, vision_taps=(26, 20, 14, 8),
+        vip_width=256, cond_width=512, vip_heads=4, vip_mlp_width=512,
+        base_model_name="Qwen/Qwen3-VL-8B-Instruct",
+    ),
+    "qwen3_vl_4b": dict(
+        base_model_type="qwen3_vl", base_hidden_size=2560, base_num_layers=36, base_num_heads=32,
+        base_vision_width=1024, base_vision_depth=24, prune_layer=23, vision_taps=(23, 17, 11, 5),
+        vip_width=256, cond_width=512, vip_heads=4, vip_mlp_width=512,
+        base_model_name="Qwen/Qwen3-VL-4B-Instruct",
+    ),
+    "qwen3_vl_2b": dict(
+        base_model_type="qwen3_vl", base_hidden_size=2048, base_num_layers=28, base_num_heads=16,
+        base_vision_width=1024, base_vision_depth=24, prune_layer=18, vision_taps=(23, 17, 11, 5),
+        vip_width=256, cond_width=512, vip_heads=4, vip_mlp_width=512,
+        base_model_name="Qwen/Qwen3-VL-2B-Instruct",
+    ),
 }
 
 # Per-family defaults of a module sized for a model (``checkpoint.config_for_model``), as the releases use them.

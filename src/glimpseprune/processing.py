@@ -11,7 +11,8 @@ and the ``BatchFeature`` a Qwen2.5-VL model consumes:
   in-process, carrying the Qwen2.5-VL special tokens and chat template.
 * :func:`build_inputs` / :func:`load_image` / :func:`to_rgb` -- batch
   construction (left padded, with ``mm_token_type_ids`` for M-RoPE; user text
-  checked for control tokens and length) and image reading (decompression-bomb
+  checked for control tokens and length; videos, one per sample, through
+  :mod:`glimpseprune.video`) and image reading (decompression-bomb
   limit, EXIF orientation, 16-bit and transparent images, animations refused).
 
 LLaVA processors load and batch through the same functions; the LLaVA chat
@@ -159,9 +160,12 @@ class QwenVLProcessor(Qwen2_5_VLProcessor):
 
     The stock ``Qwen2_5_VLProcessor`` always builds a ``Qwen2VLVideoProcessor``,
     which needs torchvision. This subclass drops the video processor from the
-    processor's attributes, so it can be built, saved and called with images
-    and text only. Passing ``videos=`` raises a clear error unless a video
-    processor was supplied explicitly (it is then used but never saved).
+    processor's attributes, so it can be built and saved with images and text
+    only. ``videos=`` (lists of PIL frames or (F, H, W, 3) uint8 arrays, with
+    ``video_metadata=`` giving each video's sampled ``fps``) still work: their
+    frames go through the image processor and are stacked into temporal patches
+    (:func:`glimpseprune.video.video_patches`), unless a video processor was
+    supplied explicitly (it is then used but never saved).
     """
 
     def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None, **kwargs):
@@ -182,12 +186,16 @@ class QwenVLProcessor(Qwen2_5_VLProcessor):
         self.video_processor = video_processor
 
     def _process_videos(self, videos: Any, **kwargs: Any) -> Any:
-        if self.video_processor is None:
-            raise ValueError(
-                "QwenVLProcessor has no video processor (the stock one needs torchvision); "
-                "pass video_processor=... when building it to process videos"
-            )
-        return super()._process_videos(videos, **kwargs)
+        if self.video_processor is not None:
+            return super()._process_videos(videos, **kwargs)
+        from .video import DEFAULT_FPS, video_patches
+
+        videos = list(videos)
+        metadata = kwargs.get("video_metadata") or [None] * len(videos)
+        fps = [(m.get("fps") if m is not None else None) or DEFAULT_FPS for m in metadata]  # dict or VideoMetadata
+        data = video_patches(self.image_processor, videos, fps)
+        merge = self.image_processor.merge_size**2
+        return data, [self.video_token * (int(np.prod(g)) // merge) for g in data["video_grid_thw"]]
 
     def to_dict(self) -> dict[str, Any]:
         # Record the stock class so environments with torchvision load the saved
@@ -256,7 +264,12 @@ def _build_fallback_processor(model_dir: Path) -> QwenVLProcessor:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot load a Qwen2.5-VL processor from {model_dir}: {err}") from err
-    return QwenVLProcessor(
+    cls: type[QwenVLProcessor] = QwenVLProcessor
+    config_file = model_dir / "config.json"
+    model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
+    if str(model_type).startswith("qwen3_vl"):
+        from .processing_qwen3_vl import Qwen3VLImageProcessorOnly as cls  # same image path, saved as Qwen3-VL's
+    return cls(
         image_processor=image_processor,
         tokenizer=tokenizer,
         chat_template=_read_chat_template(model_dir, tokenizer),
@@ -481,9 +494,11 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = None) -
         raise ValueError(f"cannot read image file {path}: {err}") from err
 
 
-def build_messages(num_images: int, question: str, system_prompt: str | None = None) -> list[dict[str, Any]]:
-    """Chat messages for one sample: ``num_images`` image slots followed by ``question``."""
+def build_messages(num_images: int, question: str, system_prompt: str | None = None,
+                   num_videos: int = 0) -> list[dict[str, Any]]:
+    """Chat messages for one sample: ``num_images`` image slots, then ``num_videos`` video slots, then ``question``."""
     content: list[dict[str, Any]] = [{"type": "image"} for _ in range(num_images)]
+    content.extend({"type": "video"} for _ in range(num_videos))
     content.append({"type": "text", "text": question})
     messages: list[dict[str, Any]] = []
     if system_prompt is not None:
@@ -522,6 +537,22 @@ def _check_batch(images: Sequence[Sequence[Image.Image]], questions: Sequence[st
             if not isinstance(image, Image.Image):
                 hint = "; read image files with load_image" if isinstance(image, _PATH_TYPES) else ""
                 raise TypeError(f"images[{index}] holds a {type(image).__name__}, expected PIL.Image.Image{hint}")
+
+
+def _check_videos(processor: ProcessorMixin, videos: Sequence[Any] | None, n: int) -> list[Any]:
+    """One checked ``Video`` or None per sample (``videos`` None: no video anywhere); errors name the index."""
+    if videos is None:
+        return [None] * n
+    from .video import as_video
+
+    if isinstance(videos, (str, bytes, os.PathLike)) or not isinstance(videos, Sequence):
+        raise TypeError(f"videos must be a list with one entry per sample (None, a file path, a list of frames or a "
+                        f"Video), got {type(videos).__name__}")
+    if len(videos) != n:
+        raise ValueError(f"got {len(videos)} videos entries for {n} questions; give one per sample (None for none)")
+    if any(v is not None for v in videos) and getattr(processor, "video_token", None) is None:
+        raise ValueError(f"{type(processor).__name__} has no video token: this model family takes no video input")
+    return [None if v is None else as_video(v, where=f"videos[{i}]") for i, v in enumerate(videos)]
 
 
 def _control_tokens(processor: ProcessorMixin) -> list[str]:
@@ -584,6 +615,7 @@ def build_inputs(
     system_prompt: str | None = None,
     return_tensors: str = "pt",
     max_length: int | None = None,
+    videos: Sequence[Any] | None = None,
 ) -> BatchFeature:
     """Tokenise a batch of (images, question) samples into model inputs.
 
@@ -603,17 +635,35 @@ def build_inputs(
     ``max_position_embeddings``), a sample whose tokenised prompt, image tokens
     included, is longer raises ``ValueError`` with both lengths, before the
     batch reaches a model. Wrong types raise ``TypeError`` naming the index.
+
+    ``videos`` (optional, one entry per sample): None, or the sample's video
+    as a :class:`glimpseprune.video.Video`, a list of PIL frames or a file
+    path (both through :func:`glimpseprune.video.as_video`, which refuses
+    empty, mixed-size or over-long frame lists and undecodable files). A
+    video slot follows the sample's images; the batch then also holds
+    ``pixel_values_videos``, ``video_grid_thw`` and ``second_per_grid_ts``,
+    and ``mm_token_type_ids`` is 2 at its tokens.
     """
     _check_batch(images, questions)
     _check_max_length(max_length)
     _check_user_text(processor, questions, system_prompt)
+    clips = _check_videos(processor, videos, len(questions))
     prompts = [
         processor.apply_chat_template(
-            build_messages(len(sample), question, system_prompt), add_generation_prompt=True, tokenize=False
+            build_messages(len(sample), question, system_prompt, num_videos=int(clip is not None)),
+            add_generation_prompt=True,
+            tokenize=False,
         )
-        for sample, question in zip(images, questions, strict=True)
+        for sample, question, clip in zip(images, questions, clips, strict=True)
     ]
     flat_images = [to_rgb(image) for sample in images for image in sample]
+    present = [clip for clip in clips if clip is not None]
+    video_kwargs: dict[str, Any] = {}
+    if present:
+        from transformers.video_utils import VideoMetadata
+
+        video_kwargs["videos"] = [list(clip.frames) for clip in present]
+        video_kwargs["video_metadata"] = [VideoMetadata(total_num_frames=len(c.frames), fps=c.fps) for c in present]
     # M-RoPE models (Qwen2.5-VL) need mm_token_type_ids; others (LLaVA) reject them in generate
     needs_types = "mm_token_type_ids" in getattr(processor, "model_input_names", ())
     batch = processor(
@@ -623,6 +673,7 @@ def build_inputs(
         padding_side="left",
         return_mm_token_type_ids=needs_types,
         return_tensors=return_tensors,
+        **video_kwargs,
     )
     if needs_types and "mm_token_type_ids" not in batch:
         raise RuntimeError(f"{type(processor).__name__} did not return mm_token_type_ids; M-RoPE would be wrong")

@@ -25,6 +25,8 @@ from transformers import (
     LlavaProcessor,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -39,10 +41,12 @@ __all__ = [
     "TINY_MIN_PIXELS",
     "build_tiny_llava",
     "build_tiny_qwen2_5_vl",
+    "build_tiny_qwen3_vl",
     "make_tiny",
     "random_image",
     "tiny_llava_config",
     "tiny_qwen2_5_vl_config",
+    "tiny_qwen3_vl_config",
 ]
 
 # Image-processor pixel budget of the tiny checkpoint: 56*56 px is 2x2 patches
@@ -306,9 +310,64 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0, image_mode: str = "pad"
     return _build_and_save(LlavaForConditionalGeneration, config, processor, out_dir, seed)
 
 
+# --------------------------------------------------------------------------- tiny Qwen3-VL
+
+# Qwen3-VL's layout at the tiny test size: q_norm / k_norm attention, interleaved M-RoPE (sections t/h/w = 4/2/2 of
+# head_dim / 2 = 8), a 6-layer LLM so that the default K = 3 falls after the DeepStack layers 0..2; a 4-block ViT
+# of 16 px patches (32 px per merged token) without windows, DeepStack from blocks 0, 1, 2.
+_QWEN3_TEXT_DEFAULTS: dict[str, Any] = {
+    **_TEXT_DEFAULTS, "num_hidden_layers": 6, "head_dim": 16,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [4, 2, 2],
+                        "mrope_interleaved": True},
+}
+_QWEN3_VISION_DEFAULTS: dict[str, Any] = {
+    "depth": 4, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 16,
+    "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 64,
+    "deepstack_visual_indexes": [0, 1, 2], "hidden_act": "gelu_pytorch_tanh", "initializer_range": 0.02,
+}
+
+
+def tiny_qwen3_vl_config(**overrides: Any) -> Qwen3VLConfig:
+    """A tiny Qwen3-VL config (``model_type`` "qwen3_vl") matching the tiny Qwen tokenizer: text hidden 64,
+    6 layers, 4 / 2 heads of 16; ViT hidden 32, 4 blocks, DeepStack from blocks 0-2. ``text_config=`` /
+    ``vision_config=`` dicts are merged into the defaults; other keywords go to :class:`Qwen3VLConfig`. SDPA."""
+    ids = _special_token_ids(overrides.pop("tokenizer", None))
+    text = _merged(_QWEN3_TEXT_DEFAULTS, overrides.pop("text_config", None), "text_config")
+    text.setdefault("vocab_size", ids["vocab_size"])
+    for key, name in (("bos_token_id", "pad"), ("eos_token_id", "eos"), ("pad_token_id", "pad")):
+        text.setdefault(key, ids[name])
+    vision = _merged(_QWEN3_VISION_DEFAULTS, overrides.pop("vision_config", None), "vision_config")
+    vision.setdefault("out_hidden_size", text["hidden_size"])
+    attn_implementation = overrides.pop("attn_implementation", "sdpa")
+    kwargs: dict[str, Any] = {"image_token_id": ids["image"], "video_token_id": ids["video"],
+                              "vision_start_token_id": ids["vision_start"], "vision_end_token_id": ids["vision_end"],
+                              "tie_word_embeddings": False, "dtype": "float32", **overrides}
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, **kwargs)
+    config._attn_implementation = attn_implementation
+    _check_rope_sections(config)
+    return config
+
+
+def build_tiny_qwen3_vl(out_dir: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """Build, randomly initialise (seeded) and save a tiny Qwen3-VL checkpoint (weights, configs, an image-only
+    processor with 16 px patches) to ``out_dir``; it loads back offline with :func:`glimpseprune.load_base`."""
+    from .processing_qwen3_vl import Qwen3VLImageProcessorOnly
+
+    config = tiny_qwen3_vl_config(**overrides)
+    v, tokenizer = config.vision_config, make_tiny_qwen_tokenizer()
+    side = 2 * v.patch_size * v.spatial_merge_size  # pixel budget: 2x2 to 16x16 merged tokens
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=side * side, max_pixels=(8 * side) ** 2,
+                                               patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
+                                               merge_size=v.spatial_merge_size, image_mean=[0.5] * 3,
+                                               image_std=[0.5] * 3)
+    processor = Qwen3VLImageProcessorOnly(image_processor=image_processor, tokenizer=tokenizer,
+                                          chat_template=tokenizer.chat_template)
+    return _build_and_save(Qwen3VLForConditionalGeneration, config, processor, out_dir, seed)
+
+
 # ------------------------------------------------------------------- a whole tiny kit (`glimpseprune make-tiny`)
 
-TINY_FAMILIES = {"qwen2_5_vl": build_tiny_qwen2_5_vl, "llava": build_tiny_llava}
+TINY_FAMILIES = {"qwen2_5_vl": build_tiny_qwen2_5_vl, "llava": build_tiny_llava, "qwen3_vl": build_tiny_qwen3_vl}
 
 
 def make_tiny(out_dir: str | Path, family: str = "qwen2_5_vl", seed: int = 0) -> dict[str, Path]:

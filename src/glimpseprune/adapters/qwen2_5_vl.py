@@ -1,5 +1,10 @@
 """Adapter for transformers' Qwen2.5-VL (``model_type == "qwen2_5_vl"``): ViT at ``model.model.visual`` (2x2 merge,
-window attention), decoder at ``model.model.language_model``, M-RoPE positions (t, h, w) from ``get_rope_index``."""
+window attention), decoder at ``model.model.language_model``, M-RoPE positions (t, h, w) from ``get_rope_index``.
+
+Images and videos: the ViT runs once per modality (as transformers does); a video of grid (t, h, w) -- t groups of
+``temporal_patch_size`` frames -- is t * h * w / merge^2 tokens, its positions spaced in time by ``second_per_grid_ts``
+(``tokens_per_second`` * seconds per group), and appears in ``Encoded.grids`` as t (h, w) frame-groups (see
+``Encoded``)."""
 
 from __future__ import annotations
 
@@ -25,6 +30,47 @@ def image_runs(ids: torch.Tensor, token_id: int) -> list[list[int]]:
     return runs
 
 
+# (name, config attribute of its placeholder id, pixel key, grid key); images are embedded first, like transformers
+_MODALITIES = (("image", "image_token_id", "pixel_values", "image_grid_thw"),
+               ("video", "video_token_id", "pixel_values_videos", "video_grid_thw"))
+
+
+def _interleave(tapped: dict, masks: dict, vis_mask: torch.Tensor, n_taps: int) -> list[torch.Tensor]:
+    """Per tap, the image and video features (each in its own token order) merged into the order of the visual
+    tokens of the whole batch (row-major over (B, L)): (n_vis_total, C) each."""
+    if not tapped:
+        return []
+    if len(tapped) == 1:
+        return next(iter(tapped.values()))
+    is_video = masks["video"][vis_mask]  # (n_vis_total,) bool
+    out = []
+    for i in range(n_taps):
+        image, video = tapped["image"][i], tapped["video"][i]
+        merged = image.new_empty(is_video.numel(), image.shape[-1])
+        merged[~is_video], merged[is_video] = image, video
+        out.append(merged)
+    return out
+
+
+def _layout(ids: torch.Tensor, cfg, grids_thw: dict, merge: int) -> tuple[list, list[int], list[int]]:
+    """(grids, image_owner, grid_video) of ``Encoded``: one (h, w) per image and per video frame-group, in the order
+    their tokens appear (sample by sample)."""
+    thw = {k: iter([] if g is None else g.tolist()) for k, g in grids_thw.items()}
+    kind_of = {cfg.image_token_id: "image", cfg.video_token_id: "video"}
+    grids, owner, grid_video, n_videos = [], [], [], 0
+    for b, row in enumerate(ids.tolist()):
+        starts = [i for i, tok in enumerate(row) if tok in kind_of and (i == 0 or row[i - 1] != tok)]
+        for i in starts:
+            t, h, w = next(thw[kind_of[row[i]]])
+            video = kind_of[row[i]] == "video"
+            for _ in range(t if video else 1):
+                grids.append((int(h) // merge, int(w) // merge))
+                owner.append(b)
+                grid_video.append(n_videos if video else -1)
+            n_videos += video
+    return grids, owner, grid_video
+
+
 class Qwen2_5_VLAdapter(Adapter):
     model_types = ("qwen2_5_vl",)
 
@@ -45,14 +91,17 @@ class Qwen2_5_VLAdapter(Adapter):
     def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return model.lm_head(model.model.language_model.norm(hidden))
 
-    def _check_images(self, ids: torch.Tensor, grid: torch.Tensor | None, merge: int, token_id: int) -> None:
+    def _check_images(self, ids: torch.Tensor, grid: torch.Tensor | None, merge: int, token_id: int,
+                      kind: str = "image") -> None:
+        """One ``token_id`` run per ``kind`` (image or video) of ``grid``, each as long as its grid's merged tokens."""
         runs = image_runs(ids, token_id)
         n_runs = sum(len(r) for r in runs)
-        n_imgs = 0 if grid is None else grid.shape[0]
-        if n_runs != n_imgs:
+        n_items = 0 if grid is None else grid.shape[0]
+        token = "<|image_pad|>" if kind == "image" else "<|video_pad|>"
+        if n_runs != n_items:
             raise ValueError(
-                f"number of images ({n_imgs}) does not match the number of image placeholders in the prompts "
-                f"({n_runs}); each image needs exactly one <|image_pad|> run"
+                f"number of {kind}s ({n_items}) does not match the number of {kind} placeholders in the prompts "
+                f"({n_runs}); each {kind} needs exactly one {token} run"
             )
         if grid is None:
             return
@@ -60,52 +109,58 @@ class Qwen2_5_VLAdapter(Adapter):
         got = [n for r in runs for n in r]
         for i, (e, g) in enumerate(zip(expected, got)):
             if e != g:
-                raise ValueError(f"image {i}: its grid gives {e} visual tokens but the prompt holds {g} placeholders")
+                raise ValueError(f"{kind} {i}: its grid gives {e} visual tokens but the prompt holds {g} placeholders")
+
+    def _vision(self, model: nn.Module, pixels: torch.Tensor, grid: torch.Tensor, taps, tap_fn):
+        """ViT over one modality's pixels: (merged embeddings (n, H), per tap the merge-pooled block output (n, C'),
+        raster order)."""
+        visual, merge = model.model.visual, model.config.vision_config.spatial_merge_size
+        pos = {t: i for i, t in enumerate(taps)}
+
+        def pool(t, h):  # (n_patch, C), window order -> (n_patch / merge^2, C'): merge groups are contiguous
+            pooled = h.view(h.shape[0] // (merge * merge), merge * merge, -1).mean(dim=1)
+            return pooled if tap_fn is None else tap_fn(pos[t], pooled)  # row-wise: commutes with unwindowing
+
+        with capture_outputs({t: visual.blocks[t] for t in taps}, pool) as tapped:  # only pooled taps are kept
+            out = visual(pixels.to(visual.dtype), grid_thw=grid, return_dict=True)
+        feats = []
+        if taps:
+            win, _ = get_vision_window_index(grid, merge, visual.window_size, visual.patch_size)
+            unwin = torch.argsort(win.to(pixels.device))
+            feats = [tapped[t][unwin] for t in taps]  # output of block t, merge-pooled, raster order
+        return out.pooler_output, feats
 
     def encode(self, model: nn.Module, inputs: dict, taps: tuple[int, ...] = (), tap_fn=None) -> Encoded:
         cfg = model.config
         ids = inputs["input_ids"]
-        B, L = ids.shape
         attn_mask = inputs.get("attention_mask")
         attn_mask = torch.ones_like(ids, dtype=torch.bool) if attn_mask is None else attn_mask.bool()
-        if inputs.get("pixel_values_videos") is not None or bool((ids == cfg.video_token_id).any()):
-            raise ValueError("video input is not supported yet; pass images only")
-        grid = inputs.get("image_grid_thw")
-        pixel_values = inputs.get("pixel_values")
-        if (pixel_values is None) != (grid is None):
-            raise ValueError("pixel_values and image_grid_thw must be given together")
         merge = cfg.vision_config.spatial_merge_size
-        self._check_images(ids, grid, merge, cfg.image_token_id)
-
+        for t in taps:
+            if not 0 <= t < len(model.model.visual.blocks):
+                raise ValueError(f"vision tap {t} outside the ViT's blocks [0, {len(model.model.visual.blocks) - 1}]")
         embeds = model.get_input_embeddings()(ids)
-        vis_mask = ids == cfg.image_token_id
-        feats: list[torch.Tensor] = []
-        if pixel_values is not None:
-            visual = model.model.visual
-            for t in taps:
-                if not 0 <= t < len(visual.blocks):
-                    raise ValueError(f"vision tap {t} outside the ViT's blocks [0, {len(visual.blocks) - 1}]")
-            pos = {t: i for i, t in enumerate(taps)}
-
-            def pool(t, h):  # (n_patch, C), window order -> (n_patch / merge^2, C'): merge groups are contiguous
-                pooled = h.view(h.shape[0] // (merge * merge), merge * merge, -1).mean(dim=1)
-                return pooled if tap_fn is None else tap_fn(pos[t], pooled)  # row-wise: commutes with unwindowing
-
-            with capture_outputs({t: visual.blocks[t] for t in taps}, pool) as tapped:  # only pooled taps are kept
-                out = visual(pixel_values.to(visual.dtype), grid_thw=grid, return_dict=True)
-            embeds = embeds.masked_scatter(vis_mask[..., None], out.pooler_output.to(embeds.dtype))
-            if taps:
-                win, _ = get_vision_window_index(grid, merge, visual.window_size, visual.patch_size)
-                unwin = torch.argsort(win.to(ids.device))
-                feats.extend(tapped[t][unwin] for t in taps)  # output of block t, merge-pooled, raster order
+        masks, grids_thw, tapped = {}, {}, {}
+        for kind, token_id, px_key, grid_key in _MODALITIES:
+            grid, pixels = inputs.get(grid_key), inputs.get(px_key)
+            if (pixels is None) != (grid is None):
+                raise ValueError(f"{px_key} and {grid_key} must be given together")
+            self._check_images(ids, grid, merge, getattr(cfg, token_id), kind)
+            masks[kind], grids_thw[kind] = ids == getattr(cfg, token_id), grid
+            if pixels is not None:
+                out, tapped[kind] = self._vision(model, pixels, grid, taps, tap_fn)
+                embeds = embeds.masked_scatter(masks[kind][..., None], out.to(embeds.dtype))
+        vis_mask = masks["image"] | masks["video"]
+        feats = _interleave(tapped, masks, vis_mask, len(taps))
         mm = inputs.get("mm_token_type_ids")
         if mm is None:
-            mm = vis_mask.int()
-        positions, _ = model.model.get_rope_index(ids, mm, image_grid_thw=grid, attention_mask=attn_mask.long())
-        grids = [] if grid is None else [(int(h) // merge, int(w) // merge) for _, h, w in grid.tolist()]
-        owner = [b for b, r in enumerate(image_runs(ids, cfg.image_token_id)) for _ in r]
+            mm = masks["image"].int() + 2 * masks["video"].int()
+        positions, _ = model.model.get_rope_index(
+            ids, mm, image_grid_thw=grids_thw["image"], video_grid_thw=grids_thw["video"],
+            second_per_grid_ts=inputs.get("second_per_grid_ts"), attention_mask=attn_mask.long())
+        grids, owner, grid_video = _layout(ids, cfg, grids_thw, merge)
         next_pos = positions.masked_fill(~attn_mask[None], -1).amax(dim=(0, 2)) + 1
-        return Encoded(embeds, attn_mask, positions, vis_mask, grids, owner, next_pos, feats)
+        return Encoded(embeds, attn_mask, positions, vis_mask, grids, owner, next_pos, feats, grid_video)
 
     def box_masks(self, model: nn.Module, processor, inputs: dict, boxes: list, sizes: list) -> list:
         from ..data.records import boxes_to_token_mask

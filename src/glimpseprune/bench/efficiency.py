@@ -131,12 +131,11 @@ class FrozenEncodeAdapter:
 
 
 def build_model(shape: ModelShape, device: str = "cpu", dtype: str = "float32", attn: str = "sdpa", seed: int = 0):
-    """A random-initialised ``Qwen2_5_VLForConditionalGeneration`` of ``shape``, created directly on ``device``."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
+    """A random-initialised model of ``shape`` (``shape.model_class()``: Qwen2.5-VL or Qwen3-VL), created directly
+    on ``device``."""
     torch.manual_seed(seed)
     with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(shape.to_hf_config(attn), dtype=getattr(torch, dtype))
+        model = shape.model_class()._from_config(shape.to_hf_config(attn), dtype=getattr(torch, dtype))
     return model.eval().requires_grad_(False)
 
 

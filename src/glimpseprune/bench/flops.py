@@ -1,4 +1,5 @@
-"""Analytic FLOPs of Qwen2.5-VL-style models, full and pruned: pure functions of a ``ModelShape`` and token counts.
+"""Analytic FLOPs of Qwen2.5-VL- and Qwen3-VL-style models, full and pruned: pure functions of a ``ModelShape`` and
+token counts.
 
 Conventions (every function here follows them):
 
@@ -12,7 +13,10 @@ Conventions (every function here follows them):
   n_new (n_new + 1) / 2. causal=False counts every pair: n_new * (n_past + n_new). The latter is what a kernel
   executes when it gets an explicit additive mask (this runtime's prefill does), and what upstream's
   ``cal_flops.py`` counts (it has no causal halving).
-* FFN: SwiGLU with three matrices (gate, up, down): 3 * 2 * n * hidden * intermediate.
+* FFN: SwiGLU with three matrices (gate, up, down): 3 * 2 * n * hidden * intermediate (the LLMs of both families;
+  the ViT MLP has two matrices in Qwen3-VL, ``VisionShape.gated_mlp=False``).
+* Qwen3-VL DeepStack: its extra ViT mergers (one per ``deepstack_blocks`` entry) are counted in ``vit_flops``; its
+  additions to the LLM's hidden states (after layers 0, 1, 2, at the visual tokens) are elementwise, not counted.
 * LM head: prefill counts it for the **last prompt token only** (``lm_head_tokens=1``; the runtime computes logits
   only there); each decode step counts it for its one token (``lm_head=True``). Upstream counts no LM head at all.
 * Pruned prefill: layers 0..K run on the full prompt plus ``n_extra`` tokens (the glimpse token), layers K+1..L-1
@@ -98,12 +102,14 @@ def vit_attention_pairs(v: VisionShape, grid_thw: tuple[int, int, int], window: 
 
 
 def vit_flops(v: VisionShape, grids_thw: list[tuple[int, int, int]]) -> dict[str, int]:
-    """The Qwen2.5-VL vision encoder on images given as (t, h, w) patch grids. Keys: patch_embed, linear (qkv,
-    proj and SwiGLU MLP of all blocks), window_attn, full_attn, merger (RMSNorm'd 2x2 concat -> MLP), total."""
+    """The Qwen2.5-VL / Qwen3-VL vision encoder on images given as (t, h, w) patch grids. Keys: patch_embed, linear
+    (qkv, proj and MLP of all blocks: SwiGLU, or fc1/fc2 when not ``gated_mlp``), window_attn, full_attn, merger
+    (normed 2x2 concat -> MLP), deepstack_mergers (one more merger per DeepStack block; 0 for Qwen2.5-VL), total."""
     D, I, m2 = v.hidden_size, v.intermediate_size, v.spatial_merge_size ** 2
     P = sum(t * h * w for t, h, w in grids_thw)
     patch = matmul_flops(P, v.in_channels * v.temporal_patch_size * v.patch_size ** 2, D)
-    per_block = matmul_flops(P, D, 3 * D) + matmul_flops(P, D, D) + 3 * matmul_flops(P, D, I)
+    n_mlp = 3 if v.gated_mlp else 2
+    per_block = matmul_flops(P, D, 3 * D) + matmul_flops(P, D, D) + n_mlp * matmul_flops(P, D, I)
     n_full = len(v.fullatt_blocks)
     win_pairs = sum(vit_attention_pairs(v, g, True) for g in grids_thw)
     full_pairs = sum(vit_attention_pairs(v, g, False) for g in grids_thw)
@@ -111,7 +117,7 @@ def vit_flops(v: VisionShape, grids_thw: list[tuple[int, int, int]]) -> dict[str
     full_attn = n_full * 2 * MAC_FLOPS * D * full_pairs
     merger = matmul_flops(P // m2, m2 * D, m2 * D) + matmul_flops(P // m2, m2 * D, v.out_hidden_size)
     out = {"patch_embed": patch, "linear": v.depth * per_block, "window_attn": window_attn, "full_attn": full_attn,
-           "merger": merger}
+           "merger": merger, "deepstack_mergers": len(v.deepstack_blocks) * merger}
     out["total"] = sum(out.values())
     return out
 

@@ -1,6 +1,7 @@
 """Draw which visual tokens were kept, on the input image at its own size: dropped tokens dimmed and greyed, the kept
 region in full colour inside a black-and-white outline (legible on any object colour), and an optional caption
-band below the image (the question, the answer, ``kept n/N (x %)``)."""
+band below the image (the question, the answer, ``kept n/N (x %)``); for a video, :func:`contact_sheet` lays its frames
+out in a grid, each with the kept tokens of its frame-group."""
 
 from __future__ import annotations
 
@@ -138,4 +139,44 @@ def overlay(image: Image.Image, keep: np.ndarray, size: tuple[int, int] | None =
     canvas = Image.new("RGB", (W, H + band.height), BAND_BG)
     canvas.paste(drawn, (0, 0))
     canvas.paste(band, (0, H))
+    return canvas
+
+
+def contact_sheet(frames: list[Image.Image], keep: np.ndarray, *, temporal_patch_size: int = 2,
+                  fps: float | None = None, box=None, columns: int | None = None, tile_width: int = 320,
+                  question: str | None = None, answer: str | None = None, kept: int | None = None,
+                  total: int | None = None) -> Image.Image:
+    """A video's frames in a grid (``columns``, default about square), each drawn by :func:`overlay` with the keep
+    grid of its frame-group: ``keep`` is (t, h, w) and frame f shows ``keep[f // temporal_patch_size]``. Tiles are
+    at most ``tile_width`` px wide and labelled with the frame index (and its time with ``fps``); the caption band
+    (question, answer, ``kept n/N``) goes below the whole sheet."""
+    keep = np.asarray(keep, dtype=bool)
+    if keep.ndim != 3 or not frames or len(frames) > keep.shape[0] * temporal_patch_size:
+        raise ValueError(f"contact_sheet: {len(frames)} frames do not fit a keep grid of shape {keep.shape} with "
+                         f"temporal_patch_size={temporal_patch_size}")
+    w, h = frames[0].size
+    scale = min(1.0, tile_width / w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    box = None if box is None else tuple(v * scale for v in box)
+    cols = columns or max(1, int(np.ceil(np.sqrt(len(frames)))))
+    rows = -(-len(frames) // cols)
+    gap = 4
+    sheet = Image.new("RGB", (cols * size[0] + (cols - 1) * gap, rows * size[1] + (rows - 1) * gap), BAND_BG)
+    font = _font(int(min(max(size[0] / 16, 11), 18)))
+    for f, frame in enumerate(frames):
+        tile = overlay(frame, keep[f // temporal_patch_size], size, box=box)
+        label = f"#{f}" + (f" {f / fps:.1f}s" if fps else "")
+        draw = ImageDraw.Draw(tile)
+        left, top, right, bottom = draw.textbbox((3, 2), label, font=font)
+        draw.rectangle([left - 2, top - 1, right + 2, bottom + 1], fill=BAND_BG)
+        draw.text((3, 2), label, fill=BAND_FG, font=font)
+        r, c = divmod(f, cols)
+        sheet.paste(tile, (c * (size[0] + gap), r * (size[1] + gap)))
+    lines = caption_lines(question, answer, kept, total)
+    if not lines:
+        return sheet
+    band = _band(sheet.width, lines)
+    canvas = Image.new("RGB", (sheet.width, sheet.height + band.height), BAND_BG)
+    canvas.paste(sheet, (0, 0))
+    canvas.paste(band, (0, sheet.height))
     return canvas

@@ -8,7 +8,7 @@
     glimpseprune train --config configs/stage1_world.yaml [--resume]
     glimpseprune convert --upstream DIR --out DIR
     glimpseprune new-module --model DIR --out DIR [--preset NAME]
-    glimpseprune make-tiny --out DIR [--family llava]   (tiny random model + untrained module + image, smoke runs)
+    glimpseprune make-tiny --out DIR [--family llava|qwen3_vl]   (tiny random model + untrained module + image)
     glimpseprune methods [--json]
 
 stdout carries results only (answers, summaries, ``--json`` objects); progress, notes and errors go to stderr.

@@ -30,19 +30,31 @@ def _check_overlay(path: str, images: list[str]) -> None:
 
 
 def cmd_ask(args) -> int:
-    images = list(args.image or []) + ([args.image_pos] if args.image_pos else [])
-    question = args.question or args.question_pos
+    video, image_pos, question_pos = getattr(args, "video", None), args.image_pos, args.question_pos
+    if video and image_pos and question_pos is None and not args.question:
+        image_pos, question_pos = None, image_pos  # `ask --video clip.mp4 "question"`
+    images = list(args.image or []) + ([image_pos] if image_pos else [])
+    question = args.question or question_pos
     if not question:
         raise ValueError("no question: give it as the second argument or with --question")
     if not _is_utf8(question):
         raise ValueError(f"the question is not valid UTF-8 text: {_printable(question)}")
     _check_method(args)
     if args.overlay:
-        _check_overlay(args.overlay, images)
+        _check_overlay(args.overlay, [video] if video else images)
+    clip = None
+    if video:  # decoded and checked before the model loads
+        from ..video import as_video
+
+        clip = as_video(video, fps=args.fps, max_frames=args.max_frames, where=f"--video {video}")
     pm, _ = _load(args)
-    out = pm.generate(images=[images], questions=[question], max_new_tokens=args.max_new_tokens)
+    out = pm.generate(images=[images], questions=[question], videos=None if clip is None else [clip],
+                      max_new_tokens=args.max_new_tokens)
     n, N = out.n_kept[0], out.n_vis[0]
-    if args.overlay:
+    if args.overlay and clip is not None:
+        _write_contact_sheet(pm, clip, out.video_keep_masks[0], args.overlay, question, out.texts[0].strip())
+        _note(args, f"wrote {args.overlay}")
+    elif args.overlay:
         _write_overlay(pm, images[0], out.image_keep_masks[0], args.overlay, question, out.texts[0].strip())
         _note(args, f"wrote {args.overlay}")
     if args.json:
@@ -66,8 +78,26 @@ def _write_overlay(pm, image_path, keep, out_path, question: str | None = None, 
             kept=int(k.sum()), total=int(k.size)).save(out_path)
 
 
+def _write_contact_sheet(pm, clip, keep, out_path, question: str | None = None, answer: str | None = None) -> None:
+    """The video's frames in a grid, each with its frame-group's kept tokens, and the caption band below."""
+    from ..bench.overlay import contact_sheet, grid_box
+
+    k = keep.cpu().numpy()
+    tp = getattr(pm.processor.image_processor, "temporal_patch_size", 2)
+    contact_sheet(list(clip.frames), k, temporal_patch_size=tp, fps=clip.fps,
+                  box=grid_box(pm.adapter, pm.processor, clip.size), question=question, answer=answer,
+                  kept=int(k.sum()), total=int(k.size)).save(out_path)
+
+
 def cmd_make_world(args) -> int:
     from ..data.records import has_split, write_split
+
+    if args.video:
+        from ..data.world_video import VideoConfig, write_video_split
+
+        cfg = VideoConfig(frames=args.frames)
+        print(f"wrote {write_video_split(args.out, args.n, args.seed, cfg, overwrite=args.overwrite)}")
+        return 0
 
     if not args.overwrite and has_split(args.out, args.n, args.seed):  # deterministic: the same split is kept
         print(f"{args.out} already holds this split (n {args.n}, seed {args.seed}); left as it is")
@@ -138,7 +168,7 @@ def cmd_make_tiny(args) -> int:
     from ..testing import make_tiny
 
     kit = make_tiny(args.out, family=args.family, seed=args.seed)
-    name = {"qwen2_5_vl": "Qwen2.5-VL", "llava": "LLaVA-1.5"}.get(args.family, args.family)
+    name = {"qwen2_5_vl": "Qwen2.5-VL", "llava": "LLaVA-1.5", "qwen3_vl": "Qwen3-VL"}.get(args.family, args.family)
     print(f"wrote a tiny RANDOM {name} ({kit['model']}), an UNTRAINED glimpse module ({kit['module']}) and "
           f"{kit['image']}; try:\n  glimpseprune ask --model {kit['model']} --module {kit['module']} "
           f"--image {kit['image']} --question 'What colour is the square?'")

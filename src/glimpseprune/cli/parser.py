@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..video import DEFAULT_FPS, MAX_FRAMES
 from .commands import (
     cmd_ask,
     cmd_convert,
@@ -89,12 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    a = sub.add_parser("ask", help="answer one question about an image, printing the answer and `kept n/N (x %%)`")
-    a.add_argument("image_pos", nargs="?", metavar="IMAGE", help="image file (or use --image)")
+    a = sub.add_parser("ask", help="answer one question about an image or a video, printing the answer and "
+                       "`kept n/N (x %%)`")
+    a.add_argument("image_pos", nargs="?", metavar="IMAGE", help="image file (or use --image); with --video and no "
+                   "QUESTION, the question")
     a.add_argument("question_pos", nargs="?", metavar="QUESTION", help="the question (or use --question)")
     a.add_argument("--image", action="append", help="image file; repeat for several images")
+    a.add_argument("--video", help="video file (Qwen2.5-VL; decoded with PyAV: pip install 'glimpseprune[video]'), "
+                   "placed after the images; e.g. ask --video clip.mp4 'What happens?'")
+    a.add_argument("--fps", type=float, default=DEFAULT_FPS, help="with --video: frames sampled per second")
+    a.add_argument("--max-frames", type=positive_int, default=MAX_FRAMES, help="with --video: most frames sampled "
+                   "(a longer clip is sampled evenly over its whole length)")
     a.add_argument("--question", help="the question text")
-    a.add_argument("--overlay", help="write the (first) image with its kept tokens highlighted to this PNG")
+    a.add_argument("--overlay", help="write the (first) image with its kept tokens highlighted to this PNG; with "
+                   "--video, a contact sheet of its frames, each with its kept tokens")
     _model_args(a)
     a.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens to generate")
     a.add_argument("--json", action="store_true", help="print one JSON line instead of text (notes go to stderr)")
@@ -162,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--overwrite", action="store_true", help="replace another split in OUT (the same split is left "
                    "as it is)")
     w.add_argument("--seed", type=int, default=1, help="split seed (1 is the held-out split used in the README)")
+    w.add_argument("--video", action="store_true", help="render clips instead (video_records.jsonl + videos/): the "
+                   "question's evidence is visible in one moment (frame pair) only")
+    w.add_argument("--frames", type=positive_int, default=4, help="with --video: frames per clip (a multiple of 2)")
     w.set_defaults(fn=cmd_make_world)
 
     r = sub.add_parser("train", help="train from a YAML config: stage 1 (glimpse token + VIP) or `stage: 2` "
@@ -188,15 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--model", required=True, help="local base model directory")
     n.add_argument("--out", required=True, help="output directory")
     n.add_argument("--preset", help="named preset of a released architecture: qwen2_5_vl_7b, qwen2_5_vl_3b, "
-                   "llava_1_5_7b, llava_1_5_13b")
+                   "llava_1_5_7b, llava_1_5_13b, qwen3_vl_8b, qwen3_vl_4b, qwen3_vl_2b")
     n.add_argument("--small", action="store_true", help="small VIP widths for tiny test models")
     n.add_argument("--seed", type=int, default=0, help="initialisation seed")
     n.set_defaults(fn=cmd_new_module)
 
-    t = sub.add_parser("make-tiny", help="write a tiny random model (DIR/model: Qwen2.5-VL or LLaVA-1.5), an "
+    t = sub.add_parser("make-tiny", help="write a tiny random model (DIR/model: Qwen2.5-VL, LLaVA-1.5 or Qwen3-VL), an "
                        "untrained module (DIR/module) and an image (DIR/example.png), for demos and tests")
     t.add_argument("--out", required=True, help="output directory")
-    t.add_argument("--family", choices=["qwen2_5_vl", "llava"], default="qwen2_5_vl", help="model family")
+    t.add_argument("--family", choices=["qwen2_5_vl", "llava", "qwen3_vl"], default="qwen2_5_vl", help="model family")
     t.add_argument("--seed", type=int, default=0, help="initialisation seed")
     t.set_defaults(fn=cmd_make_tiny)
 

@@ -64,7 +64,8 @@ def run_task(pm, task, samples: list, batch_size: int = 8, max_new_tokens: int =
     if task.metric == "judge" and judge is None:
         raise ValueError(f"task {task.name} is scored by an LLM judge: pass --judge-url and --judge-model")
     seen = {r["id"] for r in (done or [])}
-    todo = sorted((s for s in samples if s.id not in seen), key=lambda s: (len(s.image_paths), len(s.prompt)))
+    todo = sorted((s for s in samples if s.id not in seen),
+                  key=lambda s: (len(s.video), len(s.image_paths), len(s.prompt)))
     rows = list(done or [])
     n_layers = len(pm.adapter.layers(pm.model))
     with tqdm(total=len(rows) + len(todo), initial=len(rows), unit="sample", dynamic_ncols=True,
@@ -84,7 +85,13 @@ def _batch(pm, task, chunk, rows, n_layers, max_new_tokens, on_row, judge, on_er
 
     try:
         images = [[load_image(p) for p in s.image_paths] for s in chunk]
-        out = pm.generate(images=images, questions=[s.prompt for s in chunk], max_new_tokens=max_new_tokens)
+        kw = {}
+        if any(s.video for s in chunk):  # frame files, sampled at the record's fps
+            from ..video import Video
+
+            kw["videos"] = [Video([load_image(p) for p in s.video], fps=float(s.meta.get("fps", 2.0)),
+                                  source=str(s.video[0].parent)) if s.video else None for s in chunk]
+        out = pm.generate(images=images, questions=[s.prompt for s in chunk], max_new_tokens=max_new_tokens, **kw)
     except ValueError as err:
         if on_error != "skip":
             raise ValueError(f"{task.name}: batch starting at sample {chunk[0].id}: {err}") from err

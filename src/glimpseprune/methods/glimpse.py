@@ -96,7 +96,8 @@ class GlimpseMethod(PruningMethod):
         ``cfg.attn_layers`` (as upstream's ``selected_layers``), not in the order the layers ran."""
         feats = state.scratch.pop("glimpse_attn")
         attn = torch.cat([feats[i] for i in self.module.cfg.attn_layers], dim=-1)  # (n_vis_total, n_layers * h)
-        logits = self.module(attn, state.enc.vision_feats, state.enc.grids, projected=True)
+        logits = self.module(attn, state.enc.vision_feats, state.enc.grids, projected=True,
+                             groups=state.enc.grid_groups)  # a video's frames are scored jointly
         return list(logits.split(state.enc.n_vis))
 
     def select(self, state) -> list[torch.Tensor]:

@@ -53,5 +53,5 @@ class GlimpseModule(nn.Module):
         return {layer: e[i] for i, (layer, _) in enumerate(layers)}
 
     def forward(self, attn: torch.Tensor, conds: list[torch.Tensor], grids: list[tuple[int, int]],
-                projected: bool = False) -> torch.Tensor:
-        return self.vip(attn, conds, grids, projected)
+                projected: bool = False, groups: list[int] | None = None) -> torch.Tensor:
+        return self.vip(attn, conds, grids, projected, groups)

@@ -61,12 +61,13 @@ class PrefillResult:
     n_vis: list[int]
     prune_layer: int | None
     scratch: dict
-    grids: list[tuple[int, int]]  # (h, w) per image, batch order
-    image_owner: list[int]  # sample index of each image
+    grids: list[tuple[int, int]]  # (h, w) per image / video frame-group, batch order (``Encoded``'s contract)
+    image_owner: list[int]  # sample index of each grids entry
     kv_len: list[int]  # valid cache entries per sample at the end of prefill
     prune_layers: tuple[int, ...] = ()  # every compaction layer (prune_layer is the first)
     stage_keep_masks: list[list[torch.Tensor]] = field(default_factory=list)  # per compaction, per sample (n_vis_b,)
     timing: dict = field(default_factory=dict)  # generate: wall seconds of "prefill" (ViT + LLM) and "decode" (steps)
+    grid_video: list[int] = field(default_factory=list)  # per grids entry: -1 image, else its video (``Encoded``)
 
     @property
     def n_kept(self) -> list[int]:
@@ -123,6 +124,19 @@ def _token_keep(state: PrefillState, keep_vis: list[torch.Tensor]) -> torch.Tens
     return keep
 
 
+def add_visual(state: PrefillState, layer_idx: int, hidden: torch.Tensor) -> torch.Tensor:
+    """Hidden states (B, L, H) after layer ``layer_idx`` plus the adapter's additions for that layer
+    (``Encoded.visual_adds``: Qwen3-VL DeepStack) at the visual tokens still in the sequence (``state.vis_mask``);
+    the rows of pruned tokens are dropped with the runtime's own keep masks (``state.keep_vis``). Out of place."""
+    adds = state.enc.visual_adds
+    if layer_idx >= len(adds):
+        return hidden
+    rows = adds[layer_idx][torch.cat(state.keep_vis).to(adds[layer_idx].device)]  # (n_kept_total, H)
+    out = hidden.clone()
+    out[state.vis_mask] = out[state.vis_mask] + rows.to(out.dtype)
+    return out
+
+
 def prefill(
     model, adapter: Adapter, method: PruningMethod, inputs: dict, request: dict | None = None,
     all_logits: bool = False, group: bool = True,
@@ -172,7 +186,8 @@ def prefill(
     text_config = adapter.text_config(model)
     mask, stale = None, True  # the mask of the current sequence, built when the first layer that needs it runs
     for i, layer in enumerate(layers):
-        if group and last is not None and i == last + 1:  # the first layer after the last compaction
+        # the first layer after the last compaction and after the adapter's visual additions (run per batch)
+        if group and last is not None and i == max(last + 1, len(enc.visual_adds)):
             groups = plan_groups(key_mask.sum(dim=1).tolist())
             if groups:
                 hidden = run_grouped(layers, i, hidden, key_mask, state.rope, state.cache, text_config, groups)
@@ -185,6 +200,7 @@ def prefill(
         h_in = hidden
         hidden = layer(hidden, attention_mask=mask, position_embeddings=state.rope, past_key_values=state.cache,
                        use_cache=True)
+        hidden = add_visual(state, i, hidden)
         if pruning:
             method.after_layer(state, i, h_in)
         if i in stages:
@@ -196,6 +212,7 @@ def prefill(
         next_pos=enc.next_pos, keep_masks=state.keep_vis, n_vis=enc.n_vis, prune_layer=K,
         scratch=state.scratch, grids=enc.grids, image_owner=enc.image_owner,
         kv_len=key_mask.sum(dim=1).tolist(), prune_layers=stages, stage_keep_masks=stage_masks,
+        grid_video=enc.grid_video,
     )
 
 

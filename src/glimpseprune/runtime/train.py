@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..adapters.base import Adapter, Encoded
 from ..methods.base import PruningMethod
 from .cache import new_cache
-from .engine import PrefillState, _resolve_prune_layer
+from .engine import PrefillState, _resolve_prune_layer, add_visual
 from .masks import causal_mask
 
 
@@ -56,13 +56,15 @@ def _hide(mask: torch.Tensor, state: PrefillState, vip: list[torch.Tensor] | Non
     return mask
 
 
-def _run(layers, idx, hidden, mask, state, method, hooks: bool) -> torch.Tensor:
+def _run(layers, idx, hidden, mask, state, method, hooks: bool, prefix: bool = True) -> torch.Tensor:
     for i in idx:
         if hooks:
             hidden = method.before_layer(state, i, hidden)
         h_in = hidden
         hidden = layers[i](hidden, attention_mask=mask, position_embeddings=state.rope, past_key_values=state.cache,
                            use_cache=True)
+        if prefix:  # the prompt's visual tokens get the adapter's per-layer additions (DeepStack), as at inference
+            hidden = add_visual(state, i, hidden)
         if hooks and state.prune_layer is not None and i <= state.prune_layer:
             method.after_layer(state, i, h_in)
     return hidden
@@ -89,6 +91,8 @@ def forward_train(model, adapter: Adapter, method: PruningMethod, inputs: dict, 
         positions = torch.cat([positions, ext_pos], dim=2)
         key_mask = torch.cat([key_mask, torch.ones(B, extra.shape[1], dtype=torch.bool, device=hidden.device)], 1)
     state.key_mask = key_mask
+    state.vis_mask = torch.cat([enc.vis_mask, torch.zeros_like(key_mask[:, L0:])], dim=1)  # nothing is dropped
+    state.keep_vis = [torch.ones(n, dtype=torch.bool, device=hidden.device) for n in enc.n_vis]
     state.rope = adapter.rotary(model, hidden, positions)
     hooks = extra is not None or K is not None
     split = n_layers if K is None else K + 1
@@ -105,7 +109,7 @@ def forward_train(model, adapter: Adapter, method: PruningMethod, inputs: dict, 
     full_mask = torch.cat([key_mask, suffix_mask.bool()], dim=1)
     smask = causal_mask(full_mask, T, hidden.dtype)
     suffix = _run(layers, range(n_layers), adapter.embed_tokens(model, suffix_ids),
-                  _hide(smask, state, vip) if soft_keep else smask, state, method, hooks=False)
+                  _hide(smask, state, vip) if soft_keep else smask, state, method, hooks=False, prefix=False)
     # suffix token 0 is predicted by the glimpse in upstream training, by the last prompt token at inference
     first = hidden[:, L0 - 1:L0] if soft_keep else hidden[:, -1:]
     logits = adapter.logits(model, torch.cat([first, suffix[:, :-1]], dim=1))

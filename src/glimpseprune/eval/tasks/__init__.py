@@ -25,12 +25,12 @@ from .visual_cot import VisualCoTTask
 from .vizwiz import VizWizTask
 from .vqav2 import VQAv2Task
 from .vstar import VStarTask
-from .world import WorldTask
+from .world import WorldTask, WorldVideoTask
 
 __all__ = [
     "CHOICE_LETTER", "METRICS", "SHORT_ANSWER", "SINGLE_WORD", "Sample", "Task", "ChartQATask", "DocVQATask",
     "GQATask", "InfoVQATask", "MMBenchTask", "MMETask", "POPETask", "ScienceQAImgTask", "TextVQATask", "VisualCoTTask",
-    "VizWizTask", "VQAv2Task", "VStarTask", "WorldTask",
+    "VizWizTask", "VQAv2Task", "VStarTask", "WorldTask", "WorldVideoTask",
     "register_task", "get_task", "list_tasks",
 ]
 
@@ -69,7 +69,8 @@ def list_tasks() -> list[str]:
 
 for _task in (
     VisualCoTTask(), VisualCoTTask(brief=True), VQAv2Task(), GQATask(), TextVQATask(), DocVQATask(), POPETask(),
-    ChartQATask(), MMETask(), ScienceQAImgTask(), WorldTask(), VizWizTask(), InfoVQATask(), VStarTask(),
+    ChartQATask(), MMETask(), ScienceQAImgTask(), WorldTask(), WorldVideoTask(), VizWizTask(), InfoVQATask(),
+    VStarTask(),
     MMBenchTask("en", "dev"), MMBenchTask("en", "test"), MMBenchTask("cn", "dev"), MMBenchTask("cn", "test"),
 ):
     register_task(_task)

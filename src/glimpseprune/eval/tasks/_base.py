@@ -34,6 +34,7 @@ class Sample:
     prompt: str
     answers: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
+    video: list[Path] = field(default_factory=list)  # frame files of the sample's video (fps in meta["fps"]), if any
 
 
 class Task(ABC):
@@ -118,7 +119,7 @@ class Task(ABC):
         """Fill in each prompt and check that every image exists (the first missing one is named)."""
         out = []
         for s in drafts:
-            for p in s.image_paths:
+            for p in [*s.image_paths, *s.video]:
                 if not p.is_file():
                     raise FileNotFoundError(
                         f"{self.name}: image of sample {s.id} not found at {p}. {self.download}")

@@ -30,3 +30,31 @@ class WorldTask(Task):
 
     def prompt(self, sample: Sample) -> str:
         return sample.question
+
+
+class WorldVideoTask(Task):
+    """``world_video``: clips of the synthetic world (``glimpseprune make-world --video``): ``DATA_DIR/
+    video_records.jsonl`` with frame files relative to it; the question as it is; exact match; ``category`` is the
+    question family. The answer lives in one moment (frame pair) of the clip."""
+
+    name = "world_video"
+    metric = "exact_match"
+    download = "Make it with `glimpseprune make-world --video --out DIR` (DIR/video_records.jsonl + DIR/videos/)."
+
+    def load(self, data_dir: Path, limit: int | None = None) -> list[Sample]:
+        from ...data.world_video import read_video_records
+
+        p = Path(data_dir).expanduser()
+        path = p if p.is_file() else p / "video_records.jsonl"
+        self.need_file(path, "video_records.jsonl")
+        try:
+            records = read_video_records(path, limit)
+        except ValueError as err:
+            raise self.format_error(path, str(err)) from err
+        return self.finish(Sample(id=r.id, image_paths=[], video=r.frame_paths(path.parent), question=r.question,
+                                  prompt="", answers=[r.answer],
+                                  meta={"category": r.family, "fps": r.fps, "moment": r.moment})
+                           for r in records)
+
+    def prompt(self, sample: Sample) -> str:
+        return sample.question
