@@ -88,3 +88,31 @@ def test_video_world_through_eval_and_compare(tmp_path, capsys):
         "*.json")}
     assert set(runs) == {"full", "fastv@0.1", "random@0.1"}
     assert all(abs(runs[k]["kept_frac"]["mean"] - 0.1) < 0.03 for k in ("fastv@0.1", "random@0.1"))
+
+
+def test_glimpse_video_scoring_variants():
+    """`video="joint"` (default: the VIP attends across the clip's frames) vs `"per_frame"` (each frame-group alone):
+    both run on a clip; on an image they are the same function; a bad value is refused."""
+    import torch
+
+    import glimpseprune as gp
+    from glimpseprune.api import make_method
+    from glimpseprune.methods.glimpse import GlimpseMethodConfig
+    from glimpseprune.video import Video
+
+    with pytest.raises(ValueError, match="joint"):
+        GlimpseMethodConfig(video="both")
+    base = gp.load("embedded", module="embedded")
+    module = base.method.module
+    clip = clip_sample(77, "lookup")
+    frames = Video([clip.frame(i) for i in range(4)], fps=2.0)
+    outs = {}
+    for variant in ("joint", "per_frame"):
+        pm = gp.apply(base.model, make_method("glimpse", module, video=variant), processor=base.processor)
+        outs[variant] = pm.generate(videos=[frames], images=[[]], questions=[clip.question], max_new_tokens=4,
+                                    return_logits=True)
+        img = pm.generate(images=[[clip.frame(0)]], questions=[clip.question], max_new_tokens=4, return_logits=True)
+        outs[variant + "_image"] = img
+    assert outs["joint"].n_vis == outs["per_frame"].n_vis and outs["joint"].n_kept[0] >= 1
+    assert torch.equal(outs["joint_image"].keep_masks[0], outs["per_frame_image"].keep_masks[0])
+    assert torch.equal(outs["joint_image"].sequences, outs["per_frame_image"].sequences)

@@ -332,6 +332,8 @@ def check_prompt_length(inputs, limit: int | None) -> None:
 def make_method(name: str, module=None, selection: SelectionConfig | None = None, **kwargs) -> PruningMethod:
     cls = get_method(name)
     if name == "glimpse":
+        if kwargs:  # e.g. video="per_frame"
+            return cls(cls.config_class(selection=selection or SelectionConfig(), **kwargs), module=module)
         return cls(module=module, selection=selection)
     return cls(**kwargs)
 

@@ -23,6 +23,13 @@ from .base import MethodConfig, PruningMethod
 @dataclass(frozen=True)
 class GlimpseMethodConfig(MethodConfig):
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+    # how the VIP reads a video: "joint" (every frame's tokens attend to every frame's, each frame with its 2D RoPE)
+    # or "per_frame" (each frame-group scored alone, as separate images); the budget is over the clip either way
+    video: str = "joint"
+
+    def __post_init__(self):
+        if self.video not in ("joint", "per_frame"):
+            raise ValueError(f"video must be 'joint' or 'per_frame', got {self.video!r}")
 
 
 @register_method
@@ -96,8 +103,8 @@ class GlimpseMethod(PruningMethod):
         ``cfg.attn_layers`` (as upstream's ``selected_layers``), not in the order the layers ran."""
         feats = state.scratch.pop("glimpse_attn")
         attn = torch.cat([feats[i] for i in self.module.cfg.attn_layers], dim=-1)  # (n_vis_total, n_layers * h)
-        logits = self.module(attn, state.enc.vision_feats, state.enc.grids, projected=True,
-                             groups=state.enc.grid_groups)  # a video's frames are scored jointly
+        groups = state.enc.grid_groups if self.config.video == "joint" else None  # None: each grid alone
+        logits = self.module(attn, state.enc.vision_feats, state.enc.grids, projected=True, groups=groups)
         return list(logits.split(state.enc.n_vis))
 
     def select(self, state) -> list[torch.Tensor]:
