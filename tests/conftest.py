@@ -11,7 +11,7 @@ import torch
 
 import glimpseprune as gp
 from glimpseprune.processing import build_inputs
-from glimpseprune.testing import build_tiny_llava, build_tiny_qwen2_5_vl, random_image
+from glimpseprune.testing import build_tiny_llava, build_tiny_qwen2_5_vl, build_tiny_qwen3_vl, random_image
 
 # (width, height) per image; each sample is a list of images.
 IMG_A = [(224, 224)]  # 8x8 = 64 visual tokens
@@ -78,6 +78,12 @@ def mixed_specs():
 # ``family`` runs a test once per supported VLM family; ``model`` / ``processor`` / ``module`` above stay Qwen2.5-VL.
 
 FAMILIES = ["qwen2_5_vl", "llava"]
+
+
+@pytest.fixture(scope="session")
+def q3_dir(tmp_path_factory):
+    """A tiny random Qwen3-VL on disk (tests/test_qwen3_vl.py, tests/test_video_qwen3_vl.py)."""
+    return build_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny_qwen3_vl") / "model", seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -159,3 +159,48 @@ def test_cli_ratio_check_prints_both(capsys, tmp_path):
     assert "analytic prefill ratio" in out and "measured prefill ratio" in out and "relative difference" in out
     saved = json.loads((tmp_path / "out" / "result.json").read_text())
     assert saved["ratio_checks"][0]["variant"] == "glimpse:0.25"
+
+
+def _json_line(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_cli_flops_video_7b_and_8b(capsys):
+    """`bench flops --video-frames 16 --frame-size 448x448`: 8 frame-groups of 16 x 16 (Qwen2.5-VL-7B, 28 px tokens)
+    or 14 x 14 (Qwen3-VL-8B, 32 px tokens, plus 8 timestamps of 6 tokens and 8 inner start / end pairs of text)."""
+    from glimpseprune.bench import flops as F
+
+    video = ["--video-frames", "16", "--frame-size", "448x448", "--n-text", "33", "--keep", "0.1", "--json"]
+    assert _cli(["bench", "flops", "--shape", "qwen2_5_vl_7b", *video]) == 0
+    out = capsys.readouterr().out
+    assert "video of 16 frames of 448x448 px at 2 fps = 8 frame-groups x 16x16 = 2048 visual" in out
+    rec = _json_line(out)
+    assert rec["n_text"] == 33 and rec["video"]["frame_groups"] == 8 and rec["video"]["timestamp_text_tokens"] == 0
+    full, gp = rec["rows"]["full"], rec["rows"]["glimpse:0.1"]
+    assert full["n_vis"] == 2048 and full["kv_len"] == 2081 and gp["n_kept"] == 204 and gp["kv_len"] == 237
+    s7 = load_shape("qwen2_5_vl_7b")
+    vip = F.vip_flops(s7.glimpse_config(), [(16, 16)] * 8, 2048 + 33 + 1, s7.text, [0] * 8)["total"]
+    assert gp["vip_flops"] == vip > F.vip_flops(s7.glimpse_config(), [(16, 16)] * 8, 2082, s7.text)["total"]
+    assert full["vit_flops"] == F.vit_flops(s7.vision, [(8, 32, 32)])["total"]
+    assert _cli(["bench", "flops", "--shape", "qwen2_5_vl_7b", "--video-frames", "16", "--grid", "16x16",
+                 "--n-text", "33", "--keep", "0.1", "--json"]) == 0  # the per-frame grid given in tokens instead
+    assert _json_line(capsys.readouterr().out)["rows"] == rec["rows"]
+
+    assert _cli(["bench", "flops", "--shape", "qwen3_vl_8b", *video]) == 0
+    out = capsys.readouterr().out
+    assert "8 frame-groups x 14x14 = 1568 visual (VIP over all frames jointly) + 97 text (33 + 64 timestamp" in out
+    rec = _json_line(out)
+    full, gp = rec["rows"]["full"], rec["rows"]["glimpse:0.1"]
+    assert rec["n_text"] == 97 and full["n_vis"] == 1568 and full["kv_len"] == 1665
+    assert gp["prune_layer"] == 23 and gp["n_kept"] == 156 and gp["kv_len"] == 156 + 97
+    assert 0.5 < gp["prefill_llm_flops"] / full["prefill_llm_flops"] < 1
+
+
+def test_cli_flops_video_bad_arguments(capsys):
+    with pytest.raises(SystemExit, match="--frame-size needs --video-frames"):
+        _cli(["bench", "flops", "--shape", "qwen3_vl_8b", "--frame-size", "448x448"])
+    for bad in (["--video-frames", "0"], ["--video-frames", "4", "--frame-size", "448"]):
+        with pytest.raises(SystemExit):
+            _cli(["bench", "flops", "--shape", "qwen3_vl_8b", *bad])
+    err = capsys.readouterr().err
+    assert "--video-frames: must be >= 1, got 0" in err and "--frame-size: give width x height in pixels" in err

@@ -169,3 +169,111 @@ def test_engine_prefill_matches_flop_counter(spec, eager_model):
     want = F.prefill_flops(TINY, n_text, 16, None if v.method == "full" else 4, K, n_extra=1 if g else 0,
                            causal=False, glimpse=g, grids=[grid])
     assert total == want.llm
+
+
+# ------------------------------------------------------------------ video
+
+
+def _g_small():
+    return GlimpseConfig(base_model_type="qwen2_5_vl", base_hidden_size=8, base_num_layers=2, base_num_heads=2,
+                         base_vision_width=4, base_vision_depth=2, prune_layer=0, vision_taps=(1,), vip_width=8,
+                         cond_width=8, vip_heads=2, vip_mlp_width=16)
+
+
+def test_vip_on_video_attends_over_all_frames_hand_computed():
+    """Two frame-groups of one video (2 x 2 each) and an image (1 x 3): with groups the video is one attention span of
+    8 tokens, 8^2 + 3^2 = 73 pairs; without, every grid alone: 16 + 16 + 9 = 41 pairs. Only the pairs term moves."""
+    g, grids = _g_small(), [(2, 2), (2, 2), (1, 3)]
+    joint = F.vip_flops(g, grids, n_keys=14, text=T, groups=[0, 0, 1])
+    inputs = 2 * 11 * 2 * 8  # S = 11 tokens
+    block = 2 * (2 * 11 * 16 * 16) + 2 * (2 * 11 * 8 * 8) + 2 * 73 * (16 + 16) + 3 * 2 * 11 * 8 * 16
+    assert joint["vip"] == inputs + block + 2 * 11 * 8 == 27728
+    alone = F.vip_flops(g, grids, n_keys=14, text=T)
+    assert joint["vip"] - alone["vip"] == 2 * (73 - 41) * (16 + 16) == 2048
+    assert F.vip_flops(g, grids, 14, T, groups=[0, 1, 2]) == alone
+    assert joint["conditions"] == alone["conditions"] and joint["glimpse_scores"] == alone["glimpse_scores"]
+
+
+def test_video_grid_and_text_tokens_hand_computed():
+    s7, s8 = load_shape("qwen2_5_vl_7b"), load_shape("qwen3_vl_8b")
+    assert F.video_grid(s7, 16, 448, 448) == (8, (16, 16))  # 28 px per merged token, 2 frames per group
+    assert F.video_grid(s7, 5, 300, 200) == (3, (7, 11))  # 5 frames: the last group padded; 200 / 28 = 7.1, 10.7
+    assert F.video_grid(s8, 16, 448, 448) == (8, (14, 14))  # 32 px per merged token
+    with pytest.raises(ValueError):
+        F.video_grid(s8, 0, 448, 448)
+    assert F.video_text_tokens(s7, 16, 2.0) == 0  # Qwen2.5-VL: time is in M-RoPE, no text
+    # Qwen3-VL, per group "<t seconds>" = "<", digits, ".", digit, " seconds", ">" plus the group's start / end
+    assert F.video_text_tokens(s8, 16, 2.0) == 8 * (6 + 2)  # 0.2 .. 7.2 s: one integer digit each
+    assert F.video_text_tokens(s8, 12, 0.25) == (6 + 2) + 5 * (7 + 2)  # 2.0 s, then 10.0 .. 42.0 s
+
+
+def test_video_variant_hand_computed():
+    """One video of 3 frame-groups of 2 x 3 merged tokens on SMALL: 18 visual tokens, the ViT on its (3, 4, 6) patch
+    grid == three images of (1, 4, 6), the VIP over all 18 tokens at once."""
+    video = F.variant_cost(SMALL, "glimpse", 0.25, 0, 5, (2, 3), causal=True, frame_groups=3)
+    assert video["n_vis"] == 18 and video["n_kept"] == 4 and video["kv_len"] == 5 + 4
+    vit = F.vit_flops(V, [(3, 4, 6)])
+    assert video["vit_flops"] == vit["total"] == F.vit_flops(V, [(1, 4, 6)] * 3)["total"]
+    P = 72  # patches: 3 groups x 4 x 6; one window of 24 patches per frame (2 x 3 merged < 4 x 4)
+    assert vit["window_attn"] == vit["full_attn"] == 2 * 2 * 4 * (3 * 24**2)
+    assert vit["merger"] == 2 * 18 * 16 * 16 + 2 * 18 * 16 * 8 and vit["patch_embed"] == 2 * P * (3 * 2 * 14 * 14) * 4
+    g = SMALL.glimpse_config(0)
+    assert video["vip_flops"] == F.vip_flops(g, [(2, 3)] * 3, 5 + 18 + 1, T, [0, 0, 0])["total"]
+    per_frame = F.vip_flops(g, [(2, 3)] * 3, 5 + 18 + 1, T)["total"]
+    assert g.n_vip_layers == 2  # two VIP blocks, each with the pairs term at q/k width 8 + 8
+    assert video["vip_flops"] - per_frame == 2 * (2 * (18**2 - 3 * 6**2) * (16 + 16)) == 27648
+    want = F.prefill_flops(SMALL, 5, 18, 4, 0, n_extra=1, causal=True, glimpse=g, grids=[(2, 3)] * 3,
+                           groups=[0, 0, 0])
+    assert video["prefill_llm_flops"] == want.llm and want.tokens_per_layer == (5 + 18 + 1, 5 + 4)
+    image = F.variant_cost(SMALL, "glimpse", 0.25, 0, 5, (2, 3), causal=True)
+    assert image["n_vis"] == 6 and image["vit_flops"] == F.vit_flops(V, [(1, 4, 6)])["total"]
+
+
+def _video_inputs(shape, grid, t, n_text, seed=0) -> dict:
+    """Processor-like Qwen2.5-VL inputs of one video: t frame-groups of (h, w) merged tokens in one placeholder run."""
+    ids, v, (h, w), m = shape.token_ids(), shape.vision, grid, shape.vision.spatial_merge_size
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(0, min(ids.values()), (1, n_text - 2), generator=g)
+    vid = torch.full((1, t * h * w), ids["video"])
+    input_ids = torch.cat([text[:, :3], torch.full((1, 1), ids["vision_start"]), vid,
+                           torch.full((1, 1), ids["vision_end"]), text[:, 3:]], dim=1)
+    pixels = torch.randn(t * h * w * m * m, v.in_channels * v.temporal_patch_size * v.patch_size ** 2, generator=g)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+            "mm_token_type_ids": (input_ids == ids["video"]).long() * 2, "pixel_values_videos": pixels,
+            "video_grid_thw": torch.tensor([[t, h * m, w * m]]), "second_per_grid_ts": torch.tensor([1.0])}
+
+
+def test_video_vit_matches_flop_counter(eager_model):
+    """The eager ViT on a video of 3 frame-groups of 10 x 12 patches (windows within each frame) == vit_flops."""
+    pixels = torch.randn(3 * 120, 3 * 2 * 14 * 14)
+    with torch.no_grad():
+        total, _ = _count(lambda: eager_model.model.visual(pixels, grid_thw=torch.tensor([[3, 10, 12]])))
+    assert total == F.vit_flops(TINY.vision, [(3, 10, 12)])["total"]
+
+
+@pytest.mark.parametrize("spec", ["full", "glimpse:0.25@0"])
+def test_engine_prefill_on_video_matches_flop_counter(spec, eager_model):
+    """The LLM prefill of a 3-frame-group video through the runtime (the glimpse VIP scoring the video jointly) vs
+    prefill_flops with the video's grids and groups (causal=False)."""
+    grid, t, n_text = (2, 3), 3, 10
+    inputs = _video_inputs(TINY, grid, t, n_text)
+    v = parse_variant(spec)
+    method, request = make_variant(v, TINY, [18], "cpu")
+    adapter = FrozenEncodeAdapter(get_adapter(eager_model))
+    adapter.prime(eager_model, inputs, method)
+    assert adapter.encode(eager_model, inputs, tuple(method.vision_taps())).grid_groups == [0, 0, 0]
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        total, _ = _count(lambda: prefill(eager_model, adapter, method, inputs, request))
+    K = v.layer(TINY)
+    g = TINY.glimpse_config(K) if v.method == "glimpse" else None
+    want = F.prefill_flops(TINY, n_text, 18, None if v.method == "full" else 4, K, n_extra=1 if g else 0,
+                           causal=False, glimpse=g, grids=[grid] * t, groups=[0] * t)
+    assert total == want.llm
+    assert total == F.variant_cost(TINY, v.method, v.keep, K, n_text, grid, causal=False, frame_groups=t)[
+        "prefill_llm_flops"]
+
+
+def test_docstring_examples():
+    import doctest
+
+    assert doctest.testmod(F, verbose=False).failed == 0

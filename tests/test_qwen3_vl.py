@@ -31,11 +31,6 @@ from glimpseprune.testing import build_tiny_qwen3_vl, random_image
 N_NEW = 8
 
 
-@pytest.fixture(scope="session")
-def q3_dir(tmp_path_factory):
-    return build_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny_qwen3_vl") / "model", seed=0)
-
-
 class Qwen3Family(Family):
     """Qwen3-VL tokens are 32 px (16 px patches, 2x2 merge): grids come from the processor's own resize."""
 
@@ -118,11 +113,12 @@ def test_encode_matches_stock(family):
     assert enc.n_vis == [family.n_vis(IMG_A), family.n_vis(IMG_B), 0]
 
 
-def test_encode_refuses_video(family):
+def test_encode_refuses_bad_placeholders(family):
+    """A video placeholder without a video and a tap outside the ViT are refused (video: test_video_qwen3_vl.py)."""
     inputs = dict(family.batch([IMG_C]))
     ids = inputs["input_ids"].clone()
     ids[0, -1] = family.model.config.video_token_id
-    with pytest.raises(ValueError, match="video input is not supported for Qwen3-VL"):
+    with pytest.raises(ValueError, match=r"number of video frame-groups \(0\) does not match .* \(1\)"):
         gp.get_adapter(family.model).encode(family.model, {**inputs, "input_ids": ids})
     with pytest.raises(ValueError, match="vision tap 4 outside the ViT's blocks"):
         gp.get_adapter(family.model).encode(family.model, inputs, taps=(4,))

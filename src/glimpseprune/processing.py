@@ -257,6 +257,21 @@ def _read_chat_template(model_dir: Path, tokenizer: Any) -> str | None:
     return getattr(tokenizer, "chat_template", None)
 
 
+def _json_key(path: Path, key: str) -> Any:
+    """``key`` of the JSON object in ``path``; None if the file is missing or not such an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get(key) if isinstance(data, dict) else None
+
+
+def _is_qwen3_vl(model_dir: Path) -> bool:
+    """A Qwen3-VL folder: its model config says so, or (a processor saved alone) its processor config does."""
+    return (str(_json_key(model_dir / "config.json", "model_type")).startswith("qwen3_vl")
+            or _json_key(model_dir / "processor_config.json", "processor_class") == "Qwen3VLProcessor")
+
+
 def _build_fallback_processor(model_dir: Path) -> QwenVLProcessor:
     """Assemble a :class:`QwenVLProcessor` from the PIL image processor and the tokenizer in ``model_dir``."""
     try:
@@ -264,16 +279,15 @@ def _build_fallback_processor(model_dir: Path) -> QwenVLProcessor:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot load a Qwen2.5-VL processor from {model_dir}: {err}") from err
-    cls: type[QwenVLProcessor] = QwenVLProcessor
-    config_file = model_dir / "config.json"
-    model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
-    if str(model_type).startswith("qwen3_vl"):
-        from .processing_qwen3_vl import Qwen3VLImageProcessorOnly as cls  # same image path, saved as Qwen3-VL's
-    return cls(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        chat_template=_read_chat_template(model_dir, tokenizer),
-    )
+    template = _read_chat_template(model_dir, tokenizer)
+    if _is_qwen3_vl(model_dir):  # same image path; its own video path, saved as Qwen3-VL's
+        from .processing_qwen3_vl import Qwen3VLImageProcessorOnly, read_video_config
+
+        processor = Qwen3VLImageProcessorOnly(image_processor=image_processor, tokenizer=tokenizer,
+                                              chat_template=template)
+        processor.video_config = read_video_config(model_dir)
+        return processor
+    return QwenVLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
 
 
 def load_processor(model_dir: str | Path) -> ProcessorMixin:
@@ -641,8 +655,9 @@ def build_inputs(
     path (both through :func:`glimpseprune.video.as_video`, which refuses
     empty, mixed-size or over-long frame lists and undecodable files). A
     video slot follows the sample's images; the batch then also holds
-    ``pixel_values_videos``, ``video_grid_thw`` and ``second_per_grid_ts``,
-    and ``mm_token_type_ids`` is 2 at its tokens.
+    ``pixel_values_videos``, ``video_grid_thw`` and (Qwen2.5-VL; Qwen3-VL
+    writes per-frame-group timestamps into the prompt instead)
+    ``second_per_grid_ts``, and ``mm_token_type_ids`` is 2 at its tokens.
     """
     _check_batch(images, questions)
     _check_max_length(max_length)
@@ -663,7 +678,9 @@ def build_inputs(
         from transformers.video_utils import VideoMetadata
 
         video_kwargs["videos"] = [list(clip.frames) for clip in present]
-        video_kwargs["video_metadata"] = [VideoMetadata(total_num_frames=len(c.frames), fps=c.fps) for c in present]
+        video_kwargs["video_metadata"] = [VideoMetadata(total_num_frames=len(c.frames), fps=c.fps,
+                                                        frames_indices=list(range(len(c.frames)))) for c in present]
+        video_kwargs["do_sample_frames"] = False  # the frames are the sampled ones (a stock video processor too)
     # M-RoPE models (Qwen2.5-VL) need mm_token_type_ids; others (LLaVA) reject them in generate
     needs_types = "mm_token_type_ids" in getattr(processor, "model_input_names", ())
     batch = processor(

@@ -1,30 +1,178 @@
-"""Qwen3-VL input processing beside :mod:`glimpseprune.processing`: an image-only processor that works without
-torchvision.
+"""Qwen3-VL input processing beside :mod:`glimpseprune.processing`: images and videos without torchvision.
 
 For images, transformers' ``Qwen3VLProcessor`` does what ``Qwen2_5_VLProcessor`` does (one ``<|image_pad|>`` per
-merged token, ``mm_token_type_ids`` for M-RoPE; a ``Qwen2VLImageProcessor`` with 16 px patches); only its video
-path (timestamps between frames) differs, and it always builds a torchvision video processor. So the image-only
-:class:`~glimpseprune.processing.QwenVLProcessor` serves Qwen3-VL too; this subclass only records the stock class
-name, so a saved folder loads with ``AutoProcessor`` as a regular Qwen3-VL checkpoint where torchvision exists, and
-:func:`~glimpseprune.processing.load_processor` rebuilds this class where it does not.
+merged token, ``mm_token_type_ids`` for M-RoPE; a ``Qwen2VLImageProcessor`` with 16 px patches), so the image path
+of :class:`~glimpseprune.processing.QwenVLProcessor` serves Qwen3-VL too. Its video path differs in three ways, all
+reproduced here from the installed transformers (``models/qwen3_vl/processing_qwen3_vl.py`` and
+``video_processing_qwen3_vl.py``), while the stock processor always builds a torchvision video processor:
+
+* **Prompt.** Time is written into the text, not into M-RoPE: each frame-group of ``temporal_patch_size`` frames
+  becomes ``<{t:.1f} seconds><|vision_start|>`` + one ``<|video_pad|>`` per merged token + ``<|vision_end|>``,
+  where t is the mean time of the group's first and last frame (``Qwen3VLProcessor._calculate_timestamps``: frame
+  i of a clip sampled at fps is at i / fps; a last group short of frames repeats the last frame). The stock
+  processor replaces only the ``<|video_pad|>`` the chat template writes, so the template's own
+  ``<|vision_start|>`` / ``<|vision_end|>`` stay around the whole expansion (one outer pair, one inner pair per
+  group), exactly as here. ``get_rope_index`` then treats each group as a one-frame image.
+* **Size.** A clip is resized as a whole (``smart_resize`` of ``video_processing_qwen3_vl``): t * h * w pixels within
+  the video processor's ``size`` bounds (``shortest_edge`` / ``longest_edge`` are pixel counts over the clip's
+  frames, optionally capped per frame: ``cap_pixels_per_frame``), h and w multiples of 32 px. The bounds come from the
+  checkpoint's ``video_preprocessor_config.json`` (kept whole in ``video_config`` and written back on save), else
+  the stock class defaults. A one-frame clip is sized as the two frames it is padded to (the stock resize refuses
+  it). Frames are resized with PIL (bicubic) and normalised by the image processor (its mean / std).
+* **Patches.** The temporal stacking of :func:`glimpseprune.video.video_patches` (the layout of the stock
+  ``patchify``), without ``second_per_grid_ts`` (Qwen3-VL does not take it).
+
+:class:`Qwen3VLImageProcessorOnly` records the stock class name, so a saved folder loads with ``AutoProcessor`` as a
+regular Qwen3-VL checkpoint where torchvision exists, and :func:`~glimpseprune.processing.load_processor` rebuilds
+this class where it does not.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+import numpy as np
+from PIL import Image
 
 from .processing import QwenVLProcessor
 
 STOCK_CLASS = "Qwen3VLProcessor"
+VIDEO_CONFIG_FILE = "video_preprocessor_config.json"  # transformers' VIDEO_PROCESSOR_NAME
+
+
+def _stock_video_defaults() -> dict[str, Any]:
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor as Stock
+
+    return {"size": dict(Stock.size), "cap_pixels_per_frame": False, "max_video_tokens": Stock.max_video_tokens}
+
+
+def video_sizing(video_config: dict[str, Any]) -> dict[str, Any]:
+    """``size`` ({"shortest_edge", "longest_edge"}: pixel counts over a clip), ``cap_pixels_per_frame`` and
+    ``max_video_tokens`` from a video processor config, the stock defaults where absent; ``ValueError`` if malformed."""
+    out = _stock_video_defaults()
+    out.update({k: video_config[k] for k in out if video_config.get(k) is not None})
+    size = out["size"]
+    if not isinstance(size, dict) or not all(isinstance(size.get(k), int) and size[k] > 0
+                                             for k in ("shortest_edge", "longest_edge")):
+        raise ValueError(f"video config size must hold positive integer shortest_edge and longest_edge, got {size!r}")
+    if size["shortest_edge"] > size["longest_edge"]:
+        raise ValueError(f"video config size: shortest_edge {size['shortest_edge']} > longest_edge "
+                         f"{size['longest_edge']}")
+    return out
+
+
+def read_video_config(model_dir: str | Path) -> dict[str, Any]:
+    """The checkpoint's ``video_preprocessor_config.json`` as a dict ({} when there is none); checked."""
+    path = Path(model_dir) / VIDEO_CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot parse video processor config {path}: {err}") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"video processor config {path} is not a JSON object")
+    video_sizing(config)
+    return config
+
+
+def frame_size(n_frames: int, height: int, width: int, video_config: dict[str, Any], patch_size: int,
+               merge_size: int, temporal_patch_size: int) -> tuple[int, int]:
+    """(height, width) every frame of a clip of ``n_frames`` (height x width) frames is resized to, by the stock
+    Qwen3-VL video processor's rule (module docstring); ``ValueError`` for an aspect ratio over 200."""
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
+
+    sizing, factor = video_sizing(video_config), patch_size * merge_size
+    n = max(n_frames, temporal_patch_size)
+    lo, hi = sizing["size"]["shortest_edge"], sizing["size"]["longest_edge"]
+    if sizing["cap_pixels_per_frame"]:
+        per_frame = max(min(sizing["max_video_tokens"] * factor * factor, hi // n), int(lo * 1.05))
+        hi = per_frame * n
+    return smart_resize(n, height, width, temporal_factor=temporal_patch_size, factor=factor, min_pixels=lo,
+                        max_pixels=hi)
+
+
+def group_times(frames_indices: Sequence[int], fps: float, temporal_patch_size: int) -> list[float]:
+    """Seconds of each frame-group: the mean of its first and last frame's time (index / fps), the last index
+    repeated to fill the last group -- ``Qwen3VLProcessor._calculate_timestamps``, in its order of operations.
+
+    >>> group_times(range(5), 2.0, 2)
+    [0.25, 1.25, 2.0]
+    """
+    idx = list(frames_indices)
+    idx += [idx[-1]] * (-len(idx) % temporal_patch_size)
+    times = [i / fps for i in idx]
+    return [(times[i] + times[i + temporal_patch_size - 1]) / 2 for i in range(0, len(times), temporal_patch_size)]
+
+
+def video_placeholder(times: Sequence[float], group_tokens: int, video_token: str = "<|video_pad|>",
+                      start: str = "<|vision_start|>", end: str = "<|vision_end|>") -> str:
+    """What one video's ``<|video_pad|>`` becomes: per frame-group its time, then its tokens wrapped in start / end.
+
+    >>> video_placeholder([0.25, 1.25], 2, "P", "[", "]")
+    '<0.2 seconds>[PP]<1.2 seconds>[PP]'
+    """
+    return "".join(f"<{t:.1f} seconds>{start}{video_token * group_tokens}{end}" for t in times)
+
+
+def _meta(metadata: Any, key: str) -> Any:
+    return None if metadata is None else metadata.get(key)  # a dict or a transformers VideoMetadata (a Mapping)
+
+
+def _frame_hw(frame: Any) -> tuple[int, int]:
+    return frame.size[::-1] if isinstance(frame, Image.Image) else tuple(np.asarray(frame).shape[:2])
 
 
 class Qwen3VLImageProcessorOnly(QwenVLProcessor):
-    """Image-only Qwen3-VL processor (no video processor, hence no torchvision); saved as ``Qwen3VLProcessor``.
+    """Qwen3-VL processor without torchvision (no video processor: video frames go through the image processor, see
+    the module docstring); saved as ``Qwen3VLProcessor``, with ``video_config`` as ``video_preprocessor_config.json``.
 
     Example: ``Qwen3VLImageProcessorOnly(image_processor=Qwen2VLImageProcessorPil(patch_size=16), tokenizer=tok)``.
     """
+
+    def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None,
+                 **kwargs: Any):
+        if kwargs.get("video_processor") is not None:
+            raise TypeError("Qwen3VLImageProcessorOnly makes video inputs from frames; for a torchvision video "
+                            "processor use transformers' Qwen3VLProcessor")
+        kwargs.pop("video_processor", None)
+        super().__init__(image_processor, tokenizer, chat_template, **kwargs)
+        self.vision_start_token = getattr(tokenizer, "vision_start_token", None) or "<|vision_start|>"
+        self.vision_end_token = getattr(tokenizer, "vision_end_token", None) or "<|vision_end|>"
+        self.video_config: dict[str, Any] = {}  # the checkpoint's video processor config (sizing: video_sizing)
+
+    def _process_videos(self, videos: Any, **kwargs: Any) -> Any:
+        from .video import DEFAULT_FPS, video_patches
+
+        ip = self.image_processor
+        tp, merge = ip.temporal_patch_size, ip.merge_size
+        videos = list(videos)
+        metadata = kwargs.get("video_metadata") or [None] * len(videos)
+        fps = [_meta(m, "fps") or DEFAULT_FPS for m in metadata]
+        sizes = [frame_size(len(v), *_frame_hw(v[0]), self.video_config, ip.patch_size, merge, tp) for v in videos]
+        data = video_patches(ip, videos, fps, sizes)
+        del data["second_per_grid_ts"]  # Qwen3-VL's time is in the prompt
+        placeholders = []
+        for video, meta, rate, (_, gh, gw) in zip(videos, metadata, fps, data["video_grid_thw"].tolist()):
+            times = group_times(_meta(meta, "frames_indices") or range(len(video)), rate, tp)
+            placeholders.append(video_placeholder(times, gh * gw // merge**2, self.video_token,
+                                                  self.vision_start_token, self.vision_end_token))
+        return data, placeholders
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
         output["processor_class"] = STOCK_CLASS
         return output
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        ip = self.image_processor
+        config = {"video_processor_type": "Qwen3VLVideoProcessor", "patch_size": ip.patch_size,
+                  "temporal_patch_size": ip.temporal_patch_size, "merge_size": ip.merge_size,
+                  "image_mean": list(ip.image_mean), "image_std": list(ip.image_std), **self.video_config}
+        (Path(save_directory) / VIDEO_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        return out

@@ -349,8 +349,9 @@ def tiny_qwen3_vl_config(**overrides: Any) -> Qwen3VLConfig:
 
 
 def build_tiny_qwen3_vl(out_dir: str | Path, seed: int = 0, **overrides: Any) -> Path:
-    """Build, randomly initialise (seeded) and save a tiny Qwen3-VL checkpoint (weights, configs, an image-only
-    processor with 16 px patches) to ``out_dir``; it loads back offline with :func:`glimpseprune.load_base`."""
+    """Build, randomly initialise (seeded) and save a tiny Qwen3-VL checkpoint (weights, configs, a torchvision-free
+    processor with 16 px patches and a small video pixel budget) to ``out_dir``; it loads back offline with
+    :func:`glimpseprune.load_base`."""
     from .processing_qwen3_vl import Qwen3VLImageProcessorOnly
 
     config = tiny_qwen3_vl_config(**overrides)
@@ -362,6 +363,8 @@ def build_tiny_qwen3_vl(out_dir: str | Path, seed: int = 0, **overrides: Any) ->
                                                image_std=[0.5] * 3)
     processor = Qwen3VLImageProcessorOnly(image_processor=image_processor, tokenizer=tokenizer,
                                           chat_template=tokenizer.chat_template)
+    # video pixel budget over a whole clip (t * h * w): two 64 px frames to eight 256 px frames
+    processor.video_config = {"size": {"shortest_edge": 2 * side * side, "longest_edge": 8 * (4 * side) ** 2}}
     return _build_and_save(Qwen3VLForConditionalGeneration, config, processor, out_dir, seed)
 
 

@@ -10,7 +10,8 @@ PIL frames, checked before any model runs, and turned into the temporal patches 
   resized, normalised and patchified exactly as an image, then ``temporal_patch_size`` consecutive frames are stacked
   into each patch (the layout of transformers' ``Qwen2VLVideoProcessor.patchify``, which needs torchvision); a clip
   whose frame count is not a multiple of it repeats its last frame, as that processor does. Positions follow the
-  clock: ``second_per_grid_ts`` = temporal_patch_size / fps.
+  clock: ``second_per_grid_ts`` = temporal_patch_size / fps (Qwen2.5-VL; Qwen3-VL writes timestamps into the prompt
+  instead, see :mod:`glimpseprune.processing_qwen3_vl`, and sizes each clip as a whole: ``sizes``).
 
 Example::
 
@@ -232,19 +233,26 @@ def stack_temporal(pixel_values: np.ndarray, n_frames: int, temporal_patch_size:
     return out.reshape(-1, pixel_values.shape[1])
 
 
-def video_patches(image_processor, videos: Sequence[Any], fps: Sequence[float]) -> dict[str, Any]:
+def video_patches(image_processor, videos: Sequence[Any], fps: Sequence[float],
+                  sizes: Sequence[tuple[int, int] | None] | None = None) -> dict[str, Any]:
     """``pixel_values_videos`` (sum of t * h * w patches, D), ``video_grid_thw`` (n_videos, 3) and
     ``second_per_grid_ts`` (temporal_patch_size / fps per video) from frames alone: each video is a list of PIL
     frames of one size (or a (F, H, W, 3) uint8 array), resized within the image processor's pixel bounds (the
-    upper one capped at :data:`VIDEO_MAX_PIXELS`), then :func:`stack_temporal`."""
+    upper one capped at :data:`VIDEO_MAX_PIXELS`) -- or, where ``sizes`` gives the video a (height, width), resized
+    to exactly that (bicubic, as the image processor resizes) -- then :func:`stack_temporal`."""
     size = image_processor.size
     bounds = {"shortest_edge": size["shortest_edge"], "longest_edge": min(size["longest_edge"], VIDEO_MAX_PIXELS)}
     tp, patch = image_processor.temporal_patch_size, image_processor.patch_size
     pixels, grids = [], []
-    for video in videos:
+    for video, hw in zip(videos, sizes or [None] * len(videos), strict=True):
         frames = [Image.fromarray(np.asarray(f, dtype=np.uint8)) if not isinstance(f, Image.Image) else f
                   for f in video]
-        px = image_processor(frames, size=bounds, return_tensors="np")
+        if hw is None:
+            px = image_processor(frames, size=bounds, return_tensors="np")
+        else:
+            wh = (hw[1], hw[0])
+            frames = [f if f.size == wh else f.resize(wh, Image.Resampling.BICUBIC) for f in frames]
+            px = image_processor(frames, do_resize=False, return_tensors="np")
         _, gh, gw = (int(v) for v in px["image_grid_thw"][0])
         pixels.append(stack_temporal(px["pixel_values"], len(frames), tp, patch))
         grids.append([-(-len(frames) // tp), gh, gw])

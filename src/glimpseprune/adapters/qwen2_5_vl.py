@@ -4,7 +4,8 @@ window attention), decoder at ``model.model.language_model``, M-RoPE positions (
 Images and videos: the ViT runs once per modality (as transformers does); a video of grid (t, h, w) -- t groups of
 ``temporal_patch_size`` frames -- is t * h * w / merge^2 tokens, its positions spaced in time by ``second_per_grid_ts``
 (``tokens_per_second`` * seconds per group), and appears in ``Encoded.grids`` as t (h, w) frame-groups (see
-``Encoded``)."""
+``Encoded``). ``encode`` also serves Qwen3-VL (``adapters/qwen3_vl.py``) through ``_vision`` (DeepStack rows),
+``_unwindow``, ``_check_images`` and ``split_video``."""
 
 from __future__ import annotations
 
@@ -52,27 +53,35 @@ def _interleave(tapped: dict, masks: dict, vis_mask: torch.Tensor, n_taps: int) 
     return out
 
 
-def _layout(ids: torch.Tensor, cfg, grids_thw: dict, merge: int) -> tuple[list, list[int], list[int]]:
+def _layout(ids: torch.Tensor, cfg, grids_thw: dict, merge: int, split_video: bool = False
+            ) -> tuple[list, list[int], list[int]]:
     """(grids, image_owner, grid_video) of ``Encoded``: one (h, w) per image and per video frame-group, in the order
-    their tokens appear (sample by sample)."""
+    their tokens appear (sample by sample). A video's tokens are one placeholder run, or with ``split_video`` one run
+    per frame-group (Qwen3-VL, whose timestamps stand between them)."""
     thw = {k: iter([] if g is None else g.tolist()) for k, g in grids_thw.items()}
     kind_of = {cfg.image_token_id: "image", cfg.video_token_id: "video"}
-    grids, owner, grid_video, n_videos = [], [], [], 0
+    grids, owner, grid_video, n_videos, later_groups = [], [], [], 0, 0
     for b, row in enumerate(ids.tolist()):
         starts = [i for i, tok in enumerate(row) if tok in kind_of and (i == 0 or row[i - 1] != tok)]
         for i in starts:
-            t, h, w = next(thw[kind_of[row[i]]])
             video = kind_of[row[i]] == "video"
+            if video and later_groups:  # split_video: a later frame-group of the video listed at its first run
+                later_groups -= 1
+                continue
+            t, h, w = next(thw[kind_of[row[i]]])
             for _ in range(t if video else 1):
                 grids.append((int(h) // merge, int(w) // merge))
                 owner.append(b)
                 grid_video.append(n_videos if video else -1)
+            if video and split_video:
+                later_groups = t - 1
             n_videos += video
     return grids, owner, grid_video
 
 
 class Qwen2_5_VLAdapter(Adapter):
     model_types = ("qwen2_5_vl",)
+    split_video = False  # True: one placeholder run per video frame-group (Qwen3-VL), see ``_layout``
 
     def dims(self, model: nn.Module) -> ModelDims:
         t, v = model.config.text_config, model.config.vision_config
@@ -111,24 +120,29 @@ class Qwen2_5_VLAdapter(Adapter):
             if e != g:
                 raise ValueError(f"{kind} {i}: its grid gives {e} visual tokens but the prompt holds {g} placeholders")
 
+    def _unwindow(self, model: nn.Module, grid: torch.Tensor, device) -> torch.Tensor | None:
+        """Permutation from the ViT's row order (window order) to raster order of the merged tokens; None where the
+        rows are in raster order already (a ViT without windows)."""
+        visual, merge = model.model.visual, model.config.vision_config.spatial_merge_size
+        win, _ = get_vision_window_index(grid, merge, visual.window_size, visual.patch_size)
+        return torch.argsort(win.to(device))
+
     def _vision(self, model: nn.Module, pixels: torch.Tensor, grid: torch.Tensor, taps, tap_fn):
         """ViT over one modality's pixels: (merged embeddings (n, H), per tap the merge-pooled block output (n, C'),
-        raster order)."""
+        raster order, per DeepStack layer its rows (n, H): Qwen3-VL; none here)."""
         visual, merge = model.model.visual, model.config.vision_config.spatial_merge_size
         pos = {t: i for i, t in enumerate(taps)}
 
-        def pool(t, h):  # (n_patch, C), window order -> (n_patch / merge^2, C'): merge groups are contiguous
+        def pool(t, h):  # (n_patch, C), ViT row order -> (n_patch / merge^2, C'): merge groups are contiguous
             pooled = h.view(h.shape[0] // (merge * merge), merge * merge, -1).mean(dim=1)
             return pooled if tap_fn is None else tap_fn(pos[t], pooled)  # row-wise: commutes with unwindowing
 
         with capture_outputs({t: visual.blocks[t] for t in taps}, pool) as tapped:  # only pooled taps are kept
             out = visual(pixels.to(visual.dtype), grid_thw=grid, return_dict=True)
-        feats = []
-        if taps:
-            win, _ = get_vision_window_index(grid, merge, visual.window_size, visual.patch_size)
-            unwin = torch.argsort(win.to(pixels.device))
-            feats = [tapped[t][unwin] for t in taps]  # output of block t, merge-pooled, raster order
-        return out.pooler_output, feats
+        feats = [tapped[t] for t in taps]  # output of block t, merge-pooled
+        if taps and (unwin := self._unwindow(model, grid, pixels.device)) is not None:
+            feats = [f[unwin] for f in feats]  # raster order
+        return out.pooler_output, feats, list(getattr(out, "deepstack_features", None) or [])
 
     def encode(self, model: nn.Module, inputs: dict, taps: tuple[int, ...] = (), tap_fn=None) -> Encoded:
         cfg = model.config
@@ -140,7 +154,7 @@ class Qwen2_5_VLAdapter(Adapter):
             if not 0 <= t < len(model.model.visual.blocks):
                 raise ValueError(f"vision tap {t} outside the ViT's blocks [0, {len(model.model.visual.blocks) - 1}]")
         embeds = model.get_input_embeddings()(ids)
-        masks, grids_thw, tapped = {}, {}, {}
+        masks, grids_thw, tapped, adds = {}, {}, {}, {}
         for kind, token_id, px_key, grid_key in _MODALITIES:
             grid, pixels = inputs.get(grid_key), inputs.get(px_key)
             if (pixels is None) != (grid is None):
@@ -148,19 +162,22 @@ class Qwen2_5_VLAdapter(Adapter):
             self._check_images(ids, grid, merge, getattr(cfg, token_id), kind)
             masks[kind], grids_thw[kind] = ids == getattr(cfg, token_id), grid
             if pixels is not None:
-                out, tapped[kind] = self._vision(model, pixels, grid, taps, tap_fn)
+                out, tapped[kind], adds[kind] = self._vision(model, pixels, grid, taps, tap_fn)
                 embeds = embeds.masked_scatter(masks[kind][..., None], out.to(embeds.dtype))
         vis_mask = masks["image"] | masks["video"]
         feats = _interleave(tapped, masks, vis_mask, len(taps))
+        n_adds = max((len(a) for a in adds.values()), default=0)
+        visual_adds = [d.to(embeds.dtype) for d in _interleave(adds, masks, vis_mask, n_adds)]  # per LLM layer
         mm = inputs.get("mm_token_type_ids")
         if mm is None:
             mm = masks["image"].int() + 2 * masks["video"].int()
-        positions, _ = model.model.get_rope_index(
+        positions, _ = model.model.get_rope_index(  # Qwen3-VL's takes no second_per_grid_ts (time is in the text)
             ids, mm, image_grid_thw=grids_thw["image"], video_grid_thw=grids_thw["video"],
             second_per_grid_ts=inputs.get("second_per_grid_ts"), attention_mask=attn_mask.long())
-        grids, owner, grid_video = _layout(ids, cfg, grids_thw, merge)
+        grids, owner, grid_video = _layout(ids, cfg, grids_thw, merge, self.split_video)
         next_pos = positions.masked_fill(~attn_mask[None], -1).amax(dim=(0, 2)) + 1
-        return Encoded(embeds, attn_mask, positions, vis_mask, grids, owner, next_pos, feats, grid_video)
+        return Encoded(embeds, attn_mask, positions, vis_mask, grids, owner, next_pos, feats, grid_video,
+                       visual_adds=visual_adds)
 
     def box_masks(self, model: nn.Module, processor, inputs: dict, boxes: list, sizes: list) -> list:
         from ..data.records import boxes_to_token_mask

@@ -1,8 +1,9 @@
 """Adapter for transformers' Qwen3-VL: dense ``model_type == "qwen3_vl"`` and MoE ``"qwen3_vl_moe"`` (the same
-module layout; only the decoder MLP differs, which the runtime never looks inside). Images only; video is refused.
+module layout; only the decoder MLP differs, which the runtime never looks inside). Images and videos.
 
-What differs from Qwen2.5-VL (whose adapter this one extends for the shared pieces: decoder access, rotary, LM head,
-decode positions, box masks):
+What differs from Qwen2.5-VL (whose adapter this one extends for the shared pieces: ``encode`` -- one ViT run per
+modality, taps and DeepStack rows merged into visual-token order, positions from the model's ``get_rope_index`` --,
+decoder access, rotary, LM head, decode positions, box masks):
 
 * ViT at ``model.model.visual``: 16 px patches, learned + 2D-rotary positions, **no window attention**, so the ViT
   rows are already in raster order of the merged tokens (each 2x2 merge group is 4 contiguous rows).
@@ -20,6 +21,12 @@ decode positions, box masks):
   features of the LLM width that the stock text model adds to the visual tokens' hidden states after LLM layers
   0, 1, 2. They go into ``Encoded.visual_adds``; the runtime adds them after each of those layers to the visual
   tokens still in the sequence, so a token pruned before (or inside) those layers loses its DeepStack features too.
+  For a batch with images and videos, each modality's rows (the ViT runs once per modality, as in the stock forward)
+  are merged into the order of the visual tokens, as the stock forward merges them.
+* **Video**: the prompt holds one ``<|video_pad|>`` run per frame-group, each after its timestamp text
+  (:mod:`glimpseprune.processing_qwen3_vl`); ``get_rope_index`` places each group as a one-frame image after that
+  text (time lives in the text, not in the t coordinate). ``Encoded.grids`` lists the t groups of a video of grid
+  (t, h, w) as t (h, w) entries, as for Qwen2.5-VL.
 """
 
 from __future__ import annotations
@@ -27,12 +34,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Encoded, ModelDims, capture_outputs
-from .qwen2_5_vl import Qwen2_5_VLAdapter, image_runs
+from .base import ModelDims
+from .qwen2_5_vl import Qwen2_5_VLAdapter
 
 
 class Qwen3VLAdapter(Qwen2_5_VLAdapter):
+    """``encode`` is Qwen2.5-VL's: ViT once per modality, its DeepStack rows (``_vision``) merged into visual-token
+    order like the taps, positions from the model's own ``get_rope_index``; what differs is below."""
+
     model_types = ("qwen3_vl", "qwen3_vl_moe")
+    split_video = True  # one <|video_pad|> run per frame-group, its timestamp text in between
 
     def dims(self, model: nn.Module) -> ModelDims:
         t, v = model.config.text_config, model.config.vision_config
@@ -43,45 +54,15 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
         q = attn.q_proj(x).view(x.shape[0], x.shape[1], -1, head_dim)  # (B, 1, h, hd)
         return attn.q_norm(q).transpose(1, 2)  # Qwen3: RMSNorm over each head, before RoPE
 
-    def encode(self, model: nn.Module, inputs: dict, taps: tuple[int, ...] = (), tap_fn=None) -> Encoded:
-        cfg = model.config
-        ids = inputs["input_ids"]
-        attn_mask = inputs.get("attention_mask")
-        attn_mask = torch.ones_like(ids, dtype=torch.bool) if attn_mask is None else attn_mask.bool()
-        if inputs.get("pixel_values_videos") is not None or bool((ids == cfg.video_token_id).any()):
-            raise ValueError("video input is not supported for Qwen3-VL yet; pass images only")
-        grid = inputs.get("image_grid_thw")
-        pixel_values = inputs.get("pixel_values")
-        if (pixel_values is None) != (grid is None):
-            raise ValueError("pixel_values and image_grid_thw must be given together")
-        merge = cfg.vision_config.spatial_merge_size
-        self._check_images(ids, grid, merge, cfg.image_token_id)
+    def _check_images(self, ids: torch.Tensor, grid: torch.Tensor | None, merge: int, token_id: int,
+                      kind: str = "image") -> None:
+        """Images as in Qwen2.5-VL; a video of grid (t, h, w) is t runs (one per frame-group) of h * w / merge^2."""
+        if kind == "video":
+            kind = "video frame-group"
+            if grid is not None:
+                grid = torch.repeat_interleave(grid, grid[:, 0], dim=0)
+                grid[:, 0] = 1
+        super()._check_images(ids, grid, merge, token_id, kind)
 
-        embeds = model.get_input_embeddings()(ids)
-        vis_mask = ids == cfg.image_token_id
-        feats: list[torch.Tensor] = []
-        adds: list[torch.Tensor] = []
-        if pixel_values is not None:
-            visual = model.model.visual
-            for t in taps:
-                if not 0 <= t < len(visual.blocks):
-                    raise ValueError(f"vision tap {t} outside the ViT's blocks [0, {len(visual.blocks) - 1}]")
-            pos = {t: i for i, t in enumerate(taps)}
-
-            def pool(t, h):  # (n_patch, C) -> (n_patch / merge^2, C): merge groups are contiguous, raster order
-                pooled = h.view(h.shape[0] // (merge * merge), merge * merge, -1).mean(dim=1)
-                return pooled if tap_fn is None else tap_fn(pos[t], pooled)
-
-            with capture_outputs({t: visual.blocks[t] for t in taps}, pool) as tapped:  # only pooled taps are kept
-                out = visual(pixel_values.to(visual.dtype), grid_thw=grid, return_dict=True)
-            embeds = embeds.masked_scatter(vis_mask[..., None], out.pooler_output.to(embeds.dtype))
-            feats.extend(tapped[t] for t in taps)
-            adds = [d.to(embeds.dtype) for d in out.deepstack_features]  # per LLM layer 0, 1, ..: (n_vis_total, H)
-        mm = inputs.get("mm_token_type_ids")
-        if mm is None:
-            mm = vis_mask.int()
-        positions, _ = model.model.get_rope_index(ids, mm, image_grid_thw=grid, attention_mask=attn_mask.long())
-        grids = [] if grid is None else [(int(h) // merge, int(w) // merge) for _, h, w in grid.tolist()]
-        owner = [b for b, r in enumerate(image_runs(ids, cfg.image_token_id)) for _ in r]
-        next_pos = positions.masked_fill(~attn_mask[None], -1).amax(dim=(0, 2)) + 1
-        return Encoded(embeds, attn_mask, positions, vis_mask, grids, owner, next_pos, feats, visual_adds=adds)
+    def _unwindow(self, model: nn.Module, grid: torch.Tensor, device) -> None:
+        return None  # no windows: the ViT rows are in raster order of the merged tokens

@@ -430,9 +430,10 @@ def _stats(values: list[float]) -> dict[str, Any]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "all": list(values)}
 
 
-def analytic(shape: ModelShape, v: Variant, n_text: int, grid: tuple[int, int], causal: bool) -> dict[str, Any]:
-    """Per-sample FLOPs and token counts of a variant (``flops.variant_cost``)."""
-    return F.variant_cost(shape, v.method, v.keep, v.layer(shape), n_text, grid, causal)
+def analytic(shape: ModelShape, v: Variant, n_text: int, grid: tuple[int, int], causal: bool,
+             frame_groups: int = 1) -> dict[str, Any]:
+    """Per-sample FLOPs and token counts of a variant (``flops.variant_cost``; ``frame_groups`` > 1: a video)."""
+    return F.variant_cost(shape, v.method, v.keep, v.layer(shape), n_text, grid, causal, frame_groups)
 
 
 @torch.no_grad()

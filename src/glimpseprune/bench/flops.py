@@ -19,6 +19,10 @@ Conventions (every function here follows them):
   additions to the LLM's hidden states (after layers 0, 1, 2, at the visual tokens) are elementwise, not counted.
 * LM head: prefill counts it for the **last prompt token only** (``lm_head_tokens=1``; the runtime computes logits
   only there); each decode step counts it for its one token (``lm_head=True``). Upstream counts no LM head at all.
+* Video: a clip of F frames is t = ceil(F / temporal_patch_size) frame-groups of h x w merged tokens (t * h * w
+  visual tokens; ``video_grid``). The ViT attends within each frame-group (like t images); the VIP attends over all
+  of a video's tokens at once (one span of (t * h * w)^2 pairs, ``groups``); Qwen3-VL's per-group timestamp text is
+  extra prompt text (``video_text_tokens``).
 * Pruned prefill: layers 0..K run on the full prompt plus ``n_extra`` tokens (the glimpse token), layers K+1..L-1
   on the kept sequence (text + kept visual tokens); K = -1 prunes before the first layer. The VIP and the glimpse
   query's logits are counted separately (``vip_flops``), the ViT separately again (``vit_flops``).
@@ -122,16 +126,20 @@ def vit_flops(v: VisionShape, grids_thw: list[tuple[int, int, int]]) -> dict[str
     return out
 
 
-def vip_flops(g: GlimpseConfig, grids: list[tuple[int, int]], n_keys: int, text: TextShape | None = None
-              ) -> dict[str, int]:
-    """The GlimpsePrune overhead: the VIP over merged-token grids [(h, w), ...] (attention within each image), the
-    glimpse query's logits over its n_keys keys (prompt + itself) at each attention layer, recomputed from that
-    layer's q projection (needs ``text``; skipped when None), and the glimpse vectors (Linear H -> H of each glimpse
-    layer's embedding, layers 0..K). Keys: vip, glimpse_scores, glimpse_vectors, total (what runs in the LLM
-    prefill) and conditions: the projections of the vision taps to the VIP's condition width, which run inside the
-    vision encoder (as the taps are made), so they are not in ``total``."""
+def vip_flops(g: GlimpseConfig, grids: list[tuple[int, int]], n_keys: int, text: TextShape | None = None,
+              groups: list[int] | None = None) -> dict[str, int]:
+    """The GlimpsePrune overhead: the VIP over merged-token grids [(h, w), ...] (attention within each image; a
+    video's frame-groups, one grid each, share one attention span when ``groups`` gives them one id, as
+    ``Encoded.grid_groups`` does: (t * h * w)^2 pairs, not t * (h * w)^2), the glimpse query's logits over its n_keys
+    keys (prompt + itself) at each attention layer, recomputed from that layer's q projection (needs ``text``;
+    skipped when None), and the glimpse vectors (Linear H -> H of each glimpse layer's embedding, layers 0..K). Keys:
+    vip, glimpse_scores, glimpse_vectors, total (what runs in the LLM prefill) and conditions: the projections of the
+    vision taps to the VIP's condition width, which run inside the vision encoder (as the taps are made), so they are
+    not in ``total``."""
+    from ..modules.vip import spans  # the VIP's own grouping of grids into attention spans
+
     S = sum(h * w for h, w in grids)
-    pairs = sum((h * w) ** 2 for h, w in grids)
+    pairs = sum(sum(h * w for h, w in span) ** 2 for span in spans(grids, groups))
     qk, W = g.vip_width + g.cond_width, g.vip_width
     n_attn = len(g.attn_layers) * g.base_num_heads
     conditions = g.n_vip_layers * matmul_flops(S, g.base_vision_width, g.cond_width)
@@ -190,14 +198,16 @@ def tokens_per_layer(n_layers: int, n_full: int, n_kept: int, prune_layer: int |
 def prefill_flops(shape: ModelShape, n_text: int, n_vis: int, n_kept: int | None = None,
                   prune_layer: int | None = None, n_extra: int = 0, causal: bool = True, lm_head_tokens: int = 1,
                   glimpse: GlimpseConfig | None = None, grids: list[tuple[int, int]] | None = None,
-                  include_vit: bool = False) -> PrefillCost:
+                  include_vit: bool = False, groups: list[int] | None = None) -> PrefillCost:
     """Prefill of one prompt of n_text text + n_vis visual tokens (per sample; a batch of equal prompts is B times).
 
     Full run: prune_layer=None (or n_kept=None). Pruned run: layers 0..prune_layer on n_text + n_vis + n_extra
     tokens, the rest on n_text + n_kept; the cache then holds n_text + n_kept entries (``kv_len``).
-    glimpse: count the VIP and the glimpse logits (``vip_flops``); grids: merged-token grid per image (default one
-    image of n_vis tokens in one row; only the VIP's per-image attention and the ViT depend on it).
-    include_vit: add the vision encoder (pass the real grids: its window attention depends on them).
+    glimpse: count the VIP and the glimpse logits (``vip_flops``); grids: merged-token grid per image and per video
+    frame-group, as ``Encoded.grids`` (default one image of n_vis tokens in one row; only the VIP's attention and the
+    ViT depend on it); groups: the VIP's attention span of each grid (``Encoded.grid_groups``: a video's frame-groups
+    together; None: each grid alone). include_vit: add the vision encoder (pass the real grids: its window attention
+    depends on them; a video's frame-groups cost what its (t, h, w) grid costs, the ViT attending within frames).
     """
     t, L = shape.text, shape.text.num_layers
     n_full = n_text + n_vis
@@ -210,7 +220,7 @@ def prefill_flops(shape: ModelShape, n_text: int, n_vis: int, n_kept: int | None
     grids = grids or [(1, n_vis)]
     vip = 0
     if glimpse is not None and K is not None and K >= 0:
-        vip = vip_flops(glimpse, grids, n_full + extra, t)["total"]
+        vip = vip_flops(glimpse, grids, n_full + extra, t, groups)["total"]
     vit = 0
     if include_vit:
         m = shape.vision.spatial_merge_size
@@ -269,17 +279,56 @@ def prune_layer_sweep(shape: ModelShape, n_text: int, n_vis: int, keep_frac: flo
 
 
 def variant_cost(shape: ModelShape, method: str, keep: float | None, prune_layer: int | None, n_text: int,
-                 grid: tuple[int, int], causal: bool) -> dict:
-    """Per-sample counts of one benchmark variant on one image of (h, w) merged tokens: method "full" (no pruning),
-    "mask" (fixed keep masks after layer K, no extra tokens) or "glimpse" (plus the glimpse token and the VIP)."""
-    n_vis = grid[0] * grid[1]
+                 grid: tuple[int, int], causal: bool, frame_groups: int = 1) -> dict:
+    """Per-sample counts of one benchmark variant on one image of (h, w) merged tokens -- or, with ``frame_groups``
+    t > 1, one video of t frame-groups of (h, w) each (``video_grid``: t * h * w visual tokens, the ViT on its
+    (t, h, w) grid, the VIP attending over all frames jointly) -- for method "full" (no pruning), "mask" (fixed keep
+    masks after layer K, no extra tokens) or "glimpse" (plus the glimpse token and the VIP)."""
+    n_vis = frame_groups * grid[0] * grid[1]
     n_kept = None if method == "full" else n_kept_for(n_vis, keep)
     gcfg = shape.glimpse_config(prune_layer) if method == "glimpse" else None
     cost = prefill_flops(shape, n_text, n_vis, n_kept, prune_layer, n_extra=1 if gcfg else 0, causal=causal,
-                         glimpse=gcfg, grids=[grid])
+                         glimpse=gcfg, grids=[grid] * frame_groups, groups=[0] * frame_groups)
     m = shape.vision.spatial_merge_size
-    vit = vit_flops(shape.vision, [(1, grid[0] * m, grid[1] * m)])["total"]
+    vit = vit_flops(shape.vision, [(frame_groups, grid[0] * m, grid[1] * m)])["total"]
     return {"prune_layer": prune_layer, "n_vis": n_vis, "n_kept": n_vis if n_kept is None else n_kept,
             "kv_len": cost.kv_len, "equivalent_tokens": cost.equivalent_tokens, "prefill_llm_flops": cost.llm,
             "layers_flops": cost.layers, "vip_flops": cost.vip, "lm_head_flops": cost.lm_head, "vit_flops": vit,
             "decode_step_flops": decode_step_flops(shape, cost.kv_len), "causal": causal}
+
+
+# --------------------------------------------------------------------------- video
+
+
+def video_grid(shape: ModelShape, n_frames: int, width: int, height: int) -> tuple[int, tuple[int, int]]:
+    """(t, (h, w)) of a clip of n_frames frames of width x height pixels: t = ceil(n_frames / temporal_patch_size)
+    frame-groups (the last one padded), each of h x w merged tokens, h = round(height / (patch * merge)) (at least 1),
+    likewise w -- the rounding of the processors' resize, without their pixel budgets (pick a frame size within them).
+
+    >>> from glimpseprune.bench.shapes import load_shape
+    >>> video_grid(load_shape("qwen2_5_vl_7b"), 16, 448, 448)
+    (8, (16, 16))
+    """
+    if n_frames < 1 or width < 1 or height < 1:
+        raise ValueError(f"a video needs >= 1 frame of >= 1 x 1 px, got {n_frames} frames of {width}x{height}")
+    v = shape.vision
+    factor = v.patch_size * v.spatial_merge_size
+    return -(-n_frames // v.temporal_patch_size), (max(1, round(height / factor)), max(1, round(width / factor)))
+
+
+def video_text_tokens(shape: ModelShape, n_frames: int, fps: float) -> int:
+    """Text tokens a video adds besides its own outer <|vision_start|> / <|vision_end|> (counted in n_text like an
+    image's): 0 for Qwen2.5-VL (time is in M-RoPE); for Qwen3-VL, per frame-group its timestamp "<{t:.1f} seconds>"
+    (``processing_qwen3_vl.group_times``) and its inner <|vision_start|> / <|vision_end|>. A timestamp is counted as
+    the Qwen2 tokenizer splits it: "<", one token per digit, ".", " seconds", ">" (e.g. "<0.2 seconds>": 6 tokens).
+
+    >>> from glimpseprune.bench.shapes import load_shape
+    >>> video_text_tokens(load_shape("qwen3_vl_8b"), 16, 2.0)  # 8 groups at 0.2 .. 7.2 s: 8 * (6 + 2)
+    64
+    """
+    if shape.model_type != "qwen3_vl":
+        return 0
+    from ..processing_qwen3_vl import group_times
+
+    times = group_times(range(n_frames), fps, shape.vision.temporal_patch_size)
+    return sum(len(f"{t:.1f}") + 3 + 2 for t in times)

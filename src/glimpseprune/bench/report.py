@@ -2,6 +2,7 @@
 ``glimpseprune bench`` command (``add_bench_parser``).
 
     glimpseprune bench flops --shape qwen2_5_vl_7b --n-vis 5041 --n-text 33 --keep 0.034
+    glimpseprune bench flops --shape qwen3_vl_8b --video-frames 16 --frame-size 448x448 --keep 0.1
     glimpseprune bench sweep --shape qwen2_5_vl_3b --keep 0.082 [--measure --shape qwen2_5_vl_scaled_cpu]
     glimpseprune bench run --shape qwen2_5_vl_7b --device cuda --dtype bfloat16 --out runs/bench/table7
     glimpseprune bench ratio-check          (scaled CPU shape: measured vs analytic prefill ratio, < 3 min)
@@ -160,6 +161,25 @@ def _grid(text: str) -> tuple[int, int]:
     return int(h), int(w)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _pixels(text: str) -> tuple[int, int]:
+    """"WxH" in pixels -> (width, height)."""
+    w, sep, h = text.lower().partition("x")
+    try:
+        size = int(w), int(h)
+    except ValueError:
+        size = (0, 0)
+    if not sep or min(size) < 1:
+        raise argparse.ArgumentTypeError(f"give width x height in pixels, e.g. 448x448 (got {text!r})")
+    return size
+
+
 def _common(p: argparse.ArgumentParser, n_vis: int = 2025, n_text: int = 64) -> None:
     p.add_argument("--shape", default="qwen2_5_vl_scaled_cpu", help="shape name in configs/shapes/ or a JSON path")
     p.add_argument("--n-vis", type=int, default=n_vis, help="visual tokens per sample (near-square grid)")
@@ -177,19 +197,45 @@ def _settings(args, **kw):
                          **kw)
 
 
+def _flops_visual(args, shape) -> tuple[tuple[int, int], int, int, dict | None]:
+    """(per-image / per-frame-group grid, frame-groups t, added text tokens, the video's JSON record or None) of
+    ``bench flops``: one image of --grid / --n-vis tokens, or with --video-frames one video."""
+    from . import flops as F
+
+    if args.frame_size is not None and not args.video_frames:
+        raise SystemExit("bench flops: --frame-size needs --video-frames")
+    if not args.video_frames:
+        return _settings(args).resolved_grid(), 1, 0, None
+    if args.frame_size is not None:
+        t, grid = F.video_grid(shape, args.video_frames, *args.frame_size)
+    else:
+        t, grid = -(-args.video_frames // shape.vision.temporal_patch_size), _settings(args).resolved_grid()
+    extra = F.video_text_tokens(shape, args.video_frames, args.fps)
+    video = {"frames": args.video_frames, "frame_size": args.frame_size, "fps": args.fps, "frame_groups": t,
+             "group_grid": list(grid), "timestamp_text_tokens": extra}
+    return grid, t, extra, video
+
+
 def cmd_flops(args) -> int:
     from . import flops as F
     from .efficiency import analytic, parse_variant
     from .shapes import load_shape
 
-    shape, s = load_shape(args.shape), _settings(args)
-    grid = s.resolved_grid()
+    shape = load_shape(args.shape)
+    grid, t, extra, video = _flops_visual(args, shape)
+    n_text = args.n_text + extra
     variants = ["full"] + [f"glimpse:{k}" + (f"@{args.prune_layer}" if args.prune_layer is not None else "")
                            for k in args.keep]
-    rows = {v: analytic(shape, parse_variant(v), args.n_text, grid, args.causal) for v in variants}
+    rows = {v: analytic(shape, parse_variant(v), n_text, grid, args.causal, t) for v in variants}
     full = rows["full"]
-    print(f"{shape.name}: {grid[0]}x{grid[1]} = {grid[0] * grid[1]} visual + {args.n_text} text tokens; "
-          f"causal={args.causal}; 1 multiply-add = 2 FLOPs; ViT {full['vit_flops'] / 1e12:.2f} TFLOPs (not in prefill)")
+    what = f"{grid[0]}x{grid[1]} = {grid[0] * grid[1]} visual"
+    if video is not None:
+        size = "" if args.frame_size is None else f" of {args.frame_size[0]}x{args.frame_size[1]} px"
+        what = (f"video of {args.video_frames} frames{size} at {args.fps:g} fps = {t} frame-groups x {grid[0]}x"
+                f"{grid[1]} = {full['n_vis']} visual (VIP over all frames jointly)")
+    text = f"{n_text} text" + (f" ({args.n_text} + {extra} timestamp / frame-group wrapper)" if extra else "")
+    print(f"{shape.name}: {what} + {text} tokens; causal={args.causal}; 1 multiply-add = 2 FLOPs; "
+          f"ViT {full['vit_flops'] / 1e12:.2f} TFLOPs (not in prefill)")
     print("variant | K | kept | KV len | equiv. tokens | prefill TFLOPs | % of full | VIP GFLOPs | "
           f"decode GFLOPs/step (with LM head) | decode GFLOPs, {args.new_tokens} steps, no LM head (paper)")
     for name, a in rows.items():
@@ -198,7 +244,8 @@ def cmd_flops(args) -> int:
               f"{a['prefill_llm_flops'] / 1e12:.2f} | {100 * a['prefill_llm_flops'] / full['prefill_llm_flops']:.1f} | "
               f"{a['vip_flops'] / 1e9:.1f} | {a['decode_step_flops'] / 1e9:.2f} | {dec / 1e9:.1f}")
     if args.json:
-        print(json.dumps({"shape": shape.name, "grid": grid, "n_text": args.n_text, "rows": rows}))
+        record = {"shape": shape.name, "grid": grid, "n_text": n_text, "rows": rows}
+        print(json.dumps(record if video is None else {**record, "video": video}))
     return 0
 
 
@@ -363,6 +410,14 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     f.add_argument("--prune-layer", type=int, help="K (default: the shape's)")
     f.add_argument("--new-tokens", type=int, default=22, help="decode steps for the decode-FLOPs total")
     f.add_argument("--json", action="store_true", help="also print one JSON line")
+    f.add_argument("--video-frames", type=_positive_int, metavar="F", help="count one video of F frames instead of "
+                   "one image: ceil(F / temporal patch) frame-groups, each of --frame-size (else --grid / --n-vis) "
+                   "tokens; the VIP attends over all frames jointly; Qwen3-VL adds its per-group timestamp text")
+    f.add_argument("--frame-size", type=_pixels, metavar="WxH", help="video frame width x height in pixels (with "
+                   "--video-frames), rounded to the model's token size (28 px Qwen2.5-VL, 32 px Qwen3-VL), e.g. "
+                   "448x448")
+    f.add_argument("--fps", type=float, default=2.0, help="frames per second the video was sampled at (Qwen3-VL's "
+                   "timestamp text; default 2)")
     f.set_defaults(fn=cmd_flops)
 
     w = sub.add_parser("sweep", help="prefill cost vs pruning layer K (analytic; --measure also times it)")
