@@ -40,6 +40,8 @@ def _cli_lines() -> list[tuple[int, list[str]]]:
     for start, code in _blocks("bash"):
         joined = re.sub(r"\\\n\s*", " ", code)
         for k, line in enumerate(joined.splitlines()):
+            if line.lstrip().startswith("#"):
+                continue  # a comment line
             for part in re.split(r"&&|;", line.split("  #")[0]):
                 words = shlex.split(part.strip(), comments=True) if part.strip() else []
                 if words and words[0] == "glimpseprune":
