@@ -14,3 +14,5 @@ glimpseprune compare --task world_video --data "$DATA" --out "$OUT/compare" --ma
 # the VIP's video variant: each frame-group scored alone (as separate images) instead of jointly across the clip
 glimpseprune eval --task world_video --data "$DATA" --out "$OUT/eval_per_frame" --max-new-tokens 8 --overwrite \
   --method glimpse --method-arg video=per_frame
+# the masks against the ground truth: the oracle (evidence-box tokens only) and GlimpsePrune's recall / moment share
+python benchmarks/world_video_oracle.py --data "$DATA" --out "$OUT/oracle.json"
