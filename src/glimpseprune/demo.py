@@ -124,7 +124,7 @@ class DemoSession:
     def ask(self, image, question: str, threshold: float = 0.5, cap: float | None = None):
         from transformers import TextIteratorStreamer
 
-        from .processing import load_image
+        from .processing import load_image, to_rgb
 
         if image is None:
             raise ValueError("upload an image (or pick an example) first")
@@ -134,7 +134,7 @@ class DemoSession:
             raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
         if cap is not None and not 0.0 <= float(cap) <= 1.0:
             raise ValueError(f"cap must be a kept fraction between 0 and 1 (0 = no cap), got {cap}")
-        image = load_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
+        image = load_image(image) if isinstance(image, (str, Path)) else to_rgb(image)  # alpha onto white, as files
         with self._lock:
             pm = self._pruned("glimpse", threshold, cap)
             inputs = pm.prepare([[image]], [question])
