@@ -59,6 +59,17 @@ def module(model):
     return random_module(model)
 
 
+def random_early_module(model):
+    """A small random early module (``kind: early``, method early_glimpse) for ``model`` (seeded)."""
+    from glimpseprune.modules.early import EarlyGlimpseModule
+
+    torch.manual_seed(0)
+    mod = EarlyGlimpseModule(small_glimpse_config(model, kind="early")).eval()
+    with torch.no_grad():  # spread the random scores so the default threshold keeps some tokens and drops others
+        mod.out_proj.weight.mul_(4.0)
+    return mod
+
+
 def make_images(spec, seed=0):
     return [random_image(w, h, seed=seed + i) for i, (w, h) in enumerate(spec)]
 
@@ -110,6 +121,7 @@ class Family:
     model: object
     processor: object
     module: object
+    early_module: object = None  # a random EarlyGlimpseModule (method early_glimpse)
 
     @property
     def image_token_id(self) -> int:
@@ -140,6 +152,8 @@ class Family:
 def family(request) -> Family:
     if request.param == "llava":
         (model, processor), module = request.getfixturevalue("llava"), request.getfixturevalue("llava_module")
-        return Family("llava", request.getfixturevalue("llava_dir"), model, processor, module)
-    return Family("qwen2_5_vl", request.getfixturevalue("tiny_dir"), request.getfixturevalue("model"),
-                  request.getfixturevalue("processor"), request.getfixturevalue("module"))
+        return Family("llava", request.getfixturevalue("llava_dir"), model, processor, module,
+                      random_early_module(model))
+    model = request.getfixturevalue("model")
+    return Family("qwen2_5_vl", request.getfixturevalue("tiny_dir"), model, request.getfixturevalue("processor"),
+                  request.getfixturevalue("module"), random_early_module(model))

@@ -50,6 +50,8 @@ def build(name: str, family, keep_ratio: float = 0.3):
     """A method of the registry with a non-trivial budget (the family's random module for ``glimpse``)."""
     if name == "glimpse":
         return gp.make_method("glimpse", family.module)
+    if name == "early_glimpse":
+        return gp.make_method("early_glimpse", family.early_module)
     fields = {f.name for f in dataclasses.fields(gp.get_method(name).config_class)}
     return gp.make_method(name, **({"keep_ratio": keep_ratio} if "keep_ratio" in fields else {}))
 
@@ -60,6 +62,8 @@ def build_keep_all(name: str, family):
     fields = {f.name for f in dataclasses.fields(cls.config_class)}
     if name == "glimpse":
         return gp.make_method("glimpse", family.module, gp.SelectionConfig(threshold=0.0))
+    if name == "early_glimpse":
+        return gp.make_method("early_glimpse", family.early_module, gp.SelectionConfig(threshold=0.0))
     if "keep_ratio" in fields:
         return gp.make_method(name, keep_ratio=1.0, **({"lam": 1.0} if "lam" in fields else {}))
     if name in ("full", *MASKED):
@@ -120,7 +124,7 @@ def test_budget_and_bookkeeping(family, name):
         else:
             assert out.n_kept[b] == expected, (b, n, out.n_kept)
     assert out.n_kept[2] == 0
-    if name not in ("full", "glimpse", *MASKED):  # the fixed-budget methods really prune here
+    if name not in ("full", "glimpse", "early_glimpse", *MASKED):  # the fixed-budget methods really prune here
         assert 0 < out.n_kept[0] < n_vis[0] and 0 < out.n_kept[1] < n_vis[1]
     lengths = inputs["attention_mask"].sum(1).tolist()
     assert out.kv_len == [L - (n - k) for L, n, k in zip(lengths, n_vis, out.n_kept)]
@@ -446,7 +450,7 @@ def test_configs_reject_bad_values(name, kw):
         gp.get_method(name).config_class(**kw)
 
 
-@pytest.mark.parametrize("name", [n for n in METHODS if n != "glimpse"])
+@pytest.mark.parametrize("name", [n for n in METHODS if n not in ("glimpse", "early_glimpse")])
 def test_configs_are_frozen_and_typed(name):
     cls = gp.get_method(name)
     cfg = cls.config_class()

@@ -20,7 +20,7 @@ import torch
 from .checkpoint import MERGED_ATTR, check_compatible, load_plus, read_merged_record
 from .config import SelectionConfig
 from .methods.base import PruningMethod
-from .registry import get_adapter, get_method
+from .registry import MODULE_METHODS, get_adapter, get_method
 from .runtime.engine import PrefillResult, generate, resolve_generation_config
 
 
@@ -331,7 +331,7 @@ def check_prompt_length(inputs, limit: int | None) -> None:
 
 def make_method(name: str, module=None, selection: SelectionConfig | None = None, **kwargs) -> PruningMethod:
     cls = get_method(name)
-    if name == "glimpse":
+    if name in MODULE_METHODS:
         if kwargs:  # e.g. video="per_frame"
             return cls(cls.config_class(selection=selection or SelectionConfig(), **kwargs), module=module)
         return cls(module=module, selection=selection)
@@ -426,10 +426,11 @@ def load(model_dir: str | Path, module: str | Path | None = None, method: str | 
                              "spread by device_map: merge it first (glimpseprune.lora.merge_and_save) and load the "
                              "merged folder with the module")
     model, processor = load_base(model_dir, device, dtype, device_map=device_map, offload_folder=offload_folder)
-    method = method or ("glimpse" if module is not None else "full")
     mod = None
     if module is not None:
         # the module follows a bf16 base (tested: >= 99 % of the fp32 keep decisions); fp16 stays fp32 (untested)
         mod_dtype = model.dtype if model.dtype in (torch.float32, torch.bfloat16) else torch.float32
         model, mod = load_plus(model, module, merge=merge_adapter, device=execution_device(model), dtype=mod_dtype)
+    # default: the method of the module's kind (an early module prunes before the LLM), else full
+    method = method or (("early_glimpse" if mod.cfg.kind == "early" else "glimpse") if mod is not None else "full")
     return apply(model, method, module=mod, selection=selection, processor=processor, **method_kwargs)

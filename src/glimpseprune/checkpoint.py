@@ -5,7 +5,10 @@ the base model and library versions; plus the converter from the upstream releas
 A GlimpsePrune+ folder also holds the PEFT LoRA adapter of the base model the module was trained on
 (``adapter_config.json`` + ``adapter_model.safetensors``); the module's JSON records it (``"adapter"``: format, rank,
 alpha, base model, sha256 of the weights file), and ``load_module`` refuses such a module without its adapter (the
-module alone on the stock base is the wrong function, upstream issue #7): load both with ``load_plus``."""
+module alone on the stock base is the wrong function, upstream issue #7): load both with ``load_plus``.
+
+The config's ``kind`` says which module class the folder holds: "glimpse" (``GlimpseModule``; folders written before
+the field have none and load as such) or "early" (``EarlyGlimpseModule``, method ``early_glimpse``)."""
 
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from .config import (
     default_prune_layer,
     default_vision_taps,
 )
+from .modules.early import EarlyGlimpseModule
 from .modules.glimpse import GlimpseModule
 
 logger = logging.getLogger(__name__)
@@ -52,6 +56,11 @@ def library_version() -> str:
     return __version__
 
 
+def build_module(cfg: GlimpseConfig) -> GlimpseModule | EarlyGlimpseModule:
+    """A fresh module of the class ``cfg.kind`` names ("glimpse": GlimpseModule, "early": EarlyGlimpseModule)."""
+    return EarlyGlimpseModule(cfg) if cfg.kind == "early" else GlimpseModule(cfg)
+
+
 def config_for_model(dims: ModelDims, base_model_name: str | None = None, **overrides: Any) -> GlimpseConfig:
     """A GlimpseConfig sized for a model: K = ceil(2L/3) - 1, four evenly spaced encoder taps, the glimpse norm's
     epsilon from the model's ``rms_norm_eps`` (where ``dims`` carries it) and the family's defaults
@@ -64,6 +73,8 @@ def config_for_model(dims: ModelDims, base_model_name: str | None = None, **over
     )
     if dims.rms_norm_eps is not None:
         fields["glimpse_norm_eps"] = dims.rms_norm_eps
+    if overrides.get("kind") == "early":  # scores before the LLM: no layer K, no glimpse or attention layers
+        fields["prune_layer"] = -1
     return GlimpseConfig(**{**fields, **overrides})
 
 
@@ -193,7 +204,7 @@ def _expected_state(cfg: GlimpseConfig) -> dict[str, torch.Tensor]:
     """The state dict a module of ``cfg`` has, as shapes only (meta tensors: nothing allocated before the file's
     tensors are known to fit)."""
     with torch.device("meta"):
-        return GlimpseModule(cfg).state_dict()
+        return build_module(cfg).state_dict()
 
 
 def _read_meta(p: Path) -> tuple[dict, GlimpseConfig]:
@@ -251,7 +262,7 @@ def adapter_record(path: str | Path, meta: dict | None = None) -> AdapterRecord 
 
 
 def load_module(path: str | Path, dims: ModelDims | None = None, device=None, dtype=None, *,
-                allow_without_adapter: bool = False) -> GlimpseModule:
+                allow_without_adapter: bool = False) -> GlimpseModule | EarlyGlimpseModule:
     """Load a module saved by ``save_module``; with ``dims``, check it belongs to that base model.
 
     Everything is validated before use: invalid JSON or config fields, an unreadable or truncated weights file,
@@ -271,7 +282,7 @@ def load_module(path: str | Path, dims: ModelDims | None = None, device=None, dt
     w_file = p / WEIGHTS_NAME
     state = _read_safetensors(w_file)
     _check_tensors(state, _expected_state(cfg), w_file)
-    module = GlimpseModule(cfg)
+    module = build_module(cfg)
     module.load_state_dict(state)
     module = module.to(device=device, dtype=dtype).eval()
     if dtype is not None:  # e.g. a large fp32 weight is Inf in fp16

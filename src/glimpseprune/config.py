@@ -60,6 +60,9 @@ class SelectionConfig:
             raise ValueError(f"min_keep must be >= 0, got {self.min_keep}")
 
 
+MODULE_KINDS = ("glimpse", "early")  # GlimpseConfig.kind: which module class a config builds
+
+
 def default_prune_layer(n_layers: int) -> int:
     """K = ceil(2L/3) - 1: gives the released values 18/28, 23/36 (Qwen2.5-VL 7B/3B) and 21/32, 26/40 (LLaVA)."""
     return math.ceil(2 * n_layers / 3) - 1
@@ -156,6 +159,9 @@ class GlimpseConfig:
     extra: dict[str, Any] = field(default_factory=dict)
     glimpse_norm_eps: float | None = None  # the glimpse token's RMSNorm; None: rms_eps
     vip_act: str = "silu"
+    # "glimpse": the GlimpsePrune module (glimpse token + VIP at layer K); "early": ``EarlyGlimpseModule``, which
+    # scores visual tokens before the LLM (prune_layer -1; no glimpse or attention layers). Absent in older files.
+    kind: str = "glimpse"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -189,6 +195,26 @@ class GlimpseConfig:
         if self.vip_act not in VIP_ACTIVATIONS:
             raise ValueError(f"vip_act must be one of {list(VIP_ACTIVATIONS)}, got {self.vip_act!r}")
         set_(self, "vision_taps", _as_layers("vision_taps", self.vision_taps))
+        if self.kind not in MODULE_KINDS:
+            raise ValueError(f"kind must be one of {list(MODULE_KINDS)}, got {self.kind!r}")
+        if self.kind == "early":
+            self._check_early()
+        else:
+            self._check_glimpse()
+        self._check_vip()
+
+    def _check_early(self) -> None:
+        """An early module prunes before the LLM: K = -1, and no LLM layer feeds it or gets a glimpse vector."""
+        if self.prune_layer != -1:
+            raise ValueError(f"an early module (kind 'early') prunes before the LLM: prune_layer must be -1, got "
+                             f"{self.prune_layer}")
+        for name in ("attn_layers", "glimpse_layers"):
+            if _as_layers(name, getattr(self, name)):
+                raise ValueError(f"an early module (kind 'early') reads no LLM layer: {name} must be empty")
+            object.__setattr__(self, name, ())
+
+    def _check_glimpse(self) -> None:
+        set_ = object.__setattr__
         set_(self, "attn_layers", _as_layers("attn_layers", self.attn_layers) or (self.prune_layer,))
         glimpse_layers = _as_layers("glimpse_layers", self.glimpse_layers)
         set_(self, "glimpse_layers", glimpse_layers or tuple(range(self.base_num_layers)))
@@ -209,8 +235,12 @@ class GlimpseConfig:
             raise ValueError("glimpse_layers must include layer 0 (the glimpse token's input embedding)")
         if self.attn_score not in ("logits", "log_softmax"):
             raise ValueError(f"attn_score must be 'logits' or 'log_softmax', got {self.attn_score!r}")
+
+    def _check_vip(self) -> None:
         if not self.vision_taps:
             raise ValueError("vision_taps must name at least one vision-encoder block")
+        if len(set(self.vision_taps)) != len(self.vision_taps):
+            raise ValueError(f"vision_taps lists a layer twice: {list(self.vision_taps)}")
         for i in self.vision_taps:
             if not (0 <= i < self.base_vision_depth):
                 raise ValueError(f"vision tap {i} outside the encoder's blocks [0, {self.base_vision_depth - 1}]")

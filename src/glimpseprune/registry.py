@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 METHODS: dict[str, type[PruningMethod]] = {}
 ADAPTERS: dict[str, Adapter] = {}
+MODULE_METHODS = ("glimpse", "early_glimpse")  # methods that run a trained module and take its SelectionConfig
 
 
 def register_method(cls: type[PruningMethod]) -> type[PruningMethod]:
@@ -147,6 +148,8 @@ def _where(cls: type) -> str:
         method = cls()
         schedules = [tuple(method.prune_layers(n)) for n in _SAMPLE_DEPTHS]
     except (TypeError, ValueError):  # needs what only a request or a checkpoint brings (a module)
+        if getattr(cls, "prunes_before_llm", False):
+            return "before the LLM"
         return "after its module's LLM layer K" if _needs(cls) == "a trained module" else "set per request"
     if not schedules[0]:
         return "nowhere (keeps every token)"

@@ -27,7 +27,7 @@ def _selection(args):
 def _check_method(args) -> None:
     """Before anything loads: ``--method`` names a registered method that runs on images and a question alone,
     ``--method-arg`` fits its config, the selection flags go with glimpse. Sets ``args.method_kwargs``."""
-    from ..registry import describe_method, get_method, list_methods, method_settings
+    from ..registry import MODULE_METHODS, describe_method, get_method, list_methods, method_settings
 
     selection = _selection(args)  # bad flag values first, whatever the method
     args.method_kwargs = {}
@@ -48,7 +48,7 @@ def _check_method(args) -> None:
     changed = [flag for field, flag in SELECTION_FLAGS.items()
                if getattr(selection, field) != getattr(type(selection)(), field)]
     own = {s["name"]: s for s in method_settings(name) if s["group"] is None}  # s["type"]: the resolved hint
-    if changed and name != "glimpse":
+    if changed and name not in MODULE_METHODS:
         hint = f"its own settings go in --method-arg KEY=VALUE ({_known_settings(own)})" if own else \
             "it has no settings"
         raise ValueError(f"{', '.join(changed)} set GlimpsePrune's selection and do nothing for --method {name}: "
@@ -126,10 +126,11 @@ def _load(args):
     from ..api import load
     from ..assets import resolve_model, resolve_module
     from ..checkpoint import adapter_record
+    from ..registry import MODULE_METHODS
 
     check_device(args.device)
     module = resolve_module(_module_arg(args))
-    if args.method not in (None, "glimpse") and (module is None or adapter_record(module) is None):
+    if args.method not in (None, *MODULE_METHODS) and (module is None or adapter_record(module) is None):
         module = None
     pm = load(resolve_model(args.model), module=module, method=args.method, selection=_selection(args),
               device=args.device, dtype=getattr(torch, args.dtype), **getattr(args, "method_kwargs", {}))

@@ -46,6 +46,10 @@ class GlimpseMethod(PruningMethod):
                  selection: SelectionConfig | None = None):
         if module is None:
             raise ValueError("method 'glimpse' needs a trained module: pass module=load_module(DIR)")
+        kind = getattr(getattr(module, "cfg", None), "kind", "glimpse")
+        if kind != "glimpse":
+            raise ValueError(f"method 'glimpse' needs a glimpse module, got one of kind {kind!r}: use method "
+                             f"'early_glimpse' for an early module")
         super().__init__(config if config is not None else GlimpseMethodConfig(selection or SelectionConfig()))
         self.module = module
         self._tap_fn = self._project_tap  # one bound method: the same object on every vision_tap_fn() call

@@ -8,8 +8,9 @@ three chunks over one KV cache, with autograd on:
 2. the prefix through layers K+1..;
 3. the suffix through every layer, attending to the cached prefix.
 
-The method's ``before_layer`` runs on every layer of the prefix, so per-layer glimpse vectors after K also train
-(through the LM loss, as upstream). Nothing is compacted. Two visibility modes for chunks 2 and 3:
+At K = -1 (an early module) chunk 1 is empty: the predictor's logits are read before any layer, from the encoding
+alone. The method's ``before_layer`` runs on every layer of the prefix, so per-layer glimpse vectors after K also
+train (through the LM loss, as upstream). Nothing is compacted. Two visibility modes for chunks 2 and 3:
 
 - ``soft_keep=False`` (upstream stage 1): nothing is hidden; the answer sees the glimpse (the chunks then equal
   one causal pass over the whole sequence).
@@ -76,8 +77,9 @@ def forward_train(model, adapter: Adapter, method: PruningMethod, inputs: dict, 
     layers = adapter.layers(model)
     n_layers = len(layers)
     K = _resolve_prune_layer(method, n_layers)
-    if K is not None and K < 0:
-        raise ValueError("forward_train needs a method that prunes after a layer (K >= 0)")
+    if K is not None and K < 0 and not hasattr(method, "predict_logits"):
+        raise ValueError("forward_train needs a method that prunes after a layer (K >= 0), or one that predicts its "
+                         "scores before the LLM (K = -1, with predict_logits)")
     enc = adapter.encode(model, inputs, taps=method.vision_taps() if K is not None else (),
                          tap_fn=method.vision_tap_fn() if K is not None else None)
     state = PrefillState(model, adapter, enc, new_cache(adapter.text_config(model)), {}, n_layers, K)

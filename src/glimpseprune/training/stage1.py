@@ -5,6 +5,10 @@ box token masks, plus lm_weight * cross-entropy of the answer with the glimpse i
 Loss (``mode: kl``, label-free, no boxes): KL(full-token answer distribution || softly pruned one) plus
 sparsity_weight * the mean keep probability, so the predictor learns to drop what the answer does not need.
 
+An early module (``module: {kind: early}``, method ``early_glimpse``) decides before the LLM: in ``boxes`` mode only the
+vision encoder and the module run (Dice + BCE; the LM loss has no gradient into it), in ``kl`` mode the soft keep
+bias applies from layer 0 on (``configs/stage1_world_early*.yaml``).
+
 Runs on transformers' ``Trainer`` (progress bar, periodic eval, checkpoints, resume, fixed seed). Configs are YAML
 files headed by their command, e.g. ``configs/stage1_world.yaml``::
 
@@ -25,11 +29,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoint import build_module as module_of_config
 from ..checkpoint import config_for_model
 from ..config import GlimpseConfig
 from ..data import world
 from ..data.records import read_records
+from ..methods.early_glimpse import EarlyGlimpseMethod
 from ..methods.glimpse import GlimpseMethod
+from ..modules.early import EarlyGlimpseModule
 from ..modules.glimpse import GlimpseModule
 from ..processing import build_inputs, load_image
 from ..registry import get_adapter
@@ -293,17 +300,27 @@ class Collator:
 class Stage1Model(nn.Module):
     """Holds the trainable GlimpseModule as its only submodule; the frozen base is kept outside the state dict."""
 
-    def __init__(self, base, module: GlimpseModule, cfg: Stage1Config):
+    def __init__(self, base, module: GlimpseModule | EarlyGlimpseModule, cfg: Stage1Config):
         super().__init__()
         self.module = module
         object.__setattr__(self, "_base", base)  # not registered: checkpoints hold the module only
         self.adapter = get_adapter(base)
-        self.method = GlimpseMethod(module=module)
+        self.early = module.cfg.kind == "early"
+        self.method = EarlyGlimpseMethod(module=module) if self.early else GlimpseMethod(module=module)
         self.cfg = cfg
         self.metrics: dict[str, float] = {}
 
     def forward(self, inputs: dict, suffix_ids, suffix_mask, targets) -> dict:
         cfg, base = self.cfg, self._base
+        if cfg.mode == "boxes" and self.early:
+            # the LLM runs after the decision and sees none of the module: its LM loss has no gradient here, so
+            # only the encoder runs (Dice + BCE against the box tokens)
+            enc = self.adapter.encode(base, inputs, taps=self.method.vision_taps(), tap_fn=self.method.vision_tap_fn())
+            vip = self.method.logits_for(enc)
+            loc = mask_loss(vip, targets, cfg.dice_weight, cfg.bce_weight)
+            loss, parts = cfg.loc_weight * loc, {"loc_loss": loc.item()}
+            self.metrics = {**parts, **mask_metrics(vip, targets)}
+            return {"loss": loss}
         if cfg.mode == "boxes":
             out = forward_train(base, self.adapter, self.method, inputs, suffix_ids, suffix_mask)
             loc = mask_loss(out.vip_logits, targets, cfg.dice_weight, cfg.bce_weight)
@@ -324,7 +341,8 @@ class Stage1Model(nn.Module):
         return {"loss": loss}
 
 
-def build_module(base, cfg: Stage1Config) -> GlimpseModule:
+def build_module(base, cfg: Stage1Config) -> GlimpseModule | EarlyGlimpseModule:
+    """The module ``cfg.module`` describes (``kind: early``: an ``EarlyGlimpseModule``), sized for ``base``."""
     dims = get_adapter(base).dims(base)
     gcfg = config_for_model(dims, base_model_name=getattr(base.config, "_name_or_path", None), **cfg.module)
-    return GlimpseModule(gcfg)
+    return module_of_config(gcfg)

@@ -1,0 +1,84 @@
+"""``early_glimpse``: decide before the LLM (K = -1) which visual tokens to keep, so no LLM layer runs for the decision.
+
+An ``EarlyGlimpseModule`` (``kind: early``) scores every visual token from the vision-encoder taps, the visual
+tokens' input embeddings and the question's token embeddings (the LLM's embedding table on the prompt's text
+tokens); ``select_tokens`` turns the scores into keep masks exactly as ``glimpse`` does (threshold, max_keep_ratio
+cap, min_keep; or fixed_keep_ratio for a fixed count, which a server can size its KV cache for before the model runs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import SelectionConfig
+from ..modules.early import EarlyGlimpseModule
+from ..ops.select import select_with
+from ..registry import register_method
+from .base import PruningMethod
+from .glimpse import GlimpseMethodConfig
+
+
+@dataclass(frozen=True)
+class EarlyGlimpseConfig(GlimpseMethodConfig):
+    """``selection`` and ``video`` as in ``GlimpseMethodConfig``."""
+
+
+def early_inputs(enc) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """From an ``Encoded``: the visual tokens' input embeddings (n_vis_total, H), batch then sequence order, and per
+    sample its prompt's text-token embeddings (T_b, H) (valid, non-visual positions)."""
+    vis = enc.embeds[enc.vis_mask]
+    text = [enc.embeds[b][enc.attn_mask[b].bool() & ~enc.vis_mask[b]] for b in range(enc.embeds.shape[0])]
+    return vis, text
+
+
+@register_method
+class EarlyGlimpseMethod(PruningMethod):
+    """Needs a trained early module (``load_module(DIR)`` of a ``kind: early`` folder). Example::
+
+        method = EarlyGlimpseMethod(module=load_module("runs/stage1-world-early/module"),
+                                    selection=SelectionConfig(fixed_keep_ratio=0.111))
+    """
+
+    name = "early_glimpse"
+    config_class = EarlyGlimpseConfig
+    prunes_before_llm = True
+
+    def __init__(self, config: EarlyGlimpseConfig | None = None, module: EarlyGlimpseModule | None = None,
+                 selection: SelectionConfig | None = None):
+        if module is None:
+            raise ValueError("method 'early_glimpse' needs a trained early module: pass module=load_module(DIR)")
+        kind = getattr(getattr(module, "cfg", None), "kind", None)
+        if not isinstance(module, EarlyGlimpseModule) or kind != "early":
+            raise ValueError(f"method 'early_glimpse' needs an early module (kind 'early'), got a "
+                             f"{type(module).__name__} of kind {kind!r}; use method 'glimpse' for it, or train an "
+                             "early module (stage 1 with module: {kind: early})")
+        super().__init__(config if config is not None else EarlyGlimpseConfig(selection or SelectionConfig()))
+        self.module = module
+        self._tap_fn = module.project_condition  # one object on every vision_tap_fn() call (encodings cache by it)
+
+    def prune_layer(self, n_layers: int) -> int | None:
+        return -1
+
+    def vision_taps(self) -> tuple[int, ...]:
+        return self.module.cfg.vision_taps
+
+    def vision_tap_fn(self):
+        return self._tap_fn
+
+    def predict_logits(self, state) -> list[torch.Tensor]:
+        """Early-module logits per sample, (n_vis_b,) each, from ``state.enc`` alone (no LLM layer)."""
+        return self.logits_for(state.enc)
+
+    def logits_for(self, enc) -> list[torch.Tensor]:
+        """Per sample (n_vis_b,) logits from an ``Encoded`` made with this method's vision taps and tap function."""
+        vis, text = early_inputs(enc)
+        groups = enc.grid_groups if self.config.video == "joint" else None
+        logits = self.module(vis, text, enc.n_vis, enc.vision_feats, enc.grids, projected=True, groups=groups)
+        return list(logits.split(enc.n_vis))
+
+    def select(self, state) -> list[torch.Tensor]:
+        logits = self.predict_logits(state)
+        state.scratch["vip_logits"] = logits
+        return [select_with(self.config.selection, torch.sigmoid(lg)) for lg in logits]

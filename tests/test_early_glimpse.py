@@ -1,0 +1,161 @@
+"""``early_glimpse`` and its ``EarlyGlimpseModule``: the decision is made before the LLM (K = -1) with no LLM layer
+run; it equals ``mask`` at K = -1 given the same keep masks; the module round-trips through save / load; the stage-1
+trainer trains it; bad inputs fail clearly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import IMG_A, IMG_B, IMG_C, QUESTIONS, make_batch, random_early_module
+
+import glimpseprune as gp
+from glimpseprune.checkpoint import CONFIG_NAME, build_module, load_module, save_module
+from glimpseprune.config import GlimpseConfig, SelectionConfig
+from glimpseprune.data.records import write_split
+from glimpseprune.methods.early_glimpse import EarlyGlimpseMethod
+from glimpseprune.methods.glimpse import GlimpseMethod
+from glimpseprune.methods.mask import MaskMethod
+from glimpseprune.modules.early import EarlyGlimpseModule
+from glimpseprune.registry import describe_method
+from glimpseprune.runtime.engine import prefill
+from glimpseprune.testing import build_tiny_qwen2_5_vl
+from glimpseprune.training.stage1 import Stage1Config
+from glimpseprune.training.trainer import train
+
+SPECS = [IMG_A, IMG_B, IMG_C]
+
+
+@pytest.fixture(scope="module")
+def early(model):
+    return random_early_module(model)
+
+
+@pytest.fixture(scope="module")
+def batch(processor):
+    return make_batch(processor, SPECS, QUESTIONS)
+
+
+def test_config_kind(model, early):
+    cfg = early.cfg
+    assert cfg.kind == "early" and cfg.prune_layer == -1 and cfg.attn_layers == () and cfg.glimpse_layers == ()
+    assert GlimpseConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert isinstance(build_module(cfg), EarlyGlimpseModule)
+    assert describe_method("early_glimpse")["where"] == "before the LLM"
+
+
+def test_prunes_before_the_llm_and_equals_mask(model, early, batch):
+    adapter = gp.get_adapter(model)
+    method = EarlyGlimpseMethod(module=early)
+    with torch.no_grad():
+        pre = prefill(model, adapter, method, batch)
+        assert pre.prune_layer == -1 and pre.prune_layers == (-1,)
+        n_kept, n_vis = pre.n_kept, pre.n_vis
+        assert all(0 < k < n for k, n in zip(n_kept, n_vis)), (n_kept, n_vis)
+        assert pre.kv_len == [int(m) - (n - k) for m, n, k in zip(batch["attention_mask"].sum(1), n_vis, n_kept)]
+        ref = prefill(model, adapter, MaskMethod(prune_layer=-1), batch, request={"keep_masks": pre.keep_masks})
+    assert [torch.equal(a, b) for a, b in zip(pre.keep_masks, ref.keep_masks)] == [True] * len(SPECS)
+    torch.testing.assert_close(pre.logits, ref.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_no_llm_layer_runs_before_the_decision(model, early, batch):
+    adapter = gp.get_adapter(model)
+    events: list[str] = []
+    method = EarlyGlimpseMethod(module=early)
+    select = method.select
+
+    def recording_select(state):
+        events.append("select")
+        return select(state)
+
+    method.select = recording_select
+    hooks = [layer.register_forward_pre_hook(lambda mod, args, i=i: events.append(f"layer{i}"))
+             for i, layer in enumerate(adapter.layers(model))]
+    try:
+        with torch.no_grad():
+            prefill(model, adapter, method, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    n_layers = len(adapter.layers(model))
+    assert events == ["select"] + [f"layer{i}" for i in range(n_layers)]
+
+
+def test_fixed_keep_ratio_gives_a_fixed_count(model, early, batch):
+    method = EarlyGlimpseMethod(module=early, selection=SelectionConfig(fixed_keep_ratio=0.25))
+    with torch.no_grad():
+        pre = prefill(model, gp.get_adapter(model), method, batch)
+    assert pre.n_kept == [max(1, int(n * 0.25)) for n in pre.n_vis]
+
+
+def test_save_load_round_trip(model, early, batch, tmp_path):
+    save_module(early, tmp_path / "m")
+    assert json.loads((tmp_path / "m" / CONFIG_NAME).read_text())["glimpse"]["kind"] == "early"
+    loaded = load_module(tmp_path / "m", gp.get_adapter(model).dims(model))
+    assert isinstance(loaded, EarlyGlimpseModule) and loaded.cfg == early.cfg
+    adapter = gp.get_adapter(model)
+    with torch.no_grad():
+        scores = []
+        for mod in (early, loaded):
+            method = EarlyGlimpseMethod(module=mod)
+            enc = adapter.encode(model, batch, taps=method.vision_taps(), tap_fn=method.vision_tap_fn())
+            scores.append(torch.cat(method.logits_for(enc)))
+    assert torch.equal(scores[0], scores[1])
+
+
+def test_old_module_folders_load_as_glimpse(model, module, tmp_path):
+    save_module(module, tmp_path / "old")
+    f = tmp_path / "old" / CONFIG_NAME
+    meta = json.loads(f.read_text())
+    del meta["glimpse"]["kind"]  # written before the field existed
+    f.write_text(json.dumps(meta))
+    loaded = load_module(tmp_path / "old")
+    assert type(loaded) is type(module) and loaded.cfg.kind == "glimpse"
+
+
+def test_api_picks_the_method_of_the_module_kind(model, early, processor, tmp_path):
+    pm = gp.apply(model, "early_glimpse", module=early, processor=processor)
+    assert isinstance(pm.method, EarlyGlimpseMethod)
+
+
+def test_stage1_trains_an_early_module(tmp_path):
+    base = build_tiny_qwen2_5_vl(tmp_path / "base")
+    from glimpseprune.data import world
+
+    small = world.WorldConfig(min_cells=4, max_cells=5, min_objects=2, max_objects=3)
+    data = write_split(tmp_path / "data", n=8, seed=11, cfg=small, name="train.jsonl")
+    for mode in ("boxes", "kl"):
+        out = tmp_path / f"run-{mode}"
+        cfg = Stage1Config(model=str(base), output_dir=str(out), train_data=str(data), eval_data=str(data),
+                           eval_samples=4, batch_size=4, max_steps=2, save_steps=2, eval_steps=2, logging_steps=1,
+                           mode=mode, module=dict(kind="early", vip_width=32, cond_width=32, vip_heads=4,
+                                                  vip_mlp_width=64))
+        module_dir = train(cfg)
+        summary = json.loads((out / "train_summary.json").read_text())
+        assert summary["global_step"] == 2
+        loaded = load_module(module_dir)
+        assert isinstance(loaded, EarlyGlimpseModule)
+        logs = [h for h in summary["log_history"] if "loss" in h]
+        assert logs and all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
+        key = "loc_loss" if mode == "boxes" else "kl_loss"
+        assert key in logs[0]
+
+
+@pytest.mark.parametrize("ratio", [0.0, -0.1, 1.5])
+def test_bad_fixed_keep_ratio(ratio):
+    with pytest.raises(ValueError, match="fixed_keep_ratio"):
+        SelectionConfig(fixed_keep_ratio=ratio)
+
+
+def test_wrong_module_kind(model, module, early):
+    with pytest.raises(ValueError, match="early module"):
+        EarlyGlimpseMethod(module=module)
+    with pytest.raises(ValueError, match="early_glimpse"):
+        GlimpseMethod(module=early)
+    with pytest.raises(ValueError, match="needs a trained early module"):
+        EarlyGlimpseMethod()
+    with pytest.raises(ValueError, match="prune_layer must be -1"):
+        GlimpseConfig(**{**early.cfg.to_dict(), "prune_layer": 2})
+    with pytest.raises(ValueError, match="kind must be one of"):
+        GlimpseConfig(**{**module.cfg.to_dict(), "kind": "late"})
