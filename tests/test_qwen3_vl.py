@@ -16,7 +16,7 @@ import json
 import pytest
 import test_engine as engine_suite
 import torch
-from conftest import IMG_A, IMG_B, IMG_C, Family, make_batch, random_module
+from conftest import IMG_A, IMG_B, IMG_C, Family, make_batch, random_early_module, random_module
 from oracle import dropped_positions, masking, oracle_model, stock_generate
 
 import glimpseprune as gp
@@ -46,7 +46,7 @@ class Qwen3Family(Family):
 def family(q3_dir):
     """Overrides conftest's ``family`` in this module: the engine suite below runs on the tiny Qwen3-VL."""
     model, processor = gp.load_base(q3_dir)
-    return Qwen3Family("qwen3_vl", q3_dir, model, processor, random_module(model))
+    return Qwen3Family("qwen3_vl", q3_dir, model, processor, random_module(model), random_early_module(model))
 
 
 # --------------------------------------------------------------------------- the shared engine suite, on Qwen3-VL

@@ -150,11 +150,15 @@ def test_keep_all_equals_stock(processor, model, module, n_frames):
     assert torch.equal(out.sequences, stock_tokens)
 
 
-def _method(name, module):
+def _method(name, module, model=None):
     import dataclasses
 
     if name == "glimpse":
         return gp.make_method("glimpse", module, gp.SelectionConfig(max_keep_ratio=0.4))
+    if name == "early_glimpse":
+        from conftest import random_early_module
+
+        return gp.make_method("early_glimpse", random_early_module(model), gp.SelectionConfig(max_keep_ratio=0.4))
     fields = {f.name for f in dataclasses.fields(gp.get_method(name).config_class)}
     return gp.make_method(name, **({"keep_ratio": 0.3} if "keep_ratio" in fields else {}))
 
@@ -187,7 +191,7 @@ def test_every_method_on_video_equals_masked_stock(model, processor, module, vid
     cfg, inputs = model.config, video_batch
     n_vis = vis_of(inputs, cfg).sum(1).tolist()
     assert n_vis == [24, 36 + 36]
-    method = _method(name, module)
+    method = _method(name, module, model)
     kw = {"keep_masks": _random_keep(n_vis)} if name in ("mask", "oracle") else {}
     out = gp.apply(model, method, processor=processor).generate(inputs, max_new_tokens=N_NEW, return_logits=True,
                                                                 **kw)

@@ -298,7 +298,7 @@ def test_every_method_on_video_equals_masked_stock(model, processor, module, vid
     inputs = video_batch
     n_vis = visual_positions(inputs, vis_ids(model)).sum(1).tolist()
     assert n_vis == [24, 16 + 36]
-    method = _method(name, module)
+    method = _method(name, module, model)
     kw = {"keep_masks": _random_keep(n_vis)} if name in ("mask", "oracle") else {}
     out = gp.apply(model, method, processor=processor).generate(inputs, max_new_tokens=N_NEW, return_logits=True,
                                                                 **kw)
@@ -340,7 +340,7 @@ def test_mixed_batch_equals_single(model, processor, module, method_name):
     questions = ["What colour is it?", "What happens?", "Which one moves?", "Is it sunny?"]
     images = [make_images([(160, 128)], seed=1), [], make_images(IMG, seed=2), []]
     videos = [None, frames(4, seed=3), frames(5, seed=4), None]
-    pm = gp.apply(model, _method(method_name, module), processor=processor)
+    pm = gp.apply(model, _method(method_name, module, model), processor=processor)
     n_vis = [20, 24, 16 + 36, 0]
     keep = _random_keep(n_vis, seed=2) if method_name == "mask" else None
     out = pm.generate(images=images, videos=videos, questions=questions, max_new_tokens=N_NEW, keep_masks=keep)
