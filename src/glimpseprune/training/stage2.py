@@ -414,7 +414,8 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, overwrite: bool = Fals
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model_path = resolve_model(cfg.model)
-    model, processor = load_base(model_path, device=device or "cpu")
+    # fp32 as the trainer was built and tested with (a bf16 checkpoint would otherwise load as bf16: dtype="auto")
+    model, processor = load_base(model_path, device=device or "cpu", dtype=torch.float32)
     adapter_ = get_adapter(model)
     module = load_module(resolve_module(cfg.module), adapter_.dims(model), device=device or "cpu")
     cotrain = cfg.mask_source == "vip_cotrain"

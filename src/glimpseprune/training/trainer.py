@@ -299,7 +299,8 @@ def train(cfg: Stage1Config, resume: bool = False, overwrite: bool = False, devi
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
     model_path = resolve_model(cfg.model)
-    base, processor = load_base(model_path, device=device or "cpu")
+    # fp32 as the trainer was built and tested with (a bf16 checkpoint would otherwise load as bf16: dtype="auto")
+    base, processor = load_base(model_path, device=device or "cpu", dtype=torch.float32)
     adapter = None
     if cfg.adapter is not None:  # step B of GlimpsePrune+: the module learns on the adapted LLM
         from ..checkpoint import adapter_record
