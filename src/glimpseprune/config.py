@@ -315,7 +315,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # Qwen3-VL (no released GlimpsePrune module): the released rule by analogy -- K = ceil(2L/3) - 1, four evenly spaced
     # ViT blocks from the last (2x2-merge means; Qwen3-VL has no full/window split), VIP 4 blocks x 256, conditions
-    # 512, 4 heads. Sizes from the public config.json files (text hidden / layers / heads, ViT width / depth).
+    # 512, 4 heads. Sizes (text hidden / layers / heads, ViT width / depth) written from memory of the public
+    # config.json files, not read from them (no network here): check them against the checkpoint.
     "qwen3_vl_8b": dict(
         base_model_type="qwen3_vl", base_hidden_size=4096, base_num_layers=36, base_num_heads=32,
         base_vision_width=1152, base_vision_depth=27, prune_layer=23, vision_taps=(26, 20, 14, 8),

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import GlimpseConfig
-from .vip import VIPBlock, span_angles
+from .vip import VIPBlock, init_linears_and_norms, span_angles
 
 
 class QuestionAttention(nn.Module):
@@ -70,13 +70,7 @@ class EarlyGlimpseModule(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        for mod in self.modules():
-            if isinstance(mod, nn.Linear):
-                nn.init.xavier_uniform_(mod.weight)
-                if mod.bias is not None:
-                    nn.init.zeros_(mod.bias)
-            elif isinstance(mod, nn.RMSNorm):
-                nn.init.ones_(mod.weight)
+        init_linears_and_norms(self)
         for attn in self.question_attns:
             nn.init.normal_(attn.learned, std=0.02)
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..config import GlimpseConfig
-from .vip import VIP
+from .vip import VIP, init_linears_and_norms
 
 
 class GlimpseModule(nn.Module):
@@ -28,13 +28,7 @@ class GlimpseModule(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         nn.init.normal_(self.glimpse_embeddings, std=0.02)
-        for mod in self.modules():
-            if isinstance(mod, nn.Linear):
-                nn.init.xavier_uniform_(mod.weight)
-                if mod.bias is not None:
-                    nn.init.zeros_(mod.bias)
-            elif isinstance(mod, nn.RMSNorm):
-                nn.init.ones_(mod.weight)
+        init_linears_and_norms(self)
 
     def glimpse_vector(self, layer_idx: int) -> torch.Tensor | None:
         """(H,) vector for the glimpse token at ``layer_idx`` (layer 0: its input embedding), or None."""

@@ -75,6 +75,18 @@ def grid_angles(grids: list[tuple[int, int]], head_dim: int, theta: float, devic
     return out
 
 
+@torch.no_grad()
+def init_linears_and_norms(module: nn.Module) -> None:
+    """The modules' common initialisation: every Linear Xavier-uniform with zero bias, every RMSNorm weight one."""
+    for mod in module.modules():
+        if isinstance(mod, nn.Linear):
+            nn.init.xavier_uniform_(mod.weight)
+            if mod.bias is not None:
+                nn.init.zeros_(mod.bias)
+        elif isinstance(mod, nn.RMSNorm):
+            nn.init.ones_(mod.weight)
+
+
 def spans(grids: list[tuple[int, int]], groups: list[int] | None) -> list[list[tuple[int, int]]]:
     """The grids of each attention span, in order: consecutive grids sharing a ``groups`` id (a video's frame-groups)
     form one span; None: one span per grid."""

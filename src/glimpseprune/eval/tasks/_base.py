@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -109,6 +109,21 @@ class Task(ABC):
             if not isinstance(row, dict):
                 raise self.format_error(path, f"record {n} is a {type(row).__name__}, not an object")
         return rows
+
+    def first_file(self, root: Path, names: Sequence[str]) -> Path:
+        """The first of ``names`` present under ``root`` (releases name one annotation file several ways)."""
+        found = next((root / n for n in names if (root / n).is_file()), None)
+        if found is None:
+            alt = " (or " + ", ".join(names[1:]) + ")" if len(names) > 1 else ""
+            raise self.layout_error(f"annotation file {names[0]}{alt}", root / names[0])
+        return found
+
+    def read_data_list(self, path: Path) -> list:
+        """The ``"data"`` list of a DocVQA-style annotation file (``{"data": [...]}``)."""
+        data = self.read_json(path)
+        if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+            raise self.format_error(path, 'no "data" list')
+        return data["data"]
 
     def require_keys(self, row: dict, keys: Iterable[str], path: Path, where: str) -> None:
         missing = [k for k in keys if k not in row]

@@ -36,15 +36,11 @@ class InfoVQATask(Task):
     def load(self, data_dir: Path, limit: int | None = None) -> list[Sample]:
         check_limit(limit)
         root = self.data_root(data_dir)
-        qfile = next((root / f for f in FILES if (root / f).is_file()), None)
-        if qfile is None:
-            raise self.layout_error(f"annotation file {FILES[0]} (or {FILES[1]})", root / FILES[0])
-        data = self.read_json(qfile)
-        if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-            raise self.format_error(qfile, 'no "data" list')
+        qfile = self.first_file(root, FILES)
+        rows = self.read_data_list(qfile)
         images = self.need_dir(root / IMAGES, f"image folder {IMAGES}/")
         drafts = []
-        for n, q in take(enumerate(data["data"], 1), limit):
+        for n, q in take(enumerate(rows, 1), limit):
             self.require_keys(q, ["questionId", "question", "image_local_name", "answers"], qfile, f"record {n}")
             drafts.append(Sample(
                 id=str(q["questionId"]), image_paths=[images / q["image_local_name"]], question=q["question"],

@@ -37,11 +37,9 @@ class TextVQATask(Task):
         root = self.data_root(data_dir)
         qfile = self.need_file(root / QUESTIONS, "questions file")
         images = self.need_dir(root / "train_images", "image folder train_images/")
-        data = self.read_json(qfile)
-        if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-            raise self.format_error(qfile, 'no "data" list')
+        rows = self.read_data_list(qfile)
         drafts = []
-        for n, q in take(enumerate(data["data"], 1), limit):
+        for n, q in take(enumerate(rows, 1), limit):
             self.require_keys(q, ["question_id", "image_id", "question", "answers"], qfile, f"record {n}")
             drafts.append(Sample(
                 id=str(q["question_id"]), image_paths=[images / f"{q['image_id']}.jpg"], question=q["question"],
