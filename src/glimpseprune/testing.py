@@ -41,6 +41,7 @@ __all__ = [
     "TINY_MIN_PIXELS",
     "build_tiny_llava",
     "build_tiny_qwen2_5_vl",
+    "build_tiny_qwen2_5_vl_serving",
     "build_tiny_qwen3_vl",
     "make_tiny",
     "random_image",
@@ -369,6 +370,17 @@ def build_tiny_qwen3_vl(out_dir: str | Path, seed: int = 0, **overrides: Any) ->
 
 
 # ------------------------------------------------------------------- a whole tiny kit (`glimpseprune make-tiny`)
+
+def build_tiny_qwen2_5_vl_serving(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny Qwen2.5-VL that vLLM's CPU attention accepts (text head_dim 64: hidden 128, 2 query / 1 key-value
+    heads; ViT head_dim 32), initialised with std 0.1 so that greedy tokens vary and depend on what the model sees
+    (at std 0.02 it repeats one token whatever the image)."""
+    text = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "initializer_range": 0.1,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [8, 12, 12]}}
+    vision = {"hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "initializer_range": 0.1}
+    return build_tiny_qwen2_5_vl(out_dir, seed=seed, text_config=text, vision_config=vision, initializer_range=0.1)
+
 
 TINY_FAMILIES = {"qwen2_5_vl": build_tiny_qwen2_5_vl, "llava": build_tiny_llava, "qwen3_vl": build_tiny_qwen3_vl}
 

@@ -1,0 +1,64 @@
+"""Write a model folder that vLLM serves pruned: ``glimpseprune vllm-folder --model DIR --method M --keep-ratio R``.
+
+The new folder links every file of the base folder (weights are not copied), except ``config.json``, which gets the
+architecture ``GlimpsePruneQwen2_5_VLForConditionalGeneration`` and a ``glimpseprune`` section; a module method's
+module is copied into ``glimpse_module/``. Everything is checked before anything is written, and a folder that
+already holds files is refused (it may be another run's).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .spec import ARCHITECTURE, MODULE_DIR, SECTION, ServeSpec
+
+
+def section_for(method: str, keep_ratio: float | None, module: str | Path | None = None,
+                method_args: dict[str, Any] | None = None) -> dict[str, Any]:
+    section: dict[str, Any] = {"method": method}
+    if keep_ratio is not None:
+        section["keep_ratio"] = keep_ratio
+    if module is not None:
+        section["module"] = str(module)
+    if method_args:
+        section["method_args"] = dict(method_args)
+    return section
+
+
+def write_vllm_folder(model_dir: str | Path, out_dir: str | Path, method: str, keep_ratio: float | None = None,
+                      module: str | Path | None = None, method_args: dict[str, Any] | None = None) -> Path:
+    """``out_dir``: ``model_dir`` opted in to pruning with ``method`` at ``keep_ratio`` in vLLM. Returns its path."""
+    src, out = Path(model_dir), Path(out_dir)
+    cfg_file = src / "config.json"
+    if not cfg_file.is_file():
+        raise ValueError(f"{src} is not a model folder: it has no config.json")
+    config = json.loads(cfg_file.read_text())
+    if config.get("model_type") != "qwen2_5_vl":
+        raise ValueError(f"{src} holds a {config.get('model_type')!r} model; the vLLM plugin serves Qwen2.5-VL "
+                         "(model_type 'qwen2_5_vl') only")
+    if module is not None:
+        module = Path(module).resolve()
+    ServeSpec.from_section(section_for(method, keep_ratio, module, method_args))  # every field checked first
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} already exists and is not an empty folder; choose a new output folder")
+    if out.resolve() == src.resolve():
+        raise ValueError("the output folder must differ from the model folder")
+    if module is not None:
+        from ..checkpoint import _read_meta
+
+        _read_meta(module)  # a readable module config, before the folder is made
+    out.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.iterdir()):
+        if f.name != "config.json" and not f.name.startswith("."):
+            (out / f.name).symlink_to(f.resolve())
+    stored = None
+    if module is not None:
+        shutil.copytree(module, out / MODULE_DIR)
+        stored = MODULE_DIR
+    config["architectures"] = [ARCHITECTURE]
+    config[SECTION] = section_for(method, keep_ratio, stored, method_args)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out

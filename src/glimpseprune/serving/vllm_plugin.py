@@ -1,0 +1,84 @@
+"""vLLM general plugin (entry point ``vllm.general_plugins: glimpseprune = glimpseprune.serving.vllm_plugin:register``).
+
+vLLM calls ``register()`` in every process it starts (API server, engine core, workers) before it resolves a model
+architecture. It registers ``GlimpsePruneQwen2_5_VLForConditionalGeneration`` (lazily: the class module is imported
+only when a model folder names that architecture), so nothing changes for other models.
+
+On a machine without a working torchvision (vLLM's CPU wheels pull a CUDA build of it), vLLM's Qwen2-VL code still
+imports ``smart_resize`` from transformers' torchvision image-processor module, whose import needs torchvision; the
+PIL image-processor module defines the same function, so ``register()`` makes that module name resolve to it. Nothing
+is done when torchvision imports.
+
+vLLM's CPU model runner (0.32) never sets the flag with which the GPU runner turns on the multimodal-pruning path
+(strip the position channels from the embeddings, rewrite the request's M-RoPE positions), so on CPU even vLLM's own
+EVS video pruning gets wrong positions. ``register()`` makes the CPU runner set it after loading a model, exactly as
+the GPU runner does (only models that support pruning and have it enabled are affected).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+from .spec import ARCHITECTURE
+
+logger = logging.getLogger(__name__)
+
+MODEL_CLASS = "glimpseprune.serving.vllm_qwen2_5_vl:GlimpsePruneQwen2_5_VLForConditionalGeneration"
+_TV_MODULE = "transformers.models.qwen2_vl.image_processing_qwen2_vl"
+_PIL_MODULE = "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl"
+
+
+def _torchvision_works() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # absent, or a build for another torch / device (its _C library fails to load)
+        return False
+    return True
+
+
+def alias_smart_resize() -> bool:
+    """Without a working torchvision, point transformers' torchvision Qwen2-VL image-processor module at the PIL one
+    (both define ``smart_resize``, which is all vLLM imports from it). Returns whether the alias was installed."""
+    if _TV_MODULE in sys.modules or _torchvision_works():
+        return False
+    sys.modules[_TV_MODULE] = importlib.import_module(_PIL_MODULE)
+    logger.info("glimpseprune: torchvision is not usable; %s resolves to %s", _TV_MODULE, _PIL_MODULE)
+    return True
+
+
+def enable_pruning_on_cpu_runner() -> bool:
+    """On vLLM's CPU platform, make ``CPUModelRunner.load_model`` set ``is_multimodal_pruning_enabled`` as
+    ``GPUModelRunner.load_model`` does. Returns whether the runner was wrapped (once per process)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return False
+    from vllm.model_executor.models.interfaces import supports_multimodal_pruning
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    original = CPUModelRunner.load_model
+    if getattr(original, "_glimpseprune", False):
+        return False
+
+    def load_model(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        mm_config = self.model_config.multimodal_config
+        self.is_multimodal_pruning_enabled = bool(
+            supports_multimodal_pruning(self.get_model()) and mm_config is not None
+            and mm_config.is_multimodal_pruning_enabled())
+
+    load_model._glimpseprune = True
+    CPUModelRunner.load_model = load_model
+    return True
+
+
+def register() -> None:
+    """Register the pruning Qwen2.5-VL architecture with vLLM (idempotent)."""
+    alias_smart_resize()
+    enable_pruning_on_cpu_runner()
+    from vllm import ModelRegistry
+
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)

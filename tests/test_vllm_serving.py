@@ -1,0 +1,168 @@
+"""vLLM serving: the plugin's model, run by vLLM itself, equals our runtime (stock transformers underneath).
+
+vLLM lives in its own environment (it pins another transformers): ``scripts/setup_vllm_env.sh`` makes ``.venv-vllm``
+(``.ci/run`` calls it). Without it these tests skip, unless ``GLIMPSEPRUNE_REQUIRE_VLLM=1`` (CI), where they fail.
+``GLIMPSEPRUNE_VLLM_PYTHON`` points at another environment's Python.
+
+One vLLM process (tests/vllm_side.py) serves four opt-in folders of one tiny random Qwen2.5-VL (head_dim 64, the
+smallest vLLM's CPU attention takes): ``full``, ``random`` (a fixed mask: seeded), ``early_glimpse`` (a random early
+module, fixed count) and ``visionzip`` (merges rows), two requests each, greedy, fp32. Here our runtime runs the same
+prompts: keep-everything gives the same tokens as our ``full``; vLLM's random mask, fed to our ``mask`` method at
+K = -1, gives vLLM's tokens (so positions of kept tokens and of the text after them are right); the early glimpse and
+VisionZip pick the same tokens in both and generate the same; a pruned request holds fewer KV blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import glimpseprune as gp
+from glimpseprune.config import SelectionConfig
+from glimpseprune.modules.early import EarlyGlimpseModule
+from glimpseprune.processing import build_messages
+from glimpseprune.serving.folder import write_vllm_folder
+from glimpseprune.testing import build_tiny_qwen2_5_vl_serving, random_image
+
+REPO = Path(__file__).resolve().parents[1]
+KEEP = 0.25
+NEW_TOKENS = 8
+QUESTIONS = ["What is in the picture?", "Is there a red square left of the circle?"]
+IMAGES = [(448, 448, 1), (392, 280, 2)]  # (width, height, seed): 256 and 140 visual tokens
+
+
+def vllm_python() -> str:
+    py = os.environ.get("GLIMPSEPRUNE_VLLM_PYTHON") or str(REPO / ".venv-vllm" / "bin" / "python")
+    probe = None
+    if Path(py).exists():
+        probe = subprocess.run([py, "-c", "import vllm, glimpseprune.serving.vllm_plugin"], capture_output=True,
+                               text=True, timeout=300)
+    if probe is None or probe.returncode:
+        why = f"no vLLM environment at {py}" if probe is None else f"vLLM does not import there: {probe.stderr[-500:]}"
+        if os.environ.get("GLIMPSEPRUNE_REQUIRE_VLLM") == "1":
+            pytest.fail(f"{why} (GLIMPSEPRUNE_REQUIRE_VLLM=1; run scripts/setup_vllm_env.sh)")
+        pytest.skip(f"{why}; run scripts/setup_vllm_env.sh")
+    return py
+
+
+def random_early(model) -> EarlyGlimpseModule:
+    dims = gp.get_adapter(model).dims(model)
+    torch.manual_seed(0)
+    mod = EarlyGlimpseModule(gp.config_for_model(dims, kind="early", vip_width=32, cond_width=32, vip_heads=2,
+                                                 vip_mlp_width=64)).eval()
+    with torch.no_grad():
+        mod.out_proj.weight.mul_(8.0)  # spread the scores: no near-ties at the top-k boundary
+    return mod
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    py = vllm_python()
+    root = tmp_path_factory.mktemp("vllm")
+    model_dir = build_tiny_qwen2_5_vl_serving(root / "model")
+    model, processor = gp.load_base(model_dir)
+    early = random_early(model)
+    module_dir = gp.save_module(early, root / "early_module")
+    images = []
+    for i, (w, h, seed) in enumerate(IMAGES):
+        random_image(w, h, seed=seed).save(root / f"img{i}.png")
+        images.append(str(root / f"img{i}.png"))
+    prompts = [processor.apply_chat_template(build_messages(1, q), add_generation_prompt=True, tokenize=False)
+               for q in QUESTIONS]
+    folders = {
+        "full": write_vllm_folder(model_dir, root / "full", "full"),
+        "random": write_vllm_folder(model_dir, root / "random", "random", KEEP, method_args={"seed": 3}),
+        "early_glimpse": write_vllm_folder(model_dir, root / "early", "early_glimpse", KEEP, module=module_dir),
+        "visionzip": write_vllm_folder(model_dir, root / "visionzip", "visionzip", KEEP),
+    }
+    requests = [{"prompt": p, "image": im} for p, im in zip(prompts, images)]
+    job = {"runs": [{"name": n, "model": str(d), "requests": requests, "max_tokens": NEW_TOKENS}
+                    for n, d in folders.items()]}
+    (root / "job.json").write_text(json.dumps(job))
+    proc = subprocess.run([py, str(REPO / "tests" / "vllm_side.py"), str(root / "job.json"), str(root / "out.json")],
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode:
+        sys.stderr.write(proc.stderr[-6000:])
+        pytest.fail(f"the vLLM side failed (exit {proc.returncode}); its log tail is above")
+    out = json.loads((root / "out.json").read_text())
+    return {"out": out, "model": model, "processor": processor, "early": early, "images": images}
+
+
+def ours(served, method, i, keep_masks=None, **kw):
+    """Our runtime on request i: (tokens, log-probs of those tokens, keep mask, kv length)."""
+    from PIL import Image
+
+    pm = gp.apply(served["model"], method, processor=served["processor"], **kw)
+    image = Image.open(served["images"][i]).convert("RGB")
+    o = pm.generate(images=[[image]], questions=[QUESTIONS[i]], max_new_tokens=NEW_TOKENS, return_logits=True,
+                    keep_masks=keep_masks)
+    tokens = o.sequences[0].tolist()
+    logps = [float(lg[0].float().log_softmax(-1)[t]) for lg, t in zip(o.step_logits, tokens)]
+    return tokens, logps, o.keep_masks[0], o.kv_len[0]
+
+
+def kept_mask(entry, n) -> torch.Tensor:
+    m = torch.zeros(n, dtype=torch.bool)
+    m[entry["kept"]] = True
+    return m
+
+
+def check_same(run, i, tokens, logps, kv_len):
+    assert run["tokens"][i] == tokens, f"request {i}: vLLM {run['tokens'][i]} vs ours {tokens}"
+    assert run["logprobs"][i] == pytest.approx(logps, abs=2e-3)
+    assert run["prompt_len"][i] == kv_len  # vLLM's prompt holds exactly the tokens our pruned cache holds
+
+
+@pytest.mark.parametrize("i", [0, 1])
+def test_keep_everything_equals_our_full(served, i):
+    tokens, logps, keep, kv_len = ours(served, "full", i)
+    run = served["out"]["full"]
+    check_same(run, i, tokens, logps, kv_len)
+    assert run["kept"][i]["kept"] == list(range(keep.numel()))
+    assert len(set(tokens)) > 2  # the model's output varies: equal tokens are evidence, not a constant
+
+
+@pytest.mark.parametrize("i", [0, 1])
+def test_fixed_mask_equals_our_mask_method_before_the_llm(served, i):
+    run, full = served["out"]["random"], served["out"]["full"]
+    n = len(full["kept"][i]["kept"])
+    mask = kept_mask(run["kept"][i], n)
+    assert int(mask.sum()) == max(1, int(KEEP * n))
+    # the fixed mask is our random method's own (the same code picks it on both sides)
+    assert torch.equal(ours(served, "random", i, keep_ratio=KEEP, seed=3)[2], mask)
+    tokens, logps, keep, kv_len = ours(served, "mask", i, keep_masks=[mask], prune_layer=-1)
+    check_same(run, i, tokens, logps, kv_len)
+    assert run["tokens"][i] != full["tokens"][i] or run["logprobs"][i] != pytest.approx(full["logprobs"][i], abs=0.05)
+
+
+@pytest.mark.parametrize("i", [0, 1])
+def test_early_glimpse_picks_the_same_tokens_as_our_runtime(served, i):
+    run = served["out"]["early_glimpse"]
+    tokens, logps, keep, kv_len = ours(served, "early_glimpse", i, module=served["early"],
+                                       selection=SelectionConfig(fixed_keep_ratio=KEEP))
+    assert torch.equal(kept_mask(run["kept"][i], keep.numel()), keep)
+    check_same(run, i, tokens, logps, kv_len)
+
+
+@pytest.mark.parametrize("i", [0, 1])
+def test_visionzip_merges_the_same_tokens_as_our_runtime(served, i):
+    run = served["out"]["visionzip"]
+    tokens, logps, keep, kv_len = ours(served, "visionzip", i, keep_ratio=KEEP)
+    assert torch.equal(kept_mask(run["kept"][i], keep.numel()), keep)
+    check_same(run, i, tokens, logps, kv_len)
+
+
+def test_a_pruned_request_holds_fewer_kv_blocks(served):
+    out = served["out"]
+    for i in range(len(QUESTIONS)):
+        full = out["full"]["kv_blocks"][i]
+        bs = out["full"]["block_size"]
+        assert full == -(-out["full"]["prompt_len"][i] // bs)  # vLLM's pool count is the prompt's blocks
+        for name in ("random", "early_glimpse", "visionzip"):
+            assert out[name]["kv_blocks"][i] < full, (name, i, out[name]["kv_blocks"][i], full)

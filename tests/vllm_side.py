@@ -1,0 +1,78 @@
+"""The vLLM half of the serving equivalence tests (tests/test_vllm_serving.py), run with the vLLM environment's
+Python: ``python tests/vllm_side.py JOB.json OUT.json``. Not collected by pytest.
+
+JOB: {"runs": [{"name", "model", "requests": [{"prompt", "image"}], "max_tokens"}]}. Each run starts vLLM in this
+process (one engine at a time, greedy, fp32) on its model folder and, per request, records the generated tokens, their
+log-probabilities, the prompt length vLLM scheduled, the KV-cache blocks the request held after its prefill (vLLM's
+block pool: free blocks before minus after) and, for pruning folders, the kept indices the model logged. OUT is
+written after every run.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: its scheduler is readable
+
+
+def _scheduler(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def run_one(run: dict, log_dir: Path) -> dict:
+    from PIL import Image
+    from vllm import LLM, SamplingParams
+
+    kept_log = log_dir / f"{run['name']}.kept.jsonl"
+    kept_log.unlink(missing_ok=True)
+    os.environ["GLIMPSEPRUNE_VLLM_KEPT_LOG"] = str(kept_log)
+    t0 = time.time()
+    llm = LLM(model=run["model"], dtype="float32", max_model_len=2048, enforce_eager=True, seed=0,
+              limit_mm_per_prompt={"image": 1}, max_num_seqs=4, enable_prefix_caching=False)
+    load_s = time.time() - t0
+    kept_log.unlink(missing_ok=True)  # the engine's profiling run on dummy images logs too
+    params = SamplingParams(temperature=0.0, max_tokens=run["max_tokens"], ignore_eos=True, logprobs=1)
+    engine, pool = llm.llm_engine, _scheduler(llm).kv_cache_manager.block_pool
+    out = {"tokens": [], "logprobs": [], "prompt_len": [], "kv_blocks": [], "load_s": round(load_s, 1)}
+    for i, req in enumerate(run["requests"]):
+        image = Image.open(req["image"]).convert("RGB")
+        free0 = pool.get_num_free_blocks()
+        engine.add_request(f"r{i}", {"prompt": req["prompt"], "multi_modal_data": {"image": image}}, params)
+        held, finished = None, None
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.finished:
+                    finished = o
+            if held is None:
+                held = free0 - pool.get_num_free_blocks()  # after the prefill step
+        gen = finished.outputs[0]
+        out["tokens"].append(list(gen.token_ids))
+        out["logprobs"].append([step[t].logprob for t, step in zip(gen.token_ids, gen.logprobs)])
+        out["prompt_len"].append(len(finished.prompt_token_ids))
+        out["kv_blocks"].append(held)
+    out["kept"] = [json.loads(line) for line in kept_log.read_text().splitlines()] if kept_log.exists() else []
+    out["block_size"] = _scheduler(llm).cache_config.block_size
+    engine.engine_core.shutdown()
+    del llm, engine, pool
+    gc.collect()
+    return out
+
+
+def main(job_file: str, out_file: str) -> int:
+    job = json.loads(Path(job_file).read_text())
+    log_dir = Path(out_file).parent
+    results: dict = {}
+    for run in job["runs"]:
+        results[run["name"]] = run_one(run, log_dir)
+        Path(out_file).write_text(json.dumps(results))
+        print(f"vllm run {run['name']}: {results[run['name']]['load_s']} s to load", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2]))
