@@ -61,6 +61,30 @@ def random_early(model) -> EarlyGlimpseModule:
     return mod
 
 
+def bad_folders(root: Path, model_dir: Path) -> dict[str, Path]:
+    """Opt-in folders edited by hand into what ``write_vllm_folder`` would refuse."""
+    out = {}
+    for name, edit in BAD.items():
+        d = write_vllm_folder(model_dir, root / f"bad_{name}", "divprune", KEEP)
+        cfg = json.loads((d / "config.json").read_text())
+        edit(cfg["glimpseprune"])
+        (d / "config.json").write_text(json.dumps(cfg))
+        out[name] = d
+    return out
+
+
+BAD = {  # name -> edit of the glimpseprune section; the error must say what is wrong
+    "module_weights_missing": lambda s: s.update(method="early_glimpse", module="glimpse_module"),
+    "needs_llm_attention": lambda s: s.update(method="fastv"),
+    "ratio_outside": lambda s: s.update(keep_ratio=1.5),
+}
+BAD_MESSAGES = {
+    "module_weights_missing": "glimpseprune.module: the module folder",
+    "needs_llm_attention": "glimpseprune.method 'fastv' cannot run",
+    "ratio_outside": "glimpseprune.keep_ratio must be a number in (0, 1], got 1.5",
+}
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     py = vllm_python()
@@ -82,8 +106,9 @@ def served(tmp_path_factory):
         "visionzip": write_vllm_folder(model_dir, root / "visionzip", "visionzip", KEEP),
     }
     requests = [{"prompt": p, "image": im} for p, im in zip(prompts, images)]
-    job = {"runs": [{"name": n, "model": str(d), "requests": requests, "max_tokens": NEW_TOKENS}
-                    for n, d in folders.items()]}
+    runs = [{"name": n, "model": str(d), "requests": requests, "max_tokens": NEW_TOKENS} for n, d in folders.items()]
+    runs += [{"name": n, "model": str(d), "expect_error": True} for n, d in bad_folders(root, model_dir).items()]
+    job = {"runs": runs}
     (root / "job.json").write_text(json.dumps(job))
     proc = subprocess.run([py, str(REPO / "tests" / "vllm_side.py"), str(root / "job.json"), str(root / "out.json")],
                           capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -166,3 +191,11 @@ def test_a_pruned_request_holds_fewer_kv_blocks(served):
         assert full == -(-out["full"]["prompt_len"][i] // bs)  # vLLM's pool count is the prompt's blocks
         for name in ("random", "early_glimpse", "visionzip"):
             assert out[name]["kv_blocks"][i] < full, (name, i, out[name]["kv_blocks"][i], full)
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_a_bad_folder_fails_at_load_with_an_error_that_names_the_problem(served, name):
+    result = served["out"][name]
+    assert result["error"] is not None, f"vLLM started on the bad folder {name}"
+    assert BAD_MESSAGES[name] in result["error"], result["error"][-3000:]
+    assert result["seconds"] < 120  # refused while loading, not after a timeout

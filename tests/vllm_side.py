@@ -5,7 +5,7 @@ JOB: {"runs": [{"name", "model", "requests": [{"prompt", "image"}], "max_tokens"
 process (one engine at a time, greedy, fp32) on its model folder and, per request, records the generated tokens, their
 log-probabilities, the prompt length vLLM scheduled, the KV-cache blocks the request held after its prefill (vLLM's
 block pool: free blocks before minus after) and, for pruning folders, the kept indices the model logged. OUT is
-written after every run.
+written after every run. A run with "expect_error": true only starts vLLM and records the error it raised.
 """
 
 from __future__ import annotations
@@ -63,14 +63,32 @@ def run_one(run: dict, log_dir: Path) -> dict:
     return out
 
 
+def load_error(run: dict) -> dict:
+    """Start vLLM on a folder that must be refused: the error text (its whole exception chain) and the seconds
+    until vLLM gave up."""
+    import traceback
+
+    from vllm import LLM
+
+    t0 = time.time()
+    try:
+        llm = LLM(model=run["model"], dtype="float32", max_model_len=2048, enforce_eager=True,
+                  limit_mm_per_prompt={"image": 1}, max_num_seqs=4)
+    except Exception as e:  # what a user sees
+        return {"error": "".join(traceback.format_exception(e)), "seconds": round(time.time() - t0, 1)}
+    llm.llm_engine.engine_core.shutdown()
+    return {"error": None, "seconds": round(time.time() - t0, 1)}
+
+
 def main(job_file: str, out_file: str) -> int:
     job = json.loads(Path(job_file).read_text())
     log_dir = Path(out_file).parent
     results: dict = {}
     for run in job["runs"]:
-        results[run["name"]] = run_one(run, log_dir)
+        results[run["name"]] = load_error(run) if run.get("expect_error") else run_one(run, log_dir)
         Path(out_file).write_text(json.dumps(results))
-        print(f"vllm run {run['name']}: {results[run['name']]['load_s']} s to load", flush=True)
+        print(f"vllm run {run['name']}: {results[run['name']]}"[:200], flush=True)
+        gc.collect()
     return 0
 
 

@@ -28,6 +28,23 @@ def section_for(method: str, keep_ratio: float | None, module: str | Path | None
     return section
 
 
+def _check_module(module: Path, model_dir: Path, method: str) -> None:
+    """The module's config is readable, of the kind the method runs, and made for this base model."""
+    from transformers import AutoConfig
+
+    from ..checkpoint import _read_meta, check_compatible
+    from .spec import qwen2_5_vl_dims
+
+    try:
+        _, cfg = _read_meta(module)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"module {str(module)!r}: {e}") from None
+    want = "early" if method == "early_glimpse" else "glimpse"
+    if cfg.kind != want:
+        raise ValueError(f"module {str(module)!r} is of kind {cfg.kind!r}; method {method!r} needs kind {want!r}")
+    check_compatible(cfg, qwen2_5_vl_dims(AutoConfig.from_pretrained(str(model_dir), local_files_only=True)))
+
+
 def write_vllm_folder(model_dir: str | Path, out_dir: str | Path, method: str, keep_ratio: float | None = None,
                       module: str | Path | None = None, method_args: dict[str, Any] | None = None) -> Path:
     """``out_dir``: ``model_dir`` opted in to pruning with ``method`` at ``keep_ratio`` in vLLM. Returns its path."""
@@ -47,9 +64,7 @@ def write_vllm_folder(model_dir: str | Path, out_dir: str | Path, method: str, k
     if out.resolve() == src.resolve():
         raise ValueError("the output folder must differ from the model folder")
     if module is not None:
-        from ..checkpoint import _read_meta
-
-        _read_meta(module)  # a readable module config, before the folder is made
+        _check_module(module, src, method)
     out.mkdir(parents=True, exist_ok=True)
     for f in sorted(src.iterdir()):
         if f.name != "config.json" and not f.name.startswith("."):

@@ -126,6 +126,7 @@ class ServeSpec:
             raise ValueError(f"{SECTION}.method_args must be a JSON object, got {type(args).__name__}")
         if "keep_ratio" in args:
             raise ValueError(f"{SECTION}.method_args: give keep_ratio once, as {SECTION}.keep_ratio")
+        _check_method_args(method, float(ratio), args)
         module = _resolve_module(method, section.get("module"), model_dir)
         return cls(method, float(ratio), module, dict(args))
 
@@ -144,6 +145,25 @@ class ServeSpec:
         from ..ops.budget import keep_count
 
         return keep_count(n_tokens, self.keep_ratio) if n_tokens else 0
+
+
+def _check_method_args(method: str, ratio: float, args: dict) -> None:
+    """Build the method's config from ``method_args`` now, so a wrong setting fails with the section, not at serve."""
+    from ..api import MODULE_METHODS
+    from ..config import SelectionConfig
+
+    if method == "full":
+        if args:
+            raise ValueError(f"{SECTION}.method_args: method 'full' takes none, got {sorted(args)}")
+        return
+    cls = _method_class(method)
+    try:
+        if method in MODULE_METHODS:
+            cls.config_class(selection=SelectionConfig(fixed_keep_ratio=ratio), **args)
+        else:
+            cls.config_class(keep_ratio=ratio, **args)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{SECTION}.method_args for {method!r}: {e}") from None
 
 
 def _resolve_module(method: str, module: Any, model_dir) -> str | None:

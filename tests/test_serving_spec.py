@@ -1,0 +1,233 @@
+"""``serving.spec``: which methods a server can run before the LLM, the checked ``glimpseprune`` config section, and
+``ImagePruner`` picking (and merging) the very tokens our runtime picks for one image; ``serving.folder`` writing an
+opt-in vLLM model folder (and refusing bad requests before anything is written)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import IMG_A, make_batch, random_early_module
+
+import glimpseprune as gp
+from glimpseprune.checkpoint import WEIGHTS_NAME
+from glimpseprune.config import SelectionConfig
+from glimpseprune.serving.folder import write_vllm_folder
+from glimpseprune.serving.spec import ARCHITECTURE, MODULE_DIR, SECTION, ImagePruner, ServeSpec, servable_methods
+
+KEEP = 0.25
+SERVABLE = {"early_glimpse", "cdpruner", "divprune", "visionzip", "random", "downsample", "full"}
+NOT_SERVABLE = {"glimpse", "fastv", "pdrop", "vscan", "glimpse_attn", "mask", "oracle"}
+
+
+@pytest.fixture(scope="module")
+def module_dir(model, tmp_path_factory):
+    return gp.save_module(random_early_module(model), tmp_path_factory.mktemp("early") / "m")
+
+
+def test_servable_methods_are_the_before_llm_fixed_count_ones():
+    names = servable_methods()
+    assert set(names) == SERVABLE and len(names) == len(SERVABLE)
+    assert not NOT_SERVABLE & set(names)
+
+
+def _err(section, match, model_dir=None):
+    with pytest.raises(ValueError, match=match):
+        ServeSpec.from_section(section, model_dir)
+
+
+@pytest.mark.parametrize("section, match", [
+    (["method", "random"], "must be a JSON object, got list"),
+    ({"method": "random", "keep_ratio": 0.5, "ratio": 1}, r"unknown field.*'ratio'"),
+    ({"keep_ratio": 0.5}, "method must name a method.*None"),
+    ({"method": "", "keep_ratio": 0.5}, "method must name a method"),
+    ({"method": "tome", "keep_ratio": 0.5}, r"unknown method 'tome'.*early_glimpse.*visionzip"),
+    ({"method": "fastv", "keep_ratio": 0.5}, r"'fastv' cannot run.*LLM layer.*attention.*Methods that can: cdpruner"),
+    ({"method": "pdrop", "keep_ratio": 0.5}, r"'pdrop' cannot run.*LLM layer"),
+    ({"method": "glimpse", "keep_ratio": 0.5}, r"'glimpse' cannot run.*use early_glimpse"),
+    ({"method": "mask", "keep_ratio": 0.5}, r"'mask' cannot run.*keep masks given per request"),
+    ({"method": "random", "keep_ratio": 0}, r"keep_ratio must be a number in \(0, 1\], got 0"),
+    ({"method": "random", "keep_ratio": -0.1}, r"keep_ratio must be a number.*-0\.1"),
+    ({"method": "random", "keep_ratio": 1.5}, r"keep_ratio must be a number.*1\.5"),
+    ({"method": "random", "keep_ratio": True}, r"keep_ratio must be a number.*True"),
+    ({"method": "random", "keep_ratio": "0.5"}, r"keep_ratio must be a number.*'0\.5'"),
+    ({"method": "divprune"}, r"keep_ratio must be a number.*None"),
+    ({"method": "full", "keep_ratio": 0.5}, r"keep_ratio must be 1 for method 'full'"),
+    ({"method": "random", "keep_ratio": 0.5, "method_args": [1]}, "method_args must be a JSON object, got list"),
+    ({"method": "random", "keep_ratio": 0.5, "method_args": {"keep_ratio": 0.3}}, "give keep_ratio once"),
+    ({"method": "random", "keep_ratio": 0.5, "module": "m"}, "module is given but method 'random' uses no module"),
+    ({"method": "early_glimpse", "keep_ratio": 0.5}, "early_glimpse' needs its trained module folder"),
+])
+def test_bad_sections_are_refused(section, match):
+    _err(section, match)
+
+
+def test_module_folder_is_checked_and_resolved(module_dir, tmp_path):
+    sec = {"method": "early_glimpse", "keep_ratio": 0.5}
+    _err({**sec, "module": "nowhere"}, r"module folder .*nowhere.* does not exist", tmp_path)
+    (tmp_path / "empty").mkdir()
+    _err({**sec, "module": "empty"}, f"holds no {WEIGHTS_NAME}", tmp_path)
+    spec = ServeSpec.from_section({**sec, "module": module_dir.name}, module_dir.parent)
+    assert Path(spec.module).is_absolute() and spec.module == str(module_dir.resolve())
+    assert spec.needs_module and spec.reads_question and spec.keep_ratio == 0.5
+    assert ServeSpec.from_section({**sec, "module": str(module_dir)}).module == str(module_dir.resolve())
+
+
+def test_count_and_reads_question():
+    for r in (0.111, 0.25, 0.5, 1.0):
+        spec = ServeSpec.from_section({"method": "random", "keep_ratio": r})
+        assert [spec.count(n) for n in (0, 1, 5, 36, 64, 100)] == [0] + [max(1, math.floor(r * n))
+                                                                          for n in (1, 5, 36, 64, 100)]
+    assert ServeSpec.from_section({"method": "full"}).count(64) == 64
+    for name in ("divprune", "random", "visionzip", "downsample", "full"):
+        sec = {"method": name} if name == "full" else {"method": name, "keep_ratio": 0.5}
+        assert not ServeSpec.from_section(sec).reads_question, name
+    assert ServeSpec.from_section({"method": "cdpruner", "keep_ratio": 0.5}).reads_question
+    spec = ServeSpec.from_section({"method": "random", "keep_ratio": 0.5, "method_args": {"seed": 1}})
+    assert spec.method_args == {"seed": 1} and spec.module is None and not spec.needs_module
+
+
+# --------------------------------------------------------------------------- ImagePruner == runtime
+
+CASES = [("divprune", {}), ("visionzip", {}), ("downsample", {}), ("random", {"seed": 2}), ("cdpruner", {}),
+         ("early_glimpse", {})]
+
+
+@pytest.fixture(scope="module")
+def one_image(processor):
+    return make_batch(processor, [IMG_A], ["What colour is the square?"])
+
+
+def _pruner_inputs(model, pruner, inputs):
+    """The runtime's own encoding of the one-image batch, cut the way a server sees one image."""
+    with torch.no_grad():
+        enc = gp.get_adapter(model).encode(model, dict(inputs), pruner.taps(), pruner.tap_fn())
+    vis = enc.vis_mask[0]
+    pos = vis.nonzero().squeeze(-1)
+    first, last = int(pos[0]), int(pos[-1])
+    assert last - first + 1 == pos.numel() == enc.grids[0][0] * enc.grids[0][1]  # one contiguous image
+    assert bool(enc.attn_mask[0].all())  # batch of one: no padding
+    e = enc.embeds[0]
+    return e[vis], tuple(enc.grids[0]), list(enc.vision_feats), e[:first], e[last + 1:]
+
+
+@pytest.mark.parametrize("name, args", CASES, ids=[c[0] for c in CASES])
+def test_image_pruner_equals_the_runtime(model, processor, one_image, module_dir, name, args):
+    if name == "early_glimpse":
+        mod = gp.load_module(module_dir)
+        pm = gp.apply(model, name, module=mod, selection=SelectionConfig(fixed_keep_ratio=KEEP), processor=processor)
+        spec = ServeSpec.from_section({"method": name, "keep_ratio": KEEP, "module": str(module_dir)})
+    else:
+        pm = gp.apply(model, name, processor=processor, keep_ratio=KEEP, **args)
+        spec = ServeSpec.from_section({"method": name, "keep_ratio": KEEP, "method_args": args})
+    with torch.no_grad():
+        out = pm.generate(dict(one_image), max_new_tokens=1)
+    want = out.keep_masks[0].nonzero().squeeze(-1).cpu()
+    pruner = ImagePruner(spec, gp.get_adapter(model).dims(model), torch.device("cpu"))
+    embeds, grid, feats, before, after = _pruner_inputs(model, pruner, one_image)
+    idx, rows = pruner.prune(embeds, grid, feats, before, after)
+    n = embeds.shape[0]
+    assert idx.numel() == spec.count(n) == out.n_kept[0] and 0 < idx.numel() < n
+    assert idx.dtype == torch.long and torch.equal(idx.cpu(), want)
+    merged = out.prefill.scratch.get("merged_embeds")
+    replaced = torch.zeros(n, dtype=torch.bool)
+    if name in ("visionzip", "downsample"):
+        m_idx, m_rows = merged[0]
+        assert m_idx.numel() > 0  # the test must see merged rows
+        replaced[m_idx.cpu()] = True
+        at = torch.searchsorted(idx.cpu(), m_idx.cpu())  # idx ascending: the rank of each merged token
+        assert torch.equal(idx.cpu()[at], m_idx.cpu())
+        torch.testing.assert_close(rows[at].float(), m_rows.float().to(rows.device), atol=1e-6, rtol=1e-6)
+    else:
+        assert not merged
+    plain = ~replaced[idx.cpu()]
+    assert torch.equal(rows[plain], embeds[idx][plain])
+
+
+def test_full_keeps_everything_unchanged(model, one_image):
+    pruner = ImagePruner(ServeSpec.from_section({"method": "full"}))
+    assert pruner.taps() == () and pruner.tap_fn() is None
+    embeds, grid, feats, before, after = _pruner_inputs(model, pruner, one_image)
+    idx, rows = pruner.prune(embeds, grid, feats, before, after)
+    assert torch.equal(idx, torch.arange(embeds.shape[0])) and torch.equal(rows, embeds)
+
+
+def test_image_pruner_checks_the_grid():
+    pruner = ImagePruner(ServeSpec.from_section({"method": "random", "keep_ratio": 0.5}))
+    with pytest.raises(ValueError, match=r"grid \(2, 3\) holds 6 tokens but 8"):
+        pruner.prune(torch.zeros(8, 4), (2, 3))
+    with pytest.raises(ValueError, match="method_args for 'random'.*colour"):  # with the section, not at serve time
+        ServeSpec.from_section({"method": "random", "keep_ratio": 0.5, "method_args": {"colour": 1}})
+    with pytest.raises(ValueError, match="method_args for 'visionzip'.*dominant_frac"):
+        ServeSpec.from_section({"method": "visionzip", "keep_ratio": 0.5, "method_args": {"dominant_frac": 2}})
+
+
+# --------------------------------------------------------------------------- write_vllm_folder
+
+
+def test_write_vllm_folder(tiny_dir, module_dir, tmp_path):
+    src = Path(tiny_dir)
+    out = write_vllm_folder(src, tmp_path / "served", "early_glimpse", 0.111, module=module_dir)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == [ARCHITECTURE]
+    assert cfg[SECTION] == {"method": "early_glimpse", "keep_ratio": 0.111, "module": MODULE_DIR}
+    base = json.loads((src / "config.json").read_text())
+    assert {k: v for k, v in cfg.items() if k not in ("architectures", SECTION)} == \
+        {k: v for k, v in base.items() if k != "architectures"}
+    others = [f for f in src.iterdir() if f.name != "config.json" and not f.name.startswith(".")]
+    assert others
+    for f in others:
+        assert (out / f.name).is_symlink() and (out / f.name).resolve() == f.resolve()
+    copied = out / MODULE_DIR
+    assert copied.is_dir() and not copied.is_symlink() and (copied / WEIGHTS_NAME).is_file()
+    assert (copied / WEIGHTS_NAME).read_bytes() == (module_dir / WEIGHTS_NAME).read_bytes()
+    spec = ServeSpec.from_section(cfg[SECTION], out)
+    assert spec.module == str(copied.resolve())
+    plain = write_vllm_folder(src, tmp_path / "rand", "random", 0.5, method_args={"seed": 1})
+    sec = json.loads((plain / "config.json").read_text())[SECTION]
+    assert sec == {"method": "random", "keep_ratio": 0.5, "method_args": {"seed": 1}}
+    assert not (plain / MODULE_DIR).exists()
+
+
+def test_write_vllm_folder_refuses(tiny_dir, llava_dir, tmp_path):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already exists and is not an empty folder"):
+        write_vllm_folder(tiny_dir, busy, "random", 0.5)
+    assert [p.name for p in busy.iterdir()] == ["keep.txt"] and (busy / "keep.txt").read_text() == "mine"
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(ValueError, match="has no config.json"):
+        write_vllm_folder(tmp_path / "bare", tmp_path / "o1", "random", 0.5)
+    with pytest.raises(ValueError, match="'llava'.*Qwen2.5-VL"):
+        write_vllm_folder(llava_dir, tmp_path / "o2", "random", 0.5)
+    bad = [("fastv", 0.5, {}), ("random", 1.5, {}), ("random", None, {}), ("tome", 0.5, {}),
+           ("early_glimpse", 0.5, {}), ("full", 0.5, {}), ("random", 0.5, {"keep_ratio": 0.2}),
+           ("random", 0.5, {"colour": 1})]
+    for i, (method, ratio, args) in enumerate(bad):
+        dest = tmp_path / f"never{i}"
+        with pytest.raises(ValueError):
+            write_vllm_folder(tiny_dir, dest, method, ratio, method_args=args)
+        assert not dest.exists(), method
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_write_vllm_folder_refuses_a_module_that_does_not_fit(tiny_dir, llava_dir, model, tmp_path):
+    from conftest import small_glimpse_config
+
+    llava, _ = gp.load_base(llava_dir)
+    foreign = gp.save_module(random_early_module(llava), tmp_path / "llava_early")
+    glimpse = gp.save_module(gp.GlimpseModule(small_glimpse_config(model)), tmp_path / "glimpse")
+    headless = tmp_path / "headless"
+    headless.mkdir()
+    (headless / WEIGHTS_NAME).write_bytes((glimpse / WEIGHTS_NAME).read_bytes())
+    for i, (mod, match) in enumerate([(foreign, "trained for another base model.*llava"),
+                                      (glimpse, "kind 'glimpse'.*needs kind 'early'"),
+                                      (headless, "headless")]):
+        dest = tmp_path / f"never{i}"
+        with pytest.raises(ValueError, match=match):
+            write_vllm_folder(tiny_dir, dest, "early_glimpse", 0.25, module=mod)
+        assert not dest.exists()
