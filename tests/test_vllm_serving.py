@@ -4,12 +4,13 @@ vLLM lives in its own environment (it pins another transformers): ``scripts/setu
 (``.ci/run`` calls it). Without it these tests skip, unless ``GLIMPSEPRUNE_REQUIRE_VLLM=1`` (CI), where they fail.
 ``GLIMPSEPRUNE_VLLM_PYTHON`` points at another environment's Python.
 
-One vLLM process (tests/vllm_side.py) serves four opt-in folders of one tiny random Qwen2.5-VL (head_dim 64, the
-smallest vLLM's CPU attention takes): ``full``, ``random`` (a fixed mask: seeded), ``early_glimpse`` (a random early
-module, fixed count) and ``visionzip`` (merges rows), two requests each, greedy, fp32. Here our runtime runs the same
-prompts: keep-everything gives the same tokens as our ``full``; vLLM's random mask, fed to our ``mask`` method at
-K = -1, gives vLLM's tokens (so positions of kept tokens and of the text after them are right); the early glimpse and
-VisionZip pick the same tokens in both and generate the same; a pruned request holds fewer KV blocks.
+One vLLM process (tests/vllm_side.py) serves the stock model and four opt-in folders of one tiny random Qwen2.5-VL
+(head_dim 64, the smallest vLLM's CPU attention takes): ``full``, ``random`` (a fixed mask: seeded), ``early_glimpse``
+(a random early module, fixed count) and ``visionzip`` (merges rows), two requests each, greedy, fp32; then three
+hand-broken folders, which vLLM must refuse at load. Here our runtime runs the same prompts: keep-everything and stock
+vLLM give the same tokens as our ``full``; vLLM's random mask, fed to our ``mask`` method at K = -1, gives vLLM's
+tokens (so positions of kept tokens and of the text after them are right); the early glimpse and VisionZip pick the
+same tokens in both and generate the same; a pruned request holds fewer KV blocks.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ def served(tmp_path_factory):
     prompts = [processor.apply_chat_template(build_messages(1, q), add_generation_prompt=True, tokenize=False)
                for q in QUESTIONS]
     folders = {
+        "stock": model_dir,  # vLLM's own Qwen2_5_VLForConditionalGeneration
         "full": write_vllm_folder(model_dir, root / "full", "full"),
         "random": write_vllm_folder(model_dir, root / "random", "random", KEEP, method_args={"seed": 3}),
         "early_glimpse": write_vllm_folder(model_dir, root / "early", "early_glimpse", KEEP, module=module_dir),
@@ -145,11 +147,13 @@ def check_same(run, i, tokens, logps, kv_len):
 
 
 @pytest.mark.parametrize("i", [0, 1])
-def test_keep_everything_equals_our_full(served, i):
+def test_keep_everything_equals_our_full_and_stock_vllm(served, i):
     tokens, logps, keep, kv_len = ours(served, "full", i)
     run = served["out"]["full"]
     check_same(run, i, tokens, logps, kv_len)
+    check_same(served["out"]["stock"], i, tokens, logps, kv_len)
     assert run["kept"][i]["kept"] == list(range(keep.numel()))
+    assert served["out"]["stock"]["kept"] == []  # the stock class never runs our pruner
     assert len(set(tokens)) > 2  # the model's output varies: equal tokens are evidence, not a constant
 
 

@@ -10,6 +10,7 @@
     glimpseprune new-module --model DIR --out DIR [--preset NAME]
     glimpseprune make-tiny --out DIR [--family llava|qwen3_vl]   (tiny random model + untrained module + image)
     glimpseprune methods [--json]
+    glimpseprune vllm-folder --model DIR --out DIR --method early_glimpse --keep-ratio 0.111 --module DIR
 
 stdout carries results only (answers, summaries, ``--json`` objects); progress, notes and errors go to stderr.
 ``-v`` / ``-q`` work before or after the subcommand.

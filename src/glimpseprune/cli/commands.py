@@ -175,6 +175,33 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
+def cmd_vllm_folder(args) -> int:
+    from ..registry import list_methods, method_settings
+    from ..serving.folder import write_vllm_folder
+    from .method_args import _parse_typed
+
+    own = {}
+    if args.method in list_methods():
+        own = {s["name"]: s for s in method_settings(args.method) if s["group"] is None}
+    kwargs = {}
+    for item in args.method_arg or []:
+        key, sep, text = (part.strip() for part in item.partition("="))
+        if not sep or not key:
+            raise ValueError(f"--method-arg {item!r}: expected KEY=VALUE, e.g. seed=1")
+        if key == "keep_ratio":
+            raise ValueError("--method-arg keep_ratio: give it as --keep-ratio")
+        if key not in own:
+            raise ValueError(f"--method-arg {key}: --method {args.method} has no setting {key!r}")
+        kwargs[key] = _parse_typed(key, text, own[key]["type"])
+    out = write_vllm_folder(args.model, args.out, args.method, args.keep_ratio, module=args.module,
+                            method_args=kwargs)
+    print(f"wrote {out}: vLLM prunes its images with {args.method}"
+          + (f" to {args.keep_ratio:g} of their tokens" if args.keep_ratio is not None else "")
+          + f" before the LLM (needs `pip install 'glimpseprune[vllm]'` in vLLM's environment); serve it with:\n"
+          f"  vllm serve {out}")
+    return 0
+
+
 def cmd_tasks(args) -> int:
     from ..eval.tasks import get_task, list_tasks
 

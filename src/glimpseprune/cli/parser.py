@@ -16,6 +16,7 @@ from .commands import (
     cmd_new_module,
     cmd_tasks,
     cmd_train,
+    cmd_vllm_folder,
 )
 from .common import DTYPES, positive_int
 from .compare import cmd_compare
@@ -211,6 +212,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--family", choices=["qwen2_5_vl", "llava", "qwen3_vl"], default="qwen2_5_vl", help="model family")
     t.add_argument("--seed", type=int, default=0, help="initialisation seed")
     t.set_defaults(fn=cmd_make_tiny)
+
+    v = sub.add_parser("vllm-folder", help="write a model folder that vLLM serves with its images pruned before the "
+                       "LLM (links the base files, edits config.json, copies the module)",
+                       description="Write OUT: the Qwen2.5-VL folder MODEL opted in to pruning in vLLM. Every file "
+                       "but config.json is linked (no weights are copied); config.json names the architecture "
+                       "GlimpsePruneQwen2_5_VLForConditionalGeneration and holds a 'glimpseprune' section; a module "
+                       "method's module is copied into OUT/glimpse_module. Methods vLLM can run (before the LLM, a "
+                       "count fixed by --keep-ratio): early_glimpse, cdpruner, divprune, visionzip, random, "
+                       "downsample, full. Then: vllm serve OUT (with glimpseprune installed in vLLM's environment).")
+    v.add_argument("--model", required=True, help="local Qwen2.5-VL model folder")
+    v.add_argument("--out", required=True, help="new output folder (refused if it holds files)")
+    v.add_argument("--method", required=True, help="early_glimpse, cdpruner, divprune, visionzip, random, downsample "
+                   "or full")
+    v.add_argument("--keep-ratio", type=float, help="share of each image's visual tokens kept, in (0, 1] (full: 1)")
+    v.add_argument("--module", help="trained module folder (early_glimpse)")
+    v.add_argument("--method-arg", action="append", metavar="KEY=VALUE", help="another setting of --method, e.g. "
+                   "seed=1 (repeatable)")
+    v.set_defaults(fn=cmd_vllm_folder)
 
     tk = sub.add_parser("tasks", help="list the registered benchmark tasks (eval --task NAME --data DIR)")
     tk.set_defaults(fn=cmd_tasks)

@@ -6,8 +6,11 @@ only when a model folder names that architecture), so nothing changes for other 
 
 On a machine without a working torchvision (vLLM's CPU wheels pull a CUDA build of it), vLLM's Qwen2-VL code still
 imports ``smart_resize`` from transformers' torchvision image-processor module, whose import needs torchvision; the
-PIL image-processor module defines the same function, so ``register()`` makes that module name resolve to it. Nothing
-is done when torchvision imports.
+PIL image-processor module defines the same function, so ``register()`` makes that module name resolve to it. And
+transformers' stock Qwen2.5-VL processor always builds a torchvision video processor, so vLLM cannot process even an
+image request: ``register()`` lets Qwen2.5-VL's processing info fall back to our image-only processor
+(``processing.load_processor``) when the stock one fails to import, and report images only (vLLM then refuses a
+video request up front). Neither is done when torchvision imports.
 
 vLLM's CPU model runner (0.32) never sets the flag with which the GPU runner turns on the multimodal-pruning path
 (strip the position channels from the embeddings, rewrite the request's M-RoPE positions), so on CPU even vLLM's own
@@ -17,6 +20,7 @@ the GPU runner does (only models that support pruning and have it enabled are af
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import sys
@@ -30,6 +34,7 @@ _TV_MODULE = "transformers.models.qwen2_vl.image_processing_qwen2_vl"
 _PIL_MODULE = "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl"
 
 
+@functools.lru_cache(maxsize=1)
 def _torchvision_works() -> bool:
     try:
         import torchvision  # noqa: F401
@@ -45,6 +50,42 @@ def alias_smart_resize() -> bool:
         return False
     sys.modules[_TV_MODULE] = importlib.import_module(_PIL_MODULE)
     logger.info("glimpseprune: torchvision is not usable; %s resolves to %s", _TV_MODULE, _PIL_MODULE)
+    return True
+
+
+def image_only_processor_fallback() -> bool:
+    """Without a working torchvision, Qwen2.5-VL's processing info (stock and ours) builds our image-only processor
+    from the model folder when the stock processor cannot be imported. Returns whether it was installed."""
+    if _torchvision_works():
+        return False
+    from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLProcessingInfo
+
+    original = Qwen2_5_VLProcessingInfo.get_hf_processor
+    if getattr(original, "_glimpseprune", False):
+        return False
+
+    def get_hf_processor(self, **kwargs):
+        try:
+            return original(self, **kwargs)
+        except ImportError:  # the stock processor's video processor needs torchvision
+            from ..processing import load_processor
+
+            proc = self.__dict__.get("_glimpseprune_processor")
+            if proc is None:
+                proc = self.__dict__["_glimpseprune_processor"] = load_processor(self.ctx.model_config.model)
+            for key, value in kwargs.items():  # e.g. min_pixels / max_pixels from --mm-processor-kwargs
+                if value is not None and hasattr(proc.image_processor, key):
+                    setattr(proc.image_processor, key, value)
+            return proc
+
+    limits = Qwen2_5_VLProcessingInfo.get_supported_mm_limits
+
+    def get_supported_mm_limits(self):
+        return {k: v for k, v in limits(self).items() if k != "video"}  # videos need torchvision
+
+    get_hf_processor._glimpseprune = True
+    Qwen2_5_VLProcessingInfo.get_hf_processor = get_hf_processor
+    Qwen2_5_VLProcessingInfo.get_supported_mm_limits = get_supported_mm_limits
     return True
 
 
@@ -77,6 +118,7 @@ def enable_pruning_on_cpu_runner() -> bool:
 def register() -> None:
     """Register the pruning Qwen2.5-VL architecture with vLLM (idempotent)."""
     alias_smart_resize()
+    image_only_processor_fallback()
     enable_pruning_on_cpu_runner()
     from vllm import ModelRegistry
 

@@ -72,22 +72,7 @@ class GlimpsePruneProcessingInfo(Qwen2_5_VLProcessingInfo):
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
         return {"image": None}
 
-    def get_hf_processor(self, **kwargs: object):
-        try:
-            return super().get_hf_processor(**kwargs)
-        except Exception:  # no torchvision: the stock processor cannot build its video processor
-            return self._image_only_processor(**kwargs)
-
-    def _image_only_processor(self, **kwargs: object):
-        from ..processing import load_processor
-
-        if not hasattr(self, "_fallback_processor"):
-            self._fallback_processor = load_processor(self.ctx.model_config.model)
-        proc = self._fallback_processor
-        for key, value in kwargs.items():  # e.g. min_pixels / max_pixels from --mm-processor-kwargs
-            if value is not None and hasattr(proc.image_processor, key):
-                setattr(proc.image_processor, key, value)
-        return proc
+    # without torchvision, get_hf_processor falls back to our image-only processor (vllm_plugin)
 
 
 class GlimpsePruneProcessor(Qwen2_5_VLMultiModalProcessor):
