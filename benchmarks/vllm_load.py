@@ -2,34 +2,39 @@
 
     .venv/bin/python benchmarks/vllm_load.py --out results/vllm_load            (CPU: the scaled CPU shape)
     .venv/bin/python benchmarks/vllm_load.py --shape qwen2_5_vl_7b --device cuda --image-px 1988 \\
-        --requests 64 --concurrency 16 --out runs/vllm_load_7b                (a GPU machine)
+        --requests 64 --concurrency 16 --out runs/vllm_load_7b    (a GPU machine: 71 x 71 = 5,041 visual tokens)
 
 What it does, in one run: builds a model folder of the shape (config + processor, no weights: vLLM starts with
 ``--load-format dummy``, random weights; timings do not depend on them) and, for the pruned variant, an opt-in folder
-(``serving.folder``) with a random early-glimpse module of the shape (or another method, ``--method``). Then for each
-variant in turn it starts ``vllm serve`` on 127.0.0.1 (the vLLM environment's Python, ``--vllm-python``), sends
-``--warmup`` requests, then ``--requests`` chat requests with a bounded number in flight (``--concurrency``), each a
-distinct random image (no encoder-cache hits; prefix caching off) and a question, ``--max-tokens`` generated with
-``ignore_eos``; streams each answer to time its first token; polls ``/metrics`` for vLLM's KV-cache usage; stops the
-server. Results: ``OUT/<variant>.json`` as each variant finishes (per request: TTFT, latency, prompt and completion
-tokens), ``OUT/summary.json`` and ``OUT/summary.md`` with pruned / stock ratios of throughput, TTFT and KV blocks.
-The machine should be otherwise idle; the client threads are light (they wait on sockets).
+(``serving.folder``) with a random early-glimpse module of the shape (or another method, ``--method``). Then,
+``--rounds`` times, for each variant in turn (stock, pruned, stock, pruned, ...) it starts ``vllm serve`` on
+127.0.0.1 (the vLLM environment's Python, ``--vllm-python``), sends ``--warmup`` requests, then ``--requests`` chat
+requests with a bounded number in flight (``--concurrency``), each a distinct random image (no encoder-cache hits;
+prefix caching off) and a question, ``--max-tokens`` generated with ``ignore_eos``; streams each answer to time its
+first token; polls ``/metrics`` for vLLM's KV-cache usage; stops the server. Results: ``OUT/<variant>.json`` (per
+round and request: TTFT, latency, prompt and completion tokens), ``OUT/summary.json`` and ``OUT/summary.md`` with
+pruned / stock ratios of throughput (all requests / all load seconds of a variant; and per round), TTFT and KV blocks.
+Model folders and server logs live in a temporary folder (printed; kept when a server fails). The machine should be
+otherwise idle; the client threads are light (they wait on sockets).
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import io
 import json
 import math
 import os
 import platform
 import re
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -72,6 +77,7 @@ def build_folders(args, root: Path) -> dict[str, Path]:
     config = tiny_qwen2_5_vl_config(text_config=text, vision_config=vision, dtype=dtype)  # the tiny tokenizer's ids
     stock = root / "stock"
     stock.mkdir(parents=True, exist_ok=True)
+    config.architectures = ["Qwen2_5_VLForConditionalGeneration"]  # a bare config would resolve to the embedding model
     config.save_pretrained(stock)
     GenerationConfig(eos_token_id=config.text_config.eos_token_id, do_sample=False).save_pretrained(stock)
     tokenizer = make_tiny_qwen_tokenizer()
@@ -84,7 +90,7 @@ def build_folders(args, root: Path) -> dict[str, Path]:
     module = None
     if args.method == "early_glimpse":
         torch.manual_seed(0)
-        cfg = gp.config_for_model(qwen2_5_vl_dims(config), kind="early", **shape.vip)
+        cfg = gp.config_for_model(qwen2_5_vl_dims(config), kind="early", **dataclasses.asdict(shape.vip))
         module = gp.save_module(EarlyGlimpseModule(cfg).eval(), root / "early_module")
     pruned = write_vllm_folder(stock, root / "pruned", args.method, args.keep_ratio, module=module)
     return {"stock": stock, "pruned": pruned}
@@ -198,8 +204,10 @@ class KVWatch(threading.Thread):
             time.sleep(0.25)
 
 
-def run_variant(args, name: str, folder: Path, port: int, imgs: list[str]) -> dict:
-    proc = start_server(args, folder, port, args.out / f"server_{name}.log")
+def load_once(args, name: str, folder: Path, port: int, imgs: list[str], rnd: int) -> dict:
+    """One server start and one load pass; the requests' images are the round's own (distinct across rounds)."""
+    proc = start_server(args, folder, port, args.work / f"server_{name}_{rnd}.log")
+    base = rnd * args.requests
     try:
         for i in range(args.warmup):
             chat(port, imgs[-1 - i], QUESTIONS[i % len(QUESTIONS)], args.max_tokens, args.request_timeout)
@@ -207,7 +215,7 @@ def run_variant(args, name: str, folder: Path, port: int, imgs: list[str]) -> di
         watch.start()
         t0 = time.perf_counter()
         with ThreadPoolExecutor(args.concurrency) as pool:
-            futures = [pool.submit(chat, port, imgs[i], QUESTIONS[i % len(QUESTIONS)], args.max_tokens,
+            futures = [pool.submit(chat, port, imgs[base + i], QUESTIONS[i % len(QUESTIONS)], args.max_tokens,
                                    args.request_timeout) for i in range(args.requests)]
             results = [f.result() for f in futures]
         wall = time.perf_counter() - t0
@@ -216,17 +224,30 @@ def run_variant(args, name: str, folder: Path, port: int, imgs: list[str]) -> di
         watch.join()
     finally:
         stop_server(proc)
-    out_tokens = sum(r["completion_tokens"] for r in results)
+    print(f"round {rnd} {name}: {len(results) / wall:.3f} req/s", flush=True)
+    return {"wall_s": wall, "kv_usage_peak": watch.peak, "kv_pool_blocks": watch.blocks,
+            "block_size": watch.block_size, "requests": results}
+
+
+def pooled(args, name: str, folder: Path, rounds: list[dict]) -> dict:
+    """A variant's rounds together: throughput = all requests / all load seconds."""
+    results = [r for rnd in rounds for r in rnd["requests"]]
+    wall = sum(rnd["wall_s"] for rnd in rounds)
     prompt = statistics.mean(r["prompt_tokens"] for r in results)
+    block = rounds[0]["block_size"]
     res = {"variant": name, "folder": str(folder), "wall_s": wall, "requests_per_s": len(results) / wall,
-           "output_tokens_per_s": out_tokens / wall, "ttft_median_s": statistics.median(r["ttft_s"] for r in results),
+           "output_tokens_per_s": sum(r["completion_tokens"] for r in results) / wall,
+           "requests_per_s_by_round": [len(rnd["requests"]) / rnd["wall_s"] for rnd in rounds],
+           "ttft_median_s": statistics.median(r["ttft_s"] for r in results),
            "latency_median_s": statistics.median(r["latency_s"] for r in results), "prompt_tokens_mean": prompt,
-           "kv_usage_peak": watch.peak, "kv_pool_blocks": watch.blocks, "block_size": watch.block_size,
-           "kv_blocks_per_request": math.ceil((prompt + args.max_tokens) / watch.block_size)
-           if watch.block_size else None, "requests": results}
+           "kv_usage_peak": max(rnd["kv_usage_peak"] for rnd in rounds),
+           "kv_pool_blocks": rounds[0]["kv_pool_blocks"], "block_size": block,
+           "kv_blocks_per_request": math.ceil((prompt + args.max_tokens) / block) if block else None,
+           "rounds": rounds}
     (args.out / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
     print(f"{name}: {res['requests_per_s']:.3f} req/s, {res['output_tokens_per_s']:.1f} out tok/s, TTFT median "
-          f"{res['ttft_median_s']:.2f} s, prompt {prompt:.0f} tokens, KV peak {100 * watch.peak:.1f} %", flush=True)
+          f"{res['ttft_median_s']:.2f} s, prompt {prompt:.0f} tokens, KV peak {100 * res['kv_usage_peak']:.1f} %",
+          flush=True)
     return res
 
 
@@ -239,11 +260,12 @@ def main(argv=None) -> int:
     p.add_argument("--method", default="early_glimpse", help="a method vLLM can run before the LLM")
     p.add_argument("--keep-ratio", type=float, default=0.111)
     p.add_argument("--image-px", type=int, default=896, help="image side in px (896: 32 x 32 = 1024 visual tokens)")
-    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--requests", type=int, default=16, help="requests per round")
+    p.add_argument("--rounds", type=int, default=2, help="server starts per variant, interleaved")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--kv-space-gib", type=int, default=2, help="CPU only: VLLM_CPU_KVCACHE_SPACE")
     p.add_argument("--start-timeout", type=float, default=600)
     p.add_argument("--request-timeout", type=float, default=600)
@@ -254,14 +276,24 @@ def main(argv=None) -> int:
     if not Path(args.vllm_python).exists():
         raise SystemExit(f"no vLLM environment at {args.vllm_python}: run scripts/setup_vllm_env.sh")
     args.out.mkdir(parents=True, exist_ok=True)
-    folders = build_folders(args, args.out / "models")
-    imgs = images(args.requests + args.warmup, args.image_px, seed=0)
-    runs = {name: run_variant(args, name, folders[name], args.port + i, imgs) for i, name in enumerate(folders)}
+    args.work = Path(tempfile.mkdtemp(prefix="vllm_load_"))  # model folders and server logs
+    print(f"model folders and server logs: {args.work}", flush=True)
+    folders = build_folders(args, args.work)
+    imgs = images(args.rounds * args.requests + args.warmup, args.image_px, seed=0)
+    rounds: dict[str, list[dict]] = {name: [] for name in folders}
+    for rnd in range(args.rounds):  # stock, pruned, stock, pruned, ...: drift hits both alike
+        for i, name in enumerate(folders):
+            rounds[name].append(load_once(args, name, folders[name], args.port + i, imgs, rnd))
+    runs = {name: pooled(args, name, folders[name], rounds[name]) for name in folders}
+    shutil.rmtree(args.work)  # kept when a variant fails, for its server log
     s, q = runs["stock"], runs["pruned"]
     summary = {
         "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {args.device})", "shape": args.shape,
         "method": args.method, "keep_ratio": args.keep_ratio, "image_px": args.image_px,
-        "requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
+        "requests": args.requests, "rounds": args.rounds, "concurrency": args.concurrency,
+        "max_tokens": args.max_tokens,
+        "throughput_ratio_by_round": [a / b for a, b in zip(q["requests_per_s_by_round"],
+                                                            s["requests_per_s_by_round"])],
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "throughput_ratio": q["requests_per_s"] / s["requests_per_s"],
         "output_tokens_per_s_ratio": q["output_tokens_per_s"] / s["output_tokens_per_s"],
@@ -278,8 +310,9 @@ def main(argv=None) -> int:
                     f"{r['ttft_median_s']:.2f} | {r['prompt_tokens_mean']:.0f} | {r['kv_blocks_per_request']} | "
                     f"{100 * r['kv_usage_peak']:.1f} % |")
     rows.append(f"\npruned / stock: throughput **{summary['throughput_ratio']:.2f}x**, TTFT median "
-                f"{summary['ttft_median_ratio']:.2f}x ({args.method}, keep_ratio {args.keep_ratio}, {args.requests} "
-                f"requests, {args.concurrency} in flight, {args.max_tokens} tokens each; {summary['machine']})")
+                f"{summary['ttft_median_ratio']:.2f}x ({args.method}, keep_ratio {args.keep_ratio}, {args.rounds} x "
+                f"{args.requests} requests interleaved, {args.concurrency} in flight, {args.max_tokens} tokens each; "
+                f"{summary['machine']})")
     (args.out / "summary.md").write_text("\n".join(rows) + "\n")
     print("\n".join(rows))
     return 0

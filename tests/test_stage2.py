@@ -224,3 +224,28 @@ def test_visual_cot_image_root(tmp_path):
         "image"].size == (32, 32)
     assert Stage1Config(image_root=str(tmp_path)).image_root == str(tmp_path)
     assert _cfg(tmp_path, image_root=str(tmp_path / "cot_image_data")).image_root.endswith("cot_image_data")
+
+
+def test_guidance_gives_a_group_that_always_fails_the_reference_as_one_rollout(policy, tmp_path):
+    model, processor, module = policy
+    items = [{**WorldDataset(8)[i], "answer": "zebra"} for i in (0, 1)]  # an answer the policy never samples
+    seen = []
+    for guidance in ("none", "on_failure"):
+        cfg = _cfg(tmp_path, num_generations=4, prompts_per_step=2, guidance=guidance, max_new_tokens=4)
+        step = GRPOStep(model, processor, module, cfg, [make_reward("exact")])
+        step.update = lambda batch: seen.append(batch) or {"policy_loss": 0.0, "kl": 0.0}
+        stats = step(items, seeds=list(range(8)))
+        if guidance == "none":
+            assert stats["skipped"] == 1.0 and not seen  # all-zero groups: plain GRPO learns nothing
+    assert stats["guided_groups"] == 1.0 and len(seen) == 1, stats
+    b = seen[0]
+    tok = processor.tokenizer
+    for g in range(2):
+        rows = b.rewards[g * 4:(g + 1) * 4]
+        assert rows.tolist() == [0.0, 0.0, 0.0, 1.0]  # the reference, scored by the same reward
+        assert b.texts[g * 4 + 3] == "zebra"
+        ids = b.tokens[g * 4 + 3][b.mask[g * 4 + 3]].tolist()
+        assert ids == tok("zebra", add_special_tokens=False)["input_ids"] + [step.eos[0]]
+        assert bool((b.advantages[g * 4:(g + 1) * 4] != 0).all())
+    with pytest.raises(ValueError, match="guidance must be one of"):
+        _cfg(tmp_path, guidance="always")

@@ -29,6 +29,7 @@ from glimpseprune.config import SelectionConfig
 from glimpseprune.modules.early import EarlyGlimpseModule
 from glimpseprune.processing import build_messages
 from glimpseprune.serving.folder import write_vllm_folder
+from glimpseprune.serving.spec import ARCHITECTURE
 from glimpseprune.testing import build_tiny_qwen2_5_vl_serving, random_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,6 +110,11 @@ def served(tmp_path_factory):
     }
     requests = [{"prompt": p, "image": im} for p, im in zip(prompts, images)]
     runs = [{"name": n, "model": str(d), "requests": requests, "max_tokens": NEW_TOKENS} for n, d in folders.items()]
+    # the documented flag instead of a folder: the stock folder opted in by --hf-overrides
+    overrides = {"architectures": [ARCHITECTURE], "glimpseprune": json.loads(
+        (folders["random"] / "config.json").read_text())["glimpseprune"]}
+    runs.append({"name": "overrides", "model": str(model_dir), "requests": requests, "max_tokens": NEW_TOKENS,
+                 "engine_args": {"hf_overrides": overrides}})
     runs += [{"name": n, "model": str(d), "expect_error": True} for n, d in bad_folders(root, model_dir).items()]
     job = {"runs": runs}
     (root / "job.json").write_text(json.dumps(job))
@@ -168,6 +174,12 @@ def test_fixed_mask_equals_our_mask_method_before_the_llm(served, i):
     tokens, logps, keep, kv_len = ours(served, "mask", i, keep_masks=[mask], prune_layer=-1)
     check_same(run, i, tokens, logps, kv_len)
     assert run["tokens"][i] != full["tokens"][i] or run["logprobs"][i] != pytest.approx(full["logprobs"][i], abs=0.05)
+
+
+def test_hf_overrides_opt_in_equals_the_opt_in_folder(served):
+    a, b = served["out"]["overrides"], served["out"]["random"]
+    assert a["kept"] == b["kept"] and a["tokens"] == b["tokens"] and a["prompt_len"] == b["prompt_len"]
+    assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-5)
 
 
 @pytest.mark.parametrize("i", [0, 1])

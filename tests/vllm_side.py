@@ -1,11 +1,12 @@
 """The vLLM half of the serving equivalence tests (tests/test_vllm_serving.py), run with the vLLM environment's
 Python: ``python tests/vllm_side.py JOB.json OUT.json``. Not collected by pytest.
 
-JOB: {"runs": [{"name", "model", "requests": [{"prompt", "image"}], "max_tokens"}]}. Each run starts vLLM in this
-process (one engine at a time, greedy, fp32) on its model folder and, per request, records the generated tokens, their
-log-probabilities, the prompt length vLLM scheduled, the KV-cache blocks the request held after its prefill (vLLM's
-block pool: free blocks before minus after) and, for pruning folders, the kept indices the model logged. OUT is
-written after every run. A run with "expect_error": true only starts vLLM and records the error it raised.
+JOB: {"runs": [{"name", "model", "requests": [{"prompt", "image"}], "max_tokens", "engine_args"?}]}. Each run
+starts vLLM in this process (one engine at a time, greedy, fp32) on its model folder and, per request, records the
+generated tokens, their log-probabilities, the prompt length vLLM scheduled, the KV-cache blocks the request held
+after its prefill (vLLM's block pool: free blocks before minus after) and, for pruning folders, the kept indices the
+model logged. OUT is written after every run. A run with "expect_error": true only starts vLLM and records the error
+it raised.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def run_one(run: dict, log_dir: Path) -> dict:
     os.environ["GLIMPSEPRUNE_VLLM_KEPT_LOG"] = str(kept_log)
     t0 = time.time()
     llm = LLM(model=run["model"], dtype="float32", max_model_len=2048, enforce_eager=True, seed=0,
-              limit_mm_per_prompt={"image": 1}, max_num_seqs=4, enable_prefix_caching=False)
+              limit_mm_per_prompt={"image": 1}, max_num_seqs=4, enable_prefix_caching=False,
+              **run.get("engine_args", {}))
     load_s = time.time() - t0
     kept_log.unlink(missing_ok=True)  # the engine's profiling run on dummy images logs too
     params = SamplingParams(temperature=0.0, max_tokens=run["max_tokens"], ignore_eos=True, logprobs=1)

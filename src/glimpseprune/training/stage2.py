@@ -39,6 +39,7 @@ from .stage1 import TRAIN_SEED0, RecordDataset, WorldDataset, _check_field, chec
 
 logger = logging.getLogger(__name__)
 MASK_SOURCES = ("vip", "boxes", "vip_cotrain")
+GUIDANCE = ("none", "on_failure")
 EVAL_SEED0 = 4_000_000_000  # the same held-out synthetic scenes as stage 1's eval
 
 
@@ -70,6 +71,10 @@ class Stage2Config:
     # mixed rewards (the only ones with a gradient) until prompts_per_step of them are found; 0 = off
     dynamic_sampling: int = 0
     prompts_per_step: int = 8
+    # off-policy guidance (LUFFY-style): "on_failure" replaces the last rollout of a group whose G rollouts all
+    # scored 0 with the reference answer (+ EOS), so a question the policy always gets wrong still gives a gradient
+    # (toward the reference); "none": plain GRPO. Needs rewards that score the reference (exact, choice, ...)
+    guidance: str = "none"
     max_new_tokens: int = 16
     temperature: float = 1.0
     beta: float = 0.04  # weight of the k3 KL to the adapter-disabled model
@@ -94,6 +99,8 @@ class Stage2Config:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             setattr(self, f.name, _check_field(f.name, f.type, getattr(self, f.name)))
+        if self.guidance not in GUIDANCE:
+            raise ValueError(f"guidance must be one of {GUIDANCE}, got {self.guidance!r}")
         if self.mask_source not in MASK_SOURCES:
             raise ValueError(f"mask_source must be one of {MASK_SOURCES}, got {self.mask_source!r}")
         if self.num_generations < 2:
@@ -302,16 +309,50 @@ class GRPOStep:
         texts = self.processor.batch_decode(toks.masked_fill(~mask, self.pad), skip_special_tokens=True)
         samples = [RewardInput(question=it["question"], answer=it["answer"], completion=texts[b * G + g],
                                boxes=it.get("boxes") or None) for b, it in enumerate(items) for g in range(G)]
+        rewards = self.score(samples)
+        guided = 0
+        if cfg.guidance == "on_failure":
+            toks, mask, texts, rewards, guided = self.guide(items, toks, mask, texts, rewards, samples)
+        adv = group_advantages(rewards, G)
+        kept = [float(k.float().mean()) for k in pre.keep_masks]
+        stats = {"guided_groups": guided / len(items)} if cfg.guidance != "none" else {}
+        stats |= {"reward": float(rewards.mean()),
+                  "reward_std": float(rewards.view(-1, G).std(1, unbiased=False).mean()),
+                  "kept_frac": sum(kept) / len(kept), "answer_len": float(mask.sum(1).float().mean()),
+                  "mixed_groups": float((adv.view(-1, G).abs().sum(1) > 0).float().mean())}
+        return Rollouts(inputs, pre.keep_masks, toks, mask, texts, rewards, adv, stats)
+
+    def score(self, samples) -> torch.Tensor:
         rewards = torch.zeros(len(samples))
         for fn in self.rewards:
             rewards += torch.tensor(fn(samples), dtype=torch.float32)
-        adv = group_advantages(rewards, G)
-        kept = [float(k.float().mean()) for k in pre.keep_masks]
-        stats = {"reward": float(rewards.mean()),
-                 "reward_std": float(rewards.view(-1, G).std(1, unbiased=False).mean()),
-                 "kept_frac": sum(kept) / len(kept), "answer_len": float(mask.sum(1).float().mean()),
-                 "mixed_groups": float((adv.view(-1, G).abs().sum(1) > 0).float().mean())}
-        return Rollouts(inputs, pre.keep_masks, toks, mask, texts, rewards, adv, stats)
+        return rewards
+
+    def guide(self, items, toks, mask, texts, rewards, samples):
+        """Off-policy guidance: in each group whose rollouts all scored <= 0, the last rollout becomes the reference
+        answer's tokens + EOS, however long (scored like any rollout). Returns (tokens, mask, texts, rewards, number
+        of guided groups)."""
+        from dataclasses import replace
+
+        G, tok = self.cfg.num_generations, self.processor.tokenizer
+        rows = [b for b in range(len(items)) if float(rewards[b * G:(b + 1) * G].max()) <= 0 and items[b]["answer"]]
+        if not rows:
+            return toks, mask, texts, rewards, 0
+        gold = {b: tok(str(items[b]["answer"]), add_special_tokens=False)["input_ids"] + [self.eos[0]] for b in rows}
+        T = max(toks.shape[1], max(len(g) for g in gold.values()))
+        toks = torch.nn.functional.pad(toks, (0, T - toks.shape[1]), value=self.pad)
+        mask = torch.nn.functional.pad(mask, (0, T - mask.shape[1]), value=False)
+        texts, rewards = list(texts), rewards.clone()
+        for b, ids in gold.items():
+            r = b * G + G - 1
+            toks[r] = self.pad
+            toks[r, :len(ids)] = torch.tensor(ids)
+            mask[r] = False
+            mask[r, :len(ids)] = True
+            texts[r] = tok.decode(ids, skip_special_tokens=True)
+            samples[r] = replace(samples[r], completion=texts[r])
+            rewards[r] = self.score([samples[r]])[0]
+        return toks, mask, texts, rewards, len(rows)
 
     def logprobs(self, batch: Rollouts) -> torch.Tensor:
         """(R, T) log-probs of the rollouts on the schedule they ran on (their keep masks fixed at K)."""
