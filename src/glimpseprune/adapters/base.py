@@ -10,59 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-
-@dataclass
-class Encoded:
-    """One batch, embedded and ready for the LLM. Shapes: B samples, L positions, H hidden, P position rows.
-
-    Grids contract: ``grids`` has one (h, w) entry per image and one per temporal frame-group of a video (a video
-    of grid (t, h, w) -- t groups of ``temporal_patch_size`` frames -- gives t consecutive (h, w) entries), in the
-    order their tokens appear (batch order, then sequence order within a sample); each entry's h * w tokens are
-    consecutive among the sample's visual tokens, in raster order. ``image_owner`` is the sample of every entry
-    (videos included), ``grid_video`` says which entries are video frame-groups: -1 for an image, else the index of
-    the video (batch order); an empty ``grid_video`` means every entry is an image (families without video). Code
-    that treats each entry as a picture (pooling, windows, per-entry masks) thus works per frame unchanged; code that
-    must see a video as one input (the VIP's joint attention) groups entries with ``grid_groups``."""
-
-    embeds: torch.Tensor  # (B, L, H)
-    attn_mask: torch.Tensor  # (B, L) bool, left padded
-    positions: torch.Tensor  # (P, B, L) long; P = 3 for M-RoPE (t, h, w), 1 for 1-D RoPE
-    vis_mask: torch.Tensor  # (B, L) bool, True at visual tokens (image and video)
-    grids: list[tuple[int, int]]  # (h, w) merged-token grid per image / per video frame-group, batch order
-    image_owner: list[int]  # sample index of each grids entry
-    next_pos: torch.Tensor  # (B,) first position id after the prompt
-    vision_feats: list[torch.Tensor] = field(default_factory=list)  # per tap: (n_vis_total, C), raster order
-    grid_video: list[int] = field(default_factory=list)  # per grids entry: -1 image, else its video's index
-    # per LLM layer i < len(visual_adds): (n_vis_total, H), rows in vis_mask order (batch, then sequence), added by
-    # the runtime to the visual tokens' hidden states right after layer i (Qwen3-VL DeepStack); rows of tokens
-    # already pruned are dropped with the same keep masks. Empty for families without such additions.
-    visual_adds: list[torch.Tensor] = field(default_factory=list)
-
-    @property
-    def n_vis(self) -> list[int]:
-        return self.vis_mask.sum(dim=1).tolist()
-
-    @property
-    def grid_groups(self) -> list[int]:
-        return grid_groups(self.grid_video, len(self.grids))
-
-
-def grid_groups(grid_video: list[int], n_grids: int) -> list[int]:
-    """Per grids entry, the id of the visual input it belongs to (0, 1, ...): each image alone, all frame-groups of
-    one video together. ``grid_video`` empty: every entry is an image.
-
-    >>> grid_groups([-1, 0, 0, -1, 1, 1, 1], 7)
-    [0, 1, 1, 2, 3, 3, 3]
-    """
-    if not grid_video:
-        return list(range(n_grids))
-    if len(grid_video) != n_grids:
-        raise ValueError(f"grid_video has {len(grid_video)} entries for {n_grids} grids")
-    out: list[int] = []
-    for i, v in enumerate(grid_video):
-        same = i > 0 and v >= 0 and v == grid_video[i - 1]  # the next frame-group of the same video
-        out.append(out[-1] if same else (out[-1] + 1 if out else 0))
-    return out
+from ..contracts import Encoded, grid_groups  # noqa: F401  (re-exported: the adapters fill it)
 
 
 @contextlib.contextmanager

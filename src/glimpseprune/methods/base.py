@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from ..runtime.engine import PrefillState
+    from ..contracts import PrefillState
 
 
 @dataclass(frozen=True)

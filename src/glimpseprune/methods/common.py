@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..contracts import layer_keys
 from ..ops.budget import keep_count, topk_keep
-from ..runtime.cache import layer_keys
 from .base import PruningMethod
 
 if TYPE_CHECKING:
-    from ..runtime.engine import PrefillState
+    from ..contracts import PrefillState
 
 
 def check_keep_ratio(value: float) -> None:

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import SelectionConfig
+from ..contracts import layer_keys
 from ..modules.glimpse import GlimpseModule
 from ..ops.select import select_with
 from ..registry import register_method
-from ..runtime.cache import layer_keys
 from .base import MethodConfig, PruningMethod
 
 

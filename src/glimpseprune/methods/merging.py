@@ -21,8 +21,7 @@ from ..ops.merge import group_mean
 from .common import EmbeddingSubset
 
 if TYPE_CHECKING:
-    from ..adapters.base import Encoded
-    from ..runtime.engine import PrefillState
+    from ..contracts import Encoded, PrefillState
 
 
 def sample_grids(enc: Encoded, b: int) -> list[tuple[int, int]]:

@@ -9,14 +9,11 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from ..contracts import layer_keys  # noqa: F401  (re-exported: the runtime's own view of a layer's keys)
+
 
 def new_cache(text_config) -> DynamicCache:
     return DynamicCache(config=text_config)
-
-
-def layer_keys(cache: DynamicCache, layer_idx: int) -> torch.Tensor:
-    """Keys of one layer, (B, kv_heads, L, head_dim), after RoPE."""
-    return cache.layers[layer_idx].keys
 
 
 def compact_cache(cache: DynamicCache, upto_layer: int, index: torch.Tensor) -> None:

@@ -12,43 +12,13 @@ from typing import Any
 
 import torch
 
-from ..adapters.base import Adapter, Encoded
+from ..adapters.base import Adapter
+from ..contracts import PrefillState
 from ..methods.base import PruningMethod
 from .cache import compact_cache, new_cache
 from .compact import gather_seq, left_repad_index
 from .groups import plan_groups, run_grouped
 from .masks import attention_mask, check_left_padded
-
-
-@dataclass
-class PrefillState:
-    """Everything a method may read during one prefill. ``scratch`` is the method's per-request workspace."""
-
-    model: Any
-    adapter: Adapter
-    enc: Encoded
-    cache: Any
-    request: dict
-    n_layers: int
-    prune_layer: int | None  # the first (for most methods the only) compaction layer
-    n_extra: int = 0
-    extra_at: int = -1  # sequence index of the first extra token (the end of the prompt); -1 once dropped
-    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin), (B, L, head_dim) of the current sequence
-    key_mask: torch.Tensor | None = None  # (B, L) bool of the current sequence (with extra tokens)
-    scratch: dict = field(default_factory=dict)
-    prune_layers: tuple[int, ...] = ()  # every compaction layer, ascending
-    stage: int = 0  # index into prune_layers of the next compaction
-    vis_mask: torch.Tensor | None = None  # (B, L) bool, the visual tokens still in the current sequence
-    keep_vis: list[torch.Tensor] = field(default_factory=list)  # per sample (n_vis_b,) bool, kept so far
-
-    @property
-    def device(self) -> torch.device:
-        return self.enc.embeds.device
-
-    @property
-    def last_prompt_at(self) -> int:
-        """Sequence index of the last prompt token (the one before any extra tokens) in the current sequence."""
-        return (self.extra_at if self.n_extra else self.key_mask.shape[1]) - 1
 
 
 @dataclass

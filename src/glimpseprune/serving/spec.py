@@ -237,7 +237,7 @@ class ImagePruner:
         tap its (n, C) features (raster order, already through ``tap_fn``), and the prompt's text embeddings before
         and after it. Returns (kept indices (k,) long ascending, their LLM input embeddings (k, H)), k =
         ``spec.count(n)``; merging methods rewrite the rows of the tokens they keep."""
-        from ..adapters.base import Encoded
+        from ..contracts import Encoded
 
         n, hidden = embeds.shape
         if grid[0] * grid[1] != n:

@@ -1,0 +1,241 @@
+"""One GlimpsePrune+ (GRPO) step: G rollouts per prompt from one pruned prefill each, their rewards (with optional
+off-policy guidance), group advantages, and the update on the same pruned schedule (``stage2.py`` runs the loop).
+
+The config is a ``stage2.Stage2Config`` (imported for type checking only: stage2 imports this file)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..config import SelectionConfig
+
+if TYPE_CHECKING:
+    from .stage2 import Stage2Config
+
+
+def question_text(cfg, q: str) -> str:
+    return f"{q}\n{cfg.prompt_suffix}" if cfg.prompt_suffix else q
+
+
+@dataclass
+class Rollouts:
+    """One batch of group rollouts: rows b*G .. b*G+G-1 answer prompt b."""
+
+    inputs: dict
+    keep_masks: list[torch.Tensor]  # per prompt, the visual tokens the rollouts saw
+    tokens: torch.Tensor  # (R, T)
+    mask: torch.Tensor  # (R, T) bool, up to and including the first EOS
+    texts: list[str]
+    rewards: torch.Tensor  # (R,)
+    advantages: torch.Tensor  # (R,)
+    stats: dict
+
+
+class GRPOStep:
+    """Rollouts, rewards and the GRPO loss for one batch of prompts (the model carries the LoRA adapter)."""
+
+    def __init__(self, model, processor, module, cfg: Stage2Config, rewards):
+        from ..api import make_method
+        from ..methods.glimpse import GlimpseMethod
+        from ..registry import get_adapter
+
+        self.model, self.processor, self.module, self.cfg, self.rewards = model, processor, module, cfg, rewards
+        self.adapter = get_adapter(model)
+        self.K = module.cfg.prune_layer
+        self.vip = GlimpseMethod(module=module, selection=SelectionConfig(max_keep_ratio=cfg.cap))
+        self.fixed = make_method("mask", prune_layer=self.K)
+        tok = processor.tokenizer
+        gc = getattr(model, "generation_config", None)
+        eos = getattr(gc, "eos_token_id", None) or tok.eos_token_id
+        self.eos = [eos] if isinstance(eos, int) else list(eos)
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def inputs(self, items: list[dict]) -> dict:
+        from ..processing import build_inputs
+
+        batch = build_inputs(self.processor, [[it["image"]] for it in items],
+                             [question_text(self.cfg, it["question"]) for it in items])
+        return dict(batch)
+
+    def keep_masks(self, items, inputs) -> list[torch.Tensor] | None:
+        if self.cfg.mask_source != "boxes":
+            return None
+        masks = self.adapter.box_masks(self.model, self.processor, inputs, [it["boxes"] for it in items],
+                                       [(it["width"], it["height"]) for it in items])
+        return [torch.from_numpy(m.reshape(-1)) for m in masks]
+
+    def __call__(self, items: list[dict], seeds: list[int]) -> dict:
+        """One GRPO step on ``items`` (rollout row r samples with seed ``seeds[r]``): updates the adapter through
+        ``optimizer_step`` unless every group's rewards are equal; returns the step's statistics."""
+        batch = self.rollout(items, seeds)
+        vip = self.vip_update(items) if self.cfg.mask_source == "vip_cotrain" else {}
+        if not bool(batch.advantages.any()):  # every group's rewards equal: no gradient to take
+            return {**batch.stats, **vip, "policy_loss": 0.0, "kl": 0.0, "skipped": 1.0}
+        return {**batch.stats, **vip, **self.update(batch)}
+
+    def mixed_step(self, draw, seeds) -> dict:
+        """Dynamic sampling: roll out batches from ``draw()`` (up to 1 + dynamic_sampling of them, seeds from
+        ``seeds(k)``), keep the prompts whose G rewards differ, and update once on (at most) prompts_per_step of
+        them. Statistics are over every rollout made."""
+        cfg, G = self.cfg, self.cfg.num_generations
+        kept_items, groups, all_stats = [], [], []
+        for k in range(1 + cfg.dynamic_sampling):
+            items = draw()
+            batch = self.rollout(items, seeds(k))
+            all_stats.append(batch.stats)
+            for b, it in enumerate(items):
+                rows = slice(b * G, (b + 1) * G)
+                if bool(batch.advantages[rows].any()) and len(kept_items) < cfg.prompts_per_step:
+                    kept_items.append(it)
+                    groups.append((batch, b))
+            if len(kept_items) >= cfg.prompts_per_step:
+                break
+        stats = {k: sum(st[k] for st in all_stats) / len(all_stats) for k in all_stats[0]}
+        stats["rollout_batches"] = float(len(all_stats))
+        stats["update_prompts"] = float(len(kept_items))
+        if not kept_items:
+            return {**stats, "policy_loss": 0.0, "kl": 0.0, "skipped": 1.0}
+        return {**stats, **self.update(self._merge(kept_items, groups))}
+
+    def _merge(self, items: list[dict], groups: list[tuple[Rollouts, int]]) -> Rollouts:
+        """One ``Rollouts`` of the chosen prompts' groups (re-tokenised together, completions right-padded)."""
+        G = self.cfg.num_generations
+        T = max(batch.tokens.shape[1] for batch, _ in groups)
+        toks, masks, rewards, advs, texts, keep = [], [], [], [], [], []
+        for batch, b in groups:
+            rows = slice(b * G, (b + 1) * G)
+            t, m = batch.tokens[rows], batch.mask[rows]
+            pad = T - t.shape[1]
+            toks.append(torch.nn.functional.pad(t, (0, pad), value=self.pad))
+            masks.append(torch.nn.functional.pad(m, (0, pad), value=False))
+            rewards.append(batch.rewards[rows])
+            advs.append(batch.advantages[rows])
+            texts += batch.texts[rows]
+            keep.append(batch.keep_masks[b])
+        return Rollouts(self.inputs(items), keep, torch.cat(toks), torch.cat(masks), texts, torch.cat(rewards),
+                        torch.cat(advs), {})
+
+    def vip_update(self, items: list[dict]) -> dict:
+        """Co-trained VIP: one stage-1 step of the glimpse module on the adapted LLM (Dice + 0.1 BCE against the
+        box token masks + the answer's LM loss); only the module moves (``vip_optimizer_step``)."""
+        from ..runtime.train import forward_train
+        from .losses import lm_loss, mask_loss
+        from .stage1 import Collator
+
+        batch = Collator(self.processor, self.model)(
+            [{**it, "question": question_text(self.cfg, it["question"])} for it in items])
+        out = forward_train(self.model, self.adapter, self.vip, batch["inputs"], batch["suffix_ids"],
+                            batch["suffix_mask"])
+        loc = mask_loss(out.vip_logits, batch["targets"], 1.0, 0.1)
+        lm = lm_loss(out.suffix_logits, batch["suffix_ids"], batch["suffix_mask"])
+        (loc + lm).backward()
+        self.vip_optimizer_step()
+        return {"vip_loc_loss": float(loc.detach()), "vip_lm_loss": float(lm.detach())}
+
+    def vip_optimizer_step(self) -> None:  # set by the trainer with vip_cotrain
+        raise NotImplementedError
+
+    def rollout(self, items: list[dict], seeds: list[int]) -> Rollouts:
+        """G completions per prompt from one pruned prefill each (no gradient, eval mode: as at inference), their
+        rewards and group advantages."""
+        from ..rewards import RewardInput
+        from ..runtime.engine import prefill
+        from ..runtime.rollout import expand_prefill, sample_group
+        from .grpo import group_advantages
+
+        cfg, model, adapter, G = self.cfg, self.model, self.adapter, self.cfg.num_generations
+        inputs = self.inputs(items)
+        boxes = self.keep_masks(items, inputs)
+        training = model.training
+        model.eval()
+        with torch.no_grad():
+            if boxes is None:
+                pre = prefill(model, adapter, self.vip, inputs)
+            else:
+                pre = prefill(model, adapter, self.fixed, inputs, {"keep_masks": boxes})
+            toks, mask = sample_group(model, adapter, expand_prefill(model, adapter, pre, G), cfg.max_new_tokens,
+                                      self.eos, self.pad, cfg.temperature, seeds)
+        model.train(training)
+        texts = self.processor.batch_decode(toks.masked_fill(~mask, self.pad), skip_special_tokens=True)
+        samples = [RewardInput(question=it["question"], answer=it["answer"], completion=texts[b * G + g],
+                               boxes=it.get("boxes") or None) for b, it in enumerate(items) for g in range(G)]
+        rewards = self.score(samples)
+        guided = 0
+        if cfg.guidance == "on_failure":
+            toks, mask, texts, rewards, guided = self.guide(items, toks, mask, texts, rewards, samples)
+        adv = group_advantages(rewards, G)
+        kept = [float(k.float().mean()) for k in pre.keep_masks]
+        stats = {"guided_groups": guided / len(items)} if cfg.guidance != "none" else {}
+        stats |= {"reward": float(rewards.mean()),
+                  "reward_std": float(rewards.view(-1, G).std(1, unbiased=False).mean()),
+                  "kept_frac": sum(kept) / len(kept), "answer_len": float(mask.sum(1).float().mean()),
+                  "mixed_groups": float((adv.view(-1, G).abs().sum(1) > 0).float().mean())}
+        return Rollouts(inputs, pre.keep_masks, toks, mask, texts, rewards, adv, stats)
+
+    def score(self, samples) -> torch.Tensor:
+        rewards = torch.zeros(len(samples))
+        for fn in self.rewards:
+            rewards += torch.tensor(fn(samples), dtype=torch.float32)
+        return rewards
+
+    def guide(self, items, toks, mask, texts, rewards, samples):
+        """Off-policy guidance: in each group whose rollouts all scored <= 0, the last rollout becomes the reference
+        answer's tokens + EOS, however long (scored like any rollout). Returns (tokens, mask, texts, rewards, number
+        of guided groups)."""
+        from dataclasses import replace
+
+        G, tok = self.cfg.num_generations, self.processor.tokenizer
+        rows = [b for b in range(len(items)) if float(rewards[b * G:(b + 1) * G].max()) <= 0 and items[b]["answer"]]
+        if not rows:
+            return toks, mask, texts, rewards, 0
+        gold = {b: tok(str(items[b]["answer"]), add_special_tokens=False)["input_ids"] + [self.eos[0]] for b in rows}
+        T = max(toks.shape[1], max(len(g) for g in gold.values()))
+        toks = torch.nn.functional.pad(toks, (0, T - toks.shape[1]), value=self.pad)
+        mask = torch.nn.functional.pad(mask, (0, T - mask.shape[1]), value=False)
+        texts, rewards = list(texts), rewards.clone()
+        for b, ids in gold.items():
+            r = b * G + G - 1
+            toks[r] = self.pad
+            toks[r, :len(ids)] = torch.tensor(ids)
+            mask[r] = False
+            mask[r, :len(ids)] = True
+            texts[r] = tok.decode(ids, skip_special_tokens=True)
+            samples[r] = replace(samples[r], completion=texts[r])
+            rewards[r] = self.score([samples[r]])[0]
+        return toks, mask, texts, rewards, len(rows)
+
+    def logprobs(self, batch: Rollouts) -> torch.Tensor:
+        """(R, T) log-probs of the rollouts on the schedule they ran on (their keep masks fixed at K)."""
+        from ..runtime.engine import prefill
+        from ..runtime.rollout import completion_logprobs, expand_prefill
+
+        model, adapter = self.model, self.adapter
+        p = prefill(model, adapter, self.fixed, batch.inputs, {"keep_masks": batch.keep_masks})
+        return completion_logprobs(model, adapter, expand_prefill(model, adapter, p, self.cfg.num_generations),
+                                   batch.tokens, self.cfg.temperature)
+
+    def update(self, batch: Rollouts) -> dict:
+        """The GRPO update(s) on one batch of rollouts; returns the loss parts of the last one."""
+        from ..lora import disabled_adapter
+        from .grpo import grpo_loss
+
+        cfg = self.cfg
+        ref = None
+        if cfg.beta > 0:
+            with torch.no_grad(), disabled_adapter(self.model):
+                ref = self.logprobs(batch)
+        old, parts = None, {}
+        for _ in range(cfg.updates_per_batch):  # 1: upstream's single update; more: PPO-style, clipped ratio
+            logp = self.logprobs(batch)
+            old = logp.detach() if old is None else old
+            loss, parts = grpo_loss(logp, old, ref, batch.advantages, batch.mask, cfg.beta,
+                                    cfg.clip_eps if cfg.updates_per_batch > 1 else None)
+            loss.backward()
+            self.optimizer_step()
+        return parts
+
+    def optimizer_step(self) -> None:  # set by the trainer
+        raise NotImplementedError
