@@ -350,3 +350,24 @@ def test_resume_continues_and_matches_uninterrupted(tmp_path, monkeypatch):
     assert any(not torch.allclose(sda[k], mid[k], atol=1e-4) for k in sda)  # steps 3-4 changed the weights
     for k in sda:
         torch.testing.assert_close(sdb[k], sda[k], atol=1e-5, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_target_dilation_grows_each_box_mask_by_token_rings(tiny):
+    from glimpseprune.training.stage1 import dilate
+
+    m = np.zeros((4, 5), bool)
+    m[0, 0] = m[3, 4] = True
+    assert dilate(m, 0).tolist() == m.tolist()
+    assert dilate(m, 1).astype(int).tolist() == [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 0, 1, 1], [0, 0, 0, 1, 1]]
+    assert dilate(m, 3).all()
+    from glimpseprune.testing import random_image
+
+    model, processor = tiny
+    image = random_image(224, 224)
+    items = [{"image": image, "question": "q?", "answer": "a", "boxes": [[40, 40, 80, 80]], "width": 224,
+              "height": 224}]
+    plain = Collator(processor, model)(items)["targets"][0]
+    grown = Collator(processor, model, 1)(items)["targets"][0]
+    assert bool(plain.any()) and bool((grown >= plain).all()) and int(grown.sum()) > int(plain.sum())
+    with pytest.raises(ValueError, match="target_dilation must be >= 0"):
+        Stage1Config(target_dilation=-1)

@@ -70,6 +70,9 @@ class Stage1Config:
     dice_weight: float = 1.0
     bce_weight: float = 0.1
     loc_weight: float = 1.0
+    # grow each box token mask by this many token rings (8-neighbourhood) before it is a target: teaches the module
+    # to rank the tokens around the answer next (what a fixed budget keeps after the box tokens); 0 = the boxes
+    target_dilation: int = 0
     lm_weight: float = 1.0
     kl_weight: float = 1.0
     sparsity_weight: float = 0.05
@@ -90,6 +93,8 @@ class Stage1Config:
             setattr(self, f.name, _check_field(f.name, f.type, getattr(self, f.name)))
         if self.mode not in ("boxes", "kl"):
             raise ValueError(f"mode must be 'boxes' or 'kl', got {self.mode!r}")
+        if self.target_dilation < 0:
+            raise ValueError(f"target_dilation must be >= 0, got {self.target_dilation}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 (or null for torch's default), got {self.threads}")
         if self.max_steps != -1 and self.max_steps < 1:
@@ -265,12 +270,34 @@ class RecordDataset(torch.utils.data.Dataset):
                 "boxes": r.bboxs, "width": r.width, "height": r.height}
 
 
+def dilate(mask, rings: int):
+    """A (h, w) bool token mask grown by ``rings`` 8-neighbourhood rings (numpy; ``rings`` 0 returns it as is).
+
+    >>> import numpy as np
+    >>> m = np.zeros((3, 4), bool); m[1, 1] = True
+    >>> dilate(m, 1).astype(int).tolist()
+    [[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0]]
+    """
+    import numpy as np
+
+    out = np.asarray(mask, dtype=bool)
+    for _ in range(rings):
+        grown = out.copy()
+        grown[1:] |= out[:-1]
+        grown[:-1] |= out[1:]
+        rows = grown.copy()
+        grown[:, 1:] |= rows[:, :-1]
+        grown[:, :-1] |= rows[:, 1:]
+        out = grown
+    return out
+
+
 class Collator:
     """Left-padded prompts, right-padded ``answer<eos>`` suffixes, and per-sample box token masks (the adapter maps
     boxes through the family's image preprocessing)."""
 
-    def __init__(self, processor, model):
-        self.processor, self.model = processor, model
+    def __init__(self, processor, model, dilation: int = 0):
+        self.processor, self.model, self.dilation = processor, model, dilation
         self.adapter = get_adapter(model)
         tok = processor.tokenizer
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -290,7 +317,7 @@ class Collator:
             smask[b, :len(x)] = True
         masks = self.adapter.box_masks(self.model, self.processor, inputs, [it["boxes"] for it in items],
                                        [(it["width"], it["height"]) for it in items])
-        targets = [torch.from_numpy(m.reshape(-1)) for m in masks]
+        targets = [torch.from_numpy(dilate(m, self.dilation).reshape(-1)) for m in masks]
         return {"inputs": dict(inputs), "suffix_ids": suffix, "suffix_mask": smask, "targets": targets}
 
 

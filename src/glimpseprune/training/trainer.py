@@ -331,7 +331,7 @@ def train(cfg: Stage1Config, resume: bool = False, overwrite: bool = False, devi
         use_cpu=device in (None, "cpu"), prediction_loss_only=True,
     )
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                               data_collator=Collator(processor, base))
+                               data_collator=Collator(processor, base, cfg.target_dilation))
     if ckpt is not None:
         logger.info("resuming %s from %s", out, ckpt)
     t0 = time.time()
