@@ -89,6 +89,32 @@ def test_fixed_keep_ratio_gives_a_fixed_count(model, early, batch):
     assert pre.n_kept == [max(1, int(n * 0.25)) for n in pre.n_vis]
 
 
+def test_diverse_fill_keeps_the_confident_tokens_then_a_diverse_rest(model, early, batch):
+    from glimpseprune.methods.early_glimpse import EarlyGlimpseConfig
+    from glimpseprune.ops.diversity import farthest_point_fill
+
+    adapter = gp.get_adapter(model)
+    sel = SelectionConfig(fixed_keep_ratio=0.25)
+    diverse = EarlyGlimpseMethod(EarlyGlimpseConfig(selection=sel, fill="diverse"), module=early)
+    scored = EarlyGlimpseMethod(module=early, selection=sel)
+    with torch.no_grad():
+        pre = prefill(model, adapter, diverse, batch)
+        pre_s = prefill(model, adapter, scored, batch)
+    assert pre.n_kept == pre_s.n_kept == [max(1, int(n * 0.25)) for n in pre.n_vis]  # the same fixed count
+    enc = adapter.encode(model, dict(batch), diverse.vision_taps(), diverse.vision_tap_fn())
+    differs = False
+    for b, (keep, logits) in enumerate(zip(pre.keep_masks, diverse.logits_for(enc))):
+        confident = torch.sigmoid(logits) > 0.5
+        k = int(keep.sum())
+        assert int(confident.sum()) <= k and bool(keep[confident].all())  # every confident token is kept
+        vis = enc.embeds[b][enc.vis_mask[b]]
+        assert torch.equal(keep, farthest_point_fill(vis, confident, k))
+        differs |= not torch.equal(keep, pre_s.keep_masks[b])
+    assert differs  # the rest is chosen by coverage, not by score
+    with pytest.raises(ValueError, match="fill must be one of"):
+        EarlyGlimpseConfig(fill="random")
+
+
 def test_save_load_round_trip(model, early, batch, tmp_path):
     save_module(early, tmp_path / "m")
     assert json.loads((tmp_path / "m" / CONFIG_NAME).read_text())["glimpse"]["kind"] == "early"

@@ -334,3 +334,20 @@ def test_ratio_floor_tolerates_float_error():
     probs = torch.linspace(0.0, 1.0, 100)
     assert int(select_tokens(probs, fixed_keep_ratio=0.29).sum()) == 29
     assert int(select_tokens(probs, threshold=0.0, max_keep_ratio=0.29).sum()) == 29
+
+
+def test_farthest_point_fill_keeps_the_seed_then_the_farthest_rows():
+    from glimpseprune.ops.diversity import farthest_point_fill, farthest_point_select
+
+    pts = torch.tensor([[1.0, 0.0], [0.99, 0.14], [0.0, 1.0], [-1.0, 0.05], [0.0, -1.0]])
+    seed = torch.tensor([True, False, False, False, False])
+    # from row 0 (angle 0): row 3 (~177 degrees) is farthest; then, from {0, 3}, row 2 is at min(1, ~0.95) and
+    # row 4 at min(1, ~1.05) = 1: row 4
+    assert farthest_point_fill(pts, seed, 2).tolist() == [True, False, False, True, False]
+    assert farthest_point_fill(pts, seed, 3).tolist() == [True, False, False, True, True]
+    assert farthest_point_fill(pts, seed, 1).tolist() == seed.tolist()  # the seed fills the budget
+    assert farthest_point_fill(pts, seed, 9).all()  # k clipped to n
+    none = torch.zeros(5, dtype=torch.bool)
+    assert int(farthest_point_fill(pts, none, 1).nonzero()) == int(farthest_point_select(pts, 1))
+    with pytest.raises(ValueError, match="more than the 1 to keep"):
+        farthest_point_fill(pts, torch.tensor([True, True, False, False, False]), 1)

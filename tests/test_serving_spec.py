@@ -93,7 +93,7 @@ def test_count_and_reads_question():
 # --------------------------------------------------------------------------- ImagePruner == runtime
 
 CASES = [("divprune", {}), ("visionzip", {}), ("downsample", {}), ("random", {"seed": 2}), ("cdpruner", {}),
-         ("early_glimpse", {})]
+         ("early_glimpse", {}), ("early_glimpse", {"fill": "diverse"})]
 
 
 @pytest.fixture(scope="module")
@@ -114,12 +114,14 @@ def _pruner_inputs(model, pruner, inputs):
     return e[vis], tuple(enc.grids[0]), list(enc.vision_feats), e[:first], e[last + 1:]
 
 
-@pytest.mark.parametrize("name, args", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name, args", CASES, ids=[c[0] + "".join(f"-{v}" for v in c[1].values()) for c in CASES])
 def test_image_pruner_equals_the_runtime(model, processor, one_image, module_dir, name, args):
     if name == "early_glimpse":
         mod = gp.load_module(module_dir)
-        pm = gp.apply(model, name, module=mod, selection=SelectionConfig(fixed_keep_ratio=KEEP), processor=processor)
-        spec = ServeSpec.from_section({"method": name, "keep_ratio": KEEP, "module": str(module_dir)})
+        pm = gp.apply(model, name, module=mod, selection=SelectionConfig(fixed_keep_ratio=KEEP), processor=processor,
+                      **args)
+        spec = ServeSpec.from_section({"method": name, "keep_ratio": KEEP, "module": str(module_dir),
+                                       "method_args": args})
     else:
         pm = gp.apply(model, name, processor=processor, keep_ratio=KEEP, **args)
         spec = ServeSpec.from_section({"method": name, "keep_ratio": KEEP, "method_args": args})

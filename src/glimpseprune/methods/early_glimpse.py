@@ -14,15 +14,28 @@ import torch
 
 from ..config import SelectionConfig
 from ..modules.early import EarlyGlimpseModule
-from ..ops.select import select_with
+from ..ops.diversity import farthest_point_fill
+from ..ops.select import _floor, select_tokens, select_with
 from ..registry import register_method
 from .base import PruningMethod
 from .glimpse import GlimpseMethodConfig
 
+FILLS = ("score", "diverse")
+
 
 @dataclass(frozen=True)
 class EarlyGlimpseConfig(GlimpseMethodConfig):
-    """``selection`` and ``video`` as in ``GlimpseMethodConfig``."""
+    """``selection`` and ``video`` as in ``GlimpseMethodConfig``. ``fill`` (with ``fixed_keep_ratio``): "score" keeps
+    the top-scored tokens; "diverse" keeps the tokens above the threshold (the top-scored ones if they exceed the
+    budget), then fills the budget with a max-min diverse set of the rest (farthest-point picks over the visual
+    embeddings entering the LLM, as DivPrune): the module's picks plus coverage of the rest of the image."""
+
+    fill: str = "score"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.fill not in FILLS:
+            raise ValueError(f"fill must be one of {FILLS}, got {self.fill!r}")
 
 
 def early_inputs(enc) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -81,4 +94,15 @@ class EarlyGlimpseMethod(PruningMethod):
     def select(self, state) -> list[torch.Tensor]:
         logits = self.predict_logits(state)
         state.scratch["vip_logits"] = logits
-        return [select_with(self.config.selection, torch.sigmoid(lg)) for lg in logits]
+        sel = self.config.selection
+        if self.config.fill == "score" or sel.fixed_keep_ratio is None:
+            return [select_with(sel, torch.sigmoid(lg)) for lg in logits]
+        enc, out = state.enc, []
+        for b, lg in enumerate(logits):
+            probs, n = torch.sigmoid(lg), lg.numel()
+            k = min(n, max(sel.min_keep, _floor(sel.fixed_keep_ratio * n)))
+            seed = probs > sel.threshold
+            if int(seed.sum()) > k:
+                seed = select_tokens(probs, fixed_keep_ratio=sel.fixed_keep_ratio, min_keep=sel.min_keep)
+            out.append(farthest_point_fill(enc.embeds[b][enc.vis_mask[b]], seed, k) if n else seed)
+        return out

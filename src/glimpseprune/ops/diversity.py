@@ -63,3 +63,31 @@ def farthest_point_select(feats: torch.Tensor, k: int) -> torch.Tensor:
         picks[i], taken[j] = j, True
         min_dist = torch.minimum(min_dist, 1.0 - x @ x[j])
     return picks
+
+
+def farthest_point_fill(feats: torch.Tensor, seed: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool keep mask (n,) of exactly min(k, n) rows: the ``seed`` rows (bool (n,), at most k of them), then greedy
+    farthest-point picks among the others -- each the row whose minimum cosine distance to the rows kept so far is
+    largest (ties to the lower index); with no seed the first pick is ``farthest_point_select``'s.
+
+    >>> pts = torch.tensor([[1.0, 0.0], [0.99, 0.14], [0.0, 1.0], [-1.0, 0.05]])
+    >>> farthest_point_fill(pts, torch.tensor([True, False, False, False]), 2).tolist()
+    [True, False, False, True]
+    """
+    n = feats.shape[0]
+    k = max(0, min(int(k), n))
+    seed = seed.to(device=feats.device, dtype=torch.bool)
+    if int(seed.sum()) > k:
+        raise ValueError(f"the seed holds {int(seed.sum())} rows, more than the {k} to keep")
+    keep = seed.clone()
+    if int(keep.sum()) == k:
+        return keep
+    x = unit_rows(feats)
+    if not bool(keep.any()):
+        keep[farthest_point_select(feats, 1)] = True
+    min_dist = (1.0 - x @ x[keep].T).amin(dim=1)  # (n,) distance of every row to the kept set
+    for _ in range(k - int(keep.sum())):
+        j = torch.argmax(min_dist.masked_fill(keep, float("-inf")))
+        keep[j] = True
+        min_dist = torch.minimum(min_dist, 1.0 - x @ x[j])
+    return keep
