@@ -165,6 +165,8 @@ def test_image_pruner_checks_the_grid():
         ServeSpec.from_section({"method": "random", "keep_ratio": 0.5, "method_args": {"colour": 1}})
     with pytest.raises(ValueError, match="method_args for 'visionzip'.*dominant_frac"):
         ServeSpec.from_section({"method": "visionzip", "keep_ratio": 0.5, "method_args": {"dominant_frac": 2}})
+    with pytest.raises(ValueError, match="make 'random' prune inside the LLM"):
+        ServeSpec.from_section({"method": "random", "keep_ratio": 0.5, "method_args": {"prune_layer": 1}})
 
 
 # --------------------------------------------------------------------------- write_vllm_folder

@@ -160,10 +160,14 @@ def _check_method_args(method: str, ratio: float, args: dict) -> None:
     try:
         if method in MODULE_METHODS:
             cls.config_class(selection=SelectionConfig(fixed_keep_ratio=ratio), **args)
-        else:
-            cls.config_class(keep_ratio=ratio, **args)
+            return
+        config = cls.config_class(keep_ratio=ratio, **args)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{SECTION}.method_args for {method!r}: {e}") from None
+    layers = {tuple(cls(config).prune_layers(n)) for n in _DEPTHS}
+    if layers != {(-1,)}:  # e.g. random with prune_layer: 3
+        raise ValueError(f"{SECTION}.method_args {args} make {method!r} prune inside the LLM; a server with one KV "
+                         "length per request for all layers can only prune before it")
 
 
 def _resolve_module(method: str, module: Any, model_dir) -> str | None:

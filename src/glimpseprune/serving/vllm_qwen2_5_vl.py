@@ -221,7 +221,7 @@ class GlimpsePruneQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGen
             before, after = self._question(prompts[i] if prompts is not None else None, rows.device)
             idx, kept = self.pruner.prune(rows, (h // merge, w // merge), [f[i] for f in per_feat], before, after)
             pos = compute_mrope_for_media(torch.tensor([t, h, w]), merge)[idx.cpu()].to(kept.device)
-            if int(pos[:, :3].max()) > _EXACT_INT.get(kept.dtype, 1 << 24):
+            if int(pos.max()) > _EXACT_INT.get(kept.dtype, 1 << 24):  # (t, h, w, grid width)
                 raise ValueError(f"image {i}: a {h // merge}x{w // merge} token grid has positions beyond what "
                                  f"{kept.dtype} holds exactly; serve this model in float32 or use smaller images")
             out.append(torch.cat([kept, pos.to(kept.dtype)], dim=1))
