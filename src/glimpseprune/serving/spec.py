@@ -51,8 +51,10 @@ def _why_not_servable(name: str) -> str | None:
 
     if name == "full":
         return None
+    from ..registry import describe_method
+
     cls = _method_class(name)
-    if name in ("mask", "oracle"):
+    if describe_method(name)["needs"] == "keep masks per request":  # mask, oracle
         return "it needs keep masks given per request (Python API only)"
     if name in MODULE_METHODS and not getattr(cls, "prunes_before_llm", False):
         return ("it prunes after its module's LLM layer K, using the LLM's own attention; a server with one KV "
@@ -64,11 +66,10 @@ def _why_not_servable(name: str) -> str | None:
         method = cls(keep_ratio=0.5)
     except TypeError:
         return "it has no keep_ratio, so the count per image is not known when the prompt is processed"
-    layers = {tuple(method.prune_layers(n)) for n in _DEPTHS}
-    if layers != {(-1,)}:
-        where = ", ".join(str(k) for k in sorted({k for s in layers for k in s}))
-        return (f"it prunes after LLM layer(s) {where}, using the LLM's attention; a server with one KV length per "
-                "request for all layers can only prune before the LLM")
+    if {tuple(method.prune_layers(n)) for n in _DEPTHS} != {(-1,)}:
+        where = ", ".join(str(k) for k in method.prune_layers(28))
+        return (f"it prunes inside the LLM (after layer(s) {where} of a 28-layer LLM), using the LLM's attention; a "
+                "server with one KV length per request for all layers can only prune before the LLM")
     if method.budget(100) is None:
         return "its count depends on the input, not on keep_ratio alone"
     return None
