@@ -196,6 +196,8 @@ def test_ask_with_a_method_and_its_settings(tiny_dir, img, capsys):
     (["--method", "fastv", "--fixed-keep-ratio", "0.1"], "--fixed-keep-ratio set GlimpsePrune's selection and do "
      "nothing for --method fastv: its own settings go in --method-arg KEY=VALUE (keep_ratio=0.5"),
     (["--method-arg", "keep_ratio=0.5"], "--method-arg needs --method NAME"),
+    (["--method", "early_glimpse", "--module", "embedded", "--method-arg", "fill=diverse"],
+     "fill 'diverse' fills a fixed budget: set fixed_keep_ratio (--fixed-keep-ratio R)"),
     (["--max-keep-ratio", "0"], "--max-keep-ratio must be in (0, 1]"),
 ])
 def test_method_errors_name_flags_before_the_model_loads(argv, message, tmp_path, capsys):
@@ -205,6 +207,15 @@ def test_method_errors_name_flags_before_the_model_loads(argv, message, tmp_path
         err = capsys.readouterr().err
         assert message in err and "no model at" not in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_setting_checked_with_the_selection_passes_with_it(tmp_path, capsys):
+    # fill=diverse is refused without --fixed-keep-ratio (above) and accepted with it: the check reaches the model
+    argv = ["--method", "early_glimpse", "--module", "embedded", "--fixed-keep-ratio", "0.1", "--method-arg",
+            "fill=diverse"]
+    assert main(["ask", "--question", "Q?", "--model", str(tmp_path / "no-model"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert "fill" not in err and "no-model" in err, err
 
 
 def test_pruning_flags_are_read_as_typed_settings():

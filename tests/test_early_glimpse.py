@@ -113,6 +113,8 @@ def test_diverse_fill_keeps_the_confident_tokens_then_a_diverse_rest(model, earl
     assert differs  # the rest is chosen by coverage, not by score
     with pytest.raises(ValueError, match="fill must be one of"):
         EarlyGlimpseConfig(fill="random")
+    with pytest.raises(ValueError, match="fill 'diverse' fills a fixed budget"):
+        EarlyGlimpseConfig(fill="diverse")  # no fixed_keep_ratio: it would silently fill by score
 
 
 def test_save_load_round_trip(model, early, batch, tmp_path):

@@ -64,7 +64,10 @@ def _check_method(args) -> None:
             raise ValueError(f"--method-arg {key}: --method {name} has no setting {key!r}; {known}")
         args.method_kwargs[key] = _parse_typed(key, text, own[key]["type"])
     try:
-        get_method(name).config_class(**args.method_kwargs)
+        if name in MODULE_METHODS:  # their settings may depend on the selection (early_glimpse fill="diverse")
+            get_method(name).config_class(selection=selection, **args.method_kwargs)
+        else:
+            get_method(name).config_class(**args.method_kwargs)
     except (ValueError, TypeError) as err:
         raise ValueError(f"--method {name} --method-arg: {err}") from None
 

@@ -36,6 +36,8 @@ class EarlyGlimpseConfig(GlimpseMethodConfig):
         super().__post_init__()
         if self.fill not in FILLS:
             raise ValueError(f"fill must be one of {FILLS}, got {self.fill!r}")
+        if self.fill == "diverse" and self.selection.fixed_keep_ratio is None:
+            raise ValueError("fill 'diverse' fills a fixed budget: set fixed_keep_ratio (--fixed-keep-ratio R)")
 
 
 def early_inputs(enc) -> tuple[torch.Tensor, list[torch.Tensor]]:
