@@ -58,29 +58,18 @@ def build_folders(args, root: Path) -> dict[str, Path]:
     from glimpseprune.processing import QwenVLProcessor, make_tiny_qwen_tokenizer, save_processor
     from glimpseprune.serving.folder import write_vllm_folder
     from glimpseprune.serving.spec import qwen2_5_vl_dims
-    from glimpseprune.testing import tiny_qwen2_5_vl_config
+    from glimpseprune.testing import _special_token_ids
 
     shape = load_shape(args.shape)
-    t, v = shape.text, shape.vision
-    half = t.head_dim // 2
-    sec_t = half // 4
-    sections = [sec_t, (half - sec_t) // 2, half - sec_t - (half - sec_t) // 2]
-    text = dict(hidden_size=t.hidden_size, intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
-                num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim,
-                vocab_size=t.vocab_size, max_position_embeddings=32768,
-                rope_parameters={"rope_type": "default", "rope_theta": shape.rope_theta, "mrope_section": sections})
-    vision = dict(depth=v.depth, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                  num_heads=v.num_heads, out_hidden_size=v.out_hidden_size, patch_size=v.patch_size,
-                  temporal_patch_size=v.temporal_patch_size, spatial_merge_size=v.spatial_merge_size,
-                  window_size=v.window_size, fullatt_block_indexes=list(v.fullatt_blocks))
-    dtype = "bfloat16" if args.device == "cuda" else "float32"
-    config = tiny_qwen2_5_vl_config(text_config=text, vision_config=vision, dtype=dtype)  # the tiny tokenizer's ids
+    tokenizer = make_tiny_qwen_tokenizer()
+    config = shape.to_hf_config(token_ids=_special_token_ids(tokenizer))  # the tiny tokenizer's special tokens
     stock = root / "stock"
     stock.mkdir(parents=True, exist_ok=True)
     config.architectures = ["Qwen2_5_VLForConditionalGeneration"]  # a bare config would resolve to the embedding model
+    config.dtype = "bfloat16" if args.device == "cuda" else "float32"
     config.save_pretrained(stock)
     GenerationConfig(eos_token_id=config.text_config.eos_token_id, do_sample=False).save_pretrained(stock)
-    tokenizer = make_tiny_qwen_tokenizer()
+    v = shape.vision
     side = v.patch_size * v.spatial_merge_size
     image_processor = Qwen2VLImageProcessorPil(min_pixels=side * side, max_pixels=args.image_px ** 2,
                                                patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
@@ -251,7 +240,7 @@ def pooled(args, name: str, folder: Path, rounds: list[dict]) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="results folder (refused if it holds a summary)")
+    p.add_argument("--out", type=Path, required=True, help="new results folder (refused if it holds files)")
     p.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"))
     p.add_argument("--shape", default="qwen2_5_vl_scaled_cpu", help="configs/shapes/ name")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -269,8 +258,9 @@ def main(argv=None) -> int:
     p.add_argument("--request-timeout", type=float, default=600)
     p.add_argument("--port", type=int, default=8391)
     args = p.parse_args(argv)
-    if (args.out / "summary.json").exists():
-        raise SystemExit(f"{args.out} already holds a finished run (summary.json); choose a new --out")
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise SystemExit(f"{args.out} already exists and is not an empty folder (another run's results?); choose a "
+                         "new --out")
     if not Path(args.vllm_python).exists():
         raise SystemExit(f"no vLLM environment at {args.vllm_python}: run scripts/setup_vllm_env.sh")
     args.out.mkdir(parents=True, exist_ok=True)

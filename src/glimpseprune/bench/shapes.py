@@ -206,13 +206,16 @@ class ModelShape:
         return getattr(transformers, {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
                                       "qwen3_vl": "Qwen3VLForConditionalGeneration"}[self.model_type])
 
-    def to_hf_config(self, attn_implementation: str = "sdpa"):
-        """A ``Qwen2_5_VLConfig`` (or ``Qwen3VLConfig``) of this shape (for random-initialised timing models)."""
+    def to_hf_config(self, attn_implementation: str = "sdpa", token_ids: dict[str, int] | None = None):
+        """A ``Qwen2_5_VLConfig`` (or ``Qwen3VLConfig``) of this shape (for random-initialised timing models).
+        ``token_ids``: the special-token ids of a tokenizer the model will be served with (keys as ``token_ids()``:
+        pad, eos, image, video, vision_start, vision_end); default ``token_ids()``."""
         from transformers import Qwen2_5_VLConfig
 
         if self.model_type == "qwen3_vl":
             return self._qwen3_vl_config(attn_implementation)
-        t, v, ids = self.text, self.vision, self.token_ids()
+        t, v = self.text, self.vision
+        ids = self.token_ids() if token_ids is None else token_ids
         half = t.head_dim // 2  # M-RoPE sections t/h/w, in Qwen's 16:24:24 proportion, summing to head_dim / 2
         sec_t = half // 4
         sections = [sec_t, (half - sec_t) // 2, half - sec_t - (half - sec_t) // 2]

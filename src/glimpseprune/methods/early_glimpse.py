@@ -14,8 +14,9 @@ import torch
 
 from ..config import SelectionConfig
 from ..modules.early import EarlyGlimpseModule
+from ..ops.budget import keep_count
 from ..ops.diversity import farthest_point_fill
-from ..ops.select import _floor, select_tokens, select_with
+from ..ops.select import select_tokens, select_with
 from ..registry import register_method
 from .base import PruningMethod
 from .glimpse import GlimpseMethodConfig
@@ -102,7 +103,7 @@ class EarlyGlimpseMethod(PruningMethod):
         enc, out = state.enc, []
         for b, lg in enumerate(logits):
             probs, n = torch.sigmoid(lg), lg.numel()
-            k = min(n, max(sel.min_keep, _floor(sel.fixed_keep_ratio * n)))
+            k = keep_count(n, sel.fixed_keep_ratio, sel.min_keep)
             seed = probs > sel.threshold
             if int(seed.sum()) > k:
                 seed = select_tokens(probs, fixed_keep_ratio=sel.fixed_keep_ratio, min_keep=sel.min_keep)
