@@ -184,6 +184,41 @@ def oracle(tiny_dir):
     return oracle_model(tiny_dir)
 
 
+def check_every_method_on_video(model, processor, method, inputs, oracle, ids, n_vis, keep=None):
+    """``method`` on ``inputs`` (video samples): keeps its budget over each sample's visuals (video + images
+    jointly), and the compacted run == the stock ``oracle`` hiding the same dropped keys from the same layers
+    (tokens and every step's logits). Returns our output for family-specific checks. Shared with Qwen3-VL's
+    video tests."""
+    out = gp.apply(model, method, processor=processor).generate(inputs, max_new_tokens=N_NEW, return_logits=True,
+                                                                keep_masks=keep)
+    assert out.n_vis == n_vis
+    for b, n in enumerate(n_vis):
+        budget = method.budget(n)
+        assert out.n_kept[b] == budget if budget is not None else 0 <= out.n_kept[b] <= n
+    pre = out.prefill
+    drop = stage_drop_layers(inputs, ids, pre.prune_layers, pre.stage_keep_masks)
+    with masking_stages(drop), input_rows_replaced(oracle, inputs, ids, pre.scratch.get("merged_embeds")), \
+            torch.no_grad():
+        ref_tokens, ref_logits = stock_generate(oracle, inputs, N_NEW, pad_token_id=processor.tokenizer.pad_token_id)
+    assert torch.equal(out.sequences, ref_tokens)
+    for ours, ref in zip(out.step_logits, ref_logits, strict=True):
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    return out
+
+
+def check_mixed_batch_equals_single(pm, images, videos, questions, n_vis, keep=None) -> None:
+    """Image, video, image + video and text-only samples in one batch == each alone (same keep masks, same
+    tokens). Shared with Qwen3-VL's video tests."""
+    out = pm.generate(images=images, videos=videos, questions=questions, max_new_tokens=N_NEW, keep_masks=keep)
+    assert out.n_vis == n_vis and out.n_kept[3] == 0 and 0 < out.n_kept[1] < n_vis[1]
+    for b in range(len(questions)):
+        one = pm.generate(images=[images[b]], videos=[videos[b]], questions=[questions[b]], max_new_tokens=N_NEW,
+                          keep_masks=None if keep is None else [keep[b]])
+        assert torch.equal(one.keep_masks[0], out.keep_masks[b])
+        n = one.sequences.shape[1]
+        assert torch.equal(one.sequences[0], out.sequences[b, :n])
+
+
 @pytest.mark.parametrize("name", gp.list_methods())
 def test_every_method_on_video_equals_masked_stock(model, processor, module, video_batch, oracle, name):
     """Every registered method runs on video samples, keeps its budget over the whole video (joint with the
@@ -191,44 +226,25 @@ def test_every_method_on_video_equals_masked_stock(model, processor, module, vid
     cfg, inputs = model.config, video_batch
     n_vis = vis_of(inputs, cfg).sum(1).tolist()
     assert n_vis == [24, 36 + 36]
-    method = _method(name, module, model)
-    kw = {"keep_masks": _random_keep(n_vis)} if name in ("mask", "oracle") else {}
-    out = gp.apply(model, method, processor=processor).generate(inputs, max_new_tokens=N_NEW, return_logits=True,
-                                                                **kw)
-    assert out.n_vis == n_vis and [tuple(m.shape) for m in out.video_keep_masks] == [(2, 3, 4), (3, 3, 4)]
+    keep = _random_keep(n_vis) if name in ("mask", "oracle") else None
+    out = check_every_method_on_video(model, processor, _method(name, module, model), inputs, oracle,
+                                      [cfg.image_token_id, cfg.video_token_id], n_vis, keep)
+    assert [tuple(m.shape) for m in out.video_keep_masks] == [(2, 3, 4), (3, 3, 4)]
     assert [tuple(m.shape) for m in out.image_keep_masks] == [(6, 6)]
-    for b, n in enumerate(n_vis):
-        budget = method.budget(n)
-        assert out.n_kept[b] == budget if budget is not None else 0 <= out.n_kept[b] <= n
     if name == "glimpse":
         assert all(k <= int(0.4 * n) for k, n in zip(out.n_kept, n_vis))
-    pre, ids = out.prefill, [cfg.image_token_id, cfg.video_token_id]
-    drop = stage_drop_layers(inputs, ids, pre.prune_layers, pre.stage_keep_masks)
-    with masking_stages(drop), input_rows_replaced(oracle, inputs, ids, pre.scratch.get("merged_embeds")), \
-            torch.no_grad():
-        ref_tokens, ref_logits = stock_generate(oracle, inputs, N_NEW, pad_token_id=processor.tokenizer.pad_token_id)
-    assert torch.equal(out.sequences, ref_tokens)
-    for ours, ref in zip(out.step_logits, ref_logits):
-        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("method_name", ["glimpse", "mask", "downsample"])
 def test_mixed_batch_equals_single(model, processor, module, method_name):
     """Image, video, image + video and text-only samples in one batch == each alone."""
-    questions = ["What colour is it?", "What happens?", "Which one moves?", "Is it sunny?"]
-    images = [make_images(IMG_A, seed=1), [], make_images(IMG_C, seed=2), []]
-    videos = [None, frames(4, seed=3), frames(5, seed=4), None]
-    pm = gp.apply(model, _method(method_name, module), processor=processor)
     n_vis = [64, 24, 36 + 36, 0]
-    keep = _random_keep(n_vis, seed=2) if method_name == "mask" else None
-    out = pm.generate(images=images, videos=videos, questions=questions, max_new_tokens=N_NEW, keep_masks=keep)
-    assert out.n_vis == n_vis and out.n_kept[3] == 0 and 0 < out.n_kept[1] < 24
-    for b in range(4):
-        one = pm.generate(images=[images[b]], videos=[videos[b]], questions=[questions[b]], max_new_tokens=N_NEW,
-                          keep_masks=None if keep is None else [keep[b]])
-        assert torch.equal(one.keep_masks[0], out.keep_masks[b])
-        n = one.sequences.shape[1]
-        assert torch.equal(one.sequences[0], out.sequences[b, :n])
+    check_mixed_batch_equals_single(
+        gp.apply(model, _method(method_name, module), processor=processor),
+        images=[make_images(IMG_A, seed=1), [], make_images(IMG_C, seed=2), []],
+        videos=[None, frames(4, seed=3), frames(5, seed=4), None],
+        questions=["What colour is it?", "What happens?", "Which one moves?", "Is it sunny?"], n_vis=n_vis,
+        keep=_random_keep(n_vis, seed=2) if method_name == "mask" else None)
 
 
 # --------------------------------------------------------------------------- the VIP on video

@@ -20,14 +20,19 @@ from conftest import make_images, random_module
 from oracle import (
     dropped_positions,
     masking,
-    masking_stages,
     oracle_model,
-    stage_drop_layers,
     stock_generate,
     visual_positions,
 )
-from test_methods import input_rows_replaced
-from test_video import _method, _random_keep, needs_av, stock_patches, write_mp4
+from test_video import (
+    _method,
+    _random_keep,
+    check_every_method_on_video,
+    check_mixed_batch_equals_single,
+    needs_av,
+    stock_patches,
+    write_mp4,
+)
 from transformers import BatchFeature, Qwen3VLProcessor
 
 import glimpseprune as gp
@@ -295,26 +300,13 @@ def oracle(q3_dir):
 def test_every_method_on_video_equals_masked_stock(model, processor, module, video_batch, oracle, name):
     """Every registered method runs on Qwen3-VL video samples within its budget, and its compacted run == the stock
     model hiding the same dropped keys from the same layers (DeepStack rows leave with their tokens)."""
-    inputs = video_batch
-    n_vis = visual_positions(inputs, vis_ids(model)).sum(1).tolist()
+    n_vis = visual_positions(video_batch, vis_ids(model)).sum(1).tolist()
     assert n_vis == [24, 16 + 36]
-    method = _method(name, module, model)
-    kw = {"keep_masks": _random_keep(n_vis)} if name in ("mask", "oracle") else {}
-    out = gp.apply(model, method, processor=processor).generate(inputs, max_new_tokens=N_NEW, return_logits=True,
-                                                                **kw)
-    assert out.n_vis == n_vis and [tuple(m.shape) for m in out.video_keep_masks] == [(2, 3, 4), (3, 3, 4)]
+    keep = _random_keep(n_vis) if name in ("mask", "oracle") else None
+    out = check_every_method_on_video(model, processor, _method(name, module, model), video_batch, oracle,
+                                      vis_ids(model), n_vis, keep)
+    assert [tuple(m.shape) for m in out.video_keep_masks] == [(2, 3, 4), (3, 3, 4)]
     assert [tuple(m.shape) for m in out.image_keep_masks] == [(4, 4)]
-    for b, n in enumerate(n_vis):
-        budget = method.budget(n)
-        assert out.n_kept[b] == budget if budget is not None else 0 <= out.n_kept[b] <= n
-    pre = out.prefill
-    drop = stage_drop_layers(inputs, vis_ids(model), pre.prune_layers, pre.stage_keep_masks)
-    with masking_stages(drop), input_rows_replaced(oracle, inputs, vis_ids(model), pre.scratch.get("merged_embeds")), \
-            torch.no_grad():
-        ref_tokens, ref_logits = stock_generate(oracle, inputs, N_NEW, pad_token_id=processor.tokenizer.pad_token_id)
-    assert torch.equal(out.sequences, ref_tokens)
-    for ours, ref in zip(out.step_logits, ref_logits, strict=True):
-        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("K", [-1, 0, 1, 2])
@@ -337,20 +329,13 @@ def test_pruning_inside_deepstack_equals_masking(model, processor, video_batch, 
 @pytest.mark.parametrize("method_name", ["glimpse", "mask", "downsample"])
 def test_mixed_batch_equals_single(model, processor, module, method_name):
     """Image, video, image + video and text-only samples in one batch == each alone."""
-    questions = ["What colour is it?", "What happens?", "Which one moves?", "Is it sunny?"]
-    images = [make_images([(160, 128)], seed=1), [], make_images(IMG, seed=2), []]
-    videos = [None, frames(4, seed=3), frames(5, seed=4), None]
-    pm = gp.apply(model, _method(method_name, module, model), processor=processor)
     n_vis = [20, 24, 16 + 36, 0]
-    keep = _random_keep(n_vis, seed=2) if method_name == "mask" else None
-    out = pm.generate(images=images, videos=videos, questions=questions, max_new_tokens=N_NEW, keep_masks=keep)
-    assert out.n_vis == n_vis and out.n_kept[3] == 0 and 0 < out.n_kept[1] < 24
-    for b in range(4):
-        one = pm.generate(images=[images[b]], videos=[videos[b]], questions=[questions[b]], max_new_tokens=N_NEW,
-                          keep_masks=None if keep is None else [keep[b]])
-        assert torch.equal(one.keep_masks[0], out.keep_masks[b])
-        n = one.sequences.shape[1]
-        assert torch.equal(one.sequences[0], out.sequences[b, :n])
+    check_mixed_batch_equals_single(
+        gp.apply(model, _method(method_name, module, model), processor=processor),
+        images=[make_images([(160, 128)], seed=1), [], make_images(IMG, seed=2), []],
+        videos=[None, frames(4, seed=3), frames(5, seed=4), None],
+        questions=["What colour is it?", "What happens?", "Which one moves?", "Is it sunny?"], n_vis=n_vis,
+        keep=_random_keep(n_vis, seed=2) if method_name == "mask" else None)
 
 
 # --------------------------------------------------------------------------- bad input, files
