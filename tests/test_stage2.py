@@ -249,3 +249,38 @@ def test_guidance_gives_a_group_that_always_fails_the_reference_as_one_rollout(p
         assert bool((b.advantages[g * 4:(g + 1) * 4] != 0).all())
     with pytest.raises(ValueError, match="guidance must be one of"):
         _cfg(tmp_path, guidance="always")
+
+
+def test_ceiling_benchmark_agrees_with_the_eval_runner(tmp_path):
+    """benchmarks/stage2_ceiling.py's own loop == the library's eval runner (bench.accuracy.run) on the same split
+    for the module's masks and for every token (exact match and kept fraction); the sampling groups cover every
+    record; a non-empty --out is refused."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from glimpseprune.bench import accuracy
+    from glimpseprune.data.records import write_split
+
+    root = Path(__file__).resolve().parents[1]
+    split = write_split(tmp_path / "split", n=10, seed=3)
+    out = tmp_path / "ceiling"
+    cmd = [sys.executable, str(root / "benchmarks/stage2_ceiling.py"), "--split", str(split), "--modules", "embedded",
+           "--samples", "2", "--threads", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((out / "ceiling.json").read_text())["modules"]["embedded"]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["modules"]["embedded"] == res
+    model, processor = gp.load_base(resolve_model("embedded"))
+    module = load_module(resolve_module("embedded"), get_adapter(model).dims(model))
+    for run, pm in (("module", gp.apply(model, "glimpse", module=module, processor=processor)),
+                    ("full", gp.apply(model, "full", processor=processor))):
+        _, summary = accuracy.run(pm, split)
+        assert res[run]["exact_match"] == pytest.approx(summary["exact_match"]), run
+        assert res[run]["kept_frac"] == pytest.approx(summary["kept_frac"]["mean"]), run
+    rows = [json.loads(line) for line in split.read_text().splitlines()]
+    assert set(res["module"]["per_family"]) == {r["family"] for r in rows}
+    s = res["sampling"]
+    assert s["G"] == 2 and sum(g["n"] for g in s["groups"].values()) == 10 and 0 <= s["mean_p_right"] <= 1
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode != 0 and "is not empty" in again.stderr
