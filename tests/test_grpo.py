@@ -25,6 +25,11 @@ def test_group_advantages_hand_computed():
     want = [2 / 3 / s, -1 / 3 / s, -1 / 3 / s, -2 / 3 / s, 1 / 3 / s, 1 / 3 / s]
     assert torch.allclose(a, torch.tensor(want), atol=1e-6)
     assert torch.equal(group_advantages(torch.tensor([0.7, 0.7, 0.7, 0.7]), G=4), torch.zeros(4))
+    # scale=False (Dr. GRPO): r - mean only, so a nearly-sure group's rare miss weighs 1 - 1/G, not sqrt(G - 1)
+    a = group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]), G=4, scale=False)
+    assert torch.allclose(a, torch.tensor([0.75, -0.25, -0.25, -0.25, 0.0, 0.0, 0.0, 0.0]))
+    miss = group_advantages(torch.tensor([0.0, 1.0, 1.0, 1.0]), G=4)
+    assert miss[0] == pytest.approx(-0.75 / (math.sqrt(3) / 4 + 1e-4)) and miss[0] < -1.7  # scaled: -sqrt(3)
     with pytest.raises(ValueError, match="multiple of G"):
         group_advantages(torch.ones(5), G=2)
 

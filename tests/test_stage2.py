@@ -29,7 +29,8 @@ def _cfg(tmp_path, **kw):
 @pytest.mark.parametrize("kw, match", [
     (dict(num_generations=1), "num_generations must be >= 2"), (dict(rewards=["nope"]), "unknown reward 'nope'"),
     (dict(rewards=["judge"]), "needs judge_url and judge_model"), (dict(mask_source="oracle"), "mask_source"),
-    (dict(cap=1.5), "cap must be in"), (dict(learning_rate="fast"), "learning_rate must be a number")])
+    (dict(cap=1.5), "cap must be in"), (dict(learning_rate="fast"), "learning_rate must be a number"),
+    (dict(scale_rewards="batch"), "scale_rewards must be one of")])
 def test_config_errors(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         _cfg(tmp_path, **kw)

@@ -1,7 +1,10 @@
 """GRPO pieces for GlimpsePrune+ (pure tensor functions, tested on hand-computed numbers).
 
 * ``group_advantages``: A = (r - mean_group) / (std_group + eps), groups of G consecutive rewards (upstream: eps 1e-4,
-  population std over the G rollouts of a prompt). A group whose rewards are all equal gets A = 0: no gradient.
+  population std over the G rollouts of a prompt), or with ``scale=False`` A = r - mean_group (Dr. GRPO; trl's
+  ``scale_rewards="none"``): dividing by the std weights a group by how sure the policy already is, so the rare
+  wrong draw on a question it nearly always gets right is pushed down hardest. A group whose rewards are all equal
+  gets A = 0: no gradient.
 * ``k3_kl``: per-token k3 estimator of KL(policy || reference), exp(ref - pol) - (ref - pol) - 1 (>= 0, unbiased).
 * ``grpo_loss``: mean over sequences of the mean over their completion tokens of
   -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) + beta * k3, ratio = exp(logp - logp_old). With ``old`` =
@@ -13,14 +16,16 @@ from __future__ import annotations
 import torch
 
 
-def group_advantages(rewards: torch.Tensor, G: int, eps: float = 1e-4) -> torch.Tensor:
-    """rewards (N*G,) in groups of G consecutive rollouts -> advantages (N*G,)."""
+def group_advantages(rewards: torch.Tensor, G: int, eps: float = 1e-4, scale: bool = True) -> torch.Tensor:
+    """rewards (N*G,) in groups of G consecutive rollouts -> advantages (N*G,); ``scale``: divide by the group's
+    std (+ eps)."""
     if rewards.dim() != 1 or rewards.numel() % G:
         raise ValueError(f"rewards must be 1-D with a multiple of G={G} entries, got shape {tuple(rewards.shape)}")
     r = rewards.float().view(-1, G)
-    mean = r.mean(dim=1, keepdim=True)
-    std = r.std(dim=1, unbiased=False, keepdim=True)
-    return ((r - mean) / (std + eps)).view(-1)
+    centred = r - r.mean(dim=1, keepdim=True)
+    if not scale:
+        return centred.view(-1)
+    return (centred / (r.std(dim=1, unbiased=False, keepdim=True) + eps)).view(-1)
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

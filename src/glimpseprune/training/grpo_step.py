@@ -166,7 +166,7 @@ class GRPOStep:
         guided = 0
         if cfg.guidance == "on_failure":
             toks, mask, texts, rewards, guided = self.guide(items, toks, mask, texts, rewards, samples)
-        adv = group_advantages(rewards, G)
+        adv = group_advantages(rewards, G, scale=cfg.scale_rewards == "group")
         kept = [float(k.float().mean()) for k in pre.keep_masks]
         stats = {"guided_groups": guided / len(items)} if cfg.guidance != "none" else {}
         stats |= {"reward": float(rewards.mean()),

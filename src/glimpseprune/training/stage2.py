@@ -41,6 +41,7 @@ from .stage1 import TRAIN_SEED0, RecordDataset, WorldDataset, _check_field, chec
 logger = logging.getLogger(__name__)
 MASK_SOURCES = ("vip", "boxes", "vip_cotrain")
 GUIDANCE = ("none", "on_failure")
+SCALE_REWARDS = ("group", "none")
 EVAL_SEED0 = 4_000_000_000  # the same held-out synthetic scenes as stage 1's eval
 
 
@@ -76,6 +77,9 @@ class Stage2Config:
     # scored 0 with the reference answer (+ EOS), so a question the policy always gets wrong still gives a gradient
     # (toward the reference); "none": plain GRPO. Needs rewards that score the reference (exact, choice, ...)
     guidance: str = "none"
+    # advantages: "group" = (r - mean) / (std + 1e-4) within each group (upstream); "none" = r - mean (Dr. GRPO,
+    # trl's scale_rewards="none"): no reweighting of groups by how sure the policy already is
+    scale_rewards: str = "group"
     max_new_tokens: int = 16
     temperature: float = 1.0
     beta: float = 0.04  # weight of the k3 KL to the adapter-disabled model
@@ -102,6 +106,8 @@ class Stage2Config:
             setattr(self, f.name, _check_field(f.name, f.type, getattr(self, f.name)))
         if self.guidance not in GUIDANCE:
             raise ValueError(f"guidance must be one of {GUIDANCE}, got {self.guidance!r}")
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}")
         if self.mask_source not in MASK_SOURCES:
             raise ValueError(f"mask_source must be one of {MASK_SOURCES}, got {self.mask_source!r}")
         if self.num_generations < 2:
