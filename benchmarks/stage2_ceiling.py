@@ -9,7 +9,8 @@ Each folder is loaded on a fresh copy of the embedded base (a GlimpsePrune+ fold
     python benchmarks/stage2_ceiling.py --split world/records.jsonl --modules embedded embedded-k0 \
         runs/stage2_world/module --samples 16 --out results/stage2_world/ceiling
 
-Writes OUT/ceiling.json (one entry per folder) as each folder finishes; the last stdout line is that JSON.
+Writes OUT/ceiling.json at the start and again as each folder finishes (one entry per folder); the last stdout line
+is that JSON.
 """
 
 from __future__ import annotations
@@ -18,73 +19,49 @@ import argparse
 import json
 import statistics
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from glimpseprune.api import apply, load_base, make_method
+from glimpseprune.api import load_base
 from glimpseprune.assets import resolve_model, resolve_module
-from glimpseprune.bench.accuracy import normalize
+from glimpseprune.bench.compare import Comparison, RunSpec
 from glimpseprune.bench.meta import environment
 from glimpseprune.checkpoint import load_plus
-from glimpseprune.methods.glimpse import GlimpseMethod
-from glimpseprune.processing import build_inputs
-from glimpseprune.registry import get_adapter
 from glimpseprune.training.stage1 import RecordDataset
 
 
-def _families(split: Path) -> list[str]:
-    return [json.loads(line).get("family", "all") for line in split.read_text().splitlines() if line.strip()]
-
-
-def _box_masks(model, processor, items) -> list[torch.Tensor]:
-    inputs = dict(build_inputs(processor, [[it["image"]] for it in items], [it["question"] for it in items]))
-    masks = get_adapter(model).box_masks(model, processor, inputs, [it["boxes"] for it in items],
-                                         [(it["width"], it["height"]) for it in items])
-    return [torch.from_numpy(m.reshape(-1)) for m in masks]
-
-
-def _score(per_family: dict[str, list[bool]]) -> dict:
-    every = [x for v in per_family.values() for x in v]
-    return {"exact_match": sum(every) / len(every),
-            "per_family": {k: sum(v) / len(v) for k, v in sorted(per_family.items())}}
-
-
 def evaluate(name: str, split: Path, limit: int | None, samples: int, batch: int) -> dict:
+    """One folder on a fresh copy of the base: its own masks, the ground-truth box tokens at its K (the ``oracle``
+    method) and every token, through ``bench.compare.Comparison`` (the split's inputs and box masks prepared once)."""
     model, processor = load_base(resolve_model("embedded"), device="cpu", dtype=torch.float32)
     model, module = load_plus(model, resolve_module(name))
     K = module.cfg.prune_layer
-    ds = RecordDataset(str(split), limit=limit)
-    fams = _families(split)[:len(ds)]
-    runs = {"module": apply(model, GlimpseMethod(module=module), processor=processor),
-            "boxes": apply(model, make_method("mask", prune_layer=K), processor=processor),
-            "full": apply(model, "full", processor=processor)}
+    cmp = Comparison(model, processor, module, split, limit=limit, batch_size=batch)
+    runs = {"module": RunSpec("module", "glimpse", "dynamic", selection={}),
+            "boxes": RunSpec("boxes", "oracle", "oracle", kwargs={"prune_layer": K}),
+            "full": RunSpec("full", "full", "full")}
     out: dict = {"K": K}
-    greedy_right: list[bool] = []
-    for run, pm in runs.items():
-        per_family, kept = defaultdict(list), []
-        for i in range(0, len(ds), batch):
-            items = [ds[j] for j in range(i, min(i + batch, len(ds)))]
-            kw = {"keep_masks": _box_masks(model, processor, items)} if run == "boxes" else {}
-            res = pm.generate(images=[[it["image"]] for it in items], questions=[it["question"] for it in items],
-                              max_new_tokens=8, **kw)
-            for b, it in enumerate(items):
-                right = normalize(res.texts[b]) == normalize(it["answer"])
-                per_family[fams[i + b]].append(right)
-                kept.append(res.n_kept[b] / max(res.n_vis[b], 1))
-                if run == "module":
-                    greedy_right.append(right)
-        out[run] = {**_score(per_family), "kept_frac": sum(kept) / len(kept)}
+    for run, spec in runs.items():
+        rows, summary = cmp.run(spec, progress=f"{name} {run}")
+        out[run] = {"exact_match": summary["exact_match"],
+                    "per_family": {f: v["exact_match"] for f, v in summary["per_family"].items()},
+                    "kept_frac": summary["kept_frac"]["mean"]}
+        if run == "module":
+            module_rows = rows
         print(f"{name}: K={K} {run}: exact match {out[run]['exact_match']:.3f} kept {out[run]['kept_frac']:.3f} "
               f"{json.dumps(out[run]['per_family'])}", flush=True)
     if samples:
-        out["sampling"] = _sampling(model, processor, module, ds, fams, greedy_right, samples, batch)
+        out["sampling"] = _sampling(model, processor, module, RecordDataset(str(split), limit=limit), module_rows,
+                                    samples, batch)
+        print(f"{name}: K={K} sampling at temperature 1: mean p(right) {out['sampling']['mean_p_right']:.3f}",
+              flush=True)
     return out
 
 
-def _sampling(model, processor, module, ds, fams, greedy_right, G: int, batch: int) -> dict:
-    """P(right answer) at temperature 1 from the module-pruned prefill, G seeded draws per question."""
+def _sampling(model, processor, module, ds, greedy_rows: list[dict], G: int, batch: int) -> dict:
+    """P(right answer) at temperature 1 from the module-pruned prefill, G seeded draws per question, grouped by
+    family and by whether the greedy answer (``greedy_rows``, the module run's rows in split order) was right."""
     from glimpseprune.rewards import make_reward
     from glimpseprune.training.grpo_step import GRPOStep
     from glimpseprune.training.stage2 import Stage2Config
@@ -96,6 +73,7 @@ def _sampling(model, processor, module, ds, fams, greedy_right, G: int, batch: i
         items = [ds[j] for j in range(i, min(i + batch, len(ds)))]
         rolled = step.rollout(items, [i * G + r for r in range(len(items) * G)])
         p += rolled.rewards.view(-1, G).mean(1).tolist()
+    fams, greedy_right = [r["family"] for r in greedy_rows], [r["correct"] for r in greedy_rows]
     groups: dict = {}
     for fam in sorted(set(fams)):
         for right in (True, False):
@@ -124,6 +102,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     result = {"split": args.split, "limit": args.limit, "environment": environment(), "modules": {}}
+    (out / "ceiling.json").write_text(json.dumps(result, indent=1))  # an unwritable --out fails here, before any run
     t0 = time.time()
     for name in args.modules:
         result["modules"][name] = evaluate(name, Path(args.split), args.limit, args.samples, args.batch)
