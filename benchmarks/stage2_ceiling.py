@@ -1,6 +1,7 @@
 """Where a GlimpsePrune(+) folder stands on a world split, and what bounds it: exact match (greedy, per family) with
 the module's own masks (inference), with the **ground-truth box masks** dropped at the module's K (what the VIP would
-give if it were perfect: the ceiling of the mask side), and with every token; optionally the probability of a right
+give if it were perfect: the ceiling of the mask side), and with every token, each with its wrong answers counted
+per family ("three -> four"); optionally the probability of a right
 answer when sampling at temperature 1 (G draws per question from the module-pruned prefill, split by whether the
 greedy answer was right: how much a policy-gradient step can find to reinforce).
 
@@ -46,7 +47,7 @@ def evaluate(name: str, split: Path, limit: int | None, samples: int, batch: int
         rows, summary = cmp.run(spec, progress=f"{name} {run}")
         out[run] = {"exact_match": summary["exact_match"],
                     "per_family": {f: v["exact_match"] for f, v in summary["per_family"].items()},
-                    "kept_frac": summary["kept_frac"]["mean"]}
+                    "kept_frac": summary["kept_frac"]["mean"], "errors": _errors(rows)}
         if run == "module":
             module_rows = rows
         print(f"{name}: K={K} {run}: exact match {out[run]['exact_match']:.3f} kept {out[run]['kept_frac']:.3f} "
@@ -57,6 +58,17 @@ def evaluate(name: str, split: Path, limit: int | None, samples: int, batch: int
         print(f"{name}: K={K} sampling at temperature 1: mean p(right) {out['sampling']['mean_p_right']:.3f}",
               flush=True)
     return out
+
+
+def _errors(rows: list[dict]) -> dict:
+    """Per family, how often each wrong answer was given for each right one: {"count": {"three -> four": 8}}."""
+    out: dict = {}
+    for r in rows:
+        if not r["correct"]:
+            key = f"{r['answer']} -> {r['prediction']}"
+            fam = out.setdefault(r["family"], {})
+            fam[key] = fam.get(key, 0) + 1
+    return {f: dict(sorted(v.items())) for f, v in sorted(out.items())}
 
 
 def _sampling(model, processor, module, ds, greedy_rows: list[dict], G: int, batch: int) -> dict:
