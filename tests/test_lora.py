@@ -87,6 +87,19 @@ def test_targets_are_exactly_the_decoder_linears(family):
     assert len(only_q) == len(layers) and all(n.endswith("self_attn.q_proj") for n in only_q)
     with pytest.raises(ValueError, match="not linear layers of the decoder"):
         lora.decoder_linear_names(model, ("qkv",))
+    last = len(layers) - 1
+    late = lora.decoder_linear_names(_fresh(family), None, (last,))
+    assert len(late) == 7 and all(f".layers.{last}." in n for n in late)
+    with pytest.raises(ValueError, match="outside the LLM's decoder layers"):
+        lora.decoder_linear_names(model, None, (last + 1,))
+    with pytest.raises(ValueError, match="layers is empty"):
+        lora.LoraSettings(layers=())
+    with pytest.raises(ValueError, match="decoder layer indices"):
+        lora.LoraSettings(layers=(-1,))
+    only = lora.add_lora(_fresh(family), lora.LoraSettings(layers=(last,)))
+    from peft.tuners.lora import LoraLayer
+
+    assert {n for n, m in only.named_modules() if isinstance(m, LoraLayer)} == set(late)
 
 
 def test_fresh_adapter_is_the_stock_model(family):

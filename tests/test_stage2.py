@@ -30,7 +30,8 @@ def _cfg(tmp_path, **kw):
     (dict(num_generations=1), "num_generations must be >= 2"), (dict(rewards=["nope"]), "unknown reward 'nope'"),
     (dict(rewards=["judge"]), "needs judge_url and judge_model"), (dict(mask_source="oracle"), "mask_source"),
     (dict(cap=1.5), "cap must be in"), (dict(learning_rate="fast"), "learning_rate must be a number"),
-    (dict(scale_rewards="batch"), "scale_rewards must be one of")])
+    (dict(scale_rewards="batch"), "scale_rewards must be one of"),
+    (dict(lora_layers="first"), "lora_layers must be 'all', 'after_k' or decoder layer indices")])
 def test_config_errors(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         _cfg(tmp_path, **kw)
@@ -152,6 +153,33 @@ def test_short_run_writes_one_folder_that_loads_and_resumes(tmp_path):
     assert summary["global_step"] == 3 and summary["resumed_from"].endswith("checkpoint-1")
     with pytest.raises(ValueError, match="differs"):
         train_stage2(_cfg(tmp_path, max_steps=4, beta=0.1), resume=True)
+
+
+def test_lora_layer_ids():
+    from glimpseprune.training.stage2 import lora_layer_ids
+
+    assert lora_layer_ids("all", 2, 4) is None and lora_layer_ids(" 3, 1,3 ", 2, 4) == (1, 3)
+    assert lora_layer_ids("after_k", 0, 4) == (1, 2, 3) and lora_layer_ids("after_k", -1, 4) == (0, 1, 2, 3)
+    with pytest.raises(ValueError, match="no decoder layer runs after it"):
+        lora_layer_ids("after_k", 3, 4)
+    with pytest.raises(ValueError, match="decoder layers 0..3"):
+        lora_layer_ids("4", 2, 4)
+
+
+def test_lora_layers_after_k_adapts_only_the_layers_after_the_prune_layer(tmp_path):
+    from glimpseprune.training.trainer import RUN_CONFIG
+
+    with pytest.raises(ValueError, match="decoder layers 0..3"):  # the embedded LLM has 4 layers
+        train_stage2(_cfg(tmp_path, lora_layers="2,4"))
+    assert not (tmp_path / "run" / RUN_CONFIG).exists()  # refused before the run wrote anything
+    plus = train_stage2(_cfg(tmp_path, lora_layers="after_k", max_steps=1, eval_steps=1))
+    K = load_module(resolve_module("embedded")).cfg.prune_layer
+    targets = json.loads((plus / "adapter_config.json").read_text())["target_modules"]
+    assert targets and {int(t.split(".layers.")[1].split(".")[0]) for t in targets} == set(range(K + 1, 4))
+    pm = gp.load(resolve_model("embedded"), module=plus)
+    out = pm.generate(images=[[WorldDataset(1)[0]["image"]]], questions=["What colour is the square?"],
+                      max_new_tokens=3)
+    assert out.n_kept[0] < out.n_vis[0]
 
 
 def test_step_b_retrains_the_module_on_the_adapted_model(tmp_path):

@@ -56,12 +56,15 @@ _LORA_KEYS = (".lora_A.", ".lora_B.")
 @dataclass(frozen=True)
 class LoraSettings:
     """LoRA hyper-parameters (upstream stage 2). ``targets``: None = every ``nn.Linear`` in the LLM decoder layers;
-    else the projection names to adapt within them (e.g. ``("q_proj", "v_proj")``); never outside the decoder."""
+    else the projection names to adapt within them (e.g. ``("q_proj", "v_proj")``); never outside the decoder.
+    ``layers``: None = every decoder layer (upstream); else the indices of the decoder layers that get adapters
+    (peft's ``layers_to_transform``), e.g. only those after the prune layer K."""
 
     r: int = 32
     alpha: float = 64
     dropout: float = 0.05
     targets: tuple[str, ...] | None = None
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -77,17 +80,30 @@ class LoraSettings:
             if not self.targets:
                 raise ValueError("targets is empty: the adapter would change nothing")
             object.__setattr__(self, "targets", tuple(self.targets))
+        if self.layers is not None:
+            if isinstance(self.layers, (str, bytes)) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers):
+                raise ValueError(f"layers must be a tuple of decoder layer indices >= 0, got {self.layers!r}")
+            if not self.layers:
+                raise ValueError("layers is empty: the adapter would change nothing")
+            object.__setattr__(self, "layers", tuple(sorted(set(self.layers))))
 
 
-def decoder_linear_names(model: nn.Module, targets: tuple[str, ...] | None = None) -> list[str]:
+def decoder_linear_names(model: nn.Module, targets: tuple[str, ...] | None = None,
+                         layer_ids: tuple[int, ...] | None = None) -> list[str]:
     """Full module names (as in ``model.named_modules()``) of the ``nn.Linear`` layers inside the LLM's decoder
-    layers, in layer order; ``targets`` keeps those whose own name (the last part, e.g. ``q_proj``) is listed."""
+    layers, in layer order; ``targets`` keeps those whose own name (the last part, e.g. ``q_proj``) is listed,
+    ``layer_ids`` those in the decoder layers of these indices."""
     layers = get_adapter(model).layers(model)
     prefix = next((n for n, m in model.named_modules() if m is layers), None)
     if prefix is None:
         raise ValueError("the model's decoder layers are not among its submodules")
+    if layer_ids is not None:
+        outside = [i for i in layer_ids if not 0 <= i < len(layers)]
+        if outside:
+            raise ValueError(f"LoRA layers {outside} are outside the LLM's decoder layers 0..{len(layers) - 1}")
     names = [f"{prefix}.{i}.{n}" for i, layer in enumerate(layers) for n, m in layer.named_modules()
-             if isinstance(m, nn.Linear) and n]
+             if isinstance(m, nn.Linear) and n and (layer_ids is None or i in layer_ids)]
     if targets is not None:
         unknown = sorted(set(targets) - {n.rsplit(".", 1)[-1] for n in names})
         if unknown:
@@ -117,7 +133,7 @@ def add_lora(model: nn.Module, settings: LoraSettings | None = None, base_model_
     settings = settings or LoraSettings()
     if has_lora(model) or hasattr(model, "peft_config"):
         raise ValueError("the model already carries a PEFT adapter; merge it first (merge_lora) or reload the base")
-    names = decoder_linear_names(model, settings.targets)
+    names = decoder_linear_names(model, settings.targets, settings.layers)
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, bias="none",
                         target_modules=names, task_type="CAUSAL_LM",
                         base_model_name_or_path=base_model_name or _base_name(model))

@@ -92,6 +92,10 @@ class Stage2Config:
     lora_r: int = 32
     lora_alpha: float = 64.0
     lora_dropout: float = 0.05
+    # which decoder layers get the adapter: "all" (upstream), "after_k" (only the layers after the module's prune
+    # layer K, which run on the pruned sequence alone: what the VIP reads at layers <= K and what the LLM saw of the
+    # whole image stay the base model's), or decoder layer indices "2,3"
+    lora_layers: str = "all"
     logging_steps: int = 5
     eval_steps: int = 50
     save_steps: int = 50
@@ -121,6 +125,7 @@ class Stage2Config:
                      nonnegative=("dynamic_sampling", "beta"))
         if not 0 <= self.lora_dropout < 1 or not 0 <= self.warmup_ratio < 1:
             raise ValueError("lora_dropout and warmup_ratio must be in [0, 1)")
+        lora_layer_ids(self.lora_layers, None, None)  # a malformed value fails here, before anything loads
         if self.cap is not None and not 0 < self.cap <= 1:
             raise ValueError(f"cap must be in (0, 1], got {self.cap}")
         if not self.rewards:
@@ -135,6 +140,32 @@ class Stage2Config:
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> Stage2Config:
         return config_from_yaml(cls, path, **overrides)
+
+
+def lora_layer_ids(spec: str, prune_layer: int | None, n_layers: int | None) -> tuple[int, ...] | None:
+    """``Stage2Config.lora_layers`` -> decoder layer indices (None: every layer). With ``n_layers`` None only the
+    form is checked.
+
+    >>> lora_layer_ids("after_k", 1, 4), lora_layer_ids("2, 3", 1, 4), lora_layer_ids("all", 1, 4)
+    ((2, 3), (2, 3), None)
+    """
+    text = spec.strip()
+    if text == "all":
+        return None
+    if text == "after_k":
+        if n_layers is None:
+            return None
+        if prune_layer is None or prune_layer + 1 >= n_layers:
+            raise ValueError(f"lora_layers after_k: the module prunes after layer {prune_layer} of {n_layers}, so no "
+                             "decoder layer runs after it")
+        return tuple(range(max(prune_layer, -1) + 1, n_layers))
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise ValueError(f"lora_layers must be 'all', 'after_k' or decoder layer indices such as '2,3', got {spec!r}")
+    ids = tuple(sorted({int(p) for p in parts}))
+    if n_layers is not None and ids[-1] >= n_layers:
+        raise ValueError(f"lora_layers {spec!r}: the LLM has decoder layers 0..{n_layers - 1}")
+    return ids
 
 
 # --------------------------------------------------------------------------- data
@@ -238,6 +269,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, overwrite: bool = Fals
     model, processor = load_base(model_path, device=device or "cpu", dtype=torch.float32)
     adapter_ = get_adapter(model)
     module = load_module(resolve_module(cfg.module), adapter_.dims(model), device=device or "cpu")
+    layer_ids = lora_layer_ids(cfg.lora_layers, module.cfg.prune_layer, len(adapter_.layers(model)))
     cotrain = cfg.mask_source == "vip_cotrain"
     for p in module.parameters():
         p.requires_grad_(cotrain)
@@ -249,7 +281,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, overwrite: bool = Fals
             logger.info("--overwrite: removed %s from %s", ", ".join(p.name for p in removed), out)
     write_json_atomic(out / RUN_CONFIG, {"format": "glimpseprune.stage2/1", "config": _config_record(cfg),
                                          "model_path": str(model_path), "library_version": library_version()})
-    add_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout),
+    add_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, layers=layer_ids),
              base_model_name=str(model_path))
     params = lora_parameters(model)
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
