@@ -15,9 +15,9 @@ from PIL import Image
 import glimpseprune as gp
 from glimpseprune.adapters.base import ModelDims
 from glimpseprune.adapters.llava import LlavaAdapter
+from glimpseprune.adapters.llava_processing import llava_box_to_grid, llava_image_mode
 from glimpseprune.config import PRESETS, preset
 from glimpseprune.processing import load_processor
-from glimpseprune.processing_llava import llava_box_to_grid, llava_image_mode
 from glimpseprune.registry import list_adapters
 from glimpseprune.testing import build_tiny_llava, random_image
 

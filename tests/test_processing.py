@@ -10,15 +10,13 @@ from safetensors.torch import load_file
 from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.processing_utils import ProcessorMixin
 
-from glimpseprune.processing import (
+from glimpseprune.adapters.qwen2_5_vl_processing import (
     QWEN_EXTRA_TOKENS,
     QWEN_SPECIAL_TOKENS,
     QwenVLProcessor,
-    build_inputs,
-    load_image,
-    load_processor,
     make_tiny_qwen_tokenizer,
 )
+from glimpseprune.processing import build_inputs, load_image, load_processor
 from glimpseprune.testing import build_tiny_qwen2_5_vl, random_image, tiny_qwen2_5_vl_config
 
 QUESTIONS = ["What colour is the ball?", "How many dogs are there?", "Describe the weather."]

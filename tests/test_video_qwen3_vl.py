@@ -36,8 +36,8 @@ from test_video import (
 from transformers import BatchFeature, Qwen3VLProcessor
 
 import glimpseprune as gp
+from glimpseprune.adapters.qwen3_vl_processing import VIDEO_CONFIG_FILE, frame_size, video_sizing
 from glimpseprune.processing import DEFAULT_SYSTEM_PROMPT, build_inputs, build_messages, load_processor, save_processor
-from glimpseprune.processing_qwen3_vl import VIDEO_CONFIG_FILE, frame_size, video_sizing
 from glimpseprune.runtime.engine import prefill
 from glimpseprune.testing import random_image
 from glimpseprune.video import Video
@@ -164,7 +164,7 @@ def test_timestamps_hand_computed():
     """Frame i of a clip sampled at fps is at i / fps; a group's time is the mean of its first and last frame."""
     import doctest
 
-    import glimpseprune.processing_qwen3_vl as q3p
+    import glimpseprune.adapters.qwen3_vl_processing as q3p
 
     assert q3p.group_times(range(4), 2.0, 2) == [0.25, 1.25]
     assert q3p.group_times([0, 3, 6, 9, 12], 3.0, 2) == [0.5, 2.5, 4.0]  # sampled indices of a 3 fps file

@@ -30,8 +30,9 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from glimpseprune.processing import QwenVLProcessor, make_tiny_qwen_tokenizer, save_processor
-from glimpseprune.processing_llava import LLAVA_CHAT_TEMPLATE, make_tiny_llava_tokenizer
+from glimpseprune.adapters.llava_processing import LLAVA_CHAT_TEMPLATE, make_tiny_llava_tokenizer
+from glimpseprune.adapters.qwen2_5_vl_processing import QwenVLProcessor, make_tiny_qwen_tokenizer
+from glimpseprune.processing import save_processor
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def _merged(defaults: dict[str, Any], override: Any, name: str) -> dict[str, Any
 
 
 def tiny_qwen2_5_vl_config(**overrides: Any) -> Qwen2_5_VLConfig:
-    """A tiny Qwen2.5-VL config matching :func:`~glimpseprune.processing.make_tiny_qwen_tokenizer`.
+    """A tiny Qwen2.5-VL config matching :func:`~glimpseprune.adapters.qwen2_5_vl_processing.make_tiny_qwen_tokenizer`.
 
     Text: hidden 64, 4 layers, 4 query / 2 key-value heads, M-RoPE sections
     ``[2, 3, 3]``. Vision: hidden 32, depth 4 with full attention in blocks 1
@@ -249,7 +250,7 @@ _LLAVA_VISION_DEFAULTS: dict[str, Any] = {
 
 
 def tiny_llava_config(**overrides: Any) -> LlavaConfig:
-    """A tiny LLaVA-1.5-style config matching :func:`~glimpseprune.processing_llava.make_tiny_llava_tokenizer`.
+    """A tiny LLaVA-1.5-style config matching :func:`~glimpseprune.adapters.llava_processing.make_tiny_llava_tokenizer`.
 
     Text (Llama): hidden 64, 4 layers, 4 query / 2 key-value heads. Vision (CLIP): hidden 32, 4 blocks, 112 px
     images in 14 px patches (8 x 8 tokens). ``vision_feature_layer=-2`` and the "default" strategy (CLS dropped),
@@ -353,7 +354,7 @@ def build_tiny_qwen3_vl(out_dir: str | Path, seed: int = 0, **overrides: Any) ->
     """Build, randomly initialise (seeded) and save a tiny Qwen3-VL checkpoint (weights, configs, a torchvision-free
     processor with 16 px patches and a small video pixel budget) to ``out_dir``; it loads back offline with
     :func:`glimpseprune.load_base`."""
-    from .processing_qwen3_vl import Qwen3VLImageProcessorOnly
+    from .adapters.qwen3_vl_processing import Qwen3VLImageProcessorOnly
 
     config = tiny_qwen3_vl_config(**overrides)
     v, tokenizer = config.vision_config, make_tiny_qwen_tokenizer()

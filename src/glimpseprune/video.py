@@ -11,7 +11,7 @@ PIL frames, checked before any model runs, and turned into the temporal patches 
   into each patch (the layout of transformers' ``Qwen2VLVideoProcessor.patchify``, which needs torchvision); a clip
   whose frame count is not a multiple of it repeats its last frame, as that processor does. Positions follow the
   clock: ``second_per_grid_ts`` = temporal_patch_size / fps (Qwen2.5-VL; Qwen3-VL writes timestamps into the prompt
-  instead, see :mod:`glimpseprune.processing_qwen3_vl`, and sizes each clip as a whole: ``sizes``).
+  instead, see :mod:`glimpseprune.adapters.qwen3_vl_processing`, and sizes each clip as a whole: ``sizes``).
 
 Example::
 

@@ -42,7 +42,7 @@ class LlavaAdapter(Adapter):
         return next_pos.view(1, -1, 1)
 
     def box_masks(self, model: nn.Module, processor, inputs: dict, boxes: list, sizes: list) -> list:
-        from ..processing_llava import llava_box_to_grid, llava_image_mode
+        from .llava_processing import llava_box_to_grid, llava_image_mode
 
         grid = self.grid(model, inputs.get("pixel_values"))
         geometry = llava_image_mode(processor.image_processor)
@@ -51,7 +51,7 @@ class LlavaAdapter(Adapter):
     def token_view(self, model: nn.Module, processor, image):
         from PIL import Image
 
-        from ..processing_llava import llava_image_mode
+        from .llava_processing import llava_image_mode
 
         mode = llava_image_mode(processor.image_processor)["mode"]
         side = model.config.vision_config.image_size

@@ -24,7 +24,7 @@ decoder access, rotary, LM head, decode positions, box masks):
   For a batch with images and videos, each modality's rows (the ViT runs once per modality, as in the stock forward)
   are merged into the order of the visual tokens, as the stock forward merges them.
 * **Video**: the prompt holds one ``<|video_pad|>`` run per frame-group, each after its timestamp text
-  (:mod:`glimpseprune.processing_qwen3_vl`); ``get_rope_index`` places each group as a one-frame image after that
+  (:mod:`.qwen3_vl_processing`); ``get_rope_index`` places each group as a one-frame image after that
   text (time lives in the text, not in the t coordinate). ``Encoded.grids`` lists the t groups of a video of grid
   (t, h, w) as t (h, w) entries, as for Qwen2.5-VL.
 """

@@ -319,7 +319,7 @@ def video_grid(shape: ModelShape, n_frames: int, width: int, height: int) -> tup
 def video_text_tokens(shape: ModelShape, n_frames: int, fps: float) -> int:
     """Text tokens a video adds besides its own outer <|vision_start|> / <|vision_end|> (counted in n_text like an
     image's): 0 for Qwen2.5-VL (time is in M-RoPE); for Qwen3-VL, per frame-group its timestamp "<{t:.1f} seconds>"
-    (``processing_qwen3_vl.group_times``) and its inner <|vision_start|> / <|vision_end|>. A timestamp is counted as
+    (``qwen3_vl_processing.group_times``) and its inner <|vision_start|> / <|vision_end|>. A timestamp is counted as
     the Qwen2 tokenizer splits it: "<", one token per digit, ".", " seconds", ">" (e.g. "<0.2 seconds>": 6 tokens).
 
     >>> from glimpseprune.bench.shapes import load_shape
@@ -328,7 +328,7 @@ def video_text_tokens(shape: ModelShape, n_frames: int, fps: float) -> int:
     """
     if shape.model_type != "qwen3_vl":
         return 0
-    from ..processing_qwen3_vl import group_times
+    from ..adapters.qwen3_vl_processing import group_times
 
     times = group_times(range(n_frames), fps, shape.vision.temporal_patch_size)
     return sum(len(f"{t:.1f}") + 3 + 2 for t in times)

@@ -20,7 +20,7 @@ def grid_box(adapter, processor, size: tuple[int, int]) -> tuple[float, float, f
     square reaching past the short sides (LLaVA "pad") or the central square (LLaVA "crop") otherwise."""
     w, h = size
     if "llava" in getattr(adapter, "model_types", ()) and processor is not None:
-        from ..processing_llava import _axes, llava_image_mode
+        from ..adapters.llava_processing import _axes, llava_image_mode
 
         g = llava_image_mode(processor.image_processor)
         (sx, ox, ex), (sy, oy, ey) = _axes(w, h, g["mode"], g["size"], g["crop"])

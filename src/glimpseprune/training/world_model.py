@@ -42,8 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
+from ..adapters.qwen2_5_vl_processing import QwenVLProcessor, make_tiny_qwen_tokenizer
 from ..data import world
-from ..processing import QwenVLProcessor, make_tiny_qwen_tokenizer, save_processor
+from ..processing import save_processor
 from ..testing import tiny_qwen2_5_vl_config
 
 logger = logging.getLogger(__name__)

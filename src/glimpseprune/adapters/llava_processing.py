@@ -1,5 +1,6 @@
-"""LLaVA-1.5 helpers beside :mod:`glimpseprune.processing`: the LLaVA chat format, a tiny offline tokenizer for test
-models, and box -> token-grid masks that follow the image through LLaVA's preprocessing.
+"""LLaVA-1.5's input processing, beside its adapter (the family-agnostic part is :mod:`glimpseprune.processing`):
+the LLaVA chat format, a tiny offline tokenizer for test models, and box -> token-grid masks that follow the image
+through LLaVA's preprocessing.
 
 LLaVA feeds the vision tower one fixed-size square per image, reached in one of three ways:
 
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 from tokenizers import AddedToken
 
-from .processing import _TINY_CORPUS, _train_byte_bpe
+from .qwen2_5_vl_processing import _TINY_CORPUS, _train_byte_bpe
 
 __all__ = [
     "LLAVA_CHAT_TEMPLATE",
@@ -59,7 +60,7 @@ LLAVA_CHAT_TEMPLATE = (
 
 def make_tiny_llava_tokenizer(words: list[str] | None = None, *, bpe_vocab_size: int = 640):
     """A small offline LLaVA-style tokenizer: the byte-level BPE of
-    :func:`~glimpseprune.processing.make_tiny_qwen_tokenizer` (trained in-process, any text encodes) with the
+    :func:`~.qwen2_5_vl_processing.make_tiny_qwen_tokenizer` (trained in-process, any text encodes) with the
     LLaVA-1.5 control tokens ``<unk> <s> </s> <pad> <image>`` right after it (``eos`` is ``</s>``, ``pad`` is
     ``<pad>``), left padding and :data:`LLAVA_CHAT_TEMPLATE`. Deterministic for a given input."""
     from transformers import Qwen2Tokenizer  # the byte-level BPE tokenizer class of transformers

@@ -1,8 +1,8 @@
-"""Qwen3-VL input processing beside :mod:`glimpseprune.processing`: images and videos without torchvision.
+"""Qwen3-VL's input processing, beside its adapter: images and videos without torchvision.
 
 For images, transformers' ``Qwen3VLProcessor`` does what ``Qwen2_5_VLProcessor`` does (one ``<|image_pad|>`` per
 merged token, ``mm_token_type_ids`` for M-RoPE; a ``Qwen2VLImageProcessor`` with 16 px patches), so the image path
-of :class:`~glimpseprune.processing.QwenVLProcessor` serves Qwen3-VL too. Its video path differs in three ways, all
+of :class:`~.qwen2_5_vl_processing.QwenVLProcessor` serves Qwen3-VL too. Its video path differs in three ways, all
 reproduced here from the installed transformers (``models/qwen3_vl/processing_qwen3_vl.py`` and
 ``video_processing_qwen3_vl.py``), while the stock processor always builds a torchvision video processor:
 
@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .processing import QwenVLProcessor
+from .qwen2_5_vl_processing import QwenVLProcessor
 
 STOCK_CLASS = "Qwen3VLProcessor"
 VIDEO_CONFIG_FILE = "video_preprocessor_config.json"  # transformers' VIDEO_PROCESSOR_NAME
@@ -146,7 +146,7 @@ class Qwen3VLImageProcessorOnly(QwenVLProcessor):
         self.video_config: dict[str, Any] = {}  # the checkpoint's video processor config (sizing: video_sizing)
 
     def _process_videos(self, videos: Any, **kwargs: Any) -> Any:
-        from .video import DEFAULT_FPS, video_patches
+        from ..video import DEFAULT_FPS, video_patches
 
         ip = self.image_processor
         tp, merge = ip.temporal_patch_size, ip.merge_size
