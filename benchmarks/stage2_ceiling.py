@@ -5,7 +5,9 @@ per family ("three -> four"); optionally the probability of a right
 answer when sampling at temperature 1 (G draws per question from the module-pruned prefill, split by whether the
 greedy answer was right: how much a policy-gradient step can find to reinforce).
 
-Each folder is loaded on a fresh copy of the embedded base (a GlimpsePrune+ folder's adapter is merged into it).
+Each folder is loaded on a fresh copy of the embedded base (a GlimpsePrune+ folder's adapter is merged into it). An
+early module (kind early) runs as ``early_glimpse``; ``--drop-layer J`` makes its picks leave after LLM layer J (its
+box-mask run drops there too).
 
     python benchmarks/stage2_ceiling.py --split world/records.jsonl --modules embedded embedded-k0 \
         runs/stage2_world/module --samples 16 --out results/stage2_world/ceiling
@@ -17,6 +19,7 @@ is that JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from glimpseprune.api import load_base
+from glimpseprune.api import load_base, module_method_name
 from glimpseprune.assets import resolve_model, resolve_module
 from glimpseprune.bench.compare import Comparison, RunSpec
 from glimpseprune.bench.meta import environment
@@ -32,14 +35,17 @@ from glimpseprune.checkpoint import load_plus
 from glimpseprune.training.stage1 import RecordDataset
 
 
-def evaluate(name: str, split: Path, limit: int | None, samples: int, batch: int) -> dict:
+def evaluate(name: str, split: Path, limit: int | None, samples: int, batch: int,
+             drop_layer: int | None = None) -> dict:
     """One folder on a fresh copy of the base: its own masks, the ground-truth box tokens at its K (the ``oracle``
     method) and every token, through ``bench.compare.Comparison`` (the split's inputs and box masks prepared once)."""
     model, processor = load_base(resolve_model("embedded"), device="cpu", dtype=torch.float32)
     model, module = load_plus(model, resolve_module(name))
+    if drop_layer is not None and module.cfg.kind == "early":  # its picks leave after LLM layer drop_layer
+        module.cfg = dataclasses.replace(module.cfg, prune_layer=drop_layer)
     K = module.cfg.prune_layer
     cmp = Comparison(model, processor, module, split, limit=limit, batch_size=batch)
-    runs = {"module": RunSpec("module", "glimpse", "dynamic", selection={}),
+    runs = {"module": RunSpec("module", module_method_name(module), "dynamic", selection={}),
             "boxes": RunSpec("boxes", "oracle", "oracle", kwargs={"prune_layer": K}),
             "full": RunSpec("full", "full", "full")}
     out: dict = {"K": K}
@@ -105,6 +111,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=0, help="G draws per question at temperature 1 (0: skip)")
     ap.add_argument("--batch", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--drop-layer", type=int, help="early modules (kind early): their picks leave after this LLM "
+                    "layer instead of the module's own prune_layer (-1: before the LLM)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     out = Path(args.out)
@@ -113,11 +121,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    result = {"split": args.split, "limit": args.limit, "environment": environment(), "modules": {}}
+    result = {"split": args.split, "limit": args.limit, "drop_layer": args.drop_layer, "environment": environment(),
+              "modules": {}}
     (out / "ceiling.json").write_text(json.dumps(result, indent=1))  # an unwritable --out fails here, before any run
     t0 = time.time()
     for name in args.modules:
-        result["modules"][name] = evaluate(name, Path(args.split), args.limit, args.samples, args.batch)
+        result["modules"][name] = evaluate(name, Path(args.split), args.limit, args.samples, args.batch,
+                                           args.drop_layer)
         result["seconds"] = time.time() - t0
         (out / "ceiling.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))

@@ -14,7 +14,7 @@ import glimpseprune as gp
 from glimpseprune.checkpoint import CONFIG_NAME, build_module, load_module, save_module
 from glimpseprune.config import GlimpseConfig, SelectionConfig
 from glimpseprune.data.records import write_split
-from glimpseprune.methods.early_glimpse import EarlyGlimpseMethod
+from glimpseprune.methods.early_glimpse import EarlyGlimpseConfig, EarlyGlimpseMethod
 from glimpseprune.methods.glimpse import GlimpseMethod
 from glimpseprune.methods.mask import MaskMethod
 from glimpseprune.modules.early import EarlyGlimpseModule
@@ -57,6 +57,42 @@ def test_prunes_before_the_llm_and_equals_mask(model, early, batch):
         ref = prefill(model, adapter, MaskMethod(prune_layer=-1), batch, request={"keep_masks": pre.keep_masks})
     assert [torch.equal(a, b) for a, b in zip(pre.keep_masks, ref.keep_masks)] == [True] * len(SPECS)
     torch.testing.assert_close(pre.logits, ref.logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("K", [0, 1])
+def test_drop_after_layer_k_equals_mask_there(model, early, batch, K):
+    """The decision is the same (made from the encoding alone); its tokens leave after layer K, where the mask
+    method (tested against stock transformers) drops the same keep masks. K given by the method or the module."""
+    import dataclasses
+
+    adapter = gp.get_adapter(model)
+    with torch.no_grad():
+        before = prefill(model, adapter, EarlyGlimpseMethod(module=early), batch)
+        pre = prefill(model, adapter, EarlyGlimpseMethod(EarlyGlimpseConfig(drop_layer=K), module=early), batch)
+        assert pre.prune_layers == (K,)
+        assert all(torch.equal(a, b) for a, b in zip(pre.keep_masks, before.keep_masks))
+        ref = prefill(model, adapter, MaskMethod(prune_layer=K), batch, request={"keep_masks": pre.keep_masks})
+        moved = dataclasses.replace(early.cfg, prune_layer=K)  # an early module that drops after layer K
+        other = EarlyGlimpseModule(moved)
+        other.load_state_dict(early.state_dict())
+        by_module = prefill(model, adapter, EarlyGlimpseMethod(module=other.eval()), batch)
+    torch.testing.assert_close(pre.logits, ref.logits, atol=1e-5, rtol=1e-5)
+    assert by_module.prune_layers == (K,)
+    torch.testing.assert_close(by_module.logits, pre.logits, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(pre.logits, before.logits, atol=1e-4)  # layers 0..K read every token: not K = -1
+
+
+def test_drop_layer_out_of_range(model, early, batch):
+    import dataclasses
+
+    n = len(gp.get_adapter(model).layers(model))
+    with pytest.raises(ValueError, match=rf"prune_layer -1\) or after an LLM layer in \[0, {n - 1}\]"):
+        dataclasses.replace(early.cfg, prune_layer=n)
+    with pytest.raises(ValueError, match="drop_layer must be -1"):
+        EarlyGlimpseConfig(drop_layer=-2)
+    with pytest.raises(ValueError, match="outside the LLM's layer range"):
+        prefill(model, gp.get_adapter(model), EarlyGlimpseMethod(EarlyGlimpseConfig(drop_layer=n), module=early),
+                batch)
 
 
 def test_no_llm_layer_runs_before_the_decision(model, early, batch):
@@ -183,7 +219,9 @@ def test_wrong_module_kind(model, module, early):
         GlimpseMethod(module=early)
     with pytest.raises(ValueError, match="needs a trained early module"):
         EarlyGlimpseMethod()
-    with pytest.raises(ValueError, match="prune_layer must be -1"):
-        GlimpseConfig(**{**early.cfg.to_dict(), "prune_layer": 2})
+    with pytest.raises(ValueError, match="drops its tokens before the LLM"):
+        GlimpseConfig(**{**early.cfg.to_dict(), "prune_layer": early.cfg.base_num_layers})
+    with pytest.raises(ValueError, match="reads no LLM layer: attn_layers must be empty"):
+        GlimpseConfig(**{**early.cfg.to_dict(), "attn_layers": [0]})
     with pytest.raises(ValueError, match="kind must be one of"):
         GlimpseConfig(**{**module.cfg.to_dict(), "kind": "late"})

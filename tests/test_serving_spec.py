@@ -4,6 +4,7 @@ opt-in vLLM model folder (and refusing bad requests before anything is written).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -168,6 +169,9 @@ def test_image_pruner_checks_the_grid():
         ServeSpec.from_section({"method": "visionzip", "keep_ratio": 0.5, "method_args": {"dominant_frac": 2}})
     with pytest.raises(ValueError, match="make 'random' prune inside the LLM"):
         ServeSpec.from_section({"method": "random", "keep_ratio": 0.5, "method_args": {"prune_layer": 1}})
+    with pytest.raises(ValueError, match="drop_layer 0 makes it prune inside the LLM"):
+        ServeSpec.from_section({"method": "early_glimpse", "keep_ratio": 0.5, "module": "m",
+                                "method_args": {"drop_layer": 0}})
 
 
 # --------------------------------------------------------------------------- write_vllm_folder
@@ -226,11 +230,15 @@ def test_write_vllm_folder_refuses_a_module_that_does_not_fit(tiny_dir, llava_di
     llava, _ = gp.load_base(llava_dir)
     foreign = gp.save_module(random_early_module(llava), tmp_path / "llava_early")
     glimpse = gp.save_module(gp.GlimpseModule(small_glimpse_config(model)), tmp_path / "glimpse")
+    inside = random_early_module(model)
+    inside.cfg = dataclasses.replace(inside.cfg, prune_layer=0)  # decides before the LLM, drops after layer 0
+    inside = gp.save_module(inside, tmp_path / "inside")
     headless = tmp_path / "headless"
     headless.mkdir()
     (headless / WEIGHTS_NAME).write_bytes((glimpse / WEIGHTS_NAME).read_bytes())
     for i, (mod, match) in enumerate([(foreign, "trained for another base model.*llava"),
                                       (glimpse, "kind 'glimpse'.*needs kind 'early'"),
+                                      (inside, "drops its tokens after LLM layer 0.*only prune before the LLM"),
                                       (headless, "headless")]):
         dest = tmp_path / f"never{i}"
         with pytest.raises(ValueError, match=match):

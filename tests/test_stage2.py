@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,6 +181,32 @@ def test_lora_layers_after_k_adapts_only_the_layers_after_the_prune_layer(tmp_pa
     out = pm.generate(images=[[WorldDataset(1)[0]["image"]]], questions=["What colour is the square?"],
                       max_new_tokens=3)
     assert out.n_kept[0] < out.n_vis[0]
+
+
+def test_early_module_with_a_drop_layer(tmp_path):
+    """GlimpsePrune+ on an early module's picks dropped after layer 0: the folder records the schedule, so gp.load
+    runs it; drop_layer on a glimpse module is refused before the run writes anything."""
+    from glimpseprune.training.trainer import RUN_CONFIG
+
+    with pytest.raises(ValueError, match="drop_layer applies to an early module"):
+        train_stage2(_cfg(tmp_path, drop_layer=0))  # the embedded module is a glimpse module (K = 2)
+    assert not (tmp_path / "run" / RUN_CONFIG).exists()
+    with pytest.raises(ValueError, match="drop_layer must be -1"):
+        _cfg(tmp_path, drop_layer=-2)
+    early = str(Path(__file__).resolve().parents[1] / "results" / "early_glimpse" / "module")
+    with pytest.raises(ValueError, match=r"after an LLM layer in \[0, 3\]"):
+        train_stage2(_cfg(tmp_path, module=early, drop_layer=4))
+    plus = train_stage2(_cfg(tmp_path, module=early, drop_layer=0, lora_layers="after_k", max_steps=1,
+                             eval_steps=1))
+    saved = json.loads((plus / "glimpse_config.json").read_text())["glimpse"]
+    assert saved["kind"] == "early" and saved["prune_layer"] == 0
+    targets = json.loads((plus / "adapter_config.json").read_text())["target_modules"]
+    assert {int(t.split(".layers.")[1].split(".")[0]) for t in targets} == {1, 2, 3}
+    pm = gp.load(resolve_model("embedded"), module=plus)
+    assert pm.method.name == "early_glimpse"
+    out = pm.generate(images=[[WorldDataset(1)[0]["image"]]], questions=["What colour is the square?"],
+                      max_new_tokens=3)
+    assert out.prune_layer == 0 and 0 < out.n_kept[0] < out.n_vis[0]
 
 
 def test_step_b_retrains_the_module_on_the_adapted_model(tmp_path):

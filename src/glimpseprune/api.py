@@ -338,6 +338,12 @@ def make_method(name: str, module=None, selection: SelectionConfig | None = None
     return cls(**kwargs)
 
 
+def module_method_name(module) -> str:
+    """The method that runs a trained module: ``early_glimpse`` for an early module (kind ``early``), else
+    ``glimpse``."""
+    return "early_glimpse" if getattr(getattr(module, "cfg", None), "kind", "glimpse") == "early" else "glimpse"
+
+
 def apply(model, method: str | PruningMethod = "glimpse", module=None, selection: SelectionConfig | None = None,
           processor=None, **method_kwargs) -> PrunedModel:
     """Wrap a loaded model: ``pm = apply(model, "glimpse", module=load_module(dir))``. The model is not modified."""
@@ -431,6 +437,6 @@ def load(model_dir: str | Path, module: str | Path | None = None, method: str | 
         # the module follows a bf16 base (tested: >= 99 % of the fp32 keep decisions); fp16 stays fp32 (untested)
         mod_dtype = model.dtype if model.dtype in (torch.float32, torch.bfloat16) else torch.float32
         model, mod = load_plus(model, module, merge=merge_adapter, device=execution_device(model), dtype=mod_dtype)
-    # default: the method of the module's kind (an early module prunes before the LLM), else full
-    method = method or (("early_glimpse" if mod.cfg.kind == "early" else "glimpse") if mod is not None else "full")
+    # default: the method of the module's kind (an early module decides before the LLM), else full
+    method = method or (module_method_name(mod) if mod is not None else "full")
     return apply(model, method, module=mod, selection=selection, processor=processor, **method_kwargs)

@@ -204,10 +204,13 @@ class GlimpseConfig:
         self._check_vip()
 
     def _check_early(self) -> None:
-        """An early module prunes before the LLM: K = -1, and no LLM layer feeds it or gets a glimpse vector."""
-        if self.prune_layer != -1:
-            raise ValueError(f"an early module (kind 'early') prunes before the LLM: prune_layer must be -1, got "
-                             f"{self.prune_layer}")
+        """An early module decides before the LLM: no LLM layer feeds it or gets a glimpse vector. ``prune_layer`` is
+        where its picks leave the sequence: -1 before the LLM (what a server can run), K >= 0 after LLM layer K (the
+        layers up to K still read every token)."""
+        L = self.base_num_layers
+        if not (-1 <= self.prune_layer < L):
+            raise ValueError(f"an early module (kind 'early') drops its tokens before the LLM (prune_layer -1) or "
+                             f"after an LLM layer in [0, {L - 1}]; got prune_layer {self.prune_layer}")
         for name in ("attn_layers", "glimpse_layers"):
             if _as_layers(name, getattr(self, name)):
                 raise ValueError(f"an early module (kind 'early') reads no LLM layer: {name} must be empty")

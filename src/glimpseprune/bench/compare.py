@@ -104,11 +104,11 @@ def layer_counts(n_vis: int, prune_layers: tuple[int, ...], stage_kept: list[int
 
 
 def _method(spec: RunSpec, module):
-    from ..api import make_method
+    from ..api import MODULE_METHODS, make_method
     from ..config import SelectionConfig
 
-    if spec.method == "glimpse":
-        return make_method("glimpse", module, SelectionConfig(**spec.selection))
+    if spec.method in MODULE_METHODS:  # glimpse, early_glimpse: the comparison's module
+        return make_method(spec.method, module, SelectionConfig(**(spec.selection or {})), **spec.kwargs)
     return make_method(spec.method, **spec.kwargs)
 
 

@@ -1,4 +1,9 @@
-"""``early_glimpse``: decide before the LLM (K = -1) which visual tokens to keep, so no LLM layer runs for the decision.
+"""``early_glimpse``: decide before the LLM which visual tokens to keep, so no LLM layer runs for the decision.
+
+Where the dropped tokens leave is the module's ``prune_layer`` (or the method's ``drop_layer``): -1, before the LLM
+(a server can size each request's KV cache for it), or after LLM layer K >= 0, so that layers 0..K still read the
+whole image (on the embedded world model, dropping after layer 0 instead of before it is the difference between a
+broken and a better-than-full answer: ``results/early_glimpse/README.md``).
 
 An ``EarlyGlimpseModule`` (``kind: early``) scores every visual token from the vision-encoder taps, the visual
 tokens' input embeddings and the question's token embeddings (the LLM's embedding table on the prompt's text
@@ -32,9 +37,15 @@ class EarlyGlimpseConfig(GlimpseMethodConfig):
     embeddings entering the LLM, as DivPrune): the module's picks plus coverage of the rest of the image."""
 
     fill: str = "score"
+    # the LLM layer after which the dropped tokens leave (-1: before the LLM); None: the module's prune_layer
+    drop_layer: int | None = None
 
     def __post_init__(self):
         super().__post_init__()
+        if self.drop_layer is not None and (isinstance(self.drop_layer, bool) or not isinstance(self.drop_layer, int)
+                                            or self.drop_layer < -1):
+            raise ValueError(f"drop_layer must be -1 (before the LLM) or an LLM layer index >= 0, got "
+                             f"{self.drop_layer!r}")
         if self.fill not in FILLS:
             raise ValueError(f"fill must be one of {FILLS}, got {self.fill!r}")
         if self.fill == "diverse" and self.selection.fixed_keep_ratio is None:
@@ -75,7 +86,8 @@ class EarlyGlimpseMethod(PruningMethod):
         self._tap_fn = module.project_condition  # one object on every vision_tap_fn() call (encodings cache by it)
 
     def prune_layer(self, n_layers: int) -> int | None:
-        return -1
+        k = self.config.drop_layer
+        return self.module.cfg.prune_layer if k is None else k
 
     def vision_taps(self) -> tuple[int, ...]:
         return self.module.cfg.vision_taps

@@ -42,6 +42,10 @@ def _check_module(module: Path, model_dir: Path, method: str) -> None:
     want = "early" if method == "early_glimpse" else "glimpse"
     if cfg.kind != want:
         raise ValueError(f"module {str(module)!r} is of kind {cfg.kind!r}; method {method!r} needs kind {want!r}")
+    if cfg.kind == "early" and cfg.prune_layer != -1:
+        raise ValueError(f"module {str(module)!r} drops its tokens after LLM layer {cfg.prune_layer} (prune_layer); "
+                         "a server with one KV length per request for all layers can only prune before the LLM "
+                         "(an early module with prune_layer -1)")
     check_compatible(cfg, qwen2_5_vl_dims(AutoConfig.from_pretrained(str(model_dir), local_files_only=True)))
 
 

@@ -160,7 +160,10 @@ def _check_method_args(method: str, ratio: float, args: dict) -> None:
     cls = _method_class(method)
     try:
         if method in MODULE_METHODS:
-            cls.config_class(selection=SelectionConfig(fixed_keep_ratio=ratio), **args)
+            config = cls.config_class(selection=SelectionConfig(fixed_keep_ratio=ratio), **args)
+            if getattr(config, "drop_layer", None) not in (None, -1):
+                raise ValueError(f"drop_layer {config.drop_layer} makes it prune inside the LLM; a server with one KV "
+                                 "length per request for all layers can only prune before it")
             return
         config = cls.config_class(keep_ratio=ratio, **args)
     except (TypeError, ValueError) as e:

@@ -38,14 +38,14 @@ class GRPOStep:
     """Rollouts, rewards and the GRPO loss for one batch of prompts (the model carries the LoRA adapter)."""
 
     def __init__(self, model, processor, module, cfg: Stage2Config, rewards):
-        from ..api import make_method
-        from ..methods.glimpse import GlimpseMethod
+        from ..api import make_method, module_method_name
         from ..registry import get_adapter
 
         self.model, self.processor, self.module, self.cfg, self.rewards = model, processor, module, cfg, rewards
         self.adapter = get_adapter(model)
         self.K = module.cfg.prune_layer
-        self.vip = GlimpseMethod(module=module, selection=SelectionConfig(max_keep_ratio=cfg.cap))
+        # glimpse, or early_glimpse for an early module (its masks leave after its prune_layer)
+        self.vip = make_method(module_method_name(module), module, SelectionConfig(max_keep_ratio=cfg.cap))
         self.fixed = make_method("mask", prune_layer=self.K)
         tok = processor.tokenizer
         gc = getattr(model, "generation_config", None)

@@ -52,6 +52,9 @@ class Stage2Config:
 
     model: str = "embedded"
     module: str = "embedded"  # the stage-1 glimpse module (frozen; its VIP masks the rollouts with mask_source vip)
+    # an early module (kind early) only: the LLM layer after which its picks leave (-1: before the LLM), in place of
+    # the module's own prune_layer; the folder written records it, so gp.load runs the schedule it was trained on
+    drop_layer: int | None = None
     output_dir: str = "runs/stage2"
     train_data: str | None = None  # JSONL records (ours or Visual-CoT's); None = synthetic world scenes
     train_samples: int = 4000
@@ -126,6 +129,9 @@ class Stage2Config:
         if not 0 <= self.lora_dropout < 1 or not 0 <= self.warmup_ratio < 1:
             raise ValueError("lora_dropout and warmup_ratio must be in [0, 1)")
         lora_layer_ids(self.lora_layers, None, None)  # a malformed value fails here, before anything loads
+        if self.drop_layer is not None and self.drop_layer < -1:
+            raise ValueError(f"drop_layer must be -1 (before the LLM) or an LLM layer index >= 0, got "
+                             f"{self.drop_layer}")
         if self.cap is not None and not 0 < self.cap <= 1:
             raise ValueError(f"cap must be in (0, 1], got {self.cap}")
         if not self.rewards:
@@ -205,11 +211,10 @@ def _make_rewards(cfg: Stage2Config, out: Path):
 def evaluate_exact(model, processor, module, items, cap: float | None, prompt_suffix: str | None,
                    batch_size: int = 16) -> dict:
     """Exact match of greedy answers with GlimpsePrune's own masks (the inference path), and the kept fraction."""
-    from ..api import apply
+    from ..api import apply, module_method_name
     from ..bench.accuracy import normalize
-    from ..methods.glimpse import GlimpseMethod
 
-    pm = apply(model, GlimpseMethod(module=module, selection=SelectionConfig(max_keep_ratio=cap)),
+    pm = apply(model, module_method_name(module), module=module, selection=SelectionConfig(max_keep_ratio=cap),
                processor=processor)
     correct, kept, n = 0, 0.0, 0
     for i in range(0, len(items), batch_size):
@@ -269,6 +274,12 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, overwrite: bool = Fals
     model, processor = load_base(model_path, device=device or "cpu", dtype=torch.float32)
     adapter_ = get_adapter(model)
     module = load_module(resolve_module(cfg.module), adapter_.dims(model), device=device or "cpu")
+    if cfg.drop_layer is not None:
+        if module.cfg.kind != "early":
+            raise ValueError(f"drop_layer applies to an early module (kind 'early'), which decides before the LLM; "
+                             f"{cfg.module} is a {module.cfg.kind!r} module, whose VIP reads LLM layer "
+                             f"{module.cfg.prune_layer} and drops its tokens there")
+        module.cfg = dataclasses.replace(module.cfg, prune_layer=cfg.drop_layer)  # checked against the LLM's depth
     layer_ids = lora_layer_ids(cfg.lora_layers, module.cfg.prune_layer, len(adapter_.layers(model)))
     cotrain = cfg.mask_source == "vip_cotrain"
     for p in module.parameters():
