@@ -156,6 +156,17 @@ def test_short_run_writes_one_folder_that_loads_and_resumes(tmp_path):
         train_stage2(_cfg(tmp_path, max_steps=4, beta=0.1), resume=True)
 
 
+def test_resume_accepts_a_run_that_predates_a_field_left_at_its_default(tmp_path):
+    from glimpseprune.training.trainer import config_differences
+
+    cfg = _cfg(tmp_path)
+    stored = {k: v for k, v in json.loads(json.dumps(cfg.__dict__, default=str)).items()
+              if k not in ("lora_layers", "drop_layer")}  # a run made before these fields existed
+    assert config_differences(stored, cfg) == []
+    assert config_differences(stored, _cfg(tmp_path, lora_layers="after_k")) == [
+        "lora_layers: run 'all', now 'after_k'"]
+
+
 def test_lora_layer_ids():
     from glimpseprune.training.stage2 import lora_layer_ids
 

@@ -147,8 +147,14 @@ def read_run_config(out: str | Path) -> dict[str, Any]:
 
 
 def config_differences(stored: dict[str, Any], cfg: Stage1Config) -> list[str]:
-    """'field: run X, now Y' for each field outside RESUME_FREE_FIELDS where ``cfg`` differs from ``stored``."""
+    """'field: run X, now Y' for each field outside RESUME_FREE_FIELDS where ``cfg`` differs from ``stored``. A field
+    the stored record lacks (the run predates it) matches when ``cfg`` holds its default, which is what such a run
+    did."""
     new, missing = _config_record(cfg), "(absent)"
+    defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cfg)
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    stored = {**json.loads(json.dumps(defaults, default=str)), **stored}  # the stored values win
     free = getattr(cfg, "resume_free_fields", RESUME_FREE_FIELDS)  # a config class may name its own
     names = sorted((set(stored) | set(new)) - free)
     return [f"{k}: run {stored.get(k, missing)!r}, now {new.get(k, missing)!r}" for k in names
