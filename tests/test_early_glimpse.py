@@ -42,7 +42,7 @@ def test_config_kind(model, early):
     assert cfg.kind == "early" and cfg.prune_layer == -1 and cfg.attn_layers == () and cfg.glimpse_layers == ()
     assert GlimpseConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert isinstance(build_module(cfg), EarlyGlimpseModule)
-    assert describe_method("early_glimpse")["where"] == "before the LLM"
+    assert describe_method("early_glimpse")["where"] == "before the LLM (or after drop_layer)"
 
 
 def test_prunes_before_the_llm_and_equals_mask(model, early, batch):

@@ -148,8 +148,8 @@ def _where(cls: type) -> str:
         method = cls()
         schedules = [tuple(method.prune_layers(n)) for n in _SAMPLE_DEPTHS]
     except (TypeError, ValueError):  # needs what only a request or a checkpoint brings (a module)
-        if getattr(cls, "prunes_before_llm", False):
-            return "before the LLM"
+        if getattr(cls, "prunes_before_llm", False):  # decides before the LLM; its module may drop after layer K
+            return "before the LLM (or after drop_layer)"
         return "after its module's LLM layer K" if _needs(cls) == "a trained module" else "set per request"
     if not schedules[0]:
         return "nowhere (keeps every token)"
