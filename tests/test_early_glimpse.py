@@ -189,17 +189,17 @@ def test_stage1_trains_an_early_module(tmp_path):
 
     small = world.WorldConfig(min_cells=4, max_cells=5, min_objects=2, max_objects=3)
     data = write_split(tmp_path / "data", n=8, seed=11, cfg=small, name="train.jsonl")
-    for mode in ("boxes", "kl"):
-        out = tmp_path / f"run-{mode}"
+    for mode, K in (("boxes", -1), ("kl", -1), ("kl", 0)):  # K: where the picks leave (the KL sees that schedule)
+        out = tmp_path / f"run-{mode}{K}"
         cfg = Stage1Config(model=str(base), output_dir=str(out), train_data=str(data), eval_data=str(data),
                            eval_samples=4, batch_size=4, max_steps=2, save_steps=2, eval_steps=2, logging_steps=1,
                            mode=mode, module=dict(kind="early", vip_width=32, cond_width=32, vip_heads=4,
-                                                  vip_mlp_width=64))
+                                                  vip_mlp_width=64, prune_layer=K))
         module_dir = train(cfg)
         summary = json.loads((out / "train_summary.json").read_text())
         assert summary["global_step"] == 2
         loaded = load_module(module_dir)
-        assert isinstance(loaded, EarlyGlimpseModule)
+        assert isinstance(loaded, EarlyGlimpseModule) and loaded.cfg.prune_layer == K
         logs = [h for h in summary["log_history"] if "loss" in h]
         assert logs and all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
         key = "loc_loss" if mode == "boxes" else "kl_loss"
