@@ -270,8 +270,13 @@ def test_overhead_bench_runs_and_reports_ratios(tmp_path):
     assert set(q["checks"]) >= set(O.BARS) | {"glimpse_peak_le_full", "glimpse_vit_prefill_peak_le_full"}
     assert r["analytic"]["glimpse"]["n_kept"] == 9 and 0 < q["glimpse_analytic_prefill"] < 1
     assert res["ok"] == all(q["checks"].values())
-    assert "| 36 |" in O.table(res)
+    assert f"| 36 | {S.load_shape(str(path)).default_k} |" in O.table(res)
     assert S.load_shape(str(path)).name == "tiny"
+    early = O.run_overhead(O.OverheadSettings(shape=str(path), n_vis=(36,), n_text=10, keep=0.25, prune_layer=0,
+                                              warmup=1, reps=2, decode_steps=2, memory=False))
+    a = early["rows"]["36"]["analytic"]
+    assert a["mask"]["prune_layer"] == a["glimpse"]["prune_layer"] == 0 and "| 36 | 0 |" in O.table(early)
+    assert early["rows"]["36"]["ratios"]["glimpse_analytic_prefill"] < q["glimpse_analytic_prefill"]
 
 
 def test_table7_script_logs_progress_and_finishes_bounded(tmp_path):

@@ -60,6 +60,7 @@ class OverheadSettings:
     n_vis: tuple[int, ...] = (1024, 2025)
     n_text: int = 64
     keep: float = 0.04
+    prune_layer: int | None = None  # K of mask and glimpse; None: the shape's (ceil(2L/3) - 1)
     warmup: int = 2
     reps: int = 16
     decode_steps: int = 16
@@ -137,7 +138,8 @@ def measure_one(model, shape, s: OverheadSettings, n_vis: int, device: torch.dev
     grid = near_square_grid(n_vis)
     inputs = synth_inputs(shape, grid, s.n_text, 1, s.device, s.seed)
     nv = [grid[0] * grid[1]]
-    specs = {"full": "full", "mask": f"mask:{s.keep}", "glimpse": f"glimpse:{s.keep}"}
+    at = "" if s.prune_layer is None else f"@{s.prune_layer}"
+    specs = {"full": "full", "mask": f"mask:{s.keep}{at}", "glimpse": f"glimpse:{s.keep}{at}"}
     runs = {n: make_variant(parse_variant(v), shape, nv, device, s.seed, dtype=s.dtype) for n, v in specs.items()}
     frozen = FrozenEncodeAdapter(get_adapter(model))
     for method, _ in runs.values():
@@ -232,15 +234,17 @@ def run_overhead(s: OverheadSettings, model=None) -> dict[str, Any]:
 
 def table(result: dict) -> str:
     """Markdown: one line per visual-token count with the medians and the checked ratios."""
-    lines = ["| visual tokens | stock ms | full ms | mask ms | glimpse ms | full/stock prefill | full/stock decode | "
-             "glimpse/mask | glimpse/stock (analytic) | peak glimpse/full (LLM) | peak glimpse/full (ViT + LLM) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| visual tokens | K | stock ms | full ms | mask ms | glimpse ms | full/stock prefill | "
+             "full/stock decode | glimpse/mask | glimpse/stock (analytic) | peak glimpse/full (LLM) | "
+             "peak glimpse/full (ViT + LLM) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"].values():
         p, q = r["prefill_s"], r["ratios"]
         ms = [f"{1000 * p[n]['median']:.1f}" for n in ("stock", "full", "mask", "glimpse")]
         peak = " | ".join(f"{q[k]:.3f}" if k in q else "-"
                           for k in ("glimpse_vs_full_peak", "glimpse_vs_full_vit_prefill_peak"))
-        lines.append(f"| {r['n_vis']} | {' | '.join(ms)} | {q['full_vs_stock_prefill']:.3f} | "
+        lines.append(f"| {r['n_vis']} | {r['analytic']['glimpse']['prune_layer']} | {' | '.join(ms)} | "
+                     f"{q['full_vs_stock_prefill']:.3f} | "
                      f"{q['full_vs_stock_decode']:.3f} | {q['glimpse_vs_mask_prefill']:.3f} | "
                      f"{q['glimpse_vs_stock_prefill']:.3f} ({q['glimpse_analytic_prefill']:.3f}) | {peak} |")
     return "\n".join(lines) + "\n"

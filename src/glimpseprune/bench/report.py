@@ -366,8 +366,9 @@ def cmd_overhead(args) -> int:
     from .overhead import OverheadSettings, run_overhead, summary, table
 
     s = OverheadSettings(shape=args.shape, n_vis=tuple(args.n_vis), n_text=args.n_text, keep=args.keep,
-                         warmup=args.warmup, reps=args.reps, decode_steps=args.decode_steps, device=args.device,
-                         dtype=args.dtype, attn=args.attn, threads=args.threads, memory=not args.no_memory)
+                         prune_layer=args.prune_layer, warmup=args.warmup, reps=args.reps,
+                         decode_steps=args.decode_steps, device=args.device, dtype=args.dtype, attn=args.attn,
+                         threads=args.threads, memory=not args.no_memory)
     if args.out:
         check_writable(args.out, args.overwrite)
     result = run_overhead(s)
@@ -470,6 +471,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    "near-square image each)")
     o.add_argument("--n-text", type=int, default=64, help="non-visual prompt tokens per sample")
     o.add_argument("--keep", type=float, default=0.04, help="kept visual fraction of mask and glimpse")
+    o.add_argument("--prune-layer", type=int, help="K of mask and glimpse, >= 0 (default: the shape's); e.g. 0: the "
+                   "schedule of an early module whose picks leave after layer 0")
     o.add_argument("--warmup", type=int, default=2, help="untimed runs of every variant first")
     o.add_argument("--reps", type=int, default=16, help="timed, interleaved repetitions (medians; a multiple of 4 "
                    "gives every variant every position equally often)")
