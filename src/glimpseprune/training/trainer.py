@@ -154,6 +154,7 @@ def config_differences(stored: dict[str, Any], cfg: Stage1Config) -> list[str]:
     defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
                 for f in dataclasses.fields(cfg)
                 if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    defaults = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in defaults.items()}
     stored = {**json.loads(json.dumps(defaults, default=str)), **stored}  # the stored values win
     free = getattr(cfg, "resume_free_fields", RESUME_FREE_FIELDS)  # a config class may name its own
     names = sorted((set(stored) | set(new)) - free)
