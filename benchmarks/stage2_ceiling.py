@@ -19,7 +19,6 @@ is that JSON.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import time
@@ -42,7 +41,7 @@ def evaluate(name: str, split: Path, limit: int | None, samples: int, batch: int
     model, processor = load_base(resolve_model("embedded"), device="cpu", dtype=torch.float32)
     model, module = load_plus(model, resolve_module(name))
     if drop_layer is not None and module.cfg.kind == "early":  # its picks leave after LLM layer drop_layer
-        module.cfg = dataclasses.replace(module.cfg, prune_layer=drop_layer)
+        module.drop_after(drop_layer)
     K = module.cfg.prune_layer
     cmp = Comparison(model, processor, module, split, limit=limit, batch_size=batch)
     runs = {"module": RunSpec("module", module_method_name(module), "dynamic", selection={}),

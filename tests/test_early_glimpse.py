@@ -63,7 +63,7 @@ def test_prunes_before_the_llm_and_equals_mask(model, early, batch):
 def test_drop_after_layer_k_equals_mask_there(model, early, batch, K):
     """The decision is the same (made from the encoding alone); its tokens leave after layer K, where the mask
     method (tested against stock transformers) drops the same keep masks. K given by the method or the module."""
-    import dataclasses
+    import copy
 
     adapter = gp.get_adapter(model)
     with torch.no_grad():
@@ -72,9 +72,8 @@ def test_drop_after_layer_k_equals_mask_there(model, early, batch, K):
         assert pre.prune_layers == (K,)
         assert all(torch.equal(a, b) for a, b in zip(pre.keep_masks, before.keep_masks))
         ref = prefill(model, adapter, MaskMethod(prune_layer=K), batch, request={"keep_masks": pre.keep_masks})
-        moved = dataclasses.replace(early.cfg, prune_layer=K)  # an early module that drops after layer K
-        other = EarlyGlimpseModule(moved)
-        other.load_state_dict(early.state_dict())
+        other = copy.deepcopy(early)
+        other.drop_after(K)  # an early module that drops after layer K
         by_module = prefill(model, adapter, EarlyGlimpseMethod(module=other.eval()), batch)
     torch.testing.assert_close(pre.logits, ref.logits, atol=1e-5, rtol=1e-5)
     assert by_module.prune_layers == (K,)

@@ -4,7 +4,6 @@ opt-in vLLM model folder (and refusing bad requests before anything is written).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -231,7 +230,7 @@ def test_write_vllm_folder_refuses_a_module_that_does_not_fit(tiny_dir, llava_di
     foreign = gp.save_module(random_early_module(llava), tmp_path / "llava_early")
     glimpse = gp.save_module(gp.GlimpseModule(small_glimpse_config(model)), tmp_path / "glimpse")
     inside = random_early_module(model)
-    inside.cfg = dataclasses.replace(inside.cfg, prune_layer=0)  # decides before the LLM, drops after layer 0
+    inside.drop_after(0)  # decides before the LLM, drops after layer 0
     inside = gp.save_module(inside, tmp_path / "inside")
     headless = tmp_path / "headless"
     headless.mkdir()

@@ -183,7 +183,6 @@ def _token_id(tokenizer: Any, token: str) -> int:
     return int(token_id)
 
 
-
 def _is_qwen3_vl(model_dir: Path) -> bool:
     """A Qwen3-VL folder: its model config says so, or (a processor saved alone) its processor config does."""
     return (str(_json_key(model_dir / "config.json", "model_type")).startswith("qwen3_vl")
@@ -206,7 +205,6 @@ def build_fallback_processor(model_dir: Path) -> QwenVLProcessor:
         processor.video_config = read_video_config(model_dir)
         return processor
     return QwenVLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
-
 
 
 # --------------------------------------------------------------------------- tiny tokenizer

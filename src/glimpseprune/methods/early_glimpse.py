@@ -42,14 +42,18 @@ class EarlyGlimpseConfig(GlimpseMethodConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.drop_layer is not None and (isinstance(self.drop_layer, bool) or not isinstance(self.drop_layer, int)
-                                            or self.drop_layer < -1):
-            raise ValueError(f"drop_layer must be -1 (before the LLM) or an LLM layer index >= 0, got "
-                             f"{self.drop_layer!r}")
+        if self.drop_layer is not None:
+            check_drop_layer(self.drop_layer)
         if self.fill not in FILLS:
             raise ValueError(f"fill must be one of {FILLS}, got {self.fill!r}")
         if self.fill == "diverse" and self.selection.fixed_keep_ratio is None:
             raise ValueError("fill 'diverse' fills a fixed budget: set fixed_keep_ratio (--fixed-keep-ratio R)")
+
+
+def check_drop_layer(value) -> None:
+    """``drop_layer`` is -1 (before the LLM) or an LLM layer index >= 0 (the depth is checked where it is known)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+        raise ValueError(f"drop_layer must be -1 (before the LLM) or an LLM layer index >= 0, got {value!r}")
 
 
 def early_inputs(enc) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -12,6 +12,8 @@ replaced by cross-attention to the question.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,6 +75,11 @@ class EarlyGlimpseModule(nn.Module):
         init_linears_and_norms(self)
         for attn in self.question_attns:
             nn.init.normal_(attn.learned, std=0.02)
+
+    def drop_after(self, layer: int) -> None:
+        """Make the picks leave after LLM layer ``layer`` (-1: before the LLM) from now on: the config's
+        ``prune_layer``, checked against the base's depth, and saved with the module."""
+        self.cfg = dataclasses.replace(self.cfg, prune_layer=layer)
 
     def project_condition(self, i: int, feats: torch.Tensor) -> torch.Tensor:
         """Vision tap i (n, vision_width) -> the condition of block i (n, cond_width)."""

@@ -129,9 +129,10 @@ class Stage2Config:
         if not 0 <= self.lora_dropout < 1 or not 0 <= self.warmup_ratio < 1:
             raise ValueError("lora_dropout and warmup_ratio must be in [0, 1)")
         lora_layer_ids(self.lora_layers, None, None)  # a malformed value fails here, before anything loads
-        if self.drop_layer is not None and self.drop_layer < -1:
-            raise ValueError(f"drop_layer must be -1 (before the LLM) or an LLM layer index >= 0, got "
-                             f"{self.drop_layer}")
+        if self.drop_layer is not None:
+            from ..methods.early_glimpse import check_drop_layer
+
+            check_drop_layer(self.drop_layer)
         if self.cap is not None and not 0 < self.cap <= 1:
             raise ValueError(f"cap must be in (0, 1], got {self.cap}")
         if not self.rewards:
@@ -279,7 +280,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, overwrite: bool = Fals
             raise ValueError(f"drop_layer applies to an early module (kind 'early'), which decides before the LLM; "
                              f"{cfg.module} is a {module.cfg.kind!r} module, whose VIP reads LLM layer "
                              f"{module.cfg.prune_layer} and drops its tokens there")
-        module.cfg = dataclasses.replace(module.cfg, prune_layer=cfg.drop_layer)  # checked against the LLM's depth
+        module.drop_after(cfg.drop_layer)  # checked against the LLM's depth
     layer_ids = lora_layer_ids(cfg.lora_layers, module.cfg.prune_layer, len(adapter_.layers(model)))
     cotrain = cfg.mask_source == "vip_cotrain"
     for p in module.parameters():
