@@ -13,7 +13,7 @@ from glimpseprune.methods.glimpse import GlimpseMethod
 from glimpseprune.registry import get_adapter
 from glimpseprune.runtime.engine import decode_step, prefill
 from glimpseprune.runtime.rollout import completion_logprobs, expand_prefill, sample_group
-from glimpseprune.training.grpo import group_advantages, grpo_loss, k3_kl
+from glimpseprune.training.grpo import group_advantages, grpo_loss, k3_kl, sft_loss
 
 # ------------------------------------------------------------------ math
 
@@ -58,6 +58,17 @@ def test_clipped_ratio_stops_the_gradient_beyond_the_clip():
                         beta=0.0, clip_eps=0.2)
     loss.backward()
     assert float(loss) == pytest.approx(-1.2) and float(logp.grad) == 0.0
+
+
+def test_sft_loss_hand_computed():
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -9.0], [-7.0, -7.0]], requires_grad=True)
+    mask = torch.tensor([[True, True], [True, False], [False, False]])  # row 3: a prompt without a reference
+    loss = sft_loss(logp, mask)
+    assert float(loss.detach()) == pytest.approx((1.5 + 0.5) / 2)  # per-row token means 1.5 and 0.5; row 3 left out
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor([[-0.25, -0.25], [-0.5, 0.0], [0.0, 0.0]]))
+    none = sft_loss(logp, torch.zeros(3, 2, dtype=torch.bool))
+    assert float(none) == 0.0 and none.requires_grad
 
 
 # ------------------------------------------------------------------ rollouts on the pruned schedule

@@ -31,7 +31,7 @@ def _cfg(tmp_path, **kw):
     (dict(num_generations=1), "num_generations must be >= 2"), (dict(rewards=["nope"]), "unknown reward 'nope'"),
     (dict(rewards=["judge"]), "needs judge_url and judge_model"), (dict(mask_source="oracle"), "mask_source"),
     (dict(cap=1.5), "cap must be in"), (dict(learning_rate="fast"), "learning_rate must be a number"),
-    (dict(scale_rewards="batch"), "scale_rewards must be one of"),
+    (dict(scale_rewards="batch"), "scale_rewards must be one of"), (dict(sft_weight=-0.5), "sft_weight must be"),
     (dict(lora_layers="first"), "lora_layers must be 'all', 'after_k' or decoder layer indices")])
 def test_config_errors(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -316,6 +316,41 @@ def test_guidance_gives_a_group_that_always_fails_the_reference_as_one_rollout(p
         assert bool((b.advantages[g * 4:(g + 1) * 4] != 0).all())
     with pytest.raises(ValueError, match="guidance must be one of"):
         _cfg(tmp_path, guidance="always")
+
+
+def test_sft_weight_trains_toward_the_reference_even_when_every_rollout_fails(policy, tmp_path):
+    """sft_weight > 0 adds the reference answer's cross-entropy on the rollouts' pruned prefill: a batch whose groups
+    all score 0 (plain GRPO skips it) still updates, the term equals the per-token mean of -log p(reference + EOS)
+    computed independently (one sample at a time, the module's own masks), and a few steps raise that log-prob."""
+    from glimpseprune.lora import lora_named_parameters
+
+    model, processor, module = policy
+    items = [{**WorldDataset(8)[i], "answer": "zebra"} for i in (0, 1)]  # an answer the policy never samples
+    saved = {k: v.detach().clone() for k, v in lora_named_parameters(model).items()}
+    try:
+        cfg = _cfg(tmp_path, num_generations=4, prompts_per_step=2, max_new_tokens=4, sft_weight=1.0, beta=0.0)
+        step = GRPOStep(model, processor, module, cfg, [make_reward("exact")])
+        params = lora_parameters(model)
+        opt = torch.optim.AdamW(params, lr=1e-3)
+
+        def optimizer_step():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        step.optimizer_step = optimizer_step
+        n_tok = len(processor.tokenizer("zebra", add_special_tokens=False)["input_ids"]) + 1
+        before = _answer_logprob(model, processor, module, items, step.eos[0])
+        stats = step(items, seeds=list(range(8)))
+        assert stats["reward"] == 0.0 and "skipped" not in stats, stats
+        assert stats["sft_loss"] == pytest.approx(-before / n_tok, abs=1e-4)
+        for s in range(3):
+            step(items, seeds=list(range(8 * (s + 1), 8 * (s + 2))))
+        after = _answer_logprob(model, processor, module, items, step.eos[0])
+        assert after > before + 0.5, (before, after)
+    finally:
+        named = dict(model.named_parameters())
+        for k, v in saved.items():
+            named[k].data.copy_(v)
 
 
 def test_ceiling_benchmark_agrees_with_the_eval_runner(tmp_path):

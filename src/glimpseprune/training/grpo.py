@@ -9,6 +9,8 @@
 * ``grpo_loss``: mean over sequences of the mean over their completion tokens of
   -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) + beta * k3, ratio = exp(logp - logp_old). With ``old`` =
   logp.detach() (one update per batch, upstream's form) the ratio is exactly 1 and the gradient is -A * grad logp.
+* ``sft_loss``: the supervised term (``sft_weight`` > 0): mean over prompts with a reference of the mean negative
+  log-prob of its tokens (reference answer + EOS, teacher-forced on the same pruned prefill as the rollouts).
 """
 
 from __future__ import annotations
@@ -54,3 +56,12 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     kl = masked_mean(k3_kl(logp, ref_logp), mask) if ref_logp is not None else torch.zeros_like(policy)
     loss = (policy + beta * kl).mean()
     return loss, {"policy_loss": float(policy.detach().mean()), "kl": float(kl.detach().mean())}
+
+
+def sft_loss(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the rows with any token of the per-row mean of -logp over ``mask`` (rows without one are left out;
+    0 when none has one). logp, mask: (B, T)."""
+    has = mask.any(dim=1)
+    if not bool(has.any()):
+        return logp.sum() * 0.0
+    return -masked_mean(logp, mask)[has].mean()

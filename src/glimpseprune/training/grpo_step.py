@@ -32,6 +32,7 @@ class Rollouts:
     rewards: torch.Tensor  # (R,)
     advantages: torch.Tensor  # (R,)
     stats: dict
+    answers: list[str] | None = None  # per prompt, the reference answer (for the supervised term, sft_weight > 0)
 
 
 class GRPOStep:
@@ -72,7 +73,7 @@ class GRPOStep:
         ``optimizer_step`` unless every group's rewards are equal; returns the step's statistics."""
         batch = self.rollout(items, seeds)
         vip = self.vip_update(items) if self.cfg.mask_source == "vip_cotrain" else {}
-        if not bool(batch.advantages.any()):  # every group's rewards equal: no gradient to take
+        if not bool(batch.advantages.any()) and not self.cfg.sft_weight:  # all groups' rewards equal: no gradient
             return {**batch.stats, **vip, "policy_loss": 0.0, "kl": 0.0, "skipped": 1.0}
         return {**batch.stats, **vip, **self.update(batch)}
 
@@ -116,7 +117,7 @@ class GRPOStep:
             texts += batch.texts[rows]
             keep.append(batch.keep_masks[b])
         return Rollouts(self.inputs(items), keep, torch.cat(toks), torch.cat(masks), texts, torch.cat(rewards),
-                        torch.cat(advs), {})
+                        torch.cat(advs), {}, [it["answer"] for it in items])
 
     def vip_update(self, items: list[dict]) -> dict:
         """Co-trained VIP: one stage-1 step of the glimpse module on the adapted LLM (Dice + 0.1 BCE against the
@@ -173,7 +174,7 @@ class GRPOStep:
                   "reward_std": float(rewards.view(-1, G).std(1, unbiased=False).mean()),
                   "kept_frac": sum(kept) / len(kept), "answer_len": float(mask.sum(1).float().mean()),
                   "mixed_groups": float((adv.view(-1, G).abs().sum(1) > 0).float().mean())}
-        return Rollouts(inputs, pre.keep_masks, toks, mask, texts, rewards, adv, stats)
+        return Rollouts(inputs, pre.keep_masks, toks, mask, texts, rewards, adv, stats, [it["answer"] for it in items])
 
     def score(self, samples) -> torch.Tensor:
         rewards = torch.zeros(len(samples))
@@ -191,7 +192,7 @@ class GRPOStep:
         rows = [b for b in range(len(items)) if float(rewards[b * G:(b + 1) * G].max()) <= 0 and items[b]["answer"]]
         if not rows:
             return toks, mask, texts, rewards, 0
-        gold = {b: tok(str(items[b]["answer"]), add_special_tokens=False)["input_ids"] + [self.eos[0]] for b in rows}
+        gold = {b: self.gold_ids(items[b]["answer"]) for b in rows}
         T = max(toks.shape[1], max(len(g) for g in gold.values()))
         toks = torch.nn.functional.pad(toks, (0, T - toks.shape[1]), value=self.pad)
         mask = torch.nn.functional.pad(mask, (0, T - mask.shape[1]), value=False)
@@ -207,32 +208,59 @@ class GRPOStep:
             rewards[r] = self.score([samples[r]])[0]
         return toks, mask, texts, rewards, len(rows)
 
-    def logprobs(self, batch: Rollouts) -> torch.Tensor:
-        """(R, T) log-probs of the rollouts on the schedule they ran on (their keep masks fixed at K)."""
+    def gold_ids(self, answer) -> list[int]:
+        """The reference answer's token ids + EOS (what a right completion looks like)."""
+        return self.processor.tokenizer(str(answer), add_special_tokens=False)["input_ids"] + [self.eos[0]]
+
+    def reference(self, batch: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) token ids of each prompt's reference answer + EOS, right-padded, and their (B, T) mask (all False
+        for a prompt without an answer)."""
+        gold = [self.gold_ids(a) if a else [] for a in batch.answers]
+        T = max(1, max(len(g) for g in gold))
+        toks = torch.full((len(gold), T), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(gold), T), dtype=torch.bool)
+        for b, g in enumerate(gold):
+            toks[b, :len(g)] = torch.tensor(g, dtype=torch.long)
+            mask[b, :len(g)] = True
+        return toks, mask
+
+    def logprobs(self, batch: Rollouts, reference: torch.Tensor | None = None):
+        """(R, T) log-probs of the rollouts on the schedule they ran on (their keep masks fixed at K). With
+        ``reference`` (B, T') token ids, also (B, T') log-probs of those at temperature 1, from the same prefill."""
         from ..runtime.engine import prefill
         from ..runtime.rollout import completion_logprobs, expand_prefill
 
         model, adapter = self.model, self.adapter
         p = prefill(model, adapter, self.fixed, batch.inputs, {"keep_masks": batch.keep_masks})
-        return completion_logprobs(model, adapter, expand_prefill(model, adapter, p, self.cfg.num_generations),
+        logp = completion_logprobs(model, adapter, expand_prefill(model, adapter, p, self.cfg.num_generations),
                                    batch.tokens, self.cfg.temperature)
+        if reference is None:
+            return logp
+        return logp, completion_logprobs(model, adapter, expand_prefill(model, adapter, p, 1), reference, 1.0)
 
     def update(self, batch: Rollouts) -> dict:
         """The GRPO update(s) on one batch of rollouts; returns the loss parts of the last one."""
         from ..lora import disabled_adapter
-        from .grpo import grpo_loss
+        from .grpo import grpo_loss, sft_loss
 
         cfg = self.cfg
         ref = None
         if cfg.beta > 0:
             with torch.no_grad(), disabled_adapter(self.model):
                 ref = self.logprobs(batch)
+        gold, gold_mask = self.reference(batch) if cfg.sft_weight else (None, None)
         old, parts = None, {}
         for _ in range(cfg.updates_per_batch):  # 1: upstream's single update; more: PPO-style, clipped ratio
-            logp = self.logprobs(batch)
+            logp = self.logprobs(batch, gold)
+            if gold is not None:
+                logp, gold_logp = logp
             old = logp.detach() if old is None else old
             loss, parts = grpo_loss(logp, old, ref, batch.advantages, batch.mask, cfg.beta,
                                     cfg.clip_eps if cfg.updates_per_batch > 1 else None)
+            if gold is not None:  # the supervised term: CE of the reference answer on the same pruned prefill
+                sft = sft_loss(gold_logp, gold_mask)
+                loss = loss + cfg.sft_weight * sft
+                parts["sft_loss"] = float(sft.detach())
             loss.backward()
             self.optimizer_step()
         return parts

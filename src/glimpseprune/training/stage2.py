@@ -86,6 +86,10 @@ class Stage2Config:
     max_new_tokens: int = 16
     temperature: float = 1.0
     beta: float = 0.04  # weight of the k3 KL to the adapter-disabled model
+    # weight of a supervised term added to the GRPO loss: the cross-entropy of each prompt's reference answer (+ EOS),
+    # teacher-forced on the same pruned prefill as its rollouts (SFT on pruned inputs, as RL+SFT hybrids do); 0 =
+    # upstream's pure RL. With it, a step whose groups all have equal rewards still updates (on this term)
+    sft_weight: float = 0.0
     updates_per_batch: int = 1  # 1: upstream's single update (ratio 1); > 1: PPO-style clipped ratio
     clip_eps: float = 0.2
     learning_rate: float = 1e-4
@@ -125,7 +129,7 @@ class Stage2Config:
                                          "save_steps"),
                      positive=("learning_rate", "vip_learning_rate", "temperature", "lora_alpha", "max_grad_norm",
                                "clip_eps"),
-                     nonnegative=("dynamic_sampling", "beta"))
+                     nonnegative=("dynamic_sampling", "beta", "sft_weight"))
         if not 0 <= self.lora_dropout < 1 or not 0 <= self.warmup_ratio < 1:
             raise ValueError("lora_dropout and warmup_ratio must be in [0, 1)")
         lora_layer_ids(self.lora_layers, None, None)  # a malformed value fails here, before anything loads
@@ -394,6 +398,8 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, overwrite: bool = Fals
                         sum(h["kept_frac"] for h in recent) / len(recent),
                         sum(h["answer_len"] for h in recent) / len(recent),
                         sum(h["mixed_groups"] for h in recent) / len(recent))
+            if cfg.sft_weight:
+                logger.info("step %d: sft loss %.4f", step, sum(h.get("sft_loss", 0.0) for h in recent) / len(recent))
         if step % cfg.eval_steps == 0 or step == cfg.max_steps:
             run_eval()
         if step % cfg.save_steps == 0 and step < cfg.max_steps:
