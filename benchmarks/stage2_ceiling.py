@@ -80,7 +80,7 @@ def _sampling(model, processor, module, ds, greedy_rows: list[dict], G: int, bat
     """P(right answer) at temperature 1 from the module-pruned prefill, G seeded draws per question, grouped by
     family and by whether the greedy answer (``greedy_rows``, the module run's rows in split order) was right."""
     from glimpseprune.rewards import make_reward
-    from glimpseprune.training.grpo_step import GRPOStep
+    from glimpseprune.training.rl.step import GRPOStep
     from glimpseprune.training.stage2 import Stage2Config
 
     cfg = Stage2Config(num_generations=G, max_new_tokens=8, temperature=1.0, mask_source="vip")

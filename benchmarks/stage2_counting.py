@@ -64,8 +64,8 @@ def sft(args) -> None:
     from glimpseprune.lora import LoraSettings, add_lora, lora_parameters
     from glimpseprune.registry import get_adapter
     from glimpseprune.runtime.engine import prefill
-    from glimpseprune.training.grpo import sft_loss
-    from glimpseprune.training.grpo_step import GRPOStep, Rollouts
+    from glimpseprune.training.rl.grpo import sft_loss
+    from glimpseprune.training.rl.step import GRPOStep, Rollouts
     from glimpseprune.training.stage1 import RecordDataset
     from glimpseprune.training.stage2 import Stage2Config, evaluate_exact
 

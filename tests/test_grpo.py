@@ -13,7 +13,7 @@ from glimpseprune.methods.glimpse import GlimpseMethod
 from glimpseprune.registry import get_adapter
 from glimpseprune.runtime.engine import decode_step, prefill
 from glimpseprune.runtime.rollout import completion_logprobs, expand_prefill, sample_group
-from glimpseprune.training.grpo import group_advantages, grpo_loss, k3_kl, sft_loss
+from glimpseprune.training.rl.grpo import group_advantages, grpo_loss, k3_kl, sft_loss
 
 # ------------------------------------------------------------------ math
 

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from ..config import SelectionConfig
-from .grpo_step import GRPOStep
+from .rl.step import GRPOStep
 from .stage1 import TRAIN_SEED0, RecordDataset, WorldDataset, _check_field, check_bounds, config_from_yaml
 
 logger = logging.getLogger(__name__)

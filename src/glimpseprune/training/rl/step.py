@@ -1,7 +1,7 @@
 """One GlimpsePrune+ (GRPO) step: G rollouts per prompt from one pruned prefill each, their rewards (with optional
 off-policy guidance), group advantages, and the update on the same pruned schedule (``stage2.py`` runs the loop).
 
-The config is a ``stage2.Stage2Config`` (imported for type checking only: stage2 imports this file)."""
+The config is a ``training.stage2.Stage2Config`` (imported for type checking only: stage2 imports this file)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..config import SelectionConfig
+from ...config import SelectionConfig
 
 if TYPE_CHECKING:
-    from .stage2 import Stage2Config
+    from ..stage2 import Stage2Config
 
 
 def question_text(cfg, q: str) -> str:
@@ -39,8 +39,8 @@ class GRPOStep:
     """Rollouts, rewards and the GRPO loss for one batch of prompts (the model carries the LoRA adapter)."""
 
     def __init__(self, model, processor, module, cfg: Stage2Config, rewards):
-        from ..api import make_method, module_method_name
-        from ..registry import get_adapter
+        from ...api import make_method, module_method_name
+        from ...registry import get_adapter
 
         self.model, self.processor, self.module, self.cfg, self.rewards = model, processor, module, cfg, rewards
         self.adapter = get_adapter(model)
@@ -55,7 +55,7 @@ class GRPOStep:
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     def inputs(self, items: list[dict]) -> dict:
-        from ..processing import build_inputs
+        from ...processing import build_inputs
 
         batch = build_inputs(self.processor, [[it["image"]] for it in items],
                              [question_text(self.cfg, it["question"]) for it in items])
@@ -122,9 +122,9 @@ class GRPOStep:
     def vip_update(self, items: list[dict]) -> dict:
         """Co-trained VIP: one stage-1 step of the glimpse module on the adapted LLM (Dice + 0.1 BCE against the
         box token masks + the answer's LM loss); only the module moves (``vip_optimizer_step``)."""
-        from ..runtime.train import forward_train
-        from .losses import lm_loss, mask_loss
-        from .stage1 import Collator
+        from ...runtime.train import forward_train
+        from ..losses import lm_loss, mask_loss
+        from ..stage1 import Collator
 
         batch = Collator(self.processor, self.model)(
             [{**it, "question": question_text(self.cfg, it["question"])} for it in items])
@@ -142,9 +142,9 @@ class GRPOStep:
     def rollout(self, items: list[dict], seeds: list[int]) -> Rollouts:
         """G completions per prompt from one pruned prefill each (no gradient, eval mode: as at inference), their
         rewards and group advantages."""
-        from ..rewards import RewardInput
-        from ..runtime.engine import prefill
-        from ..runtime.rollout import expand_prefill, sample_group
+        from ...rewards import RewardInput
+        from ...runtime.engine import prefill
+        from ...runtime.rollout import expand_prefill, sample_group
         from .grpo import group_advantages
 
         cfg, model, adapter, G = self.cfg, self.model, self.adapter, self.cfg.num_generations
@@ -227,8 +227,8 @@ class GRPOStep:
     def logprobs(self, batch: Rollouts, reference: torch.Tensor | None = None):
         """(R, T) log-probs of the rollouts on the schedule they ran on (their keep masks fixed at K). With
         ``reference`` (B, T') token ids, also (B, T') log-probs of those at temperature 1, from the same prefill."""
-        from ..runtime.engine import prefill
-        from ..runtime.rollout import completion_logprobs, expand_prefill
+        from ...runtime.engine import prefill
+        from ...runtime.rollout import completion_logprobs, expand_prefill
 
         model, adapter = self.model, self.adapter
         p = prefill(model, adapter, self.fixed, batch.inputs, {"keep_masks": batch.keep_masks})
@@ -240,7 +240,7 @@ class GRPOStep:
 
     def update(self, batch: Rollouts) -> dict:
         """The GRPO update(s) on one batch of rollouts; returns the loss parts of the last one."""
-        from ..lora import disabled_adapter
+        from ...lora import disabled_adapter
         from .grpo import grpo_loss, sft_loss
 
         cfg = self.cfg
