@@ -6,8 +6,9 @@ box masks), then G completions sampled from copies of its compacted cache (``run
 reference (adapter disabled) log-probabilities are computed on the same schedule with the same keep masks: the
 prompt is prefilled again with those masks fixed (``mask`` method at K), the answers fed as one teacher-forced chunk
 over the compacted cache. Rewards come from the registry (``glimpseprune.rewards``: exact match, judge, ...), summed.
-Loss (``training/grpo.py``): -A * (clipped) ratio + beta * k3 KL, A the group-normalised reward; one update per batch
-(upstream's form, ratio 1) or several with PPO's clipped ratio.
+Loss (``training/rl/grpo.py``; one step in ``training/rl/step.py``): -A * (clipped) ratio + beta * k3 KL, A the
+group-normalised reward, + sft_weight * the reference answer's cross-entropy on the same pruned prefill (0 by default);
+one update per batch (upstream's form, ratio 1) or several with PPO's clipped ratio.
 
 Why our own loop and not trl's GRPOTrainer: trl generates with ``model.generate`` (or vLLM) and scores with a full,
 unpruned forward; it cannot host a rollout that prunes mid-stack and decodes G answers from one compacted cache, nor
