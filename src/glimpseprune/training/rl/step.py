@@ -70,7 +70,8 @@ class GRPOStep:
 
     def __call__(self, items: list[dict], seeds: list[int]) -> dict:
         """One GRPO step on ``items`` (rollout row r samples with seed ``seeds[r]``): updates the adapter through
-        ``optimizer_step`` unless every group's rewards are equal; returns the step's statistics."""
+        ``optimizer_step`` unless every group's rewards are equal and there is no supervised term (sft_weight 0);
+        returns the step's statistics."""
         batch = self.rollout(items, seeds)
         vip = self.vip_update(items) if self.cfg.mask_source == "vip_cotrain" else {}
         if not bool(batch.advantages.any()) and not self.cfg.sft_weight:  # all groups' rewards equal: no gradient
@@ -215,6 +216,9 @@ class GRPOStep:
     def reference(self, batch: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T) token ids of each prompt's reference answer + EOS, right-padded, and their (B, T) mask (all False
         for a prompt without an answer)."""
+        if batch.answers is None or len(batch.answers) != len(batch.keep_masks):
+            raise ValueError("the supervised term (sft_weight > 0) needs each prompt's reference answer in "
+                             "Rollouts.answers")
         gold = [self.gold_ids(a) if a else [] for a in batch.answers]
         T = max(1, max(len(g) for g in gold))
         toks = torch.full((len(gold), T), self.pad, dtype=torch.long)
