@@ -5,7 +5,8 @@ the held-out splits), e.g. counting three times as often as each other family, o
 config's ``train_data``::
 
     python benchmarks/stage2_counting.py mix --out /tmp/mix3 --n 4000 --weights count=3
-    python benchmarks/stage2_counting.py mix --out /tmp/countonly --n 4000 --weights count=1,lookup=0,glyph=0,relation=0,exist=0
+    python benchmarks/stage2_counting.py mix --out /tmp/countonly --n 4000 \
+        --weights count=1,lookup=0,glyph=0,relation=0,exist=0
 
 ``sft``: the supervised bound of what an LLM adapter can learn here: the stage-2 LoRA (r 32 / alpha 64 on every
 decoder linear) trained with the cross-entropy of the reference answer alone (no RL), teacher-forced on exactly the
@@ -64,8 +65,9 @@ def sft(args) -> None:
     from glimpseprune.lora import LoraSettings, add_lora, lora_parameters
     from glimpseprune.registry import get_adapter
     from glimpseprune.runtime.engine import prefill
+    from glimpseprune.runtime.rollout import completion_logprobs, expand_prefill
     from glimpseprune.training.rl.grpo import sft_loss
-    from glimpseprune.training.rl.step import GRPOStep, Rollouts
+    from glimpseprune.training.rl.step import GRPOStep
     from glimpseprune.training.stage1 import RecordDataset
     from glimpseprune.training.stage2 import Stage2Config, evaluate_exact
 
@@ -89,9 +91,9 @@ def sft(args) -> None:
             p.requires_grad_(True)
         params += merger
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    # the GRPO step's own pieces: the module's masks, the reference tokens and the teacher-forced log-probs on the
-    # rollouts' pruned schedule (num_generations 2 is unused here: one row per prompt is scored)
-    step = GRPOStep(model, processor, module, Stage2Config(num_generations=2, sft_weight=1.0), [])
+    # the GRPO step's own pieces: the module's masks, the reference tokens and the prefill on the rollouts' pruned
+    # schedule (num_generations is unused here: one row per prompt is scored)
+    step = GRPOStep(model, processor, module, Stage2Config(), [])
     train, held = RecordDataset(args.train), RecordDataset(args.split)
     by_family: dict[str, list] = {}
     for i, r in enumerate(held.records):
@@ -121,12 +123,9 @@ def sft(args) -> None:
             model.eval()
             pre = prefill(model, adapter, step.vip, inputs)  # the module's masks, as a rollout takes them
             model.train()
-        G = 2  # logprobs() scores G rows per prompt; both carry the reference (only the reference term is used)
-        batch = Rollouts(inputs, pre.keep_masks, torch.zeros((len(items) * G, 1), dtype=torch.long),
-                         torch.zeros((len(items) * G, 1), dtype=torch.bool), [], torch.zeros(len(items) * G),
-                         torch.zeros(len(items) * G), {}, [it["answer"] for it in items])
-        gold, gold_mask = step.reference(batch)
-        _, gold_logp = step.logprobs(batch, gold)
+        gold, gold_mask = step.reference([it["answer"] for it in items])
+        fixed = step.fixed_prefill(inputs, pre.keep_masks)  # with grad, as GRPOStep.update's prefill
+        gold_logp = completion_logprobs(model, adapter, expand_prefill(model, adapter, fixed, 1), gold, 1.0)
         loss = sft_loss(gold_logp, gold_mask)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

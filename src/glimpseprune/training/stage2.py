@@ -89,7 +89,8 @@ class Stage2Config:
     beta: float = 0.04  # weight of the k3 KL to the adapter-disabled model
     # weight of a supervised term added to the GRPO loss: the cross-entropy of each prompt's reference answer (+ EOS),
     # teacher-forced on the same pruned prefill as its rollouts (SFT on pruned inputs, as RL+SFT hybrids do); 0 =
-    # upstream's pure RL. With it, a step whose groups all have equal rewards still updates (on this term)
+    # upstream's pure RL. With it, a step whose groups all have equal rewards still updates (on this term), except
+    # with dynamic_sampling, which updates on mixed groups only
     sft_weight: float = 0.0
     updates_per_batch: int = 1  # 1: upstream's single update (ratio 1); > 1: PPO-style clipped ratio
     clip_eps: float = 0.2

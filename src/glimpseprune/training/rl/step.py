@@ -213,13 +213,10 @@ class GRPOStep:
         """The reference answer's token ids + EOS (what a right completion looks like)."""
         return self.processor.tokenizer(str(answer), add_special_tokens=False)["input_ids"] + [self.eos[0]]
 
-    def reference(self, batch: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
+    def reference(self, answers: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T) token ids of each prompt's reference answer + EOS, right-padded, and their (B, T) mask (all False
         for a prompt without an answer)."""
-        if batch.answers is None or len(batch.answers) != len(batch.keep_masks):
-            raise ValueError("the supervised term (sft_weight > 0) needs each prompt's reference answer in "
-                             "Rollouts.answers")
-        gold = [self.gold_ids(a) if a else [] for a in batch.answers]
+        gold = [self.gold_ids(a) if a else [] for a in answers]
         T = max(1, max(len(g) for g in gold))
         toks = torch.full((len(gold), T), self.pad, dtype=torch.long)
         mask = torch.zeros((len(gold), T), dtype=torch.bool)
@@ -228,18 +225,24 @@ class GRPOStep:
             mask[b, :len(g)] = True
         return toks, mask
 
-    def logprobs(self, batch: Rollouts, reference: torch.Tensor | None = None):
-        """(R, T) log-probs of the rollouts on the schedule they ran on (their keep masks fixed at K). With
-        ``reference`` (B, T') token ids, also (B, T') log-probs of those at temperature 1, from the same prefill."""
+    def fixed_prefill(self, inputs: dict, keep_masks: list[torch.Tensor]):
+        """The prompts prefilled with these keep masks fixed at K: the schedule their rollouts ran on."""
         from ...runtime.engine import prefill
+
+        return prefill(self.model, self.adapter, self.fixed, inputs, {"keep_masks": keep_masks})
+
+    def logprobs(self, batch: Rollouts, reference: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(R, T) log-probs of the rollouts on the schedule they ran on, and with ``reference`` (B, T') token ids
+        the (B, T') log-probs of those at temperature 1 from the same prefill (else None)."""
         from ...runtime.rollout import completion_logprobs, expand_prefill
 
         model, adapter = self.model, self.adapter
-        p = prefill(model, adapter, self.fixed, batch.inputs, {"keep_masks": batch.keep_masks})
+        p = self.fixed_prefill(batch.inputs, batch.keep_masks)
         logp = completion_logprobs(model, adapter, expand_prefill(model, adapter, p, self.cfg.num_generations),
                                    batch.tokens, self.cfg.temperature)
         if reference is None:
-            return logp
+            return logp, None
         return logp, completion_logprobs(model, adapter, expand_prefill(model, adapter, p, 1), reference, 1.0)
 
     def update(self, batch: Rollouts) -> dict:
@@ -251,13 +254,16 @@ class GRPOStep:
         ref = None
         if cfg.beta > 0:
             with torch.no_grad(), disabled_adapter(self.model):
-                ref = self.logprobs(batch)
-        gold, gold_mask = self.reference(batch) if cfg.sft_weight else (None, None)
+                ref, _ = self.logprobs(batch)
+        gold, gold_mask = None, None
+        if cfg.sft_weight:
+            if batch.answers is None or len(batch.answers) != len(batch.keep_masks):
+                raise ValueError("the supervised term (sft_weight > 0) needs each prompt's reference answer in "
+                                 "Rollouts.answers")
+            gold, gold_mask = self.reference(batch.answers)
         old, parts = None, {}
         for _ in range(cfg.updates_per_batch):  # 1: upstream's single update; more: PPO-style, clipped ratio
-            logp = self.logprobs(batch, gold)
-            if gold is not None:
-                logp, gold_logp = logp
+            logp, gold_logp = self.logprobs(batch, gold)
             old = logp.detach() if old is None else old
             loss, parts = grpo_loss(logp, old, ref, batch.advantages, batch.mask, cfg.beta,
                                     cfg.clip_eps if cfg.updates_per_batch > 1 else None)
