@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -133,6 +134,9 @@ def sft(args) -> None:
             g["lr"] = args.lr * min(1.0, (s + 1) / 20)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if (s + 1) % 10 == 0:  # progress on stderr (stdout: the evals' JSON lines)
+            print(f"step {s + 1}: loss {float(loss.detach()):.4f}, {time.time() - t0:.0f} s", file=sys.stderr,
+                  flush=True)
         if (s + 1) % 100 == 0 or s + 1 == args.steps:
             result["seconds"] = time.time() - t0
             evaluate(s + 1)
