@@ -302,6 +302,33 @@ def test_table7_script_logs_progress_and_finishes_bounded(tmp_path):
     assert res["skipped_for_budget"] and len(res["results"]["full"]["prefill_s"]["all"]) < 50
 
 
+def test_issue12_device_script_runs_both_steps_bounded(tmp_path):
+    """The one command for a lent GPU (overhead beside stock, then Table 7), dry-run on CPU with a tiny shape: both
+    steps run from ``src`` through its own ``glimpseprune`` shim and leave their results, the device and versions
+    are logged, each step's exit code is recorded, and a folder that holds a run is refused before anything runs."""
+    from test_bench import TINY
+
+    shape = tmp_path / "tiny.json"
+    shape.write_text(json.dumps(TINY.to_dict()))
+    env = {**os.environ, "PYTHON": sys.executable, "WHEELS": str(tmp_path / "no-wheels"), "DEVICE": "cpu",
+           "DTYPE": "float32", "SHAPE": str(shape), "NVIS": "36", "NTEXT": "10", "KEEP": "0.25",
+           "OVERHEAD_REPS": "2", "OVERHEAD_DECODE": "2", "OVERHEAD_TIMEOUT_S": "120", "GRID": "6x6", "BATCHES": "1",
+           "REPS": "2", "E2E_REPS": "1", "WARMUP": "1", "NEW_TOKENS": "2", "BUDGET_S": "10", "TIMEOUT_S": "120"}
+    out = tmp_path / "dev"
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks/issue12_device.sh"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    steps = (out / "steps.txt").read_text().splitlines()
+    assert [s.split()[0] for s in steps] == ["overhead", "table7"] and all(" rc=0 " in s for s in steps)
+    assert "device cpu" in (out / "env.txt").read_text() and "transformers" in (out / "env.txt").read_text()
+    assert json.loads((out / "overhead" / "result.json").read_text())["rows"]
+    assert json.loads((out / "table7" / "result.json").read_text())["results"]["glimpse:0.034"]
+    assert not (out / ".bin").exists()  # the shim is removed after the run
+    again = subprocess.run(["bash", str(ROOT / "benchmarks/issue12_device.sh"), str(out)], env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "already holds files" in again.stderr
+
+
 def test_tensor_peak_bytes_is_exact():
     from glimpseprune.bench.efficiency import tensor_peak_bytes
 
