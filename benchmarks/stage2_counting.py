@@ -12,10 +12,13 @@ config's ``train_data``::
 decoder linear) trained with the cross-entropy of the reference answer alone (no RL), teacher-forced on exactly the
 pruned prefill GlimpsePrune+ rolls out from (an early module's picks dropped after LLM layer ``--drop-layer``), and
 the held-out per-family exact match of count / exist / relation every 100 steps (``--merger`` also trains the ViT's
-patch merger, the layer that makes the LLM's visual tokens)::
+patch merger, the layer that makes the LLM's visual tokens; ``--train-all`` replaces the LoRA by full fine-tuning of
+every weight of the model, ViT included: the bound past any adapter)::
 
     python benchmarks/stage2_counting.py sft --train /tmp/mix3/records.jsonl --split world/records.jsonl \
         --module results/early_glimpse/module --steps 300 --lr 3e-4 --out results/stage2_world/counting/sft_mix3.json
+    python benchmarks/stage2_counting.py sft --train /tmp/mix3/records.jsonl --split world/records.jsonl \
+        --train-all --families count exist relation glyph lookup --out results/stage2_world/counting/full_mix3.json
 
 Writes OUT (JSON) after every evaluation; the last stdout line is that JSON.
 """
@@ -84,9 +87,14 @@ def sft(args) -> None:
         module.drop_after(args.drop_layer)
     for p in module.parameters():
         p.requires_grad_(False)
-    add_lora(model, LoraSettings(r=32, alpha=64, dropout=0.05), base_model_name="embedded")
-    params = lora_parameters(model)
-    if args.merger:
+    if args.train_all:  # the bound past any adapter: every weight of the model (ViT, merger, LLM) trained
+        params = list(model.parameters())
+        for p in params:
+            p.requires_grad_(True)
+    else:
+        add_lora(model, LoraSettings(r=32, alpha=64, dropout=0.05), base_model_name="embedded")
+        params = lora_parameters(model)
+    if args.merger and not args.train_all:
         merger = list(model.model.visual.merger.parameters())
         for p in merger:
             p.requires_grad_(True)
@@ -159,6 +167,8 @@ def main() -> None:
     s.add_argument("--batch", type=int, default=16)
     s.add_argument("--lr", type=float, default=3e-4)
     s.add_argument("--merger", action="store_true", help="also train the ViT's patch merger")
+    s.add_argument("--train-all", action="store_true",
+                   help="train every weight of the model instead of a LoRA (full fine-tuning: the bound past LoRA)")
     s.add_argument("--families", nargs="+", default=["count", "exist", "relation"])
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=int, default=1)
