@@ -5,7 +5,8 @@ per family ("three -> four"); optionally the probability of a right
 answer when sampling at temperature 1 (G draws per question from the module-pruned prefill, split by whether the
 greedy answer was right: how much a policy-gradient step can find to reinforce).
 
-Each folder is loaded on a fresh copy of the embedded base (a GlimpsePrune+ folder's adapter is merged into it). An
+Each folder is loaded on a fresh copy of the base (the embedded one unless `--model DIR`; a GlimpsePrune+ folder's
+adapter is merged into it). An
 early module (kind early) runs as ``early_glimpse``; ``--drop-layer J`` makes its picks leave after LLM layer J (its
 box-mask run drops there too).
 
@@ -35,10 +36,10 @@ from glimpseprune.training.stage1 import RecordDataset
 
 
 def evaluate(name: str, split: Path, limit: int | None, samples: int, batch: int,
-             drop_layer: int | None = None) -> dict:
+             drop_layer: int | None = None, base: str = "embedded") -> dict:
     """One folder on a fresh copy of the base: its own masks, the ground-truth box tokens at its K (the ``oracle``
     method) and every token, through ``bench.compare.Comparison`` (the split's inputs and box masks prepared once)."""
-    model, processor = load_base(resolve_model("embedded"), device="cpu", dtype=torch.float32)
+    model, processor = load_base(resolve_model(base), device="cpu", dtype=torch.float32)
     model, module = load_plus(model, resolve_module(name))
     if drop_layer is not None and module.cfg.kind == "early":  # its picks leave after LLM layer drop_layer
         module.drop_after(drop_layer)
@@ -112,6 +113,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--drop-layer", type=int, help="early modules (kind early): their picks leave after this LLM "
                     "layer instead of the module's own prune_layer (-1: before the LLM)")
+    ap.add_argument("--model", default="embedded",
+                    help="base model folder (default: the embedded world model), e.g. a further-trained copy")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     out = Path(args.out)
@@ -120,13 +123,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    result = {"split": args.split, "limit": args.limit, "drop_layer": args.drop_layer, "environment": environment(),
+    result = {"split": args.split, "limit": args.limit, "drop_layer": args.drop_layer, "model": args.model,
+              "environment": environment(),
               "modules": {}}
     (out / "ceiling.json").write_text(json.dumps(result, indent=1))  # an unwritable --out fails here, before any run
     t0 = time.time()
     for name in args.modules:
         result["modules"][name] = evaluate(name, Path(args.split), args.limit, args.samples, args.batch,
-                                           args.drop_layer)
+                                           args.drop_layer, args.model)
         result["seconds"] = time.time() - t0
         (out / "ceiling.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
