@@ -27,6 +27,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=1, help="the split's seed (make-world --seed; the main job's is 1)")
     ap.add_argument("--n", type=int, default=500, help="the split's size (its counting questions are every 5th)")
+    ap.add_argument("--model", default="embedded", help="base model folder (default: the shipped embedded base)")
     ap.add_argument("--layer", type=int, default=1)
     ap.add_argument("--head", type=int, default=2)
     ap.add_argument("--batch", type=int, default=10)
@@ -45,7 +46,7 @@ def main() -> None:
     from glimpseprune.training.world_model import _first_answer, _qa_batch
 
     torch.set_num_threads(args.threads)
-    model, processor = load_base(resolve_model("embedded"), device="cpu", dtype=torch.float32)
+    model, processor = load_base(resolve_model(args.model), device="cpu", dtype=torch.float32)
     model.set_attn_implementation("eager")  # attention weights are returned by the eager path only
     tok = processor.tokenizer
     words = world.NUMBERS[1:5]
