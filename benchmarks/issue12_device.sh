@@ -38,7 +38,11 @@ PY="$(cd "$(dirname "$(command -v "$PY")")" && pwd)/$(basename "$PY")"
 # a carried transformers wheel, installed beside (not over) the machine's packages; the package runs from src
 SCRATCH="$OUT/.site"
 if compgen -G "$WHEELS/transformers-*.whl" >/dev/null; then
-  "$PY" -m pip install --quiet --no-index --no-deps --target "$SCRATCH" "$WHEELS"/transformers-*.whl 2>&1 | tee -a "$LOG"
+  if ! "$PY" -m pip install --quiet --no-index --no-deps --target "$SCRATCH" "$WHEELS"/transformers-*.whl >>"$LOG" 2>&1
+  then
+    echo "error: could not install $(ls "$WHEELS"/transformers-*.whl) into $SCRATCH (see $LOG)" | tee -a "$LOG" >&2
+    exit 2
+  fi
   export PYTHONPATH="$SCRATCH:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 else
   export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -53,7 +57,7 @@ chmod +x "$OUT/.bin/glimpseprune"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
   "$PY" -c 'import sys, torch, transformers, glimpseprune
 print("python", sys.version.split()[0], "torch", torch.__version__, "transformers", transformers.__version__,
-      "glimpseprune from", glimpseprune.__file__)
+      "from", transformers.__file__, "glimpseprune from", glimpseprune.__file__)
 print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")'
 } 2>&1 | tee "$OUT/env.txt" | tee -a "$LOG"
 
