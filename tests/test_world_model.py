@@ -132,3 +132,41 @@ def test_count_head_is_taught_one_token_per_object_plus_a_sink(built):
     # the counting head spread over every token of the objects instead: no sink, 4 tokens per object -> larger
     spread = _attention(batch, [(1, 0, box_tokens, slice(0, 2)), (1, 0, box_tokens, slice(2, 3))])
     assert float(wm.attention_supervision(model, proc, batch, [s], spread, -1, 1, 2)) > loss + 1.0
+
+
+def test_count_head_probe_agrees_with_greedy_generation(tmp_path):
+    """benchmarks/world_model_probe/count_head.py (the README's reading of the shipped base's counting head): its
+    per-question prediction (teacher-forced first answer token, argmax over the number words) equals the full-token
+    model's greedy answer from the library's own generate, its attention shares are a partition of at most 1, and a
+    second run into the same --out is refused."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import glimpseprune as gp
+    from glimpseprune.assets import resolve_model
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "count_head.json"
+    cmd = [sys.executable, str(root / "benchmarks/world_model_probe/count_head.py"), "--seed", "3", "--n", "40",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["per_n"] == res["per_n"]
+    rows = res["rows"]
+    assert len(rows) == 8  # every 5th of 40 is a counting question
+    model, processor = gp.load_base(resolve_model("embedded"))
+    pm = gp.apply(model, "full", processor=processor)
+    samples = [world.sample(3_000_000 + i, "count") for i in range(40) if world.FAMILIES[i % 5] == "count"]
+    gen = pm.generate(images=[[world.render(s.scene)] for s in samples], questions=[s.question for s in samples],
+                      max_new_tokens=4)
+    assert [t.strip() for t in gen.texts] == [r["prediction"] for r in rows]
+    assert [s.answer for s in samples] == [r["answer"] for r in rows]
+    for r in rows:
+        parts = (r["sink"], r["anchors"], r["other_cells"], r["other_visual"])
+        assert all(p >= -1e-6 for p in parts) and sum(parts) <= 1 + 1e-5
+    assert res["accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / len(rows))
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert again.returncode != 0 and "exists" in again.stderr
