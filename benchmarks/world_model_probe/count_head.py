@@ -66,15 +66,16 @@ def main() -> None:
             pred = words[int(res.logits[b, first[b], word_ids].argmax())]
             img = (ids[b] == model.config.image_token_id).nonzero().flatten()  # one token per 28 px cell
             cols = s.scene.cols
-            colour = s.question.split()[2]  # "How many <colour> objects are there?"
-            objs = [o for o in s.scene.objects if o.colour == colour]
-            anchors = {int(img[o.row * cols + o.col]) for o in objs}
-            cells = {int(img[r * cols + c]) for o in objs for r in range(o.row, o.row + o.size)
-                     for c in range(o.col, o.col + o.size)}
+            # the counted objects are the sample's boxes (as in world_model.attention_supervision); anchor = the
+            # top-left cell of each
+            cell = world.CELL
+            anchors = {int(img[(y1 // cell) * cols + x1 // cell]) for x1, y1, _, _ in s.boxes}
+            cells = {int(img[r * cols + c]) for x1, y1, x2, y2 in s.boxes for r in range(y1 // cell, y2 // cell)
+                     for c in range(x1 // cell, x2 // cell)}
             a = res.attentions[args.layer][b, args.head, first[b]]  # (T,)
             on_anchor = float(a[sorted(anchors)].sum())
             on_cells = float(a[sorted(cells - anchors)].sum()) if cells - anchors else 0.0
-            rows.append({"n": len(objs), "answer": s.answer, "prediction": pred, "correct": pred == s.answer,
+            rows.append({"n": len(s.boxes), "answer": s.answer, "prediction": pred, "correct": pred == s.answer,
                          "sink": float(a[int(img.min()) - 1]), "anchors": on_anchor, "other_cells": on_cells,
                          "other_visual": float(a[img].sum()) - on_anchor - on_cells})
     per_n = {}
