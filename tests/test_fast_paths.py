@@ -303,6 +303,7 @@ def test_gpu_scripts_log_progress_and_finish_bounded(tmp_path):
     assert took < 240
     steps = (out / "steps.txt").read_text().splitlines()
     assert [s.split()[0] for s in steps] == ["overhead", "table7"] and all(" rc=0 " in s for s in steps)
+    assert int(steps[1].rsplit("seconds=", 1)[1]) < 120  # the Table-7 script alone, as bounded before the wrapper
     assert "device cpu" in (out / "env.txt").read_text() and "transformers" in (out / "env.txt").read_text()
     assert json.loads((out / "overhead" / "result.json").read_text())["rows"]
     log = (out / "log.txt").read_text()
