@@ -37,7 +37,11 @@ def main() -> None:
     out = Path(args.out)
     if out.exists():
         raise SystemExit(f"error: {out} exists (another run's results?); choose a new --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:  # an unwritable --out fails here, before the model runs
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"args": vars(args)}))
+    except OSError as e:
+        raise SystemExit(f"error: cannot write --out {out}: {e.strerror}") from None
 
     from glimpseprune.api import load_base
     from glimpseprune.assets import resolve_model
