@@ -1,9 +1,11 @@
 """Where a GlimpsePrune(+) folder stands on a world split, and what bounds it: exact match (greedy, per family) with
 the module's own masks (inference), with the **ground-truth box masks** dropped at the module's K (what the VIP would
 give if it were perfect: the ceiling of the mask side), and with every token, each with its wrong answers counted
-per family ("three -> four"); optionally the probability of a right
-answer when sampling at temperature 1 (G draws per question from the module-pruned prefill, split by whether the
-greedy answer was right: how much a policy-gradient step can find to reinforce).
+per family ("three -> four"); per family, how the module's masks stand against the box tokens (mean precision and
+recall, how many questions kept exactly the box tokens and how many of those were still answered wrong);
+optionally the probability of a right answer when sampling at temperature 1 (G draws per question from the
+module-pruned prefill, split by whether the greedy answer was right: how much a policy-gradient step can find to
+reinforce).
 
 Each folder is loaded on a fresh copy of the base (the embedded one unless `--model DIR`; a GlimpsePrune+ folder's
 adapter is merged into it). An
@@ -56,6 +58,7 @@ def evaluate(name: str, split: Path, limit: int | None, samples: int, batch: int
                     "kept_frac": summary["kept_frac"]["mean"], "errors": _errors(rows)}
         if run == "module":
             module_rows = rows
+            out[run]["masks"] = _mask_agreement(rows, cmp)
         print(f"{name}: K={K} {run}: exact match {out[run]['exact_match']:.3f} kept {out[run]['kept_frac']:.3f} "
               f"{json.dumps(out[run]['per_family'])}", flush=True)
     if samples:
@@ -64,6 +67,30 @@ def evaluate(name: str, split: Path, limit: int | None, samples: int, batch: int
         print(f"{name}: K={K} sampling at temperature 1: mean p(right) {out['sampling']['mean_p_right']:.3f}",
               flush=True)
     return out
+
+
+def _mask_agreement(rows: list[dict], cmp: Comparison) -> dict:
+    """Per family, how the run's keep masks (``cmp.last_keep_masks``) stand against the answer's box tokens: mean
+    precision and recall, the questions whose kept set IS the box set (no token missed, none extra) and how many of
+    those were still answered wrong (errors no mask could remove)."""
+    kept = [torch.as_tensor(m).flatten().bool() for b in cmp.last_keep_masks for m in b]
+    boxes = [torch.as_tensor(m).flatten().bool() for _, _, masks in cmp.batches for m in masks]
+    if len(kept) != len(rows) or len(boxes) != len(rows):
+        raise RuntimeError(f"{len(rows)} rows but {len(kept)} keep masks and {len(boxes)} box masks")
+    out: dict = {}
+    for r, k, b in zip(rows, kept, boxes, strict=True):
+        if k.shape != b.shape:
+            raise RuntimeError(f"{r['id']}: keep mask of {k.numel()} tokens, box mask of {b.numel()}")
+        tp = int((k & b).sum())
+        f = out.setdefault(r["family"], {"n": 0, "precision": [], "recall": [], "exact": 0, "exact_wrong": 0})
+        f["n"] += 1
+        f["precision"].append(tp / int(k.sum()) if k.any() else 1.0)  # nothing kept: no false pick
+        f["recall"].append(tp / int(b.sum()) if b.any() else 1.0)  # no box token: nothing to miss
+        if torch.equal(k, b):
+            f["exact"] += 1
+            f["exact_wrong"] += not r["correct"]
+    return {fam: {**v, "precision": statistics.mean(v["precision"]), "recall": statistics.mean(v["recall"])}
+            for fam, v in sorted(out.items())}
 
 
 def _errors(rows: list[dict]) -> dict:

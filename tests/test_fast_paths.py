@@ -269,6 +269,8 @@ def test_overhead_bench_runs_and_reports_ratios(tmp_path):
         assert 0 < q[k] < 50
     assert set(q["checks"]) >= set(O.BARS) | {"glimpse_peak_le_full", "glimpse_vit_prefill_peak_le_full"}
     assert r["analytic"]["glimpse"]["n_kept"] == 9 and 0 < q["glimpse_analytic_prefill"] < 1
+    # the VIP timed alone (a diagnostic): as many timings as repetitions, shares of the mask prefill beside its FLOPs
+    assert len(r["vip_s"]["all"]) == 2 and 0 < q["vip_vs_mask_prefill"] < 50 and 0 < q["vip_analytic_vs_mask"] < 1
     assert res["ok"] == all(q["checks"].values())
     assert f"| 36 | {S.load_shape(str(path)).default_k} |" in O.table(res)
     assert S.load_shape(str(path)).name == "tiny"

@@ -384,5 +384,35 @@ def test_ceiling_benchmark_agrees_with_the_eval_runner(tmp_path):
     assert set(res["module"]["per_family"]) == {r["family"] for r in rows}
     s = res["sampling"]
     assert s["G"] == 2 and sum(g["n"] for g in s["groups"].values()) == 10 and 0 <= s["mean_p_right"] <= 1
+    masks = res["module"]["masks"]
+    assert set(masks) == set(res["module"]["per_family"]) and sum(m["n"] for m in masks.values()) == 10
+    assert all(0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1 and m["exact_wrong"] <= m["exact"] <= m["n"]
+               for m in masks.values())
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode != 0 and "is not empty" in again.stderr
+
+
+def test_ceiling_mask_agreement_by_hand():
+    """stage2_ceiling's per-family mask figures on hand-made masks: precision / recall per question averaged, a
+    kept set equal to the box set counted as exact (and as exact-but-wrong when the answer was wrong)."""
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks/stage2_ceiling.py"
+    spec = importlib.util.spec_from_file_location("stage2_ceiling", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = [{"id": "a", "family": "count", "correct": False}, {"id": "b", "family": "count", "correct": True},
+            {"id": "c", "family": "exist", "correct": True}]
+    keep = [torch.tensor([1, 1, 0, 0]), torch.tensor([1, 1, 1, 0]), torch.tensor([0, 1, 0, 0])]
+    box = [torch.tensor([[1, 1], [0, 0]]), torch.tensor([[1, 0], [0, 1]]), torch.tensor([[0, 0], [0, 0]])]
+    cmp = SimpleNamespace(last_keep_masks=[keep[:2], keep[2:]], batches=[(None, None, box[:2]), (None, None, box[2:])])
+    got = mod._mask_agreement(rows, cmp)
+    # a: exact (2 of 2), wrong; b: 1 of 3 kept are boxes (precision 1/3), 1 of 2 boxes kept (recall 1/2)
+    assert got["count"] == {"n": 2, "precision": pytest.approx((1 + 1 / 3) / 2), "recall": pytest.approx(0.75),
+                            "exact": 1, "exact_wrong": 1}
+    # c: no box token: nothing to miss (recall 1), and the one kept token is not a box token (precision 0)
+    assert got["exist"] == {"n": 1, "precision": 0.0, "recall": 1.0, "exact": 0, "exact_wrong": 0}
+    with pytest.raises(RuntimeError, match="3 rows but 2 keep masks"):
+        mod._mask_agreement(rows, SimpleNamespace(last_keep_masks=[keep[:2]], batches=cmp.batches))

@@ -15,7 +15,9 @@ median over repetitions of the two runs' ratio within the repetition (paired), w
 machine. Peak memory of each prefill is measured separately (``efficiency.measure_peak``; on CPU the peak of live
 tensor bytes, replayed from the profiler, so exact and repeatable), LLM only and with the ViT (glimpse needs its
 taps), as is the encode peak with and without the taps. The analytic prefill ratio counts causal attention
-(n(n+1)/2 pairs): no mask is built any more.
+(n(n+1)/2 pairs): no mask is built any more. As a diagnostic (no bar), the VIP's forward is also timed alone on the
+inputs of a real glimpse prefill, beside its analytic share of the mask prefill's FLOPs: how much of the glimpse
+path's cost is the VIP, and how far its kernels run from the LLM's FLOP rate.
 
 Checks (the issue's bar): full/stock prefill and decode <= 1.02, glimpse/mask prefill <= 1.03, measured
 glimpse/stock prefill within 5 % of the analytic glimpse/full ratio, glimpse prefill peak <= full prefill peak.
@@ -155,6 +157,7 @@ def measure_one(model, shape, s: OverheadSettings, n_vis: int, device: torch.dev
         prefill_s[n].append(_timed(fns[n], device)[0])
     logger.info("  %d visual tokens: prefill timed (%d reps, %.0f s)", grid[0] * grid[1], s.reps,
                 time.perf_counter() - t0)
+    vip_s = _vip_alone(model, frozen, runs["glimpse"], inputs, s.reps, device)
     decode_ms = {n: [] for n in names}
     for n in rotated(names, s.reps):
         fn = _decode_fn(model, frozen, stock, n, runs, inputs, s.decode_steps)
@@ -162,7 +165,7 @@ def measure_one(model, shape, s: OverheadSettings, n_vis: int, device: torch.dev
     logger.info("  %d visual tokens: decode timed (%.0f s so far)", grid[0] * grid[1], time.perf_counter() - t0)
     out: dict[str, Any] = {"grid": list(grid), "n_vis": grid[0] * grid[1],
                            "prefill_s": {n: _stats(v) for n, v in prefill_s.items()},
-                           "decode_ms": {n: _stats(v) for n, v in decode_ms.items()}}
+                           "decode_ms": {n: _stats(v) for n, v in decode_ms.items()}, "vip_s": _stats(vip_s)}
     if s.memory:
         out["prefill_peak"] = {n: measure_peak(fns[n], device) for n in names}
         inner = get_adapter(model)
@@ -178,6 +181,24 @@ def measure_one(model, shape, s: OverheadSettings, n_vis: int, device: torch.dev
                        for n, c in cost.items()}
     out["ratios"] = ratios(out)
     return out
+
+
+def _vip_alone(model, frozen, run: tuple, inputs: dict, reps: int, device: torch.device) -> list[float]:
+    """Seconds of the VIP's forward alone, ``reps`` times, on the inputs it got in one ``glimpse`` prefill (captured
+    by a forward pre-hook, removed after): where the glimpse path's time goes beside its FLOPs."""
+    method, request = run
+    vip = method.module.vip
+    got: list = []
+    handle = vip.register_forward_pre_hook(lambda _m, args, kwargs: got.append((args, kwargs)), with_kwargs=True)
+    try:
+        prefill(model, frozen, method, inputs, request)
+    finally:
+        handle.remove()
+    if len(got) != 1:
+        raise RuntimeError(f"the glimpse prefill called its VIP {len(got)} times, expected once")
+    args, kwargs = got[0]
+    vip(*args, **kwargs)  # warm-up
+    return [_timed(lambda: vip(*args, **kwargs), device)[0] for _ in range(reps)]
 
 
 def _paired(a: list[float], b: list[float]) -> float:
@@ -211,6 +232,9 @@ def ratios(r: dict) -> dict[str, Any]:
         peak = {n: m["delta_bytes"] for n, m in r["vit_prefill_peak"].items()}
         out["glimpse_vs_full_vit_prefill_peak"] = peak["glimpse"] / max(peak["full"], 1)
         checks["glimpse_vit_prefill_peak_le_full"] = peak["glimpse"] <= peak["full"]
+    if "vip_s" in r:  # a diagnostic, not a bar: the VIP's time and FLOPs as shares of the mask prefill's
+        out["vip_vs_mask_prefill"] = r["vip_s"]["median"] / r["prefill_s"]["mask"]["median"]
+        out["vip_analytic_vs_mask"] = a["glimpse"]["vip_flops"] / a["mask"]["prefill_llm_flops"]
     out["checks"] = checks
     return out
 
@@ -235,18 +259,20 @@ def run_overhead(s: OverheadSettings, model=None) -> dict[str, Any]:
 def table(result: dict) -> str:
     """Markdown: one line per visual-token count with the medians and the checked ratios."""
     lines = ["| visual tokens | K | stock ms | full ms | mask ms | glimpse ms | full/stock prefill | "
-             "full/stock decode | glimpse/mask | glimpse/stock (analytic) | peak glimpse/full (LLM) | "
-             "peak glimpse/full (ViT + LLM) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "full/stock decode | glimpse/mask | glimpse/stock (analytic) | VIP alone/mask (analytic) | "
+             "peak glimpse/full (LLM) | peak glimpse/full (ViT + LLM) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"].values():
         p, q = r["prefill_s"], r["ratios"]
         ms = [f"{1000 * p[n]['median']:.1f}" for n in ("stock", "full", "mask", "glimpse")]
+        vip = (f"{q['vip_vs_mask_prefill']:.3f} ({q['vip_analytic_vs_mask']:.3f})" if "vip_vs_mask_prefill" in q
+               else "-")
         peak = " | ".join(f"{q[k]:.3f}" if k in q else "-"
                           for k in ("glimpse_vs_full_peak", "glimpse_vs_full_vit_prefill_peak"))
         lines.append(f"| {r['n_vis']} | {r['analytic']['glimpse']['prune_layer']} | {' | '.join(ms)} | "
                      f"{q['full_vs_stock_prefill']:.3f} | "
                      f"{q['full_vs_stock_decode']:.3f} | {q['glimpse_vs_mask_prefill']:.3f} | "
-                     f"{q['glimpse_vs_stock_prefill']:.3f} ({q['glimpse_analytic_prefill']:.3f}) | {peak} |")
+                     f"{q['glimpse_vs_stock_prefill']:.3f} ({q['glimpse_analytic_prefill']:.3f}) | {vip} | {peak} |")
     return "\n".join(lines) + "\n"
 
 
