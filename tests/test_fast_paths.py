@@ -274,11 +274,51 @@ def test_overhead_bench_runs_and_reports_ratios(tmp_path):
     assert res["ok"] == all(q["checks"].values())
     assert f"| 36 | {S.load_shape(str(path)).default_k} |" in O.table(res)
     assert S.load_shape(str(path)).name == "tiny"
+    assert set(q["noise"]) == set(O.BARS) and set(q["noise"].values()) <= {"pass", "fail", "undecided"}
+    assert all(lo <= q[k] <= hi for k, (lo, hi) in q["ci95"].items() if k in q and k != "glimpse_measured_vs_analytic")
+    # --reanalyse: the saved run's derived fields recomputed from its raw timings, the timings untouched
+    from glimpseprune.bench.report import write_json
+    from glimpseprune.cli import main
+
+    run = tmp_path / "run"
+    saved = json.loads(json.dumps(res))
+    for row in saved["rows"].values():
+        del row["ratios"]
+    write_json(saved, run)
+    assert main(["bench", "overhead", "--reanalyse", str(run)]) == 0
+    again = json.loads((run / "result.json").read_text())
+    assert again["rows"]["36"]["ratios"] == json.loads(json.dumps(q))
+    assert again["rows"]["36"]["prefill_s"] == json.loads(json.dumps(r["prefill_s"])) and "analysis" in again
+    assert "| 36 |" in (run / "table.md").read_text()
+    (run / "result.json").write_text('{"schema": "something else"}')
+    with pytest.raises(SystemExit, match="not a `bench overhead` result"):
+        main(["bench", "overhead", "--reanalyse", str(run)])
+    with pytest.raises(SystemExit, match="no .*result.json"):
+        main(["bench", "overhead", "--reanalyse", str(tmp_path / "nothing")])
     early = O.run_overhead(O.OverheadSettings(shape=str(path), n_vis=(36,), n_text=10, keep=0.25, prune_layer=0,
                                               warmup=1, reps=2, decode_steps=2, memory=False))
     a = early["rows"]["36"]["analytic"]
     assert a["mask"]["prune_layer"] == a["glimpse"]["prune_layer"] == 0 and "| 36 | 0 |" in O.table(early)
     assert early["rows"]["36"]["ratios"]["glimpse_analytic_prefill"] < q["glimpse_analytic_prefill"]
+
+
+def test_overhead_intervals_and_noise_verdicts_by_hand():
+    """The bootstrap interval of a paired median: constant ratios give a zero-width interval at that ratio, the
+    interval holds the paired median and repeats exactly (fixed seed); a verdict is decided only when the whole
+    interval is on one side of the bar."""
+    from glimpseprune.bench import overhead as O
+
+    assert O._paired_ci([2.0, 4.0, 6.0], [1.0, 2.0, 3.0]) == (2.0, 2.0)
+    a, b = [1.0, 1.1, 0.9, 1.3, 1.05, 0.95, 1.2, 1.0], [1.0] * 8
+    lo, hi = O._paired_ci(a, b)
+    assert lo <= O._paired(a, b) <= hi and lo < hi and (lo, hi) == O._paired_ci(a, b)
+    assert 0.9 <= lo and hi <= 1.3
+    assert O._noise_verdict(0.98, 1.01, 1.02) == "pass" and O._noise_verdict(1.03, 1.05, 1.02) == "fail"
+    assert O._noise_verdict(1.01, 1.04, 1.02) == "undecided"
+    assert O._noise_verdict(-0.04, 0.03, 0.05, two_sided=True) == "pass"
+    assert O._noise_verdict(0.06, 0.09, 0.05, two_sided=True) == "fail"
+    assert O._noise_verdict(-0.09, -0.06, 0.05, two_sided=True) == "fail"
+    assert O._noise_verdict(0.04, 0.07, 0.05, two_sided=True) == "undecided"
 
 
 def test_gpu_scripts_log_progress_and_finish_bounded(tmp_path):

@@ -363,23 +363,32 @@ def cmd_ratio_check(args) -> int:
 
 
 def cmd_overhead(args) -> int:
-    from .overhead import OverheadSettings, run_overhead, summary, table
+    from .overhead import BARS, OverheadSettings, reanalyse, run_overhead, summary, table
 
-    s = OverheadSettings(shape=args.shape, n_vis=tuple(args.n_vis), n_text=args.n_text, keep=args.keep,
-                         prune_layer=args.prune_layer, warmup=args.warmup, reps=args.reps,
-                         decode_steps=args.decode_steps, device=args.device, dtype=args.dtype, attn=args.attn,
-                         threads=args.threads, memory=not args.no_memory)
-    if args.out:
-        check_writable(args.out, args.overwrite)
-    result = run_overhead(s)
+    if args.reanalyse:
+        out = args.reanalyse
+        result = reanalyse(out)
+    else:
+        s = OverheadSettings(shape=args.shape, n_vis=tuple(args.n_vis), n_text=args.n_text, keep=args.keep,
+                             prune_layer=args.prune_layer, warmup=args.warmup, reps=args.reps,
+                             decode_steps=args.decode_steps, device=args.device, dtype=args.dtype, attn=args.attn,
+                             threads=args.threads, memory=not args.no_memory)
+        out = args.out
+        if out:
+            check_writable(out, args.overwrite)
+        result = run_overhead(s)
     print(table(result), end="")
     for n, r in result["rows"].items():
-        bad = [k for k, ok in r["ratios"]["checks"].items() if not ok]
+        q = r["ratios"]
+        bad = [k for k, ok in q["checks"].items() if not ok]
         print(f"{n} visual tokens: {'all checks pass' if not bad else 'FAILED: ' + ', '.join(bad)}")
-    if args.out:
-        path = write_json(result, args.out)
-        (Path(args.out) / "table.md").write_text(table(result))
-        print(f"wrote {path} and {Path(args.out) / 'table.md'}")
+        for k, verdict in q.get("noise", {}).items():
+            lo, hi = q["ci95"][k]
+            print(f"  {k} {q[k]:.3f} (95 % interval {lo:.3f} to {hi:.3f}, bar {BARS[k]}): {verdict}")
+    if out:
+        path = write_json(result, out)
+        (Path(out) / "table.md").write_text(table(result))
+        print(f"wrote {path} and {Path(out) / 'table.md'}")
     print(json.dumps(summary(result)))
     return 1 if args.strict and not result["ok"] else 0
 
@@ -484,6 +493,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     o.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     o.add_argument("--strict", action="store_true", help="exit 1 when a check fails")
     o.add_argument("--out", help="folder for result.json and table.md")
+    o.add_argument("--reanalyse", metavar="DIR", help="measure nothing: recompute the ratios, intervals and verdicts "
+                   "of the run in DIR/result.json from its raw timings with this version's analysis, and rewrite "
+                   "DIR's result.json (timings untouched) and table.md")
     o.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     o.set_defaults(fn=cmd_overhead)
     return b
