@@ -293,6 +293,8 @@ def test_overhead_bench_runs_and_reports_ratios(tmp_path):
     (run / "result.json").write_text('{"schema": "something else"}')
     with pytest.raises(SystemExit, match="not a `bench overhead` result"):
         main(["bench", "overhead", "--reanalyse", str(run)])
+    with pytest.raises(SystemExit, match="drop --out"):
+        main(["bench", "overhead", "--reanalyse", str(run), "--out", str(tmp_path / "elsewhere")])
     with pytest.raises(SystemExit, match="no .*result.json"):
         main(["bench", "overhead", "--reanalyse", str(tmp_path / "nothing")])
     early = O.run_overhead(O.OverheadSettings(shape=str(path), n_vis=(36,), n_text=10, keep=0.25, prune_layer=0,

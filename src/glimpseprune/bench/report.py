@@ -366,6 +366,8 @@ def cmd_overhead(args) -> int:
     from .overhead import BARS, OverheadSettings, reanalyse, run_overhead, summary, table
 
     if args.reanalyse:
+        if args.out:
+            raise SystemExit("--reanalyse DIR rewrites DIR's own result.json and table.md; drop --out")
         out = args.reanalyse
         result = reanalyse(out)
     else:
