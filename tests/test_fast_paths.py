@@ -290,6 +290,9 @@ def test_overhead_bench_runs_and_reports_ratios(tmp_path):
     assert again["rows"]["36"]["ratios"] == json.loads(json.dumps(q))
     assert again["rows"]["36"]["prefill_s"] == json.loads(json.dumps(r["prefill_s"])) and "analysis" in again
     assert "| 36 |" in (run / "table.md").read_text()
+    (run / "result.json").write_text(json.dumps({"schema": O.SCHEMA, "rows": {"36": {"prefill_s": {}}}}))
+    with pytest.raises(SystemExit, match="row 36 .* lacks the raw timings"):
+        main(["bench", "overhead", "--reanalyse", str(run)])
     (run / "result.json").write_text('{"schema": "something else"}')
     with pytest.raises(SystemExit, match="not a `bench overhead` result"):
         main(["bench", "overhead", "--reanalyse", str(run)])

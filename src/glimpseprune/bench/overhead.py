@@ -309,8 +309,12 @@ def reanalyse(run_dir) -> dict[str, Any]:
         raise SystemExit(f"--reanalyse: {path} is not JSON: {err}") from None
     if not isinstance(result, dict) or result.get("schema") != SCHEMA:
         raise SystemExit(f"--reanalyse: {path} is not a `bench overhead` result (schema {SCHEMA!r})")
-    for r in result["rows"].values():
-        r["ratios"] = ratios(r)
+    for n, r in result.get("rows", {}).items():
+        try:
+            r["ratios"] = ratios(r)
+        except (KeyError, TypeError, ZeroDivisionError) as err:
+            raise SystemExit(f"--reanalyse: row {n} of {path} lacks the raw timings or counts it needs ({err!r})"
+                             ) from None
     result["ok"] = all(all(r["ratios"]["checks"].values()) for r in result["rows"].values())
     env = environment(torch.device("cpu"))
     result["analysis"] = {k: env[k] for k in ("glimpseprune", "git_commit", "time_utc")}
