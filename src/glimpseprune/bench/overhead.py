@@ -239,21 +239,17 @@ def ratios(r: dict) -> dict[str, Any]:
     d = {n: v["all"] for n, v in r["decode_ms"].items()}
     a = r["analytic"]
     analytic = a["glimpse"]["prefill_llm_flops"] / a["full"]["prefill_llm_flops"]
-    measured = _paired(p["glimpse"], p["stock"])
-    out = {
-        "full_vs_stock_prefill": _paired(p["full"], p["stock"]), "full_vs_stock_decode": _paired(d["full"], d["stock"]),
-        "glimpse_vs_mask_prefill": _paired(p["glimpse"], p["mask"]), "mask_vs_stock_prefill": _paired(p["mask"],
-                                                                                                     p["stock"]),
-        "glimpse_vs_stock_prefill": measured, "glimpse_analytic_prefill": analytic,
-        "glimpse_measured_vs_analytic": measured / analytic - 1.0,
-        "glimpse_vs_stock_decode": _paired(d["glimpse"], d["stock"]),
-    }
+    pairs = {"full_vs_stock_prefill": (p["full"], p["stock"]), "full_vs_stock_decode": (d["full"], d["stock"]),
+             "glimpse_vs_mask_prefill": (p["glimpse"], p["mask"]), "mask_vs_stock_prefill": (p["mask"], p["stock"]),
+             "glimpse_vs_stock_prefill": (p["glimpse"], p["stock"]),
+             "glimpse_vs_stock_decode": (d["glimpse"], d["stock"])}
+    out = {k: _paired(*v) for k, v in pairs.items()}
+    out["glimpse_analytic_prefill"] = analytic
+    out["glimpse_measured_vs_analytic"] = out["glimpse_vs_stock_prefill"] / analytic - 1.0
     checks = {k: (abs(out[k]) <= bar if k == "glimpse_measured_vs_analytic" else out[k] <= bar)
               for k, bar in BARS.items()}
-    pairs = {"full_vs_stock_prefill": (p["full"], p["stock"]), "full_vs_stock_decode": (d["full"], d["stock"]),
-             "glimpse_vs_mask_prefill": (p["glimpse"], p["mask"]),
-             "glimpse_vs_stock_prefill": (p["glimpse"], p["stock"])}
-    ci = {k: _paired_ci(*v) for k, v in pairs.items()}
+    timed = ("full_vs_stock_prefill", "full_vs_stock_decode", "glimpse_vs_mask_prefill", "glimpse_vs_stock_prefill")
+    ci = {k: _paired_ci(*pairs[k]) for k in timed}
     lo, hi = ci["glimpse_vs_stock_prefill"]
     ci["glimpse_measured_vs_analytic"] = (lo / analytic - 1.0, hi / analytic - 1.0)
     out["ci95"] = {k: list(v) for k, v in ci.items()}
@@ -286,9 +282,12 @@ def run_overhead(s: OverheadSettings, model=None) -> dict[str, Any]:
     for n in s.n_vis:
         logger.info("overhead: %s, %d visual + %d text tokens, keep %s", shape.name, n, s.n_text, s.keep)
         rows[str(n)] = measure_one(model, shape, s, n, device)
-    ok = all(all(r["ratios"]["checks"].values()) for r in rows.values())
     return {"schema": SCHEMA, "meta": environment(device), "settings": asdict(s), "shape": shape.to_dict(),
-            "bars": BARS, "rows": rows, "ok": ok}
+            "bars": BARS, "rows": rows, "ok": _all_checks_pass(rows)}
+
+
+def _all_checks_pass(rows: dict) -> bool:
+    return all(all(r["ratios"]["checks"].values()) for r in rows.values())
 
 
 def reanalyse(run_dir) -> dict[str, Any]:
@@ -315,7 +314,7 @@ def reanalyse(run_dir) -> dict[str, Any]:
         except (KeyError, TypeError, ZeroDivisionError) as err:
             raise SystemExit(f"--reanalyse: row {n} of {path} lacks the raw timings or counts it needs ({err!r})"
                              ) from None
-    result["ok"] = all(all(r["ratios"]["checks"].values()) for r in result["rows"].values())
+    result["ok"] = _all_checks_pass(result["rows"])
     env = environment(torch.device("cpu"))
     result["analysis"] = {k: env[k] for k in ("glimpseprune", "git_commit", "time_utc")}
     return result
