@@ -22,7 +22,7 @@ from glimpseprune.methods.full import FullMethod
 from glimpseprune.runtime.train import forward_train
 from glimpseprune.testing import build_tiny_qwen2_5_vl
 from glimpseprune.training.losses import bce_loss, dice_loss, kl_loss, lm_loss, mask_loss, mask_metrics
-from glimpseprune.training.stage1 import Collator, Stage1Config, Stage1Model, WorldDataset, build_module
+from glimpseprune.training.stage1 import Collator, RecordDataset, Stage1Config, Stage1Model, WorldDataset, build_module
 from glimpseprune.training.trainer import train
 
 LN2 = math.log(2.0)
@@ -371,3 +371,39 @@ def test_target_dilation_grows_each_box_mask_by_token_rings(tiny):
     assert bool(plain.any()) and bool((grown >= plain).all()) and int(grown.sum()) > int(plain.sum())
     with pytest.raises(ValueError, match="target_dilation must be >= 0"):
         Stage1Config(target_dilation=-1)
+
+
+def test_point_families_target_one_token_per_object(model, processor, tmp_path):
+    """A counting question's targets with point_families: exactly one token per object (the cell holding its
+    centre), for 1-token and 2 x 2-token objects alike; other families keep their box tokens; ``boxes`` (what a
+    reward sees) stay the answer's boxes; a family the data does not have is a named error."""
+    from glimpseprune.data.records import centre_points, mask_boxes
+
+    assert centre_points([[28, 56, 84, 112]]) == [[56.0, 84.0, 56.0, 84.0]]
+    assert mask_boxes([[0, 0, 28, 28]], "exist", {"count"}) == [[0, 0, 28, 28]]
+    # by hand on the token grid: a 2 x 2-cell box -> the one cell right/below its centre; a 1-cell box -> itself
+    grid = boxes_to_token_mask(centre_points([[28, 56, 84, 112], [140, 0, 168, 28]]), 224, 224, 8, 8)
+    assert np.argwhere(grid).tolist() == [[0, 5], [3, 2]]
+    plain, points = WorldDataset(60), WorldDataset(60, point_families=["count"])
+    counts = [i for i in range(60) if points[i]["family"] == "count"]
+    big = [i for i in counts if any((x2 - x1) > world.CELL for x1, _, x2, _ in points[i]["boxes"])]
+    assert counts and big  # some counting question has an object wider than one token
+    for i in range(60):
+        a, b = plain[i], points[i]
+        assert a["boxes"] == b["boxes"] == a["mask_boxes"]
+        assert (b["mask_boxes"] == a["boxes"]) == (b["family"] != "count")
+    items = [points[i] for i in counts[:4]]
+    targets = Collator(processor, model)(items)["targets"]
+    for it, t in zip(items, targets):
+        assert int(t.sum()) == len(it["boxes"])  # one kept token per object
+    full = Collator(processor, model)([plain[i] for i in big[:1]])["targets"][0]
+    assert int(full.sum()) > len(plain[big[0]]["boxes"])  # without the option the big object is several tokens
+    with pytest.raises(ValueError, match="not families of the synthetic world"):
+        WorldDataset(4, point_families=["counts"])
+    split = write_split(tmp_path / "w", 10, seed=5)
+    with pytest.raises(ValueError, match=r"no record of .* has family \['tally'\]"):
+        RecordDataset(split, point_families=["tally"])
+    rec = RecordDataset(split, point_families=["count"])
+    for i in range(len(rec)):
+        it = rec[i]
+        assert (it["mask_boxes"] == it["boxes"]) == (it["family"] != "count")

@@ -99,6 +99,26 @@ def boxes_to_token_mask(boxes, width: int, height: int, grid_h: int, grid_w: int
     return mask
 
 
+def centre_points(boxes) -> list[list[float]]:
+    """Each pixel xyxy box reduced to its centre, as a zero-area box: ``boxes_to_token_mask`` then marks the one
+    token cell holding each box's centre (one token per object, whatever its size).
+
+    >>> centre_points([[28, 56, 84, 112], [0, 0, 28, 28]])
+    [[56.0, 84.0, 56.0, 84.0], [14.0, 14.0, 14.0, 14.0]]
+    """
+    out = []
+    for x1, y1, x2, y2 in boxes:
+        cx, cy = (float(x1) + float(x2)) / 2, (float(y1) + float(y2)) / 2
+        out.append([cx, cy, cx, cy])
+    return out
+
+
+def mask_boxes(boxes, family: str, point_families) -> list:
+    """The boxes a training target (token mask) is built from: the answer's boxes, or their centre points when the
+    record's family is in ``point_families`` (see ``centre_points``)."""
+    return centre_points(boxes) if family in point_families else list(boxes)
+
+
 def _span(a: float, b: float, n: int) -> tuple[int, int]:
     a, b = min(max(a, 0.0), 1.0), min(max(b, 0.0), 1.0)
     lo = min(int(math.floor(a * n + 1e-9)), n - 1)

@@ -33,7 +33,7 @@ from ..checkpoint import build_module as module_of_config
 from ..checkpoint import config_for_model
 from ..config import GlimpseConfig
 from ..data import world
-from ..data.records import read_records
+from ..data.records import mask_boxes, read_records
 from ..methods.early_glimpse import EarlyGlimpseMethod
 from ..methods.glimpse import GlimpseMethod
 from ..modules.early import EarlyGlimpseModule
@@ -73,6 +73,9 @@ class Stage1Config:
     # grow each box token mask by this many token rings (8-neighbourhood) before it is a target: teaches the module
     # to rank the tokens around the answer next (what a fixed budget keeps after the box tokens); 0 = the boxes
     target_dilation: int = 0
+    # families whose answer boxes become their centre points before they are targets: one token per object (a
+    # counting question's kept tokens then number its objects, whatever their sizes); [] = every family's boxes
+    point_families: list = field(default_factory=list)
     lm_weight: float = 1.0
     kl_weight: float = 1.0
     sparsity_weight: float = 0.05
@@ -231,10 +234,16 @@ def _number(name: str, value: Any, kind: type) -> int | float:
 
 
 class WorldDataset(torch.utils.data.Dataset):
-    """Synthetic scenes rendered on the fly (families in turn), deterministic by index."""
+    """Synthetic scenes rendered on the fly (families in turn), deterministic by index. Each item's ``mask_boxes``
+    are the boxes its token targets are built from (centre points for ``point_families``, see
+    ``records.mask_boxes``); ``boxes`` stay the answer's boxes."""
 
-    def __init__(self, n: int, seed0: int = TRAIN_SEED0):
-        self.n, self.seed0 = n, seed0
+    def __init__(self, n: int, seed0: int = TRAIN_SEED0, point_families=()):
+        self.n, self.seed0, self.point_families = n, seed0, frozenset(point_families)
+        unknown = sorted(self.point_families - set(world.FAMILIES))
+        if unknown:
+            raise ValueError(f"point_families: {unknown} are not families of the synthetic world "
+                             f"(its families: {list(world.FAMILIES)})")
 
     def __len__(self) -> int:
         return self.n
@@ -243,14 +252,17 @@ class WorldDataset(torch.utils.data.Dataset):
         s = world.sample(self.seed0 + i, world.FAMILIES[i % len(world.FAMILIES)])
         w, h = s.scene.size
         return {"image": world.render(s.scene), "question": s.question, "answer": s.answer, "boxes": s.boxes,
+                "mask_boxes": mask_boxes(s.boxes, s.family, self.point_families), "family": s.family,
                 "width": w, "height": h}
 
 
 class RecordDataset(torch.utils.data.Dataset):
     """Records of a JSONL file; images are read from disk when an item is taken."""
 
-    def __init__(self, path: str | Path, limit: int | None = None, image_root: str | Path | None = None):
+    def __init__(self, path: str | Path, limit: int | None = None, image_root: str | Path | None = None,
+                 point_families=()):
         self.root = Path(image_root) if image_root is not None else Path(path).parent
+        self.point_families = frozenset(point_families)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image_root {self.root} is not a folder (the records' image paths start there)")
         self.records = read_records(path, limit)
@@ -260,6 +272,11 @@ class RecordDataset(torch.utils.data.Dataset):
                 "; if the records name images relative to another folder (Visual-CoT: cot_image_data/), set "
                 "image_root in the config")
             raise FileNotFoundError(f"{path}: the first record's image {r.image_path(self.root)} does not exist{hint}")
+        present = {r.family for r in self.records}
+        missing = sorted(self.point_families - present)
+        if missing:  # a misspelt family would otherwise change no target, silently
+            raise ValueError(f"point_families: no record of {path} has family {missing} "
+                             f"(families present: {sorted(present)})")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -267,7 +284,8 @@ class RecordDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         r = self.records[i]
         return {"image": load_image(r.image_path(self.root)), "question": r.question, "answer": r.answer,
-                "boxes": r.bboxs, "width": r.width, "height": r.height}
+                "boxes": r.bboxs, "mask_boxes": mask_boxes(r.bboxs, r.family, self.point_families),
+                "family": r.family, "width": r.width, "height": r.height}
 
 
 def dilate(mask, rings: int):
@@ -315,7 +333,8 @@ class Collator:
         for b, x in enumerate(ids):
             suffix[b, :len(x)] = torch.tensor(x)
             smask[b, :len(x)] = True
-        masks = self.adapter.box_masks(self.model, self.processor, inputs, [it["boxes"] for it in items],
+        boxes = [it.get("mask_boxes", it["boxes"]) for it in items]  # hand-made items may have no mask_boxes
+        masks = self.adapter.box_masks(self.model, self.processor, inputs, boxes,
                                        [(it["width"], it["height"]) for it in items])
         targets = [torch.from_numpy(dilate(m, self.dilation).reshape(-1)) for m in masks]
         return {"inputs": dict(inputs), "suffix_ids": suffix, "suffix_mask": smask, "targets": targets}

@@ -66,6 +66,9 @@ class Stage2Config:
     # "vip": the frozen module's masks (as at inference); "boxes": ground-truth box tokens; "vip_cotrain": the
     # module's masks, the module trained alongside with its stage-1 loss (Dice + 0.1 BCE on box masks + LM loss)
     mask_source: str = "vip"
+    # with mask_source boxes / vip_cotrain: families whose boxes become their centre points before they are masks /
+    # targets (one token per object; stage 1's option of the same name)
+    point_families: list = field(default_factory=list)
     vip_learning_rate: float = 1e-3  # with vip_cotrain
     cap: float | None = None  # max kept fraction per sample with mask_source vip (SelectionConfig.max_keep_ratio)
     rewards: list = field(default_factory=lambda: ["exact"])  # registered reward names, summed
@@ -123,6 +126,10 @@ class Stage2Config:
             raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}")
         if self.mask_source not in MASK_SOURCES:
             raise ValueError(f"mask_source must be one of {MASK_SOURCES}, got {self.mask_source!r}")
+        if self.point_families and self.mask_source == "vip":
+            raise ValueError("point_families changes box masks, and mask_source vip uses none (the frozen module's "
+                             "own masks): use it with mask_source boxes or vip_cotrain, or train the module with it "
+                             "in stage 1")
         if self.num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (GRPO compares rollouts within a group), got "
                              f"{self.num_generations}")
@@ -185,10 +192,13 @@ def lora_layer_ids(spec: str, prune_layer: int | None, n_layers: int | None) -> 
 
 
 def _datasets(cfg: Stage2Config):
-    train = RecordDataset(cfg.train_data, image_root=cfg.image_root) if cfg.train_data else WorldDataset(
-        cfg.train_samples, seed0=TRAIN_SEED0)
+    pf = cfg.point_families
+    train = RecordDataset(cfg.train_data, image_root=cfg.image_root, point_families=pf) if cfg.train_data else \
+        WorldDataset(cfg.train_samples, seed0=TRAIN_SEED0, point_families=pf)
     evals = RecordDataset(cfg.eval_data, limit=cfg.eval_samples, image_root=cfg.image_root) if cfg.eval_data else \
-        WorldDataset(cfg.eval_samples, seed0=EVAL_SEED0)
+        WorldDataset(cfg.eval_samples, seed0=EVAL_SEED0, point_families=pf)
+    if cfg.eval_data:
+        evals.point_families = frozenset(pf) & {r.family for r in evals.records}
     if len(train) == 0:
         raise ValueError(f"no training prompts in {cfg.train_data}")
     return train, evals

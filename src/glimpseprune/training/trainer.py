@@ -90,12 +90,14 @@ def _trainer_class():
 
 
 def _datasets(cfg: Stage1Config):
-    train = RecordDataset(cfg.train_data, image_root=cfg.image_root) if cfg.train_data else \
-        WorldDataset(cfg.train_samples)
-    if cfg.eval_data:
+    pf = cfg.point_families
+    train = RecordDataset(cfg.train_data, image_root=cfg.image_root, point_families=pf) if cfg.train_data else \
+        WorldDataset(cfg.train_samples, point_families=pf)
+    if cfg.eval_data:  # the eval split's targets as training's (its precision / recall / IoU read them)
         evals = RecordDataset(cfg.eval_data, limit=cfg.eval_samples, image_root=cfg.image_root)
+        evals.point_families = frozenset(pf) & {r.family for r in evals.records}
     else:
-        evals = WorldDataset(cfg.eval_samples, seed0=4_000_000_000)
+        evals = WorldDataset(cfg.eval_samples, seed0=4_000_000_000, point_families=pf)
     return train, evals
 
 

@@ -64,7 +64,8 @@ class GRPOStep:
     def keep_masks(self, items, inputs) -> list[torch.Tensor] | None:
         if self.cfg.mask_source != "boxes":
             return None
-        masks = self.adapter.box_masks(self.model, self.processor, inputs, [it["boxes"] for it in items],
+        boxes = [it.get("mask_boxes", it["boxes"]) for it in items]  # hand-made items may have no mask_boxes
+        masks = self.adapter.box_masks(self.model, self.processor, inputs, boxes,
                                        [(it["width"], it["height"]) for it in items])
         return [torch.from_numpy(m.reshape(-1)) for m in masks]
 
