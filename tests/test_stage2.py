@@ -33,7 +33,8 @@ def _cfg(tmp_path, **kw):
     (dict(cap=1.5), "cap must be in"), (dict(learning_rate="fast"), "learning_rate must be a number"),
     (dict(scale_rewards="batch"), "scale_rewards must be one of"), (dict(sft_weight=-0.5), "sft_weight must be"),
     (dict(lora_layers="first"), "lora_layers must be 'all', 'after_k' or decoder layer indices"),
-    (dict(point_families=["count"]), "mask_source vip uses none")])
+    (dict(point_families=["count"]), "mask_source vip uses none"),
+    (dict(point_families=["count"], mask_source="boxes", point_at="middle"), "point_at must be one of")])
 def test_config_errors(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         _cfg(tmp_path, **kw)

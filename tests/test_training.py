@@ -377,13 +377,17 @@ def test_point_families_target_one_token_per_object(model, processor, tmp_path):
     """A counting question's targets with point_families: exactly one token per object (the cell holding its
     centre), for 1-token and 2 x 2-token objects alike; other families keep their box tokens; ``boxes`` (what a
     reward sees) stay the answer's boxes; a family the data does not have is a named error."""
-    from glimpseprune.data.records import centre_points, mask_boxes
+    from glimpseprune.data.records import box_points, mask_boxes
 
-    assert centre_points([[28, 56, 84, 112]]) == [[56.0, 84.0, 56.0, 84.0]]
+    assert box_points([[28, 56, 84, 112]]) == [[56.0, 84.0, 56.0, 84.0]]
     assert mask_boxes([[0, 0, 28, 28]], "exist", {"count"}) == [[0, 0, 28, 28]]
     # by hand on the token grid: a 2 x 2-cell box -> the one cell right/below its centre; a 1-cell box -> itself
-    grid = boxes_to_token_mask(centre_points([[28, 56, 84, 112], [140, 0, 168, 28]]), 224, 224, 8, 8)
+    grid = boxes_to_token_mask(box_points([[28, 56, 84, 112], [140, 0, 168, 28]]), 224, 224, 8, 8)
     assert np.argwhere(grid).tolist() == [[0, 5], [3, 2]]
+    corner = boxes_to_token_mask(box_points([[28, 56, 84, 112], [140, 0, 168, 28]], "top_left"), 224, 224, 8, 8)
+    assert np.argwhere(corner).tolist() == [[0, 5], [2, 1]]  # the 2 x 2 object's first cell in raster order
+    with pytest.raises(ValueError, match="point_at must be one of"):
+        Stage1Config(point_at="middle")
     plain, points = WorldDataset(60), WorldDataset(60, point_families=["count"])
     counts = [i for i in range(60) if points[i]["family"] == "count"]
     big = [i for i in counts if any((x2 - x1) > world.CELL for x1, _, x2, _ in points[i]["boxes"])]
@@ -407,3 +411,6 @@ def test_point_families_target_one_token_per_object(model, processor, tmp_path):
     for i in range(len(rec)):
         it = rec[i]
         assert (it["mask_boxes"] == it["boxes"]) == (it["family"] != "count")
+    first = WorldDataset(60, point_families=["count"], point_at="top_left")
+    for i in counts:
+        assert first[i]["mask_boxes"] == [[float(x1), float(y1)] * 2 for x1, y1, _, _ in first[i]["boxes"]]

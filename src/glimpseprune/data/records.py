@@ -99,24 +99,32 @@ def boxes_to_token_mask(boxes, width: int, height: int, grid_h: int, grid_w: int
     return mask
 
 
-def centre_points(boxes) -> list[list[float]]:
-    """Each pixel xyxy box reduced to its centre, as a zero-area box: ``boxes_to_token_mask`` then marks the one
-    token cell holding each box's centre (one token per object, whatever its size).
+POINTS = ("centre", "top_left")
 
-    >>> centre_points([[28, 56, 84, 112], [0, 0, 28, 28]])
+
+def box_points(boxes, at: str = "centre") -> list[list[float]]:
+    """Each pixel xyxy box reduced to one point, as a zero-area box: ``boxes_to_token_mask`` then marks the one token
+    cell holding it (one token per object, whatever its size). ``at``: the box's centre, or its top-left corner (the
+    object's first token in raster order).
+
+    >>> box_points([[28, 56, 84, 112], [0, 0, 28, 28]])
     [[56.0, 84.0, 56.0, 84.0], [14.0, 14.0, 14.0, 14.0]]
+    >>> box_points([[28, 56, 84, 112]], "top_left")
+    [[28.0, 56.0, 28.0, 56.0]]
     """
+    if at not in POINTS:
+        raise ValueError(f"a box point is one of {POINTS}, got {at!r}")
     out = []
     for x1, y1, x2, y2 in boxes:
-        cx, cy = (float(x1) + float(x2)) / 2, (float(y1) + float(y2)) / 2
-        out.append([cx, cy, cx, cy])
+        x, y = ((float(x1) + float(x2)) / 2, (float(y1) + float(y2)) / 2) if at == "centre" else (float(x1), float(y1))
+        out.append([x, y, x, y])
     return out
 
 
-def mask_boxes(boxes, family: str, point_families) -> list:
-    """The boxes a training target (token mask) is built from: the answer's boxes, or their centre points when the
-    record's family is in ``point_families`` (see ``centre_points``)."""
-    return centre_points(boxes) if family in point_families else list(boxes)
+def mask_boxes(boxes, family: str, point_families, point_at: str = "centre") -> list:
+    """The boxes a training target (token mask) is built from: the answer's boxes, or one point of each (``point_at``,
+    see ``box_points``) when the record's family is in ``point_families``."""
+    return box_points(boxes, point_at) if family in point_families else list(boxes)
 
 
 def _span(a: float, b: float, n: int) -> tuple[int, int]:

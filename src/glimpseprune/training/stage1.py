@@ -33,7 +33,7 @@ from ..checkpoint import build_module as module_of_config
 from ..checkpoint import config_for_model
 from ..config import GlimpseConfig
 from ..data import world
-from ..data.records import mask_boxes, read_records
+from ..data.records import POINTS, mask_boxes, read_records
 from ..methods.early_glimpse import EarlyGlimpseMethod
 from ..methods.glimpse import GlimpseMethod
 from ..modules.early import EarlyGlimpseModule
@@ -76,6 +76,7 @@ class Stage1Config:
     # families whose answer boxes become their centre points before they are targets: one token per object (a
     # counting question's kept tokens then number its objects, whatever their sizes); [] = every family's boxes
     point_families: list = field(default_factory=list)
+    point_at: str = "centre"  # the point of each such box: "centre" or "top_left" (the object's first token)
     lm_weight: float = 1.0
     kl_weight: float = 1.0
     sparsity_weight: float = 0.05
@@ -96,6 +97,8 @@ class Stage1Config:
             setattr(self, f.name, _check_field(f.name, f.type, getattr(self, f.name)))
         if self.mode not in ("boxes", "kl"):
             raise ValueError(f"mode must be 'boxes' or 'kl', got {self.mode!r}")
+        if self.point_at not in POINTS:
+            raise ValueError(f"point_at must be one of {POINTS}, got {self.point_at!r}")
         if self.target_dilation < 0:
             raise ValueError(f"target_dilation must be >= 0, got {self.target_dilation}")
         if self.threads is not None and self.threads < 1:
@@ -235,11 +238,11 @@ def _number(name: str, value: Any, kind: type) -> int | float:
 
 class WorldDataset(torch.utils.data.Dataset):
     """Synthetic scenes rendered on the fly (families in turn), deterministic by index. Each item's ``mask_boxes``
-    are the boxes its token targets are built from (centre points for ``point_families``, see
+    are the boxes its token targets are built from (one point per box for ``point_families``, see
     ``records.mask_boxes``); ``boxes`` stay the answer's boxes."""
 
-    def __init__(self, n: int, seed0: int = TRAIN_SEED0, point_families=()):
-        self.n, self.seed0, self.point_families = n, seed0, frozenset(point_families)
+    def __init__(self, n: int, seed0: int = TRAIN_SEED0, point_families=(), point_at: str = "centre"):
+        self.n, self.seed0, self.point_families, self.point_at = n, seed0, frozenset(point_families), point_at
         unknown = sorted(self.point_families - set(world.FAMILIES))
         if unknown:
             raise ValueError(f"point_families: {unknown} are not families of the synthetic world "
@@ -252,7 +255,7 @@ class WorldDataset(torch.utils.data.Dataset):
         s = world.sample(self.seed0 + i, world.FAMILIES[i % len(world.FAMILIES)])
         w, h = s.scene.size
         return {"image": world.render(s.scene), "question": s.question, "answer": s.answer, "boxes": s.boxes,
-                "mask_boxes": mask_boxes(s.boxes, s.family, self.point_families), "family": s.family,
+                "mask_boxes": mask_boxes(s.boxes, s.family, self.point_families, self.point_at), "family": s.family,
                 "width": w, "height": h}
 
 
@@ -260,9 +263,9 @@ class RecordDataset(torch.utils.data.Dataset):
     """Records of a JSONL file; images are read from disk when an item is taken."""
 
     def __init__(self, path: str | Path, limit: int | None = None, image_root: str | Path | None = None,
-                 point_families=()):
+                 point_families=(), point_at: str = "centre"):
         self.root = Path(image_root) if image_root is not None else Path(path).parent
-        self.point_families = frozenset(point_families)
+        self.point_families, self.point_at = frozenset(point_families), point_at
         if not self.root.is_dir():
             raise FileNotFoundError(f"image_root {self.root} is not a folder (the records' image paths start there)")
         self.records = read_records(path, limit)
@@ -284,7 +287,7 @@ class RecordDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         r = self.records[i]
         return {"image": load_image(r.image_path(self.root)), "question": r.question, "answer": r.answer,
-                "boxes": r.bboxs, "mask_boxes": mask_boxes(r.bboxs, r.family, self.point_families),
+                "boxes": r.bboxs, "mask_boxes": mask_boxes(r.bboxs, r.family, self.point_families, self.point_at),
                 "family": r.family, "width": r.width, "height": r.height}
 
 

@@ -69,6 +69,7 @@ class Stage2Config:
     # with mask_source boxes / vip_cotrain: families whose boxes become their centre points before they are masks /
     # targets (one token per object; stage 1's option of the same name)
     point_families: list = field(default_factory=list)
+    point_at: str = "centre"  # "centre" or "top_left"
     vip_learning_rate: float = 1e-3  # with vip_cotrain
     cap: float | None = None  # max kept fraction per sample with mask_source vip (SelectionConfig.max_keep_ratio)
     rewards: list = field(default_factory=lambda: ["exact"])  # registered reward names, summed
@@ -126,6 +127,10 @@ class Stage2Config:
             raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}")
         if self.mask_source not in MASK_SOURCES:
             raise ValueError(f"mask_source must be one of {MASK_SOURCES}, got {self.mask_source!r}")
+        from ..data.records import POINTS
+
+        if self.point_at not in POINTS:
+            raise ValueError(f"point_at must be one of {POINTS}, got {self.point_at!r}")
         if self.point_families and self.mask_source == "vip":
             raise ValueError("point_families changes box masks, and mask_source vip uses none (the frozen module's "
                              "own masks): use it with mask_source boxes or vip_cotrain, or train the module with it "
@@ -192,13 +197,14 @@ def lora_layer_ids(spec: str, prune_layer: int | None, n_layers: int | None) -> 
 
 
 def _datasets(cfg: Stage2Config):
-    pf = cfg.point_families
-    train = RecordDataset(cfg.train_data, image_root=cfg.image_root, point_families=pf) if cfg.train_data else \
-        WorldDataset(cfg.train_samples, seed0=TRAIN_SEED0, point_families=pf)
+    pf, pts = cfg.point_families, {"point_families": cfg.point_families, "point_at": cfg.point_at}
+    train = RecordDataset(cfg.train_data, image_root=cfg.image_root, **pts) if cfg.train_data else \
+        WorldDataset(cfg.train_samples, seed0=TRAIN_SEED0, **pts)
     evals = RecordDataset(cfg.eval_data, limit=cfg.eval_samples, image_root=cfg.image_root) if cfg.eval_data else \
-        WorldDataset(cfg.eval_samples, seed0=EVAL_SEED0, point_families=pf)
+        WorldDataset(cfg.eval_samples, seed0=EVAL_SEED0, **pts)
     if cfg.eval_data:
         evals.point_families = frozenset(pf) & {r.family for r in evals.records}
+        evals.point_at = cfg.point_at
     if len(train) == 0:
         raise ValueError(f"no training prompts in {cfg.train_data}")
     return train, evals

@@ -90,14 +90,15 @@ def _trainer_class():
 
 
 def _datasets(cfg: Stage1Config):
-    pf = cfg.point_families
-    train = RecordDataset(cfg.train_data, image_root=cfg.image_root, point_families=pf) if cfg.train_data else \
-        WorldDataset(cfg.train_samples, point_families=pf)
+    pf, pts = cfg.point_families, {"point_families": cfg.point_families, "point_at": cfg.point_at}
+    train = RecordDataset(cfg.train_data, image_root=cfg.image_root, **pts) if cfg.train_data else \
+        WorldDataset(cfg.train_samples, **pts)
     if cfg.eval_data:  # the eval split's targets as training's (its precision / recall / IoU read them)
         evals = RecordDataset(cfg.eval_data, limit=cfg.eval_samples, image_root=cfg.image_root)
         evals.point_families = frozenset(pf) & {r.family for r in evals.records}
+        evals.point_at = cfg.point_at
     else:
-        evals = WorldDataset(cfg.eval_samples, seed0=4_000_000_000, point_families=pf)
+        evals = WorldDataset(cfg.eval_samples, seed0=4_000_000_000, **pts)
     return train, evals
 
 
