@@ -388,6 +388,8 @@ def test_point_families_target_one_token_per_object(model, processor, tmp_path):
     assert np.argwhere(corner).tolist() == [[0, 5], [2, 1]]  # the 2 x 2 object's first cell in raster order
     with pytest.raises(ValueError, match="point_at must be one of"):
         Stage1Config(point_at="middle")
+    with pytest.raises(ValueError, match="mode kl is label-free"):
+        Stage1Config(mode="kl", point_families=["count"])
     plain, points = WorldDataset(60), WorldDataset(60, point_families=["count"])
     counts = [i for i in range(60) if points[i]["family"] == "count"]
     big = [i for i in counts if any((x2 - x1) > world.CELL for x1, _, x2, _ in points[i]["boxes"])]

@@ -73,8 +73,8 @@ class Stage1Config:
     # grow each box token mask by this many token rings (8-neighbourhood) before it is a target: teaches the module
     # to rank the tokens around the answer next (what a fixed budget keeps after the box tokens); 0 = the boxes
     target_dilation: int = 0
-    # families whose answer boxes become their centre points before they are targets: one token per object (a
-    # counting question's kept tokens then number its objects, whatever their sizes); [] = every family's boxes
+    # families whose answer boxes become one point each (``point_at``) before they are targets: one token per object
+    # (a counting question's kept tokens then number its objects, whatever their sizes); [] = every family's boxes
     point_families: list = field(default_factory=list)
     point_at: str = "centre"  # the point of each such box: "centre" or "top_left" (the object's first token)
     lm_weight: float = 1.0
@@ -99,6 +99,8 @@ class Stage1Config:
             raise ValueError(f"mode must be 'boxes' or 'kl', got {self.mode!r}")
         if self.point_at not in POINTS:
             raise ValueError(f"point_at must be one of {POINTS}, got {self.point_at!r}")
+        if self.point_families and self.mode == "kl":
+            raise ValueError("point_families changes box targets, and mode kl is label-free (it uses none)")
         if self.target_dilation < 0:
             raise ValueError(f"target_dilation must be >= 0, got {self.target_dilation}")
         if self.threads is not None and self.threads < 1:

@@ -66,8 +66,8 @@ class Stage2Config:
     # "vip": the frozen module's masks (as at inference); "boxes": ground-truth box tokens; "vip_cotrain": the
     # module's masks, the module trained alongside with its stage-1 loss (Dice + 0.1 BCE on box masks + LM loss)
     mask_source: str = "vip"
-    # with mask_source boxes / vip_cotrain: families whose boxes become their centre points before they are masks /
-    # targets (one token per object; stage 1's option of the same name)
+    # with mask_source boxes / vip_cotrain: families whose boxes become one point each (``point_at``) before they are
+    # masks / targets (one token per object; stage 1's options of the same names)
     point_families: list = field(default_factory=list)
     point_at: str = "centre"  # "centre" or "top_left"
     vip_learning_rate: float = 1e-3  # with vip_cotrain
