@@ -1,0 +1,156 @@
+"""Where the glimpse path's prefill overhead over ``mask`` goes, on the scaled CPU shape (a diagnostic beside
+``glimpseprune bench overhead``, not a bar): for each visual-token count, four prefills timed interleaved after
+warm-up, as paired ratios to ``mask`` (the same kept count, no glimpse token, no VIP):
+
+* ``glimpse``  -- the real GlimpsePrune prefill;
+* ``replayed`` -- the same prefill with the VIP's forward replaced by its output captured from one real prefill (the
+  glimpse token, query logits, taps, selection and compaction all run; the VIP computes nothing): the overhead that
+  is not the VIP;
+* ``vip``      -- the VIP's forward alone on the inputs of that prefill;
+
+and, from the profiler, the share of the VIP's own time spent in its attention kernel (the rest: projections, RoPE,
+norms, MLP). On a shared 2-core VM run it idle; ratios move by a point or two between runs.
+
+    python benchmarks/vip_split.py --n-vis 1024 2025 --reps 24 --out results/bench/vip_split
+
+Writes OUT/vip_split.json (refuses a folder that holds another run unless --overwrite); the last stdout line is it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class Replay(nn.Module):
+    """Stands in for a VIP: returns one captured output; anything else (``project_condition``) goes to the real one."""
+
+    def __init__(self, vip: nn.Module, out: torch.Tensor):
+        super().__init__()
+        self.real, self.out = vip, out
+
+    def project_condition(self, i, feats):
+        return self.real.project_condition(i, feats)
+
+    def forward(self, *args, **kwargs):
+        return self.out
+
+
+def _paired(a: list[float], b: list[float]) -> float:
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
+def vip_attention_share(vip: nn.Module, args, kwargs, reps: int = 5) -> float:
+    """Fraction of the VIP's profiled CPU time spent in scaled-dot-product-attention kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(reps):
+            vip(*args, **kwargs)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    attn = sum(e.self_cpu_time_total for e in events if "scaled_dot_product" in e.key)
+    return attn / total
+
+
+@torch.no_grad()
+def measure(model, shape, n_vis: int, keep: float, warmup: int, reps: int) -> dict:
+    from glimpseprune.bench.efficiency import (
+        FrozenEncodeAdapter,
+        make_variant,
+        near_square_grid,
+        parse_variant,
+        synth_inputs,
+    )
+    from glimpseprune.registry import get_adapter
+    from glimpseprune.runtime.engine import prefill
+
+    device = torch.device("cpu")
+    grid = near_square_grid(n_vis)
+    inputs = synth_inputs(shape, grid, 64, 1, "cpu", 0)
+    nv = [grid[0] * grid[1]]
+    runs = {n: make_variant(parse_variant(f"{n}:{keep}"), shape, nv, device, 0, dtype="float32")
+            for n in ("mask", "glimpse")}
+    frozen = FrozenEncodeAdapter(get_adapter(model))
+    for method, _ in runs.values():
+        frozen.prime(model, inputs, method)
+    method, request = runs["glimpse"]
+    module, vip = method.module, method.module.vip
+    got: list = []
+    handle = vip.register_forward_hook(lambda _m, args, kwargs, out: got.append((args, kwargs, out)),
+                                       with_kwargs=True)
+    try:
+        prefill(model, frozen, method, inputs, request)
+    finally:
+        handle.remove()
+    if len(got) != 1:
+        raise RuntimeError(f"the glimpse prefill called its VIP {len(got)} times, expected once")
+    args, kwargs, out = got[0]
+
+    def replayed():
+        module.vip = Replay(vip, out)
+        try:
+            return prefill(model, frozen, method, inputs, request)
+        finally:
+            module.vip = vip
+
+    fns = {"mask": lambda: prefill(model, frozen, runs["mask"][0], inputs, runs["mask"][1]),
+           "glimpse": lambda: prefill(model, frozen, method, inputs, request),
+           "replayed": replayed, "vip": lambda: vip(*args, **kwargs)}
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    sec = {n: [] for n in names}
+    for r in range(reps):  # a rotation per repetition: every variant takes every position equally often
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            fns[n]()
+            sec[n].append(time.perf_counter() - t0)
+    return {"n_vis": nv[0], "grid": list(grid), "keep": keep,
+            "median_ms": {n: 1000 * statistics.median(v) for n, v in sec.items()},
+            "vs_mask": {n: _paired(sec[n], sec["mask"]) for n in names if n != "mask"},
+            "vip_attention_share": vip_attention_share(vip, args, kwargs)}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n-vis", type=int, nargs="+", default=[1024, 2025])
+    ap.add_argument("--keep", type=float, default=0.04)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=24)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--overwrite", action="store_true")
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    target = out / "vip_split.json"
+    if target.exists() and not a.overwrite:
+        raise SystemExit(f"{target} exists: pass --overwrite to replace it")
+    out.mkdir(parents=True, exist_ok=True)  # a path that cannot be a folder fails here, before the model is built
+    from glimpseprune.bench.efficiency import build_model
+    from glimpseprune.bench.meta import environment
+    from glimpseprune.bench.shapes import load_shape
+
+    shape = load_shape("qwen2_5_vl_scaled_cpu")
+    model = build_model(shape, "cpu", "float32", "sdpa", 0)
+    result = {"shape": shape.name, "settings": vars(a), "environment": environment(torch.device("cpu")), "rows": []}
+    for n in a.n_vis:
+        row = measure(model, shape, n, a.keep, a.warmup, a.reps)
+        result["rows"].append(row)
+        r = row["vs_mask"]
+        print(f"{row['n_vis']} visual tokens: glimpse/mask {r['glimpse']:.3f}, replayed-VIP/mask {r['replayed']:.3f}, "
+              f"VIP alone/mask {r['vip']:.3f}; attention kernel {row['vip_attention_share']:.0%} of the VIP's time",
+              flush=True)
+        target.write_text(json.dumps(result, indent=1))  # written as each row comes
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
