@@ -1,4 +1,4 @@
-"""Where the glimpse path's prefill overhead over ``mask`` goes, on the scaled CPU shape (a diagnostic beside
+"""Where the glimpse path's prefill overhead over ``mask`` goes, on the scaled CPU shape by default (a diagnostic beside
 ``glimpseprune bench overhead``, not a bar): for each visual-token count, four prefills timed interleaved after
 warm-up, as paired ratios to ``mask`` (the same kept count, no glimpse token, no VIP):
 
@@ -100,6 +100,10 @@ def measure(model, shape, n_vis: int, keep: float, warmup: int, reps: int) -> di
         finally:
             module.vip = vip
 
+    real, again = prefill(model, frozen, method, inputs, request), replayed()
+    if not torch.equal(real.logits, again.logits):  # the stand-in must change nothing but the VIP's cost
+        raise RuntimeError("the prefill with the VIP's output replayed differs from the real one")
+    del real, again  # their caches freed before timing
     fns = {"mask": lambda: prefill(model, frozen, runs["mask"][0], inputs, runs["mask"][1]),
            "glimpse": lambda: prefill(model, frozen, method, inputs, request),
            "replayed": replayed, "vip": lambda: vip(*args, **kwargs)}
@@ -121,6 +125,7 @@ def measure(model, shape, n_vis: int, keep: float, warmup: int, reps: int) -> di
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="qwen2_5_vl_scaled_cpu", help="shape name in configs/shapes/ or a JSON path")
     ap.add_argument("--n-vis", type=int, nargs="+", default=[1024, 2025])
     ap.add_argument("--keep", type=float, default=0.04)
     ap.add_argument("--warmup", type=int, default=2)
@@ -137,7 +142,7 @@ def main(argv=None) -> dict:
     from glimpseprune.bench.meta import environment
     from glimpseprune.bench.shapes import load_shape
 
-    shape = load_shape("qwen2_5_vl_scaled_cpu")
+    shape = load_shape(a.shape)
     model = build_model(shape, "cpu", "float32", "sdpa", 0)
     result = {"shape": shape.name, "settings": vars(a), "environment": environment(torch.device("cpu")), "rows": []}
     for n in a.n_vis:

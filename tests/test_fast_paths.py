@@ -307,6 +307,37 @@ def test_overhead_bench_runs_and_reports_ratios(tmp_path):
     assert early["rows"]["36"]["ratios"]["glimpse_analytic_prefill"] < q["glimpse_analytic_prefill"]
 
 
+def test_vip_split_replays_the_vip_and_reports_its_share(tmp_path):
+    """benchmarks/vip_split.py on a tiny shape: the prefill with the VIP's output replayed equals the real one (checked
+    inside; it raises otherwise), ratios and the attention-kernel share are reported, written as they come, and an
+    existing result is refused without --overwrite."""
+    import importlib.util
+
+    from test_bench import TINY
+
+    spec = importlib.util.spec_from_file_location("vip_split", ROOT / "benchmarks/vip_split.py")
+    vs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vs)
+    shape = tmp_path / "tiny.json"
+    shape.write_text(json.dumps(TINY.to_dict()))
+    args = ["--shape", str(shape), "--n-vis", "36", "--keep", "0.25", "--warmup", "1", "--reps", "2", "--out",
+            str(tmp_path / "out")]
+    res = vs.main(args)
+    (row,) = res["rows"]
+    assert row["n_vis"] == 36 and set(row["vs_mask"]) == {"glimpse", "replayed", "vip"}
+    assert all(0 < v < 50 for v in row["vs_mask"].values()) and 0 < row["vip_attention_share"] < 1
+    assert json.loads((tmp_path / "out/vip_split.json").read_text()) == json.loads(json.dumps(res))
+    with pytest.raises(SystemExit, match="exists: pass --overwrite"):
+        vs.main(args)
+    real_replay = vs.Replay  # a stand-in whose output differs (ranking reversed) is caught before any timing
+    vs.Replay = lambda vip, out: real_replay(vip, -out)
+    try:
+        with pytest.raises(RuntimeError, match="replayed differs from the real one"):
+            vs.main([*args, "--overwrite"])
+    finally:
+        vs.Replay = real_replay
+
+
 def test_overhead_intervals_and_noise_verdicts_by_hand():
     """The bootstrap interval of a paired median: constant ratios give a zero-width interval at that ratio, the
     interval holds the paired median and repeats exactly (fixed seed); a verdict is decided only when the whole
