@@ -68,6 +68,7 @@ def measure(model, shape, n_vis: int, keep: float, warmup: int, reps: int) -> di
         parse_variant,
         synth_inputs,
     )
+    from glimpseprune.bench.overhead import capture_vip_call
     from glimpseprune.registry import get_adapter
     from glimpseprune.runtime.engine import prefill
 
@@ -82,16 +83,7 @@ def measure(model, shape, n_vis: int, keep: float, warmup: int, reps: int) -> di
         frozen.prime(model, inputs, method)
     method, request = runs["glimpse"]
     module, vip = method.module, method.module.vip
-    got: list = []
-    handle = vip.register_forward_hook(lambda _m, args, kwargs, out: got.append((args, kwargs, out)),
-                                       with_kwargs=True)
-    try:
-        prefill(model, frozen, method, inputs, request)
-    finally:
-        handle.remove()
-    if len(got) != 1:
-        raise RuntimeError(f"the glimpse prefill called its VIP {len(got)} times, expected once")
-    args, kwargs, out = got[0]
+    args, kwargs, out = capture_vip_call(model, frozen, runs["glimpse"], inputs)
 
     def replayed():
         module.vip = Replay(vip, out)

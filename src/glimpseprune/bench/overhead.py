@@ -187,20 +187,27 @@ def measure_one(model, shape, s: OverheadSettings, n_vis: int, device: torch.dev
     return out
 
 
-def _vip_alone(model, frozen, run: tuple, inputs: dict, reps: int, device: torch.device) -> list[float]:
-    """Seconds of the VIP's forward alone, ``reps`` times, on the inputs it got in one ``glimpse`` prefill (captured
-    by a forward pre-hook, removed after): where the glimpse path's time goes beside its FLOPs."""
+def capture_vip_call(model, frozen, run: tuple, inputs: dict) -> tuple[tuple, dict, torch.Tensor]:
+    """The (args, kwargs, output) of the VIP's one call in a ``glimpse`` prefill (``run``: (method, request)),
+    captured by a forward hook that is removed afterwards."""
     method, request = run
-    vip = method.module.vip
     got: list = []
-    handle = vip.register_forward_pre_hook(lambda _m, args, kwargs: got.append((args, kwargs)), with_kwargs=True)
+    handle = method.module.vip.register_forward_hook(
+        lambda _m, args, kwargs, out: got.append((args, kwargs, out)), with_kwargs=True)
     try:
         prefill(model, frozen, method, inputs, request)
     finally:
         handle.remove()
     if len(got) != 1:
         raise RuntimeError(f"the glimpse prefill called its VIP {len(got)} times, expected once")
-    args, kwargs = got[0]
+    return got[0]
+
+
+def _vip_alone(model, frozen, run: tuple, inputs: dict, reps: int, device: torch.device) -> list[float]:
+    """Seconds of the VIP's forward alone, ``reps`` times, on the inputs it got in one ``glimpse`` prefill
+    (``capture_vip_call``): where the glimpse path's time goes beside its FLOPs."""
+    vip = run[0].module.vip
+    args, kwargs, _ = capture_vip_call(model, frozen, run, inputs)
     vip(*args, **kwargs)  # warm-up
     return [_timed(lambda: vip(*args, **kwargs), device)[0] for _ in range(reps)]
 

@@ -262,10 +262,12 @@ class WorldDataset(torch.utils.data.Dataset):
 
 
 class RecordDataset(torch.utils.data.Dataset):
-    """Records of a JSONL file; images are read from disk when an item is taken."""
+    """Records of a JSONL file; images are read from disk when an item is taken. ``point_families`` as for
+    ``WorldDataset``; one that no record has is an error unless ``strict`` is false (an eval split may lack a family
+    the training split has)."""
 
     def __init__(self, path: str | Path, limit: int | None = None, image_root: str | Path | None = None,
-                 point_families=(), point_at: str = "centre"):
+                 point_families=(), point_at: str = "centre", strict: bool = True):
         self.root = Path(image_root) if image_root is not None else Path(path).parent
         self.point_families, self.point_at = frozenset(point_families), point_at
         if not self.root.is_dir():
@@ -279,7 +281,7 @@ class RecordDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"{path}: the first record's image {r.image_path(self.root)} does not exist{hint}")
         present = {r.family for r in self.records}
         missing = sorted(self.point_families - present)
-        if missing:  # a misspelt family would otherwise change no target, silently
+        if missing and strict:  # a misspelt family would otherwise change no target, silently
             raise ValueError(f"point_families: no record of {path} has family {missing} "
                              f"(families present: {sorted(present)})")
 

@@ -197,14 +197,11 @@ def lora_layer_ids(spec: str, prune_layer: int | None, n_layers: int | None) -> 
 
 
 def _datasets(cfg: Stage2Config):
-    pf, pts = cfg.point_families, {"point_families": cfg.point_families, "point_at": cfg.point_at}
+    pts = {"point_families": cfg.point_families, "point_at": cfg.point_at}
     train = RecordDataset(cfg.train_data, image_root=cfg.image_root, **pts) if cfg.train_data else \
         WorldDataset(cfg.train_samples, seed0=TRAIN_SEED0, **pts)
-    evals = RecordDataset(cfg.eval_data, limit=cfg.eval_samples, image_root=cfg.image_root) if cfg.eval_data else \
-        WorldDataset(cfg.eval_samples, seed0=EVAL_SEED0, **pts)
-    if cfg.eval_data:
-        evals.point_families = frozenset(pf) & {r.family for r in evals.records}
-        evals.point_at = cfg.point_at
+    evals = RecordDataset(cfg.eval_data, limit=cfg.eval_samples, image_root=cfg.image_root, strict=False, **pts) \
+        if cfg.eval_data else WorldDataset(cfg.eval_samples, seed0=EVAL_SEED0, **pts)
     if len(train) == 0:
         raise ValueError(f"no training prompts in {cfg.train_data}")
     return train, evals

@@ -90,13 +90,11 @@ def _trainer_class():
 
 
 def _datasets(cfg: Stage1Config):
-    pf, pts = cfg.point_families, {"point_families": cfg.point_families, "point_at": cfg.point_at}
+    pts = {"point_families": cfg.point_families, "point_at": cfg.point_at}
     train = RecordDataset(cfg.train_data, image_root=cfg.image_root, **pts) if cfg.train_data else \
         WorldDataset(cfg.train_samples, **pts)
     if cfg.eval_data:  # the eval split's targets as training's (its precision / recall / IoU read them)
-        evals = RecordDataset(cfg.eval_data, limit=cfg.eval_samples, image_root=cfg.image_root)
-        evals.point_families = frozenset(pf) & {r.family for r in evals.records}
-        evals.point_at = cfg.point_at
+        evals = RecordDataset(cfg.eval_data, limit=cfg.eval_samples, image_root=cfg.image_root, strict=False, **pts)
     else:
         evals = WorldDataset(cfg.eval_samples, seed0=4_000_000_000, **pts)
     return train, evals
