@@ -129,7 +129,10 @@ def main(argv=None) -> dict:
     target = out / "vip_split.json"
     if target.exists() and not a.overwrite:
         raise SystemExit(f"{target} exists: pass --overwrite to replace it")
-    out.mkdir(parents=True, exist_ok=True)  # a path that cannot be a folder fails here, before the model is built
+    try:  # a path that cannot be a folder fails here, before the model is built
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SystemExit(f"--out {out}: cannot make that folder ({err})") from err
     from glimpseprune.bench.efficiency import build_model
     from glimpseprune.bench.meta import environment
     from glimpseprune.bench.shapes import load_shape
@@ -138,6 +141,7 @@ def main(argv=None) -> dict:
     model = build_model(shape, "cpu", "float32", "sdpa", 0)
     result = {"shape": shape.name, "settings": vars(a), "environment": environment(torch.device("cpu")), "rows": []}
     for n in a.n_vis:
+        print(f"{n} visual tokens: timing {a.reps} repetitions of 4 runs ...", flush=True)
         row = measure(model, shape, n, a.keep, a.warmup, a.reps)
         result["rows"].append(row)
         r = row["vs_mask"]

@@ -329,6 +329,9 @@ def test_vip_split_replays_the_vip_and_reports_its_share(tmp_path):
     assert json.loads((tmp_path / "out/vip_split.json").read_text()) == json.loads(json.dumps(res))
     with pytest.raises(SystemExit, match="exists: pass --overwrite"):
         vs.main(args)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="cannot make that folder"):
+        vs.main([*args[:-1], str(tmp_path / "file")])
     real_replay = vs.Replay  # a stand-in whose output differs (ranking reversed) is caught before any timing
     vs.Replay = lambda vip, out: real_replay(vip, -out)
     try:
