@@ -57,11 +57,13 @@ def farthest_point_select(feats: torch.Tensor, k: int) -> torch.Tensor:
     taken = torch.zeros(n, dtype=torch.bool, device=feats.device)
     j = torch.argmax(nearest_neighbour_distance(x))
     min_dist = torch.full((n,), float("inf"), device=feats.device)  # distance of every row to the picked set
-    for i in range(k):
+    for i in range(k):  # indices stay tensors: no value is read back to the host inside the loop
         if i:
             j = torch.argmax(min_dist.masked_fill(taken, float("-inf")))
-        picks[i], taken[j] = j, True
-        min_dist = torch.minimum(min_dist, 1.0 - x @ x[j])
+        j1 = j.view(1)
+        picks[i:i + 1] = j1
+        taken.index_fill_(0, j1, True)
+        min_dist = torch.minimum(min_dist, 1.0 - x @ x.index_select(0, j1)[0])
     return picks
 
 
@@ -87,7 +89,7 @@ def farthest_point_fill(feats: torch.Tensor, seed: torch.Tensor, k: int) -> torc
         keep[farthest_point_select(feats, 1)] = True
     min_dist = (1.0 - x @ x[keep].T).amin(dim=1)  # (n,) distance of every row to the kept set
     for _ in range(k - int(keep.sum())):
-        j = torch.argmax(min_dist.masked_fill(keep, float("-inf")))
-        keep[j] = True
-        min_dist = torch.minimum(min_dist, 1.0 - x @ x[j])
+        j1 = torch.argmax(min_dist.masked_fill(keep, float("-inf"))).view(1)
+        keep.index_fill_(0, j1, True)
+        min_dist = torch.minimum(min_dist, 1.0 - x @ x.index_select(0, j1)[0])
     return keep

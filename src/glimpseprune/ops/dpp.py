@@ -42,7 +42,7 @@ def dpp_greedy_map(kernel: torch.Tensor, k: int, eps: float = 1e-6) -> torch.Ten
     if kernel.dim() != 2 or kernel.shape[0] != kernel.shape[1]:
         raise ValueError(f"kernel must be square (n, n), got shape {tuple(kernel.shape)}")
     L = kernel.to(torch.promote_types(kernel.dtype, torch.float32))
-    return _greedy_map(torch.diagonal(L).clone(), lambda j: L[j], k, eps)
+    return _greedy_map(torch.diagonal(L).clone(), lambda j1: L.index_select(0, j1)[0], k, eps)
 
 
 def conditional_dpp_select(feats: torch.Tensor, relevance: torch.Tensor, k: int, eps: float = 1e-6) -> torch.Tensor:
@@ -51,27 +51,34 @@ def conditional_dpp_select(feats: torch.Tensor, relevance: torch.Tensor, k: int,
     x = unit_rows(feats)
     r = relevance.float()
     diag = r.square() * (x * x).sum(dim=-1)
-    return _greedy_map(diag, lambda j: r[j] * r * (x @ x[j]), k, eps)
+    return _greedy_map(diag, lambda j1: r.index_select(0, j1) * r * (x @ x.index_select(0, j1)[0]), k, eps)
 
 
 def _greedy_map(diag: torch.Tensor, row: Callable[[torch.Tensor], torch.Tensor], k: int, eps: float) -> torch.Tensor:
+    # row(j1): the kernel row (n,) of the item in the one-element index tensor j1. Nothing is read back to the host
+    # inside the loop (on a GPU each read would stall the queue once per pick): indices stay tensors, a picked item's
+    # gain becomes -inf, and the first degenerate step (gain <= floor) is found after the loop, from the gains at
+    # the picks -- the picks before it are the step-by-step ones, the rest are filled by quality as there.
     n = diag.shape[0]
     k = max(0, min(int(k), n))
     picks = torch.empty(k, dtype=torch.long, device=diag.device)
+    picked_gain = torch.empty(k, dtype=diag.dtype, device=diag.device)
     cis = torch.zeros(k, n, dtype=diag.dtype, device=diag.device)  # rows of the incremental Cholesky factor
-    gains = diag.clone()  # (n,) marginal gains d_j^2
-    floor = eps * float(diag.max()) if n else 0.0
-    taken = torch.zeros(n, dtype=torch.bool, device=diag.device)
+    gains = diag.clone()  # (n,) marginal gains d_j^2; -inf once picked
     for i in range(k):
-        j = torch.argmax(gains.masked_fill(taken, float("-inf")))
-        if float(gains[j]) <= floor:  # degenerate: fill by quality among the rest
-            rest = diag.masked_fill(taken, float("-inf"))
-            picks[i:] = torch.sort(rest, descending=True, stable=True).indices[: k - i]
-            return picks
-        picks[i], taken[j] = j, True
-        e = (row(j) - cis[:i, j] @ cis[:i]) / gains[j].sqrt()  # (n,)
+        j1 = torch.argmax(gains).view(1)
+        g = gains.index_select(0, j1)  # (1,)
+        picks[i:i + 1], picked_gain[i:i + 1] = j1, g
+        e = (row(j1) - cis[:i].index_select(1, j1)[:, 0] @ cis[:i]) / g.sqrt()  # (n,)
         cis[i] = e
-        gains = gains - e.square()
+        gains = (gains - e.square()).index_fill_(0, j1, float("-inf"))
+    if k:  # one read: the first degenerate step (gain <= floor, compared as Python floats would be), or k
+        degenerate = picked_gain.double() <= eps * diag.max().double()
+        i = int(torch.where(degenerate.any(), degenerate.int().argmax(), k))
+        if i < k:  # fill by quality among the rest from there on
+            rest = diag.clone()
+            rest[picks[:i]] = float("-inf")
+            picks[i:] = torch.sort(rest, descending=True, stable=True).indices[: k - i]
     return picks
 
 
