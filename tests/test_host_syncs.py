@@ -6,11 +6,12 @@ the number of decoder layers or of visual tokens, for every method, and a decode
 from __future__ import annotations
 
 import collections
-import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import make_batch, random_early_module, random_module
+from test_methods import build
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -33,7 +34,7 @@ class _Ops(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.__name__.split(".")[0]
         index = args[1] if name in ("index", "index_put", "index_put_") and len(args) > 1 else ()
-        if name in READ_OPS or any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index or ()):
+        if name in READ_OPS or any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index):
             self.counts[name] += 1  # a boolean-mask index sizes its output from the mask's values
         return func(*args, **(kwargs or {}))
 
@@ -81,15 +82,6 @@ def test_the_counter_sees_each_kind_of_read():
     assert r.n == 5, r.counts
 
 
-def _method(name, module, early):
-    if name == "glimpse":
-        return gp.make_method("glimpse", module)
-    if name == "early_glimpse":
-        return gp.make_method("early_glimpse", early)
-    fields = {f.name for f in dataclasses.fields(gp.get_method(name).config_class)}
-    return gp.make_method(name, **({"keep_ratio": 0.3} if "keep_ratio" in fields else {}))
-
-
 @pytest.fixture(scope="module")
 def deep(tmp_path_factory):
     """The tiny model with 8 decoder layers instead of 4."""
@@ -103,7 +95,7 @@ def deep(tmp_path_factory):
 def _reads(model, processor, name, spec):
     """(host reads of one prefill, of the first decode step, the prefill's n_vis and n_kept) for one image."""
     ad = gp.get_adapter(model)
-    method = _method(name, random_module(model), random_early_module(model))
+    method = build(name, SimpleNamespace(module=random_module(model), early_module=random_early_module(model)))
     batch = make_batch(processor, [spec])
     extra = ()
     if name in ("mask", "oracle"):
