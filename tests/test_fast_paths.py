@@ -391,7 +391,10 @@ def test_gpu_scripts_log_progress_and_finish_bounded(tmp_path):
     assert "building a random tiny" in log and "prefill: repetition 1/50 done" in log
     assert "time budget of 1 s used up" in log
     res = json.loads((out / "table7" / "result.json").read_text())
-    assert res["skipped_for_budget"] and len(res["results"]["full"]["prefill_s"]["all"]) < 50
+    skipped = res["skipped_for_budget"]  # the stages the 1-second budget cut, wherever this machine's second ended
+    assert skipped and all(w.startswith(("prefill", "decode", "end-to-end batch ")) for w in skipped), skipped
+    if "prefill" in skipped:
+        assert len(res["results"]["full"]["prefill_s"]["all"]) < 50
     assert not (out / ".bin").exists()  # the shim is removed after the run
     again = subprocess.run(["bash", str(ROOT / "benchmarks/issue12_device.sh"), str(out)], env=env,
                            capture_output=True, text=True, timeout=60)
