@@ -40,6 +40,15 @@ def processor(tiny):
     return tiny[1]
 
 
+@pytest.fixture(scope="session")
+def deep(tmp_path_factory):
+    """The tiny model with 8 decoder layers instead of 4 (what grows with depth: host reads, kernel launches)."""
+    d = build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("deep") / "model", seed=0, text_config={"num_hidden_layers": 8})
+    model, processor = gp.load_base(d)
+    assert model.config.text_config.num_hidden_layers == 8
+    return model, processor
+
+
 def small_glimpse_config(model, **kw):
     return gp.config_for_model(gp.get_adapter(model).dims(model), vip_width=32, cond_width=32, vip_heads=2,
                                vip_mlp_width=64, **kw)

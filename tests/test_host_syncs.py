@@ -17,7 +17,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import glimpseprune as gp
 from glimpseprune.runtime.engine import decode_step, prefill
-from glimpseprune.testing import build_tiny_qwen2_5_vl
 
 # aten ops that read a device value on the host (the ``item``/``bool``/``int``/``float`` family lands in the first)
 READ_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "_unique", "_unique2",
@@ -80,15 +79,6 @@ def test_the_counter_sees_each_kind_of_read():
         x.index_select(0, torch.tensor([2]))  # a tensor index: no read
         x.argmax()
     assert r.n == 5, r.counts
-
-
-@pytest.fixture(scope="module")
-def deep(tmp_path_factory):
-    """The tiny model with 8 decoder layers instead of 4."""
-    d = build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("deep") / "model", seed=0, text_config={"num_hidden_layers": 8})
-    model, processor = gp.load_base(d)
-    assert model.config.text_config.num_hidden_layers == 8
-    return model, processor
 
 
 @torch.no_grad()

@@ -84,7 +84,7 @@ class GlimpseMethod(PruningMethod):
             return hidden
         i = state.extra_at
         if not torch.is_grad_enabled():  # inference: the layer output is ours alone, add in place (no copy of L x H)
-            hidden[:, i] += g.to(hidden.dtype)
+            hidden[:, i].add_(g.to(hidden.dtype))  # one kernel; ``hidden[:, i] += g`` also copies the row onto itself
             return hidden
         return torch.cat([hidden[:, :i], hidden[:, i:i + 1] + g.to(hidden.dtype), hidden[:, i + 1:]], dim=1)
 
