@@ -64,8 +64,12 @@ def _launches(model, processor, name):
     and the runtime prefill's gathers (``gather`` / ``index_select``: the KV compaction)."""
     ad = gp.get_adapter(model)
     batch = make_batch(processor, [[(224, 224)]])
-    if name == "glimpse":  # a fixed budget: the same selection ops for any scores (a threshold's floor is a branch)
-        method = gp.make_method("glimpse", random_module(model), gp.SelectionConfig(fixed_keep_ratio=0.3))
+    # a fixed budget: the same selection ops for any scores (a threshold's floor is a branch the scores may take)
+    fixed = gp.SelectionConfig(fixed_keep_ratio=0.3)
+    if name == "glimpse":
+        method = gp.make_method("glimpse", random_module(model), fixed)
+    elif name == "early_glimpse":
+        method = gp.make_method("early_glimpse", random_early_module(model), fixed)
     else:
         method = build(name, SimpleNamespace(module=random_module(model), early_module=random_early_module(model)))
     extra = ()
