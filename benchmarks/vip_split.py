@@ -13,6 +13,13 @@ norms, MLP). On a shared 2-core VM run it idle; ratios move by a point or two be
 
     python benchmarks/vip_split.py --n-vis 1024 2025 --reps 24 --out results/bench/vip_split
 
+``--tiny-widths`` keeps the shape's structure (decoder layers, K, heads, ViT blocks and taps, VIP blocks and heads)
+but makes every width tiny, so that compute is negligible and the times are what the host spends issuing the ops:
+on a GPU, where the kernels after K are about as short as their launches, that is the part of the glimpse path's
+cost that no FLOP count shows (an indication for a GPU, measured on CPU):
+
+    python benchmarks/vip_split.py --shape qwen2_5_vl_7b --tiny-widths --n-vis 64 --reps 48 --out results/bench/host
+
 Writes OUT/vip_split.json (refuses a folder that holds another run unless --overwrite); the last stdout line is it.
 """
 
@@ -42,6 +49,24 @@ class Replay(nn.Module):
         return self.out
 
 
+def tiny_widths(shape):
+    """``shape`` with its structure (layers, K, heads, GQA ratio, ViT blocks and taps, VIP blocks and heads) and
+    widths of 2 per head (8 for the text model's heads, which M-RoPE splits in four)."""
+    import dataclasses
+
+    from glimpseprune.bench.shapes import VIPShape
+
+    t, v, vip = shape.text, shape.vision, shape.vip
+    text = dataclasses.replace(t, hidden_size=8 * t.num_heads, head_dim=8, intermediate_size=16 * t.num_heads,
+                               vocab_size=1024)
+    vision = dataclasses.replace(v, hidden_size=4 * v.num_heads, intermediate_size=8 * v.num_heads,
+                                 out_hidden_size=text.hidden_size)
+    h = vip.vip_heads
+    return dataclasses.replace(shape, name=f"{shape.name}_tiny_widths", text=text, vision=vision,
+                               vip=VIPShape(vip_width=2 * h, cond_width=2 * h, vip_heads=h, vip_mlp_width=4 * h),
+                               prune_layer=shape.default_k)
+
+
 def _paired(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
@@ -60,7 +85,8 @@ def vip_attention_share(vip: nn.Module, args, kwargs, reps: int = 5) -> float:
 
 
 @torch.no_grad()
-def measure(model, shape, n_vis: int, keep: float, warmup: int, reps: int) -> dict:
+def measure(model, shape, n_vis: int, keep: float, warmup: int, reps: int, context: bool = False) -> dict:
+    """``context`` also times the stock text model and the runtime's ``full`` (keep everything) beside them."""
     from glimpseprune.bench.efficiency import (
         FrozenEncodeAdapter,
         make_variant,
@@ -99,6 +125,13 @@ def measure(model, shape, n_vis: int, keep: float, warmup: int, reps: int) -> di
     fns = {"mask": lambda: prefill(model, frozen, runs["mask"][0], inputs, runs["mask"][1]),
            "glimpse": lambda: prefill(model, frozen, method, inputs, request),
            "replayed": replayed, "vip": lambda: vip(*args, **kwargs)}
+    if context:
+        from glimpseprune.bench.overhead import StockRun
+
+        full = make_variant(parse_variant("full"), shape, nv, device, 0, dtype="float32")
+        frozen.prime(model, inputs, full[0])
+        stock, enc = StockRun(model), frozen.encode(model, inputs, ())
+        fns.update(stock=lambda: stock.prefill(enc), full=lambda: prefill(model, frozen, full[0], inputs, full[1]))
     names = list(fns)
     for _ in range(warmup):
         for n in names:
@@ -124,6 +157,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=24)
     ap.add_argument("--out", required=True)
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--tiny-widths", action="store_true",
+                    help="the shape's structure with tiny widths: host time, not compute (see the module docstring)")
     a = ap.parse_args(argv)
     out = Path(a.out)
     target = out / "vip_split.json"
@@ -138,16 +173,20 @@ def main(argv=None) -> dict:
     from glimpseprune.bench.shapes import load_shape
 
     shape = load_shape(a.shape)
+    if a.tiny_widths:
+        shape = tiny_widths(shape)
     model = build_model(shape, "cpu", "float32", "sdpa", 0)
-    result = {"shape": shape.name, "settings": vars(a), "environment": environment(torch.device("cpu")), "rows": []}
+    result = {"shape": shape.name, "settings": vars(a), "environment": environment(torch.device("cpu")), "rows": [],
+              "shape_spec": shape.to_dict()}
     for n in a.n_vis:
-        print(f"{n} visual tokens: timing {a.reps} repetitions of 4 runs ...", flush=True)
-        row = measure(model, shape, n, a.keep, a.warmup, a.reps)
+        print(f"{n} visual tokens: timing {a.reps} repetitions of {6 if a.tiny_widths else 4} runs ...", flush=True)
+        row = measure(model, shape, n, a.keep, a.warmup, a.reps, context=a.tiny_widths)
         result["rows"].append(row)
         r = row["vs_mask"]
         print(f"{row['n_vis']} visual tokens: glimpse/mask {r['glimpse']:.3f}, replayed-VIP/mask {r['replayed']:.3f}, "
               f"VIP alone/mask {r['vip']:.3f}; attention kernel {row['vip_attention_share']:.0%} of the VIP's time",
               flush=True)
+        print("  median ms: " + ", ".join(f"{k} {v:.2f}" for k, v in row["median_ms"].items()), flush=True)
         target.write_text(json.dumps(result, indent=1))  # written as each row comes
     print(json.dumps(result))
     return result

@@ -341,6 +341,33 @@ def test_vip_split_replays_the_vip_and_reports_its_share(tmp_path):
         vs.Replay = real_replay
 
 
+def test_vip_split_tiny_widths_keeps_the_structure(tmp_path):
+    """``--tiny-widths`` (host time at a real model's depth): the 7B shape's layers, K, heads, GQA, ViT blocks, taps
+    and VIP heads are kept, every width is small; a run on it reports stock and keep-everything beside the four."""
+    import importlib.util
+
+    from glimpseprune.bench.shapes import load_shape
+
+    spec = importlib.util.spec_from_file_location("vip_split", ROOT / "benchmarks/vip_split.py")
+    vs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vs)
+    real = load_shape("qwen2_5_vl_7b")
+    tiny = vs.tiny_widths(real)
+    t, r = tiny.text, real.text
+    assert (t.num_layers, t.num_heads, t.num_kv_heads, tiny.default_k) == (28, 28, 4, 18) == (
+        r.num_layers, r.num_heads, r.num_kv_heads, real.default_k)
+    assert t.hidden_size <= 256 and t.intermediate_size <= 512 and t.vocab_size <= 1024
+    assert (tiny.vision.depth, tiny.vision.fullatt_blocks, tiny.vision.num_heads) == (32, (7, 15, 23, 31), 16)
+    g_tiny, g_real = tiny.glimpse_config(), real.glimpse_config()
+    assert g_tiny.vision_taps == g_real.vision_taps and g_tiny.n_vip_layers == g_real.n_vip_layers == 4
+    assert g_tiny.vip_heads == g_real.vip_heads and g_tiny.vip_width + g_tiny.cond_width <= 32
+    res = vs.main(["--shape", "qwen2_5_vl_3b", "--tiny-widths", "--n-vis", "16", "--keep", "0.25", "--warmup", "1",
+                   "--reps", "2", "--out", str(tmp_path / "out")])
+    (row,) = res["rows"]
+    assert set(row["median_ms"]) == {"mask", "glimpse", "replayed", "vip", "stock", "full"}
+    assert res["shape_spec"]["name"] == "qwen2_5_vl_3b_tiny_widths" and res["shape_spec"]["text"]["num_layers"] == 36
+
+
 def test_overhead_intervals_and_noise_verdicts_by_hand():
     """The bootstrap interval of a paired median: constant ratios give a zero-width interval at that ratio, the
     interval holds the paired median and repeats exactly (fixed seed); a verdict is decided only when the whole
