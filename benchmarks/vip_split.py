@@ -13,10 +13,10 @@ norms, MLP). On a shared 2-core VM run it idle; ratios move by a point or two be
 
     python benchmarks/vip_split.py --n-vis 1024 2025 --reps 24 --out results/bench/vip_split
 
-``--tiny-widths`` keeps the shape's structure (decoder layers, K, heads, ViT blocks and taps, VIP blocks and heads)
-but makes every width tiny, so that compute is negligible and the times are what the host spends issuing the ops:
-on a GPU, where the kernels after K are about as short as their launches, that is the part of the glimpse path's
-cost that no FLOP count shows (an indication for a GPU, measured on CPU):
+``--tiny-widths`` keeps the shape's structure (decoder layers, K, grouped attention, ViT blocks and taps, VIP blocks
+and heads) but makes every width tiny, so that compute is negligible and the times are what the host spends issuing
+the ops: on a GPU, where the kernels after K are about as short as their launches, that is the part of the glimpse
+path's cost that no FLOP count shows (an indication for a GPU, measured on CPU):
 
     python benchmarks/vip_split.py --shape qwen2_5_vl_7b --tiny-widths --n-vis 64 --reps 48 --out results/bench/host
 
@@ -50,15 +50,16 @@ class Replay(nn.Module):
 
 
 def tiny_widths(shape):
-    """``shape`` with its structure (layers, K, heads, GQA ratio, ViT blocks and taps, VIP blocks and heads) and
-    widths of 2 per head (8 for the text model's heads, which M-RoPE splits in four)."""
+    """``shape`` with its structure (decoder layers, K, grouped or plain attention, ViT blocks and taps, VIP blocks and
+    heads) and tiny widths: the text model gets 4 query heads of 8 dimensions (M-RoPE splits a head in four) and one
+    K/V head if the shape groups them (an op runs once for all heads: their number changes no op count), hidden 32."""
     import dataclasses
 
     from glimpseprune.bench.shapes import VIPShape
 
     t, v, vip = shape.text, shape.vision, shape.vip
-    text = dataclasses.replace(t, hidden_size=8 * t.num_heads, head_dim=8, intermediate_size=16 * t.num_heads,
-                               vocab_size=1024)
+    text = dataclasses.replace(t, hidden_size=32, num_heads=4, num_kv_heads=1 if t.num_kv_heads < t.num_heads else 4,
+                               head_dim=8, intermediate_size=64, vocab_size=1024)
     vision = dataclasses.replace(v, hidden_size=4 * v.num_heads, intermediate_size=8 * v.num_heads,
                                  out_hidden_size=text.hidden_size)
     h = vip.vip_heads

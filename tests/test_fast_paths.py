@@ -342,8 +342,9 @@ def test_vip_split_replays_the_vip_and_reports_its_share(tmp_path):
 
 
 def test_vip_split_tiny_widths_keeps_the_structure(tmp_path):
-    """``--tiny-widths`` (host time at a real model's depth): the 7B shape's layers, K, heads, GQA, ViT blocks, taps
-    and VIP heads are kept, every width is small; a run on it reports stock and keep-everything beside the four."""
+    """``--tiny-widths`` (host time at a real model's depth): the 7B shape's layers, K, grouped attention, ViT blocks,
+    taps and VIP heads are kept, every width is small; a run on it reports stock and keep-everything beside the
+    four."""
     import importlib.util
 
     from glimpseprune.bench.shapes import load_shape
@@ -354,9 +355,9 @@ def test_vip_split_tiny_widths_keeps_the_structure(tmp_path):
     real = load_shape("qwen2_5_vl_7b")
     tiny = vs.tiny_widths(real)
     t, r = tiny.text, real.text
-    assert (t.num_layers, t.num_heads, t.num_kv_heads, tiny.default_k) == (28, 28, 4, 18) == (
-        r.num_layers, r.num_heads, r.num_kv_heads, real.default_k)
-    assert t.hidden_size <= 256 and t.intermediate_size <= 512 and t.vocab_size <= 1024
+    assert (t.num_layers, tiny.default_k, r.num_layers, real.default_k) == (28, 18, 28, 18)
+    assert t.num_kv_heads < t.num_heads and r.num_kv_heads < r.num_heads  # grouped, as the 7B's
+    assert t.hidden_size <= 32 and t.intermediate_size <= 64 and t.vocab_size <= 1024
     assert (tiny.vision.depth, tiny.vision.fullatt_blocks, tiny.vision.num_heads) == (32, (7, 15, 23, 31), 16)
     g_tiny, g_real = tiny.glimpse_config(), real.glimpse_config()
     assert g_tiny.vision_taps == g_real.vision_taps and g_tiny.n_vip_layers == g_real.n_vip_layers == 4
