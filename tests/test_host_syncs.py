@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import make_batch, random_early_module, random_module
-from test_methods import build
+from test_methods import MASKED, build, request_masks
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -88,9 +88,8 @@ def _reads(model, processor, name, spec):
     method = build(name, SimpleNamespace(module=random_module(model), early_module=random_early_module(model)))
     batch = make_batch(processor, [spec])
     extra = ()
-    if name in ("mask", "oracle"):
-        n_vis = prefill(model, ad, gp.make_method("full"), batch).n_vis
-        extra = ({"keep_masks": [torch.arange(n) % 3 == 0 for n in n_vis]},)
+    if name in MASKED:  # the request's keep masks, sized by a keep-everything prefill
+        extra = (request_masks(name, prefill(model, ad, gp.make_method("full"), batch).n_vis),)
     with HostReads() as r:
         pre = prefill(model, ad, method, batch, *extra)
     with HostReads() as d:

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import make_batch, random_early_module, random_module
-from test_methods import build
+from test_methods import MASKED, build, request_masks
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import glimpseprune as gp
@@ -73,9 +73,8 @@ def _launches(model, processor, name):
     else:
         method = build(name, SimpleNamespace(module=random_module(model), early_module=random_early_module(model)))
     extra = ()
-    if name in ("mask", "oracle"):
-        n_vis = prefill(model, ad, gp.make_method("full"), batch).n_vis
-        extra = ({"keep_masks": [torch.arange(n) % 3 == 0 for n in n_vis]},)
+    if name in MASKED:  # the request's keep masks, sized by a keep-everything prefill
+        extra = (request_masks(name, prefill(model, ad, gp.make_method("full"), batch).n_vis),)
     prefill(model, ad, method, batch, *extra)  # warm: lazily built tables are not launches of the steady state
     with Launches() as p:
         pre = prefill(model, ad, method, batch, *extra)
