@@ -252,7 +252,9 @@ def _stock_logits(family, model, inputs):
 # --------------------------------------------------------------------------- benches
 
 
-def test_overhead_bench_runs_and_reports_ratios(tmp_path):
+def test_overhead_bench_runs_and_reports_ratios(tmp_path, caplog):
+    import logging
+
     from test_bench import TINY
 
     import glimpseprune.bench.shapes as S
@@ -261,7 +263,13 @@ def test_overhead_bench_runs_and_reports_ratios(tmp_path):
     path = tmp_path / "tiny.json"
     path.write_text(json.dumps(TINY.to_dict()))
     s = O.OverheadSettings(shape=str(path), n_vis=(36,), n_text=10, keep=0.25, warmup=1, reps=2, decode_steps=2)
-    res = O.run_overhead(s)
+    with caplog.at_level(logging.INFO, logger=O.logger.name):
+        res = O.run_overhead(s)
+    # progress after every repetition of each timed loop (a real shape on a CPU takes minutes per repetition)
+    lines = [rec.getMessage() for rec in caplog.records]
+    for what, n in (("prefill warm-up", 1), ("prefill", 2), ("decode", 2)):
+        got = [m.split(" done")[0] for m in lines if m.strip().startswith(f"{what}: repetition")]
+        assert [g.split("repetition ")[1] for g in got] == [f"{i}/{n}" for i in range(1, n + 1)], (what, lines)
     r = res["rows"]["36"]
     assert set(r["prefill_s"]) == {"stock", "full", "mask", "glimpse"}
     q = r["ratios"]

@@ -137,6 +137,14 @@ def _decode_fn(model, frozen, stock: StockRun, name: str, runs: dict, inputs: di
     return run_ours
 
 
+def _progress(what: str, i: int, n_names: int, reps: int, t0: float) -> None:
+    """Log after each repetition (every variant run once): a real shape on a CPU takes minutes per repetition, and a
+    benchmark that prints nothing for that long cannot be told from a hung one."""
+    if (i + 1) % n_names == 0:
+        logger.info("    %s: repetition %d/%d done (%.0f s elapsed)", what, (i + 1) // n_names, reps,
+                    time.perf_counter() - t0)
+
+
 @torch.no_grad()
 def measure_one(model, shape, s: OverheadSettings, n_vis: int, device: torch.device) -> dict[str, Any]:
     from ..registry import get_adapter
@@ -154,18 +162,21 @@ def measure_one(model, shape, s: OverheadSettings, n_vis: int, device: torch.dev
     fns = _prefill_fns(model, frozen, stock, runs, inputs)
     names = list(fns)
     t0 = time.perf_counter()
-    for n in _interleaved(names, s.warmup):
+    for i, n in enumerate(_interleaved(names, s.warmup)):
         fns[n]()
+        _progress("prefill warm-up", i, len(names), s.warmup, t0)
     prefill_s = {n: [] for n in names}
-    for n in rotated(names, s.reps):
+    for i, n in enumerate(rotated(names, s.reps)):
         prefill_s[n].append(_timed(fns[n], device)[0])
+        _progress("prefill", i, len(names), s.reps, t0)
     logger.info("  %d visual tokens: prefill timed (%d reps, %.0f s)", grid[0] * grid[1], s.reps,
                 time.perf_counter() - t0)
     vip_s = _vip_alone(model, frozen, runs["glimpse"], inputs, s.reps, device)
     decode_ms = {n: [] for n in names}
-    for n in rotated(names, s.reps):
+    for i, n in enumerate(rotated(names, s.reps)):
         fn = _decode_fn(model, frozen, stock, n, runs, inputs, s.decode_steps)
         decode_ms[n].append(1000.0 * _timed(fn, device)[0] / s.decode_steps)
+        _progress("decode", i, len(names), s.reps, t0)
     logger.info("  %d visual tokens: decode timed (%.0f s so far)", grid[0] * grid[1], time.perf_counter() - t0)
     out: dict[str, Any] = {"grid": list(grid), "n_vis": grid[0] * grid[1],
                            "prefill_s": {n: _stats(v) for n, v in prefill_s.items()},
