@@ -437,6 +437,24 @@ def test_gpu_scripts_log_progress_and_finish_bounded(tmp_path):
     assert again.returncode == 2 and "already holds files" in again.stderr
 
 
+def test_overhead_7b_cpu_script_runs_with_a_tiny_shape(tmp_path):
+    """``benchmarks/overhead_7b_cpu.sh`` (the 7B shape on a CPU, ~70 min) dry-run with its options overridden by a tiny
+    shape: the command line it builds is one ``bench overhead`` accepts, and the result lands in the folder given."""
+    from test_bench import TINY
+
+    shape = tmp_path / "tiny.json"
+    shape.write_text(json.dumps(TINY.to_dict()))
+    out = tmp_path / "run"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks/overhead_7b_cpu.sh"), str(out), "--shape", str(shape),
+                           "--dtype", "float32", "--n-vis", "36", "--n-text", "10", "--keep", "0.25", "--reps", "2",
+                           "--decode-steps", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    res = json.loads((out / "result.json").read_text())
+    assert res["settings"]["shape"] == str(shape) and res["settings"]["memory"] is False
+    assert res["settings"]["warmup"] == 1 and list(res["rows"]) == ["36"]
+
+
 def test_tensor_peak_bytes_is_exact():
     from glimpseprune.bench.efficiency import tensor_peak_bytes
 
