@@ -46,7 +46,10 @@ def main(argv=None) -> dict:
     out = Path(a.out) / "one_more_token.json"
     if out.exists() and not a.overwrite:
         raise SystemExit(f"{out} already holds a run: pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:  # an output that cannot be written fails here, before minutes of timing
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SystemExit(f"--out {a.out}: cannot make that folder ({err})") from None
     shape = load_shape(a.shape)
     model = build_model(shape)
     fns = {}

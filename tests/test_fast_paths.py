@@ -349,6 +349,33 @@ def test_vip_split_replays_the_vip_and_reports_its_share(tmp_path):
         vs.Replay = real_replay
 
 
+def test_one_more_token_times_both_lengths(tmp_path):
+    """benchmarks/one_more_token.py on a tiny shape: one row per visual-token count with both lengths timed and a
+    paired ratio, the raw timings kept, written to its folder; a folder that holds a run, or a path that cannot be a
+    folder, is refused before any timing."""
+    import importlib.util
+
+    from test_bench import TINY
+
+    spec = importlib.util.spec_from_file_location("one_more_token", ROOT / "benchmarks/one_more_token.py")
+    omt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(omt)
+    shape = tmp_path / "tiny.json"
+    shape.write_text(json.dumps(TINY.to_dict()))
+    args = ["--shape", str(shape), "--n-vis", "36", "--n-text", "10", "--keep", "0.25", "--reps", "3", "--out",
+            str(tmp_path / "out")]
+    res = omt.main(args)
+    (row,) = res["rows"]
+    assert row["positions"] == 46 and set(row["median_ms"]) == {"10", "11"} and 0.2 < row["paired_ratio"] < 5
+    assert sorted(res["raw_s"]) == ["36/10", "36/11"] and all(len(v) == 3 for v in res["raw_s"].values())
+    assert json.loads((tmp_path / "out/one_more_token.json").read_text())["rows"] == json.loads(json.dumps(res["rows"]))
+    with pytest.raises(SystemExit, match="already holds a run"):
+        omt.main(args)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="cannot make that folder"):
+        omt.main([*args[:-1], str(tmp_path / "file" / "sub")])
+
+
 def test_vip_split_tiny_widths_keeps_the_structure(tmp_path):
     """``--tiny-widths`` (host time at a real model's depth): the 7B shape's layers, K, grouped attention, ViT blocks,
     taps and VIP heads are kept, every width is small; a run on it reports stock and keep-everything beside the
