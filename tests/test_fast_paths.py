@@ -252,16 +252,32 @@ def _stock_logits(family, model, inputs):
 # --------------------------------------------------------------------------- benches
 
 
+def _tiny_shape_file(tmp_path) -> Path:
+    """test_bench's tiny shape written as a shape JSON, for the bench CLI and scripts that take a path."""
+    from test_bench import TINY
+
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(TINY.to_dict()))
+    return path
+
+
+def _load_script(name: str):
+    """benchmarks/NAME.py imported as a module (the scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"benchmarks/{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_overhead_bench_runs_and_reports_ratios(tmp_path, caplog):
     import logging
-
-    from test_bench import TINY
 
     import glimpseprune.bench.shapes as S
     from glimpseprune.bench import overhead as O
 
-    path = tmp_path / "tiny.json"
-    path.write_text(json.dumps(TINY.to_dict()))
+    path = _tiny_shape_file(tmp_path)
     s = O.OverheadSettings(shape=str(path), n_vis=(36,), n_text=10, keep=0.25, warmup=1, reps=2, decode_steps=2)
     with caplog.at_level(logging.INFO, logger=O.logger.name):
         res = O.run_overhead(s)
@@ -319,15 +335,8 @@ def test_vip_split_replays_the_vip_and_reports_its_share(tmp_path):
     """benchmarks/vip_split.py on a tiny shape: the prefill with the VIP's output replayed equals the real one (checked
     inside; it raises otherwise), ratios and the attention-kernel share are reported, written as they come, and an
     existing result is refused without --overwrite."""
-    import importlib.util
-
-    from test_bench import TINY
-
-    spec = importlib.util.spec_from_file_location("vip_split", ROOT / "benchmarks/vip_split.py")
-    vs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(vs)
-    shape = tmp_path / "tiny.json"
-    shape.write_text(json.dumps(TINY.to_dict()))
+    vs = _load_script("vip_split")
+    shape = _tiny_shape_file(tmp_path)
     args = ["--shape", str(shape), "--n-vis", "36", "--keep", "0.25", "--warmup", "1", "--reps", "2", "--out",
             str(tmp_path / "out")]
     res = vs.main(args)
@@ -353,15 +362,8 @@ def test_one_more_token_times_both_lengths(tmp_path):
     """benchmarks/one_more_token.py on a tiny shape: one row per visual-token count with both lengths timed and a
     paired ratio, the raw timings kept, written to its folder; a folder that holds a run, or a path that cannot be a
     folder, is refused before any timing."""
-    import importlib.util
-
-    from test_bench import TINY
-
-    spec = importlib.util.spec_from_file_location("one_more_token", ROOT / "benchmarks/one_more_token.py")
-    omt = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(omt)
-    shape = tmp_path / "tiny.json"
-    shape.write_text(json.dumps(TINY.to_dict()))
+    omt = _load_script("one_more_token")
+    shape = _tiny_shape_file(tmp_path)
     args = ["--shape", str(shape), "--n-vis", "36", "--n-text", "10", "--keep", "0.25", "--reps", "3", "--out",
             str(tmp_path / "out")]
     res = omt.main(args)
@@ -380,13 +382,9 @@ def test_vip_split_tiny_widths_keeps_the_structure(tmp_path):
     """``--tiny-widths`` (host time at a real model's depth): the 7B shape's layers, K, grouped attention, ViT blocks,
     taps and VIP heads are kept, every width is small; a run on it reports stock and keep-everything beside the
     four."""
-    import importlib.util
-
     from glimpseprune.bench.shapes import load_shape
 
-    spec = importlib.util.spec_from_file_location("vip_split", ROOT / "benchmarks/vip_split.py")
-    vs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(vs)
+    vs = _load_script("vip_split")
     real = load_shape("qwen2_5_vl_7b")
     tiny = vs.tiny_widths(real)
     t, r = tiny.text, real.text
@@ -429,10 +427,7 @@ def test_gpu_scripts_log_progress_and_finish_bounded(tmp_path):
     shim and leave their results, the device and versions are logged, each step's exit code is recorded; Table 7 logs
     each stage and a 1-second budget cuts its repetitions (recorded) instead of running them all; a folder that holds
     a run is refused before anything runs."""
-    from test_bench import TINY
-
-    shape = tmp_path / "tiny.json"
-    shape.write_text(json.dumps(TINY.to_dict()))
+    shape = _tiny_shape_file(tmp_path)
     env = {**os.environ, "PYTHON": sys.executable, "WHEELS": str(tmp_path / "no-wheels"), "DEVICE": "cpu",
            "DTYPE": "float32", "SHAPE": str(shape), "NVIS": "36", "NTEXT": "10", "KEEP": "0.25",
            "OVERHEAD_REPS": "2", "OVERHEAD_DECODE": "2", "OVERHEAD_TIMEOUT_S": "120", "GRID": "6x6",
@@ -467,10 +462,7 @@ def test_gpu_scripts_log_progress_and_finish_bounded(tmp_path):
 def test_overhead_7b_cpu_script_runs_with_a_tiny_shape(tmp_path):
     """``benchmarks/overhead_7b_cpu.sh`` (the 7B shape on a CPU, ~70 min) dry-run with its options overridden by a tiny
     shape: the command line it builds is one ``bench overhead`` accepts, and the result lands in the folder given."""
-    from test_bench import TINY
-
-    shape = tmp_path / "tiny.json"
-    shape.write_text(json.dumps(TINY.to_dict()))
+    shape = _tiny_shape_file(tmp_path)
     out = tmp_path / "run"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     proc = subprocess.run(["bash", str(ROOT / "benchmarks/overhead_7b_cpu.sh"), str(out), "--shape", str(shape),
