@@ -320,12 +320,13 @@ class Budget:
         return True
 
 
-def _reps(names: list[str], reps: int, budget: Budget | None, what: str):
-    """``_interleaved`` that logs each repetition and stops at a repetition boundary once the budget is spent."""
+def _reps(names: list[str], reps: int, budget: Budget | None, what: str, order=_order):
+    """``_interleaved`` that logs each repetition and stops at a repetition boundary once the budget is spent;
+    ``order(names, r)`` is repetition r's run order."""
     for r in range(reps):
         if budget is not None and not budget.more(r, what):
             return
-        yield from _order(names, r)
+        yield from order(names, r)
         logger.info("%s: repetition %d/%d done (%.1f s elapsed)", what, r + 1, reps,
                     budget.elapsed() if budget else 0.0)
 

@@ -10,7 +10,7 @@ sample, batch 1, for each visual-token count:
 * ``glimpse`` -- the real GlimpsePrune path at the same kept count (glimpse token, query logits, VIP, taps).
 
 Prefill covers the LLM only (the batch is encoded once and replayed); decode is ms per step after one untimed step.
-All four are timed interleaved (order rotated every repetition, see ``rotated``) after warm-up; a ratio is the
+All four are timed interleaved (order rotated every repetition, see ``rotation``) after warm-up; a ratio is the
 median over repetitions of the two runs' ratio within the repetition (paired), which cancels the drift of a shared
 machine. Peak memory of each prefill is measured separately (``efficiency.measure_peak``; on CPU the peak of live
 tensor bytes, replayed from the profiler, so exact and repeatable), LLM only and with the ViT (glimpse needs its
@@ -39,8 +39,9 @@ import torch
 
 from ..runtime.engine import decode_step, prefill
 from .efficiency import (
+    Budget,
     FrozenEncodeAdapter,
-    _interleaved,
+    _reps,
     _stats,
     _timed,
     analytic,
@@ -98,14 +99,13 @@ class StockRun:
         return self.model.lm_head(out.last_hidden_state)[:, -1]
 
 
-def rotated(names: list[str], reps: int):
-    """Run order per repetition: a rotation of ``names`` that moves one place each repetition (reversed every other
+def rotation(names: list[str], r: int) -> list[str]:
+    """Run order of repetition r: a rotation of ``names`` that moves one place each repetition (reversed every other
     full turn), so every variant takes every position, and follows every other, equally often over len(names)
     repetitions: position effects of a shared machine (caches, allocator state, clocks) cancel in the pairing."""
     n = len(names)
-    for r in range(reps):
-        order = names[r % n:] + names[:r % n]
-        yield from (order[::-1] if (r // n) % 2 else order)
+    order = names[r % n:] + names[:r % n]
+    return order[::-1] if (r // n) % 2 else order
 
 
 def _prefill_fns(model, frozen, stock: StockRun, runs: dict, inputs: dict) -> dict[str, Any]:
@@ -137,14 +137,6 @@ def _decode_fn(model, frozen, stock: StockRun, name: str, runs: dict, inputs: di
     return run_ours
 
 
-def _progress(what: str, i: int, n_names: int, reps: int, t0: float) -> None:
-    """Log after each repetition (every variant run once): a real shape on a CPU takes minutes per repetition, and a
-    benchmark that prints nothing for that long cannot be told from a hung one."""
-    if (i + 1) % n_names == 0:
-        logger.info("    %s: repetition %d/%d done (%.0f s elapsed)", what, (i + 1) // n_names, reps,
-                    time.perf_counter() - t0)
-
-
 @torch.no_grad()
 def measure_one(model, shape, s: OverheadSettings, n_vis: int, device: torch.device) -> dict[str, Any]:
     from ..registry import get_adapter
@@ -162,21 +154,20 @@ def measure_one(model, shape, s: OverheadSettings, n_vis: int, device: torch.dev
     fns = _prefill_fns(model, frozen, stock, runs, inputs)
     names = list(fns)
     t0 = time.perf_counter()
-    for i, n in enumerate(_interleaved(names, s.warmup)):
+    # each loop logs every repetition: on a real shape on a CPU one takes minutes (no budget: ``clock`` only times)
+    clock = Budget(None)
+    for n in _reps(names, s.warmup, clock, "prefill warm-up"):
         fns[n]()
-        _progress("prefill warm-up", i, len(names), s.warmup, t0)
     prefill_s = {n: [] for n in names}
-    for i, n in enumerate(rotated(names, s.reps)):
+    for n in _reps(names, s.reps, clock, "prefill", order=rotation):
         prefill_s[n].append(_timed(fns[n], device)[0])
-        _progress("prefill", i, len(names), s.reps, t0)
     logger.info("  %d visual tokens: prefill timed (%d reps, %.0f s)", grid[0] * grid[1], s.reps,
                 time.perf_counter() - t0)
     vip_s = _vip_alone(model, frozen, runs["glimpse"], inputs, s.reps, device)
     decode_ms = {n: [] for n in names}
-    for i, n in enumerate(rotated(names, s.reps)):
+    for n in _reps(names, s.reps, clock, "decode", order=rotation):
         fn = _decode_fn(model, frozen, stock, n, runs, inputs, s.decode_steps)
         decode_ms[n].append(1000.0 * _timed(fn, device)[0] / s.decode_steps)
-        _progress("decode", i, len(names), s.reps, t0)
     logger.info("  %d visual tokens: decode timed (%.0f s so far)", grid[0] * grid[1], time.perf_counter() - t0)
     out: dict[str, Any] = {"grid": list(grid), "n_vis": grid[0] * grid[1],
                            "prefill_s": {n: _stats(v) for n, v in prefill_s.items()},
