@@ -1,8 +1,9 @@
 """What one more position costs a pruned prefill on the scaled CPU shape: the glimpse token makes GlimpsePrune's
 sequence one position longer than ``mask``'s up to K, so part of ``glimpse``/``mask`` may be the matrix kernels' cost
 of an odd length rather than the glimpse path's work. Times the ``mask`` prefill (4 % kept after K) with N and N + 1
-text tokens, interleaved (order reversed every other repetition), and reports the paired ratio (N + 1) / N per
-visual-token count. A diagnostic beside ``glimpseprune bench overhead``, not a bar; run it on idle cores.
+text tokens, interleaved (order reversed every other repetition, as ``bench run``), and reports the paired ratio
+(N + 1) / N per visual-token count. A diagnostic beside ``glimpseprune bench overhead``, not a bar; run it on idle
+cores; it prints a line after every repetition.
 
     python benchmarks/one_more_token.py --n-vis 1024 2025 --n-text 64 --reps 24 --out results/bench/one_more_token
 
@@ -23,6 +24,7 @@ import torch
 def main(argv=None) -> dict:
     from glimpseprune.bench.efficiency import (
         FrozenEncodeAdapter,
+        _order,
         build_model,
         make_variant,
         near_square_grid,
@@ -66,11 +68,13 @@ def main(argv=None) -> dict:
         for fn in fns.values():  # warm-up
             fn()
         times = {k: [] for k in fns}
+        start = time.perf_counter()
         for rep in range(a.reps):
-            for k in (list(fns) if rep % 2 == 0 else list(fns)[::-1]):
+            for k in _order(list(fns), rep):
                 t0 = time.perf_counter()
                 fns[k]()
                 times[k].append(time.perf_counter() - t0)
+            print(f"repetition {rep + 1}/{a.reps} done ({time.perf_counter() - start:.0f} s)", flush=True)
     rows = []
     for n_vis in a.n_vis:
         base, more = times[(n_vis, a.n_text)], times[(n_vis, a.n_text + 1)]
