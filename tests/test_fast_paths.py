@@ -358,7 +358,7 @@ def test_vip_split_replays_the_vip_and_reports_its_share(tmp_path):
         vs.Replay = real_replay
 
 
-def test_one_more_token_times_both_lengths(tmp_path):
+def test_one_more_token_times_both_lengths(tmp_path, capsys):
     """benchmarks/one_more_token.py on a tiny shape: one row per visual-token count with both lengths timed and a
     paired ratio, the raw timings kept, written to its folder; a folder that holds a run, or a path that cannot be a
     folder, is refused before any timing."""
@@ -370,6 +370,10 @@ def test_one_more_token_times_both_lengths(tmp_path):
     (row,) = res["rows"]
     assert row["positions"] == 46 and set(row["median_ms"]) == {"10", "11"} and 0.2 < row["paired_ratio"] < 5
     assert sorted(res["raw_s"]) == ["36/10", "36/11"] and all(len(v) == 3 for v in res["raw_s"].values())
+    printed = capsys.readouterr().out.splitlines()
+    assert [ln.split(" done")[0] for ln in printed if ln.startswith("repetition")] == [
+        f"repetition {i}/3" for i in (1, 2, 3)]
+    assert json.loads(printed[-1])["rows"] == json.loads(json.dumps(res["rows"]))
     assert json.loads((tmp_path / "out/one_more_token.json").read_text())["rows"] == json.loads(json.dumps(res["rows"]))
     with pytest.raises(SystemExit, match="already holds a run"):
         omt.main(args)
