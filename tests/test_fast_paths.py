@@ -464,7 +464,7 @@ def test_gpu_scripts_log_progress_and_finish_bounded(tmp_path):
 
 
 def test_overhead_7b_cpu_script_runs_with_a_tiny_shape(tmp_path):
-    """``benchmarks/overhead_7b_cpu.sh`` (the 7B shape on a CPU, ~70 min) dry-run with its options overridden by a tiny
+    """``benchmarks/overhead_7b_cpu.sh`` (the 7B shape on a CPU, ~75 min) dry-run with its options overridden by a tiny
     shape: the command line it builds is one ``bench overhead`` accepts, and the result lands in the folder given."""
     shape = _tiny_shape_file(tmp_path)
     out = tmp_path / "run"
