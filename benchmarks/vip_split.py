@@ -13,6 +13,12 @@ norms, MLP). On a shared 2-core VM run it idle; ratios move by a point or two be
 
     python benchmarks/vip_split.py --n-vis 1024 2025 --reps 24 --out results/bench/vip_split
 
+The real Qwen2.5-VL-7B shape fits 24 GB of RAM in bfloat16 (random weights; a prefill takes 80-130 s on 2 cores, so
+a repetition of the four runs ~4.5 min; a line is printed after each):
+
+    python benchmarks/vip_split.py --shape qwen2_5_vl_7b --dtype bfloat16 --n-vis 5041 --n-text 33 --keep 0.034 \
+        --warmup 1 --reps 8 --out results/bench/vip_split_7b_cpu
+
 ``--tiny-widths`` keeps the shape's structure (decoder layers, K, grouped attention, ViT blocks and taps, VIP blocks
 and heads) but makes every width tiny, so that compute is negligible and the times are what the host spends issuing
 the ops: on a GPU, where the kernels after K are about as short as their launches, that is the part of the glimpse
@@ -68,10 +74,6 @@ def tiny_widths(shape):
                                prune_layer=shape.default_k)
 
 
-def _paired(a: list[float], b: list[float]) -> float:
-    return statistics.median(x / y for x, y in zip(a, b, strict=True))
-
-
 def vip_attention_share(vip: nn.Module, args, kwargs, reps: int = 5) -> float:
     """Fraction of the VIP's profiled CPU time spent in scaled-dot-product-attention kernels."""
     from torch.profiler import ProfilerActivity, profile
@@ -86,8 +88,11 @@ def vip_attention_share(vip: nn.Module, args, kwargs, reps: int = 5) -> float:
 
 
 @torch.no_grad()
-def measure(model, shape, n_vis: int, keep: float, warmup: int, reps: int, context: bool = False) -> dict:
-    """``context`` also times the stock text model and the runtime's ``full`` (keep everything) beside them."""
+def measure(model, shape, n_vis: int, keep: float, warmup: int, reps: int, context: bool = False,
+            n_text: int = 64, dtype: str = "float32") -> dict:
+    """``context`` also times the stock text model and the runtime's ``full`` (keep everything) beside them. Prints a
+    line after every repetition (on the 7B shape on a CPU one takes minutes); keeps the raw seconds, and gives each
+    ratio to ``mask`` a 95 % bootstrap interval over the repetitions (``overhead._paired_ci``)."""
     from glimpseprune.bench.efficiency import (
         FrozenEncodeAdapter,
         make_variant,
@@ -95,15 +100,15 @@ def measure(model, shape, n_vis: int, keep: float, warmup: int, reps: int, conte
         parse_variant,
         synth_inputs,
     )
-    from glimpseprune.bench.overhead import capture_vip_call
+    from glimpseprune.bench.overhead import _paired, _paired_ci, capture_vip_call, rotation
     from glimpseprune.registry import get_adapter
     from glimpseprune.runtime.engine import prefill
 
     device = torch.device("cpu")
     grid = near_square_grid(n_vis)
-    inputs = synth_inputs(shape, grid, 64, 1, "cpu", 0)
+    inputs = synth_inputs(shape, grid, n_text, 1, "cpu", 0)
     nv = [grid[0] * grid[1]]
-    runs = {n: make_variant(parse_variant(f"{n}:{keep}"), shape, nv, device, 0, dtype="float32")
+    runs = {n: make_variant(parse_variant(f"{n}:{keep}"), shape, nv, device, 0, dtype=dtype)
             for n in ("mask", "glimpse")}
     frozen = FrozenEncodeAdapter(get_adapter(model))
     for method, _ in runs.values():
@@ -129,31 +134,40 @@ def measure(model, shape, n_vis: int, keep: float, warmup: int, reps: int, conte
     if context:
         from glimpseprune.bench.overhead import StockRun
 
-        full = make_variant(parse_variant("full"), shape, nv, device, 0, dtype="float32")
+        full = make_variant(parse_variant("full"), shape, nv, device, 0, dtype=dtype)
         frozen.prime(model, inputs, full[0])
         stock, enc = StockRun(model), frozen.encode(model, inputs, ())
         fns.update(stock=lambda: stock.prefill(enc), full=lambda: prefill(model, frozen, full[0], inputs, full[1]))
     names = list(fns)
-    for _ in range(warmup):
+    t_start = time.perf_counter()
+    for w in range(warmup):
         for n in names:
             fns[n]()
+        print(f"  warm-up {w + 1}/{warmup} done ({time.perf_counter() - t_start:.0f} s)", flush=True)
     sec = {n: [] for n in names}
-    for r in range(reps):  # a rotation per repetition: every variant takes every position equally often
-        for n in names[r % len(names):] + names[:r % len(names)]:
+    for r in range(reps):  # every variant takes every position, and follows every other, equally often
+        for n in rotation(names, r):
             t0 = time.perf_counter()
             fns[n]()
             sec[n].append(time.perf_counter() - t0)
-    return {"n_vis": nv[0], "grid": list(grid), "keep": keep,
+        print(f"  repetition {r + 1}/{reps} done ({time.perf_counter() - t_start:.0f} s): "
+              + ", ".join(f"{n} {sec[n][-1] / sec['mask'][-1]:.3f}" for n in names if n != "mask")
+              + " of mask", flush=True)
+    return {"n_vis": nv[0], "grid": list(grid), "keep": keep, "n_text": n_text, "dtype": dtype,
             "median_ms": {n: 1000 * statistics.median(v) for n, v in sec.items()},
             "vs_mask": {n: _paired(sec[n], sec["mask"]) for n in names if n != "mask"},
-            "vip_attention_share": vip_attention_share(vip, args, kwargs)}
+            "vs_mask_ci95": {n: list(_paired_ci(sec[n], sec["mask"])) for n in names if n != "mask"},
+            "raw_s": sec, "vip_attention_share": vip_attention_share(vip, args, kwargs)}
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="qwen2_5_vl_scaled_cpu", help="shape name in configs/shapes/ or a JSON path")
     ap.add_argument("--n-vis", type=int, nargs="+", default=[1024, 2025])
+    ap.add_argument("--n-text", type=int, default=64, help="non-visual prompt tokens")
     ap.add_argument("--keep", type=float, default=0.04)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="model and module dtype (the 7B shape fits 24 GB of RAM in bfloat16 only)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=24)
     ap.add_argument("--out", required=True)
@@ -176,15 +190,17 @@ def main(argv=None) -> dict:
     shape = load_shape(a.shape)
     if a.tiny_widths:
         shape = tiny_widths(shape)
-    model = build_model(shape, "cpu", "float32", "sdpa", 0)
+    model = build_model(shape, "cpu", a.dtype, "sdpa", 0)
     result = {"shape": shape.name, "settings": vars(a), "environment": environment(torch.device("cpu")), "rows": [],
               "shape_spec": shape.to_dict()}
     for n in a.n_vis:
         print(f"{n} visual tokens: timing {a.reps} repetitions of {6 if a.tiny_widths else 4} runs ...", flush=True)
-        row = measure(model, shape, n, a.keep, a.warmup, a.reps, context=a.tiny_widths)
+        row = measure(model, shape, n, a.keep, a.warmup, a.reps, context=a.tiny_widths, n_text=a.n_text,
+                      dtype=a.dtype)
         result["rows"].append(row)
-        r = row["vs_mask"]
-        print(f"{row['n_vis']} visual tokens: glimpse/mask {r['glimpse']:.3f}, replayed-VIP/mask {r['replayed']:.3f}, "
+        r, (lo, hi) = row["vs_mask"], row["vs_mask_ci95"]["glimpse"]
+        print(f"{row['n_vis']} visual tokens: glimpse/mask {r['glimpse']:.3f} ({lo:.3f}-{hi:.3f}), "
+              f"replayed-VIP/mask {r['replayed']:.3f}, "
               f"VIP alone/mask {r['vip']:.3f}; attention kernel {row['vip_attention_share']:.0%} of the VIP's time",
               flush=True)
         print("  median ms: " + ", ".join(f"{k} {v:.2f}" for k, v in row["median_ms"].items()), flush=True)

@@ -331,18 +331,25 @@ def test_overhead_bench_runs_and_reports_ratios(tmp_path, caplog):
     assert early["rows"]["36"]["ratios"]["glimpse_analytic_prefill"] < q["glimpse_analytic_prefill"]
 
 
-def test_vip_split_replays_the_vip_and_reports_its_share(tmp_path):
+def test_vip_split_replays_the_vip_and_reports_its_share(tmp_path, capsys):
     """benchmarks/vip_split.py on a tiny shape: the prefill with the VIP's output replayed equals the real one (checked
-    inside; it raises otherwise), ratios and the attention-kernel share are reported, written as they come, and an
-    existing result is refused without --overwrite."""
+    inside; it raises otherwise), ratios with their intervals and the attention-kernel share are reported, a line is
+    printed per repetition, the raw timings kept, written as they come, and an existing result is refused without
+    --overwrite."""
     vs = _load_script("vip_split")
     shape = _tiny_shape_file(tmp_path)
-    args = ["--shape", str(shape), "--n-vis", "36", "--keep", "0.25", "--warmup", "1", "--reps", "2", "--out",
-            str(tmp_path / "out")]
+    args = ["--shape", str(shape), "--n-vis", "36", "--n-text", "10", "--keep", "0.25", "--warmup", "1", "--reps",
+            "3", "--out", str(tmp_path / "out")]
     res = vs.main(args)
     (row,) = res["rows"]
-    assert row["n_vis"] == 36 and set(row["vs_mask"]) == {"glimpse", "replayed", "vip"}
+    assert row["n_vis"] == 36 and row["n_text"] == 10 and set(row["vs_mask"]) == {"glimpse", "replayed", "vip"}
     assert all(0 < v < 50 for v in row["vs_mask"].values()) and 0 < row["vip_attention_share"] < 1
+    assert all(len(v) == 3 for v in row["raw_s"].values())
+    for n, (lo, hi) in row["vs_mask_ci95"].items():
+        assert lo <= row["vs_mask"][n] <= hi
+    printed = capsys.readouterr().out.splitlines()
+    assert [ln.split(" done")[0].strip() for ln in printed if ln.strip().startswith("repetition")] == [
+        f"repetition {i}/3" for i in (1, 2, 3)]
     assert json.loads((tmp_path / "out/vip_split.json").read_text()) == json.loads(json.dumps(res))
     with pytest.raises(SystemExit, match="exists: pass --overwrite"):
         vs.main(args)
