@@ -14,7 +14,7 @@ norms, MLP). On a shared 2-core VM run it idle; ratios move by a point or two be
     python benchmarks/vip_split.py --n-vis 1024 2025 --reps 24 --out results/bench/vip_split
 
 The real Qwen2.5-VL-7B shape fits 24 GB of RAM in bfloat16 (random weights; a prefill takes 80-130 s on 2 cores, so
-a repetition of the four runs ~4.5 min; a line is printed after each):
+a repetition of the four runs ~5 min, 56 min in all with the warm-up; a line is printed after each):
 
     python benchmarks/vip_split.py --shape qwen2_5_vl_7b --dtype bfloat16 --n-vis 5041 --n-text 33 --keep 0.034 \
         --warmup 1 --reps 8 --out results/bench/vip_split_7b_cpu
