@@ -391,8 +391,8 @@ def test_one_more_token_times_both_lengths(tmp_path, capsys):
 
 def test_vip_split_tiny_widths_keeps_the_structure(tmp_path):
     """``--tiny-widths`` (host time at a real model's depth): the 7B shape's layers, K, grouped attention, ViT blocks,
-    taps and VIP heads are kept, every width is small; a run on it reports stock and keep-everything beside the
-    four."""
+    taps and VIP heads are kept, every width is small; a run on it (in bf16, as the 7B shape runs on a CPU) reports
+    stock and keep-everything beside the four."""
     from glimpseprune.bench.shapes import load_shape
 
     vs = _load_script("vip_split")
@@ -407,9 +407,10 @@ def test_vip_split_tiny_widths_keeps_the_structure(tmp_path):
     assert g_tiny.vision_taps == g_real.vision_taps and g_tiny.n_vip_layers == g_real.n_vip_layers == 4
     assert g_tiny.vip_heads == g_real.vip_heads and g_tiny.vip_width + g_tiny.cond_width <= 32
     res = vs.main(["--shape", "qwen2_5_vl_3b", "--tiny-widths", "--n-vis", "16", "--keep", "0.25", "--warmup", "1",
-                   "--reps", "2", "--out", str(tmp_path / "out")])
+                   "--reps", "2", "--dtype", "bfloat16", "--out", str(tmp_path / "out")])
     (row,) = res["rows"]
     assert set(row["median_ms"]) == {"mask", "glimpse", "replayed", "vip", "stock", "full"}
+    assert row["dtype"] == "bfloat16"  # the replayed prefill was checked equal to the real one in bf16 too
     assert res["shape_spec"]["name"] == "qwen2_5_vl_3b_tiny_widths" and res["shape_spec"]["text"]["num_layers"] == 36
 
 
