@@ -32,6 +32,7 @@ def main(argv=None) -> dict:
         synth_inputs,
     )
     from glimpseprune.bench.meta import environment
+    from glimpseprune.bench.overhead import _paired
     from glimpseprune.bench.shapes import load_shape
     from glimpseprune.registry import get_adapter
     from glimpseprune.runtime.engine import prefill
@@ -81,7 +82,7 @@ def main(argv=None) -> dict:
         rows.append({"n_vis": n_vis, "positions": n_vis + a.n_text,
                      "median_ms": {str(a.n_text): 1e3 * statistics.median(base),
                                    str(a.n_text + 1): 1e3 * statistics.median(more)},
-                     "paired_ratio": statistics.median(m / b for b, m in zip(base, more))})
+                     "paired_ratio": _paired(more, base)})
         r = rows[-1]
         print(f"{n_vis} visual tokens, {r['positions']} -> {r['positions'] + 1} positions: mask prefill "
               f"x{r['paired_ratio']:.4f} (medians {r['median_ms'][str(a.n_text)]:.1f} -> "
