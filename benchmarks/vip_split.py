@@ -115,6 +115,8 @@ def measure(model, shape, n_vis: int, keep: float, warmup: int, reps: int, conte
         frozen.prime(model, inputs, method)
     method, request = runs["glimpse"]
     module, vip = method.module, method.module.vip
+    # three untimed prefills before the warm-up (minutes each on the 7B shape on a CPU): say so
+    print("  capturing the VIP's call and checking its replay against a real prefill (3 prefills) ...", flush=True)
     args, kwargs, out = capture_vip_call(model, frozen, runs["glimpse"], inputs)
 
     def replayed():
