@@ -170,6 +170,28 @@ def test_vit_taps_by_hooks_equal_hidden_states(model, processor):
         adapter.encode(model, inputs, taps=(99,))
 
 
+def test_encode_holds_no_cast_copy_of_the_pixels(tiny_dir, processor):
+    """In bf16 the ViT gets the pixels as given (its patch embedding casts them for its one product): the same
+    embeddings, bit for bit, as from pixels cast beforehand, without a bf16 copy of every pixel alive through all
+    the blocks (stock transformers' ``get_image_features`` casts first and holds it)."""
+    from glimpseprune.bench.efficiency import tensor_peak_bytes
+
+    model, _ = gp.load_base(tiny_dir)
+    model.to(torch.bfloat16)
+    inputs = processor_batch(processor, [[(560, 560)]])
+    px, grid = inputs["pixel_values"], inputs["image_grid_thw"]
+    assert px.dtype == torch.float32
+    adapter, visual = gp.get_adapter(model), model.model.visual
+    with torch.no_grad():
+        enc = adapter.encode(model, inputs, ())
+        pre_cast = visual(px.to(torch.bfloat16), grid_thw=grid, return_dict=True).pooler_output
+        assert torch.equal(enc.embeds[enc.vis_mask], pre_cast)
+        ours, _ = tensor_peak_bytes(lambda: adapter.encode(model, inputs, ()))
+        theirs, _ = tensor_peak_bytes(lambda: visual(px.to(torch.bfloat16), grid_thw=grid, return_dict=True))
+    copy = px.numel() * 2
+    assert ours < theirs - copy // 4, (ours, theirs, copy)  # before: ours = theirs + the text embeddings
+
+
 # --------------------------------------------------------------------------- no O(L^2) tensor anywhere
 
 
