@@ -138,8 +138,8 @@ class Qwen2_5_VLAdapter(Adapter):
             return pooled if tap_fn is None else tap_fn(pos[t], pooled)  # row-wise: commutes with unwindowing
 
         # the pixels go in as given: the patch embedding casts them to its weight's dtype for its one product and
-        # frees the copy; a copy made here would stay alive through every ViT block (in bf16 18 MiB of a 2,025-token
-        # image's 92 MiB ViT peak)
+        # frees the copy; a copy made here would stay alive through every ViT block (in bf16, scaled CPU shape: 18 MiB
+        # of a 2,025-token image's 92 MiB ViT peak)
         with capture_outputs({t: visual.blocks[t] for t in taps}, pool) as tapped:  # only pooled taps are kept
             out = visual(pixels, grid_thw=grid, return_dict=True)
         feats = [tapped[t] for t in taps]  # output of block t, merge-pooled
