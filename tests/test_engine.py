@@ -157,3 +157,47 @@ def test_every_method_runs(family, name):
     assert [tuple(m.shape) for m in out.image_keep_masks] == family.grids(IMG_A) + family.grids(IMG_B)
     lengths = inputs["attention_mask"].sum(1).tolist()
     assert out.kv_len == [L - (n - k) for L, n, k in zip(lengths, n_vis, out.n_kept)]
+
+
+def test_cache_keyword_follows_the_signature():
+    """The runtime hands a module its KV cache under the keyword it takes: transformers 5.24 renamed
+    ``past_key_values`` to ``cache`` (the old name warns there and goes in 5.40); 5.19-5.23 take the old one."""
+    import functools
+
+    from transformers.masking_utils import create_causal_mask
+
+    from glimpseprune.runtime.cache import cache_param
+
+    def new(x, cache=None): ...
+
+    def old(x, past_key_values=None): ...
+
+    @functools.wraps(new)
+    def deprecated(*args, **kwargs): ...  # what transformers' deprecate_kwarg wraps around a renamed forward
+
+    def open_ended(x, **kwargs): ...
+
+    assert (cache_param(new), cache_param(old), cache_param(deprecated)) == ("cache", "past_key_values", "cache")
+    assert cache_param(open_ended) == cache_param(create_causal_mask) in ("cache", "past_key_values")
+
+
+def test_no_deprecated_cache_keyword_reaches_transformers(family):
+    """A grouped prefill and cached decoding pass transformers no keyword it deprecates (from 5.24 the old cache
+    keyword warns on every call, and breaks in 5.40): every decoder-layer call goes through ``run_layer``."""
+    import warnings
+
+    from glimpseprune.runtime.engine import decode_step
+    from glimpseprune.runtime.groups import plan_groups
+
+    model = family.model
+    adapter = gp.get_adapter(model)
+    inputs = family.batch([IMG_B, IMG_A, []])
+    n_vis = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    keep = [torch.arange(n) < max(1, int(f * n)) for n, f in zip(n_vis, [1.0, 0.05, 0.0])]
+    with warnings.catch_warnings(record=True) as seen, torch.no_grad():
+        warnings.simplefilter("always")
+        pre = prefill(model, adapter, gp.make_method("mask"), inputs, {"keep_masks": keep}, group=True)
+        for step in range(2):
+            decode_step(model, adapter, pre, pre.logits.argmax(-1), step)
+    assert plan_groups(pre.kv_len) is not None, pre.kv_len  # the layers after K really ran in groups
+    assert not [str(w.message) for w in seen if "past_key_values" in str(w.message)]

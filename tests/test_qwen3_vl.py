@@ -140,8 +140,9 @@ def test_glimpse_query_logits_use_q_norm(family):
             out = eager(**inputs, output_attentions=True, use_cache=True)
             enc = adapter.encode(eager, inputs)
             cos, sin = adapter.rotary(eager, enc.embeds, enc.positions)
+            kv = out.cache if "cache" in out else out.past_key_values  # transformers >= 5.24 names it ``cache``
             for i in (1, 4):
-                args = (eager, i, layer_in[i][:, -1:], (cos[:, -1:], sin[:, -1:]), out.past_key_values.layers[i].keys)
+                args = (eager, i, layer_in[i][:, -1:], (cos[:, -1:], sin[:, -1:]), kv.layers[i].keys)
                 ours = adapter.query_logits(*args).softmax(-1)
                 plain = Qwen2_5_VLAdapter().query_logits(*args).softmax(-1)
                 torch.testing.assert_close(ours, out.attentions[i][:, :, -1], atol=1e-5, rtol=0)

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from ..runtime.cache import cache_param
 from ..runtime.engine import decode_step, prefill
 from .efficiency import (
     Budget,
@@ -85,17 +86,20 @@ class StockRun:
     def __init__(self, model):
         self.model, self.lm = model, model.model.language_model
 
+    def _cache(self, cache) -> dict:  # the keyword this transformers takes the cache by
+        return {cache_param(type(self.lm).forward): cache}
+
     def prefill(self, enc):
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.lm.config)
-        out = self.lm(inputs_embeds=enc.embeds, position_ids=enc.positions, past_key_values=cache, use_cache=True)
+        out = self.lm(inputs_embeds=enc.embeds, position_ids=enc.positions, use_cache=True, **self._cache(cache))
         return self.model.lm_head(out.last_hidden_state[:, -1:])[:, -1], cache
 
     def decode(self, cache, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         emb = self.lm.embed_tokens(tok[:, None])
-        out = self.lm(inputs_embeds=emb, position_ids=pos.view(1, -1, 1).expand(3, -1, 1), past_key_values=cache,
-                      use_cache=True)
+        out = self.lm(inputs_embeds=emb, position_ids=pos.view(1, -1, 1).expand(3, -1, 1), use_cache=True,
+                      **self._cache(cache))
         return self.model.lm_head(out.last_hidden_state)[:, -1]
 
 

@@ -1,15 +1,39 @@
 """All KV-cache surgery of the runtime lives here: creation, reading a layer's keys, and token compaction.
 
 Works on transformers 5.x ``DynamicCache`` through its per-layer objects (``cache.layers[i].keys / .values``,
-each (B, kv_heads, L, head_dim)).
+each (B, kv_heads, L, head_dim)), and hands a cache to a decoder layer under the keyword the installed
+transformers takes it by (``cache`` from 5.24, ``past_key_values`` before; the old name warns from 5.24 and goes in
+5.40).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from transformers import DynamicCache
+from transformers.masking_utils import create_causal_mask
 
 from ..contracts import layer_keys  # noqa: F401  (re-exported: the runtime's own view of a layer's keys)
+
+
+@functools.cache
+def cache_param(fn) -> str:
+    """The keyword ``fn`` (a function, e.g. a module class's ``forward``) takes the KV cache by: an explicit
+    ``cache`` or ``past_key_values`` parameter, else (``**kwargs`` only) the one transformers' mask functions take."""
+    params = inspect.signature(fn).parameters  # follows deprecation wrappers (``__wrapped__``) to the real signature
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    return "past_key_values" if fn is create_causal_mask else cache_param(create_causal_mask)
+
+
+def run_layer(layer, hidden: torch.Tensor, mask, rope, cache) -> torch.Tensor:
+    """One decoder layer over ``hidden`` (B, q, H) that appends its keys and values to ``cache``; ``mask`` as
+    ``masks.attention_mask`` builds it, ``rope`` the (cos, sin) position embeddings."""
+    kw = {cache_param(type(layer).forward): cache}
+    return layer(hidden, attention_mask=mask, position_embeddings=rope, use_cache=True, **kw)
 
 
 def new_cache(text_config) -> DynamicCache:

@@ -15,7 +15,7 @@ import torch
 from ..adapters.base import Adapter
 from ..contracts import PrefillState
 from ..methods.base import PruningMethod
-from .cache import compact_cache, new_cache
+from .cache import compact_cache, new_cache, run_layer
 from .compact import gather_seq, left_repad_index
 from .groups import plan_groups, run_grouped
 from .masks import attention_mask, check_left_padded
@@ -168,8 +168,7 @@ def prefill(
         if pruning:
             hidden = method.before_layer(state, i, hidden)
         h_in = hidden
-        hidden = layer(hidden, attention_mask=mask, position_embeddings=state.rope, past_key_values=state.cache,
-                       use_cache=True)
+        hidden = run_layer(layer, hidden, mask, state.rope, state.cache)
         hidden = add_visual(state, i, hidden)
         if pruning:
             method.after_layer(state, i, h_in)
@@ -195,8 +194,7 @@ def decode_step(model, adapter: Adapter, pre: PrefillResult, tokens: torch.Tenso
     pre.key_mask = torch.cat([pre.key_mask, torch.ones(B, 1, dtype=torch.bool, device=hidden.device)], dim=1)
     mask = attention_mask(adapter.text_config(model), hidden, pre.key_mask, pre.cache)
     for layer in adapter.layers(model):
-        hidden = layer(hidden, attention_mask=mask, position_embeddings=rope, past_key_values=pre.cache,
-                       use_cache=True)
+        hidden = run_layer(layer, hidden, mask, rope, pre.cache)
     return adapter.logits(model, hidden)[:, -1]
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .cache import merge_group_caches, new_cache
+from .cache import merge_group_caches, new_cache, run_layer
 from .masks import attention_mask
 
 MIN_SAVING = 0.2  # group only when at least this share of the slots after K would be padding otherwise
@@ -80,7 +80,7 @@ def run_grouped(layers, start: int, hidden: torch.Tensor, key_mask: torch.Tensor
         gcache = new_cache(text_config)
         mask = attention_mask(text_config, h, km)  # None when the group has no padding: the causal kernel
         for j in range(start, len(layers)):
-            h = layers[j](h, attention_mask=mask, position_embeddings=rp, past_key_values=gcache, use_cache=True)
+            h = run_layer(layers[j], h, mask, rp, gcache)
         out[ix, L - Lg:] = h
         parts.append((ix, gcache))
     merge_group_caches(cache, parts, start, len(layers), L)

@@ -9,7 +9,7 @@ implementation the model was loaded with (``config._attn_implementation``), thro
 * ``flex_attention``: a block mask.
 
 The runtime's sequences are always left padded, and every layer that runs a prefill chunk starts from an empty cache
-(layers after a compaction layer have seen nothing yet), so a prefill mask is square: ``past_key_values=None``.
+(layers after a compaction layer have seen nothing yet), so a prefill mask is square: no cache.
 Decoding runs after prefill, when every cache layer holds the same length: the cache sizes the mask.
 
 ``causal_mask`` (a dense additive mask) is kept for training only, where soft-keep biases are added to it.
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 from transformers.masking_utils import create_causal_mask
+
+from .cache import cache_param
 
 
 def attention_mask(config, hidden: torch.Tensor, key_mask: torch.Tensor, cache=None):
@@ -31,8 +33,8 @@ def attention_mask(config, hidden: torch.Tensor, key_mask: torch.Tensor, cache=N
                          f"+ {hidden.shape[1]} new")
     if cache is None and key_mask.shape[1] != hidden.shape[1]:
         raise ValueError(f"prefill key mask covers {key_mask.shape[1]} keys for {hidden.shape[1]} queries")
-    return create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=key_mask, past_key_values=cache,
-                              position_ids=None, layer_idx=0 if cache is not None else None)
+    return create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=key_mask, position_ids=None,
+                              layer_idx=0 if cache is not None else None, **{cache_param(create_causal_mask): cache})
 
 
 def causal_mask(key_mask: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:

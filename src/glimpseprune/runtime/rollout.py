@@ -16,7 +16,7 @@ from dataclasses import replace
 import torch
 
 from ..adapters.base import Adapter
-from .cache import repeat_cache
+from .cache import repeat_cache, run_layer
 from .engine import PrefillResult, decode_step
 from .masks import attention_mask
 
@@ -79,8 +79,7 @@ def forward_suffix(model, adapter: Adapter, pre: PrefillResult, tokens: torch.Te
     key_mask = torch.cat([pre.key_mask, torch.ones(R, T, dtype=torch.bool, device=tokens.device)], dim=1)
     mask = attention_mask(adapter.text_config(model), hidden, key_mask, pre.cache)
     for layer in adapter.layers(model):
-        hidden = layer(hidden, attention_mask=mask, position_embeddings=rope, past_key_values=pre.cache,
-                       use_cache=True)
+        hidden = run_layer(layer, hidden, mask, rope, pre.cache)
     return adapter.logits(model, hidden)
 
 

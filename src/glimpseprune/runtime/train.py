@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..adapters.base import Adapter, Encoded
 from ..methods.base import PruningMethod
-from .cache import new_cache
+from .cache import new_cache, run_layer
 from .engine import PrefillState, _resolve_prune_layer, add_visual
 from .masks import causal_mask
 
@@ -62,8 +62,7 @@ def _run(layers, idx, hidden, mask, state, method, hooks: bool, prefix: bool = T
         if hooks:
             hidden = method.before_layer(state, i, hidden)
         h_in = hidden
-        hidden = layers[i](hidden, attention_mask=mask, position_embeddings=state.rope, past_key_values=state.cache,
-                           use_cache=True)
+        hidden = run_layer(layers[i], hidden, mask, state.rope, state.cache)
         if prefix:  # the prompt's visual tokens get the adapter's per-layer additions (DeepStack), as at inference
             hidden = add_visual(state, i, hidden)
         if hooks and state.prune_layer is not None and i <= state.prune_layer:
