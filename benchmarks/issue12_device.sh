@@ -7,9 +7,11 @@
 # OUT_DIR/steps.txt. Total bound: OVERHEAD_TIMEOUT_S + TABLE7 TIMEOUT_S (+ seconds of set-up) = 9.5 min by default.
 #
 # The lent machine has no network and its own torch / transformers (2026-11-30: torch 2.11 + cu130, transformers
-# 5.17). This project needs transformers >= 5.23, so carry its wheel and the script installs it into a scratch folder
-# there and runs the package from `src` (no pip resolution, no pins):
-#   here:   pip download --no-deps --only-binary=:all: --python-version 3.12 --dest wheels transformers==5.23.0
+# 5.17). This project needs transformers >= 5.19, so carry a tested wheel (5.23.0 or 5.24.0) and the script installs
+# it into a scratch folder there and runs the package from `src` (no pip resolution, no pins). Rehearsed on CPU with
+# that machine's versions (a venv with torch 2.11.0+cu130 and transformers 5.17.0, the 5.24.0 wheel carried, the tiny
+# shape below): both steps ran, env.txt naming transformers 5.24.0 from the scratch folder.
+#   here:   pip download --no-deps --only-binary=:all: --python-version 3.12 --dest wheels transformers==5.24.0
 #   device: bash benchmarks/issue12_device.sh "$OUT/issue12"        (device tool: carry ["wheels"])
 # Then commit OUT_DIR's result.json / table.md files under results/ with the device named (env.txt).
 # Dry run on CPU (what the test suite does, tiny shape): DEVICE=cpu DTYPE=float32 SHAPE=tiny.json NVIS=36 GRID=6x6 ...
