@@ -418,3 +418,19 @@ def test_point_families_target_one_token_per_object(model, processor, tmp_path):
     first = WorldDataset(60, point_families=["count"], point_at="top_left")
     for i in counts:
         assert first[i]["mask_boxes"] == [[float(x1), float(y1)] * 2 for x1, y1, _, _ in first[i]["boxes"]]
+
+
+def test_gradient_checkpointing_is_refused_before_a_wrong_gradient(tiny_dir, processor):
+    """transformers calls a checkpointed layer without its KV cache (the backward pass re-runs it), so the runtime's
+    later chunks would find no keys and fail with a shape error inside attention; the training forward refuses it
+    by name instead, and runs once it is switched off."""
+    model, _ = gp.load_base(tiny_dir)
+    model.gradient_checkpointing_enable()
+    model.train()
+    inputs = make_batch(processor, [IMG_A])
+    suffix, smask = suffix_batch(processor, ["red"])
+    with pytest.raises(ValueError, match="gradient checkpointing is on.*gradient_checkpointing_disable"):
+        forward_train(model, gp.get_adapter(model), FullMethod(), dict(inputs), suffix, smask)
+    model.gradient_checkpointing_disable()
+    out = forward_train(model, gp.get_adapter(model), FullMethod(), dict(inputs), suffix, smask)
+    assert torch.isfinite(out.suffix_logits[smask]).all()

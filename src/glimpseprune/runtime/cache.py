@@ -32,6 +32,11 @@ def cache_param(fn) -> str:
 def run_layer(layer, hidden: torch.Tensor, mask, rope, cache) -> torch.Tensor:
     """One decoder layer over ``hidden`` (B, q, H) that appends its keys and values to ``cache``; ``mask`` as
     ``masks.attention_mask`` builds it, ``rope`` the (cos, sin) position embeddings."""
+    if layer.training and getattr(layer, "gradient_checkpointing", False):
+        # transformers calls a checkpointed layer with no cache (it would be written again when the backward pass
+        # re-runs the layer), so the runtime's later chunks would find no keys: a shape error deep in attention
+        raise ValueError("gradient checkpointing is on: the runtime keeps its own KV cache across layers, which a "
+                         "checkpointed layer cannot write; call model.gradient_checkpointing_disable() first")
     kw = {cache_param(type(layer).forward): cache}
     return layer(hidden, attention_mask=mask, position_embeddings=rope, use_cache=True, **kw)
 
