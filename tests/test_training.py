@@ -420,7 +420,7 @@ def test_point_families_target_one_token_per_object(model, processor, tmp_path):
         assert first[i]["mask_boxes"] == [[float(x1), float(y1)] * 2 for x1, y1, _, _ in first[i]["boxes"]]
 
 
-def test_gradient_checkpointing_is_refused_before_a_wrong_gradient(tiny_dir, processor):
+def test_gradient_checkpointing_is_refused_by_name(tiny_dir, processor):
     """transformers calls a checkpointed layer without its KV cache (the backward pass re-runs it), so the runtime's
     later chunks would find no keys and fail with a shape error inside attention; the training forward refuses it
     by name instead, and runs once it is switched off."""
