@@ -425,12 +425,13 @@ def test_gradient_checkpointing_is_refused_by_name(tiny_dir, processor):
     later chunks would find no keys and fail with a shape error inside attention; the training forward refuses it
     by name instead, and runs once it is switched off."""
     model, _ = gp.load_base(tiny_dir)
-    model.gradient_checkpointing_enable()
+    new = hasattr(model, "activation_checkpointing_enable")  # gradient_checkpointing_* are deprecated aliases there
+    (model.activation_checkpointing_enable if new else model.gradient_checkpointing_enable)()
     model.train()
     inputs = make_batch(processor, [IMG_A])
     suffix, smask = suffix_batch(processor, ["red"])
-    with pytest.raises(ValueError, match="gradient checkpointing is on.*gradient_checkpointing_disable"):
+    with pytest.raises(ValueError, match="checkpointing is on.*activation_checkpointing_disable"):
         forward_train(model, gp.get_adapter(model), FullMethod(), dict(inputs), suffix, smask)
-    model.gradient_checkpointing_disable()
+    (model.activation_checkpointing_disable if new else model.gradient_checkpointing_disable)()
     out = forward_train(model, gp.get_adapter(model), FullMethod(), dict(inputs), suffix, smask)
     assert torch.isfinite(out.suffix_logits[smask]).all()

@@ -35,8 +35,10 @@ def run_layer(layer, hidden: torch.Tensor, mask, rope, cache) -> torch.Tensor:
     if layer.training and getattr(layer, "gradient_checkpointing", False):
         # transformers calls a checkpointed layer with no cache (it would be written again when the backward pass
         # re-runs the layer), so the runtime's later chunks would find no keys: a shape error deep in attention
-        raise ValueError("gradient checkpointing is on: the runtime keeps its own KV cache across layers, which a "
-                         "checkpointed layer cannot write; call model.gradient_checkpointing_disable() first")
+        raise ValueError("gradient (activation) checkpointing is on: the runtime keeps its own KV cache across "
+                         "layers, which a checkpointed layer cannot write; switch it off first: "
+                         "model.activation_checkpointing_disable() (gradient_checkpointing_disable() on older "
+                         "transformers)")
     kw = {cache_param(type(layer).forward): cache}
     return layer(hidden, attention_mask=mask, position_embeddings=rope, use_cache=True, **kw)
 
