@@ -3,6 +3,7 @@ and ``family``, which runs a test once per model family (tiny Qwen2.5-VL, tiny L
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,10 @@ import torch
 import glimpseprune as gp
 from glimpseprune.processing import build_inputs
 from glimpseprune.testing import build_tiny_llava, build_tiny_qwen2_5_vl, build_tiny_qwen3_vl, random_image
+
+# where torchvision is installed, load_processor gets transformers' own processors from AutoProcessor; elsewhere it
+# builds ours (QwenVLProcessor, Qwen3VLImageProcessorOnly: PIL image path, our video path)
+TORCHVISION = importlib.util.find_spec("torchvision") is not None
 
 # (width, height) per image; each sample is a list of images.
 IMG_A = [(224, 224)]  # 8x8 = 64 visual tokens

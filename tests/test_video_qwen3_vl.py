@@ -16,7 +16,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_images, random_module
+from conftest import TORCHVISION, make_images, random_module
 from oracle import (
     dropped_positions,
     masking,
@@ -192,19 +192,51 @@ def test_frame_sizes_follow_the_stock_video_resize(processor):
         video_sizing({"size": {"longest_edge": 10}})
 
 
+def _video_size(processor) -> dict:
+    """The clip pixel bounds a loaded processor will use: ours keeps the config (``video_config``), transformers'
+    own (torchvision installed) its video processor's ``size``."""
+    if hasattr(processor, "video_config"):
+        return video_sizing(processor.video_config)["size"]
+    size = processor.video_processor.size
+    return {"shortest_edge": size.shortest_edge, "longest_edge": size.longest_edge}
+
+
 def test_video_config_round_trip(q3_dir, processor, tmp_path):
     """The tiny checkpoint holds its video budget as a stock video_preprocessor_config.json; loading keeps it, saving
-    writes it back."""
+    writes it back as that file, so a folder saved where torchvision is installed keeps its budget where it is not
+    (the fallback reads only that file or processor_config.json's ``video_processor``)."""
+    from glimpseprune.adapters.qwen2_5_vl_processing import build_fallback_processor
+
     saved = json.loads((q3_dir / VIDEO_CONFIG_FILE).read_text())
     assert saved["video_processor_type"] == "Qwen3VLVideoProcessor" and saved["size"] == TINY_SIZE
     assert saved["patch_size"] == 16 and saved["temporal_patch_size"] == 2 and saved["merge_size"] == 2
-    assert video_sizing(processor.video_config)["size"] == TINY_SIZE
+    assert _video_size(processor) == TINY_SIZE
     save_processor(processor, tmp_path)
-    assert json.loads((tmp_path / VIDEO_CONFIG_FILE).read_text()) == saved
-    assert load_processor(tmp_path).video_config == saved
+    again = json.loads((tmp_path / VIDEO_CONFIG_FILE).read_text())
+    assert again["size"] == TINY_SIZE and (TORCHVISION or again == saved)
+    assert _video_size(load_processor(tmp_path)) == TINY_SIZE
+    assert video_sizing(build_fallback_processor(tmp_path).video_config)["size"] == TINY_SIZE  # the other machine
     (tmp_path / VIDEO_CONFIG_FILE).unlink()
-    assert video_sizing(load_processor(tmp_path).video_config)["size"] == {"shortest_edge": 128 * 32 * 32,
-                                                                            "longest_edge": 768 * 32 * 32}
+    assert video_sizing(build_fallback_processor(tmp_path).video_config)["size"] == (
+        TINY_SIZE if "video_processor" in json.loads((tmp_path / "processor_config.json").read_text())
+        else {"shortest_edge": 128 * 32 * 32, "longest_edge": 768 * 32 * 32})
+
+
+def test_video_config_nested_in_processor_config(tmp_path):
+    """transformers 5's save_pretrained nests the video processor's config in processor_config.json; without a
+    video_preprocessor_config.json the fallback reads it from there (and checks it)."""
+    from glimpseprune.adapters.qwen3_vl_processing import read_video_config
+
+    assert read_video_config(tmp_path) == {}
+    size = {"shortest_edge": 4096, "longest_edge": 65536}
+    (tmp_path / "processor_config.json").write_text(json.dumps(
+        {"processor_class": "Qwen3VLProcessor", "video_processor": {"size": size, "merge_size": 2}}))
+    assert read_video_config(tmp_path)["size"] == size
+    (tmp_path / "processor_config.json").write_text(json.dumps({"video_processor": {"size": {"longest_edge": 9}}}))
+    with pytest.raises(ValueError, match="shortest_edge"):
+        read_video_config(tmp_path)
+    (tmp_path / VIDEO_CONFIG_FILE).write_text(json.dumps({"size": size}))  # the file on its own wins
+    assert read_video_config(tmp_path)["size"] == size
 
 
 # --------------------------------------------------------------------------- encode == the stock forward

@@ -150,8 +150,9 @@ def save_processor(processor: ProcessorMixin, out_dir: str | Path) -> Path:
 
     Besides the processor's own files (``processor_config.json``, tokenizer,
     chat template) the image processor is saved on its own as
-    ``preprocessor_config.json``, which is what loaders without the processor
-    class read.
+    ``preprocessor_config.json`` and a stock processor's video processor as
+    ``video_preprocessor_config.json``, which is what loaders without the
+    processor class (or without torchvision) read.
     """
     if not _is_usable_processor(processor):
         raise ValueError(f"save_processor expects an image+text processor, got {type(processor).__name__}")
@@ -159,6 +160,9 @@ def save_processor(processor: ProcessorMixin, out_dir: str | Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     processor.save_pretrained(str(out_dir))  # processor_config.json, tokenizer files, chat template
     processor.image_processor.save_pretrained(str(out_dir))  # preprocessor_config.json
+    video = getattr(processor, "video_processor", None)  # the stock processor's (torchvision installed)
+    if video is not None and hasattr(video, "save_pretrained"):  # on its own too, as the fallback reads it
+        video.save_pretrained(str(out_dir))  # video_preprocessor_config.json
     template = processor.chat_template or getattr(processor.tokenizer, "chat_template", None)
     template_file = out_dir / CHAT_TEMPLATE_FILE
     if isinstance(template, str) and not template_file.is_file():

@@ -16,9 +16,10 @@ reproduced here from the installed transformers (``models/qwen3_vl/processing_qw
 * **Size.** A clip is resized as a whole (``smart_resize`` of ``video_processing_qwen3_vl``): t * h * w pixels within
   the video processor's ``size`` bounds (``shortest_edge`` / ``longest_edge`` are pixel counts over the clip's
   frames, optionally capped per frame: ``cap_pixels_per_frame``), h and w multiples of 32 px. The bounds come from the
-  checkpoint's ``video_preprocessor_config.json`` (kept whole in ``video_config`` and written back on save), else
-  the stock class defaults. A one-frame clip is sized as the two frames it is padded to (the stock resize refuses
-  it). Frames are resized with PIL (bicubic) and normalised by the image processor (its mean / std).
+  checkpoint's ``video_preprocessor_config.json`` or the ``video_processor`` entry of its ``processor_config.json``
+  (kept whole in ``video_config`` and written back on save), else the stock class defaults. A one-frame clip is
+  sized as the two frames it is padded to (the stock resize refuses it). Frames are resized with PIL (bicubic) and
+  normalised by the image processor (its mean / std).
 * **Patches.** The temporal stacking of :func:`glimpseprune.video.video_patches` (the layout of the stock
   ``patchify``), without ``second_per_grid_ts`` (Qwen3-VL does not take it).
 
@@ -66,16 +67,23 @@ def video_sizing(video_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_video_config(model_dir: str | Path) -> dict[str, Any]:
-    """The checkpoint's ``video_preprocessor_config.json`` as a dict ({} when there is none); checked."""
+    """The checkpoint's video processor config as a dict, checked: ``video_preprocessor_config.json``, else the
+    ``video_processor`` entry of ``processor_config.json`` (where transformers 5's ``save_pretrained`` nests it),
+    else {}."""
     path = Path(model_dir) / VIDEO_CONFIG_FILE
-    if not path.is_file():
-        return {}
+    nested = not path.is_file()
+    if nested:
+        path = Path(model_dir) / "processor_config.json"
+        if not path.is_file():
+            return {}
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"cannot parse video processor config {path}: {err}") from err
+    if nested and isinstance(config, dict):
+        config = config.get("video_processor", {})
     if not isinstance(config, dict):
-        raise ValueError(f"video processor config {path} is not a JSON object")
+        raise ValueError(f"video processor config in {path} is not a JSON object")
     video_sizing(config)
     return config
 
