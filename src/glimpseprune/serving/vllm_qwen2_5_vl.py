@@ -13,8 +13,8 @@ How a request flows:
    (``recompute_mrope_positions``, the path vLLM built for EVS video pruning), so kept tokens sit where they were in
    the image and the text after the image continues as in the unpruned prompt; decoding goes on from there.
 
-vLLM 0.32 turns step 3 on only when video pruning is configured. This model turns it on for its own worker by
-answering ``True`` from that process's ``MultiModalConfig.is_multimodal_pruning_enabled`` (an instance attribute: no
+vLLM 0.32 (and 0.33) turns step 3 on only when video pruning is configured. This model turns it on for its own worker
+by answering ``True`` from that process's ``MultiModalConfig.is_multimodal_pruning_enabled`` (an instance attribute: no
 vLLM code is changed); the equivalence tests check the positions end to end. Videos are not served by this class
 (``get_supported_mm_limits`` allows images only): vLLM refuses a request with a video before it runs.
 
