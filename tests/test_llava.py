@@ -253,7 +253,7 @@ def test_stage1_steps_reduce_loss(llava, attn_score, steps):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
             opt.step()
-            total.append(float(loss))
+            total.append(loss.item())
             loc.append(stage1.metrics["loc_loss"])
     finally:
         model.requires_grad_(True)
