@@ -150,7 +150,8 @@ def test_every_method_runs(family, name):
     inputs = family.batch([IMG_A, IMG_B, []])
     n_vis = [family.n_vis(IMG_A), family.n_vis(IMG_B), 0]
     kw = {"keep_masks": _random_keep(n_vis, seed=4)} if name in ("mask", "oracle") else {}
-    method = gp.make_method(name, family.early_module if name == "early_glimpse" else family.module)
+    module = {"glimpse": family.module, "early_glimpse": family.early_module}.get(name)  # others take none
+    method = gp.make_method(name, module)
     out = gp.apply(family.model, method, processor=family.processor).generate(inputs, max_new_tokens=3, **kw)
     assert out.n_vis == n_vis and out.sequences.shape[0] == 3 and len(out.texts) == 3
     assert all(0 <= k <= n for k, n in zip(out.n_kept, n_vis))

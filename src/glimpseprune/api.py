@@ -22,6 +22,17 @@ from .config import SelectionConfig
 from .methods.base import PruningMethod
 from .registry import MODULE_METHODS, get_adapter, get_method
 from .runtime.engine import PrefillResult, generate, resolve_generation_config
+from .validation import (  # noqa: F401  (resolve_dtype: part of this module's API)
+    check_batch_args,
+    check_decoding,
+    check_device,
+    check_finite_module,
+    check_generate_args,
+    check_inputs,
+    check_prompt_length,
+    context_length,
+    resolve_dtype,
+)
 
 
 @dataclass
@@ -164,11 +175,18 @@ class PrunedModel:
     """A base model + a pruning method (+ optionally its processor). Stateless across calls."""
 
     def __init__(self, model, method: PruningMethod, processor=None):
+        if not isinstance(method, PruningMethod):
+            raise TypeError(f"method must be a PruningMethod (gp.make_method(name, ...)), got {type(method).__name__} "
+                            f"{method!r:.60}; or use gp.apply(model, name, ...)")
+        if not hasattr(model, "config") or not hasattr(model, "get_input_embeddings"):
+            raise TypeError(f"model must be a transformers vision-language model (e.g. from gp.load_base(dir)), got "
+                            f"{type(model).__name__}")
         self.model, self.method, self.processor = model, method, processor
         self.adapter = get_adapter(model)
         module = getattr(method, "module", None)
         if module is not None:
             check_compatible(module.cfg, self.adapter.dims(model))
+            check_finite_module(module)
 
     def prepare(self, images: list[list[Any]] | None, questions: list[str], videos: list[Any] | None = None) -> dict:
         """Processor inputs for a batch; images: per sample a list of PIL images or paths (may be empty; None: no
@@ -233,9 +251,19 @@ class PrunedModel:
                 raise TypeError("questions must be a list of strings (one per sample), not a single string")
             inputs = self.prepare(images, questions, videos)  # checked
         else:
+            given = [n for n, v in (("images", images), ("questions", questions), ("videos", videos)) if v is not None]
+            if given:
+                raise ValueError(f"pass either inputs= or questions= (+ images= / videos=), not both: got inputs and "
+                                 f"{', '.join(given)}")
+            inputs = check_inputs(inputs)
             check_prompt_length(inputs, context_length(self.model))
+        ids = inputs["input_ids"]
+        check_decoding(self.model, gc, ids.shape[0], ids.shape[1], context_length(self.model), streamer)
         device = execution_device(self.model)
         inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in dict(inputs).items()}
+        if keep_masks is not None and not self.method.takes_keep_masks:
+            raise ValueError(f"method {self.method.name!r} does not take keep_masks (it chooses its own tokens); "
+                             "supplied masks run with method 'mask' or 'oracle'")
         request = {"keep_masks": keep_masks} if keep_masks is not None else {}
         if tokenizer is None:
             tokenizer = getattr(self.processor, "tokenizer", self.processor)
@@ -254,88 +282,29 @@ class PrunedModel:
         )
 
 
-def check_batch_args(images, questions, videos=None) -> None:
-    """The shapes a user gets wrong first, named before anything is loaded: a list of questions (str each) and, per
-    question, a list of images (paths or PIL images) and (optionally) a video entry (None, a path, a list of frames or
-    a ``Video``; its content is checked by ``video.as_video``)."""
-    if isinstance(questions, (str, bytes)) or not isinstance(questions, (list, tuple)):
-        raise TypeError(f"questions must be a list of strings, got {type(questions).__name__}")
-    for i, q in enumerate(questions):
-        if not isinstance(q, str):
-            raise TypeError(f"questions[{i}] must be a string, got {type(q).__name__} {q!r:.60}")
-    if isinstance(images, (str, bytes, Path)) or not isinstance(images, (list, tuple)):
-        raise TypeError(f"images must be a list with one list of images per question, got {type(images).__name__}")
-    if len(images) != len(questions):
-        raise ValueError(f"got {len(images)} image lists for {len(questions)} questions")
-    for i, sample in enumerate(images):
-        if isinstance(sample, (str, Path)):
-            raise TypeError(f"images[{i}] is a single path ({sample!s:.80}); give each question a list of images: "
-                            f"images=[[{str(sample)!r:.80}]]")
-        if not isinstance(sample, (list, tuple)):
-            raise TypeError(f"images[{i}] must be a list of images (paths or PIL images), got "
-                            f"{type(sample).__name__}; wrap it in a list")
-    if videos is None:
-        return
-    if isinstance(videos, (str, bytes, Path)) or not isinstance(videos, (list, tuple)):
-        raise TypeError(f"videos must be a list with one entry per question (None, a file path, a list of frames or "
-                        f"a Video), got {type(videos).__name__}; e.g. videos=[{str(videos)!r:.80}]")
-    if len(videos) != len(questions):
-        raise ValueError(f"got {len(videos)} videos entries for {len(questions)} questions (None where a sample has "
-                         "no video)")
-
-
-def check_generate_args(max_new_tokens, do_sample, temperature, seed, keep_masks) -> None:
-    """Generation knobs: named errors instead of a silent wrong answer (a float keep mask cast to bool keeps
-    everything) or a traceback from deep inside torch. None means "not given" (checked again once resolved)."""
-    import math
-    import numbers
-
-    if max_new_tokens is not None and (isinstance(max_new_tokens, bool)
-                                       or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1):
-        raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
-    if temperature is not None:
-        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not math.isfinite(temperature):
-            raise ValueError(f"temperature must be a finite number, got {temperature!r}")
-        if temperature < 0 or (do_sample and temperature == 0):
-            raise ValueError(f"temperature must be > 0 when sampling (>= 0 otherwise), got {temperature}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-        raise TypeError(f"seed must be a whole number or None, got {type(seed).__name__} {seed!r}")
-    if keep_masks is not None:
-        if torch.is_tensor(keep_masks) or not isinstance(keep_masks, (list, tuple)):
-            raise TypeError("keep_masks must be a list with one bool tensor per sample")
-        for i, m in enumerate(keep_masks):
-            dtype = getattr(m, "dtype", None)
-            if not (torch.is_tensor(m) or hasattr(m, "__array__")) or dtype not in (torch.bool, bool, "bool"):
-                what = f"{type(m).__name__} of {dtype}" if dtype is not None else type(m).__name__
-                raise TypeError(f"keep_masks[{i}] must be a bool tensor or array (True = keep), got {what}; "
-                                "threshold scores yourself (e.g. scores > 0.5)")
-
-
-def context_length(model) -> int | None:
-    """The LLM's context (``max_position_embeddings``), or None where the config does not say."""
-    value = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    return int(value) if value else None
-
-
-def check_prompt_length(inputs, limit: int | None) -> None:
-    """A prompt (the glimpse token included) longer than the model's context is refused before the model runs (for
-    ``inputs`` a caller built; ``prepare`` refuses while tokenising)."""
-    ids = inputs.get("input_ids") if hasattr(inputs, "get") else None
-    if limit is None or ids is None:
-        return
-    n = int(ids.shape[-1]) + 1
-    if n > limit:
-        raise ValueError(f"the prompt is {n - 1} tokens (+ 1 glimpse token) but the model's context is {limit} "
-                         "(max_position_embeddings): shorten the question or use fewer / smaller images")
-
-
 def make_method(name: str, module=None, selection: SelectionConfig | None = None, **kwargs) -> PruningMethod:
+    """Method ``name`` with its settings; ``module`` and ``selection`` belong to the module methods (``glimpse``,
+    ``early_glimpse``): given to another method they are refused, not ignored."""
+    if not isinstance(name, str):
+        raise TypeError(f"method must be a method name (see glimpseprune.list_methods()) or a PruningMethod, got "
+                        f"{type(name).__name__} {name!r:.60}")
     cls = get_method(name)
-    if name in MODULE_METHODS:
-        if kwargs:  # e.g. video="per_frame"
-            return cls(cls.config_class(selection=selection or SelectionConfig(), **kwargs), module=module)
-        return cls(module=module, selection=selection)
-    return cls(**kwargs)
+    if selection is not None and not isinstance(selection, SelectionConfig):
+        raise TypeError(f"selection must be a glimpseprune.SelectionConfig, got {type(selection).__name__}; e.g. "
+                        "SelectionConfig(threshold=0.5, max_keep_ratio=0.1)")
+    if name not in MODULE_METHODS:
+        if module is not None:
+            raise ValueError(f"method {name!r} takes no module (a trained module runs with {sorted(MODULE_METHODS)})")
+        if selection is not None and selection != SelectionConfig():
+            raise ValueError(f"selection settings apply to {sorted(MODULE_METHODS)}, not to {name!r}; set its budget "
+                             "with its own settings (e.g. keep_ratio=)")
+        return cls(**kwargs)
+    if isinstance(module, (str, Path)):
+        raise TypeError(f"module must be a loaded module, got the path {str(module)!r:.80}: load it with "
+                        "gp.load_module(dir), or load base and module together with gp.load(model_dir, module=dir)")
+    if kwargs:  # e.g. video="per_frame"
+        return cls(cls.config_class(selection=selection or SelectionConfig(), **kwargs), module=module)
+    return cls(module=module, selection=selection)
 
 
 def module_method_name(module) -> str:
@@ -347,27 +316,13 @@ def module_method_name(module) -> str:
 def apply(model, method: str | PruningMethod = "glimpse", module=None, selection: SelectionConfig | None = None,
           processor=None, **method_kwargs) -> PrunedModel:
     """Wrap a loaded model: ``pm = apply(model, "glimpse", module=load_module(dir))``. The model is not modified."""
-    if isinstance(method, str):
-        method = make_method(method, module, selection, **method_kwargs)
+    if isinstance(method, PruningMethod):
+        if module is not None or selection is not None or method_kwargs:
+            raise ValueError(f"apply() got a ready {type(method).__name__} and also module= / selection= / settings: "
+                             "give them to make_method instead")
+    else:
+        method = make_method(method, module, selection, **method_kwargs)  # a name; anything else is refused there
     return PrunedModel(model, method, processor)
-
-
-_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
-
-
-def resolve_dtype(dtype) -> torch.dtype | str:
-    """``"auto"`` (or None: the checkpoint's own dtype, from its config), a ``torch.dtype``, or its name
-    (``"bfloat16"``, ``"torch.float16"``, ``"bf16"``)."""
-    if dtype is None or dtype == "auto":
-        return "auto"
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str):
-        name = dtype.removeprefix("torch.")
-        value = getattr(torch, _DTYPE_ALIASES.get(name, name), None)
-        if isinstance(value, torch.dtype) and value.is_floating_point:
-            return value
-    raise ValueError(f"dtype must be 'auto', a torch dtype or its name (e.g. 'bfloat16'), got {dtype!r}")
 
 
 def load_base(model_dir: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str = "auto",
@@ -385,6 +340,7 @@ def load_base(model_dir: str | Path, device: str | torch.device | None = None, d
 
     p = resolve_model(model_dir)
     torch_dtype = resolve_dtype(dtype)
+    check_device(device)
     if device_map is not None and device is not None:
         raise ValueError(f"pass device= or device_map=, not both (got device={device!r}, device_map={device_map!r})")
     if not (p / "config.json").is_file():
@@ -425,6 +381,8 @@ def load(model_dir: str | Path, module: str | Path | None = None, method: str | 
     from .checkpoint import adapter_record
 
     module = resolve_module(module)
+    check_device(device)
+    _check_method_args(method, module, selection, method_kwargs)
     if module is not None:
         # missing / foreign adapter files: named errors before anything loads
         if adapter_record(module) is not None and device_map is not None:
@@ -439,4 +397,32 @@ def load(model_dir: str | Path, module: str | Path | None = None, method: str | 
         model, mod = load_plus(model, module, merge=merge_adapter, device=execution_device(model), dtype=mod_dtype)
     # default: the method of the module's kind (an early module decides before the LLM), else full
     method = method or (module_method_name(mod) if mod is not None else "full")
+    if method not in MODULE_METHODS:  # a GlimpsePrune+ folder under another method: its adapter is what applies
+        mod = None
     return apply(model, method, module=mod, selection=selection, processor=processor, **method_kwargs)
+
+
+def _check_method_args(method: str | None, module, selection, method_kwargs: dict) -> None:
+    """``load``'s method arguments, checked before the base model loads: a known method, settings it has, and a
+    module it will use (another method would ignore a plain module; a GlimpsePrune+ folder still brings its
+    adapter)."""
+    import dataclasses
+
+    from .checkpoint import adapter_record
+
+    if method is not None and not isinstance(method, str):
+        raise TypeError(f"method must be a method name, got {type(method).__name__} {method!r:.60}")
+    if selection is not None and not isinstance(selection, SelectionConfig):
+        raise TypeError(f"selection must be a glimpseprune.SelectionConfig, got {type(selection).__name__}")
+    names = [method] if method is not None else list(MODULE_METHODS) if module is not None else ["full"]
+    fields = {f.name for n in names for f in dataclasses.fields(get_method(n).config_class)}
+    unknown = sorted(set(method_kwargs) - fields)
+    if unknown:
+        raise TypeError(f"load() got unknown argument(s) {unknown}: neither a load() argument nor a setting of "
+                        f"method {' / '.join(names)} (its settings: {sorted(fields - {'selection'})})")
+    if method is not None and method not in MODULE_METHODS:
+        if module is not None and adapter_record(module) is None:
+            raise ValueError(f"method {method!r} does not use the module in {module}: drop module=, or run it with "
+                             f"{' / '.join(MODULE_METHODS)}")
+        if selection is not None and selection != SelectionConfig():
+            raise ValueError(f"selection settings apply to {sorted(MODULE_METHODS)}, not to {method!r}")

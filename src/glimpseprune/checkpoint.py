@@ -149,7 +149,15 @@ def read_merged_record(model_dir: str | Path) -> str | None:
 def save_module(module: GlimpseModule, out_dir: str | Path, adapter: AdapterRecord | None = None) -> Path:
     """Write the module; ``adapter`` records the LoRA adapter saved beside it (``lora.save_plus`` passes it). A
     folder that already holds an adapter is refused without one: it would not load (the two must belong together)."""
+    from .validation import check_finite_module
+
+    if not isinstance(module, torch.nn.Module) or not isinstance(getattr(module, "cfg", None), GlimpseConfig):
+        raise TypeError(f"save_module takes a glimpse or early module (a GlimpseModule / EarlyGlimpseModule), got "
+                        f"{type(module).__name__}")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"cannot save the module into {out}: it is a file, not a folder")
+    check_finite_module(module)  # a module that would not load again is not written
     held = [n for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if (out / n).is_file()]
     if adapter is None and held:
         raise ValueError(f"{out} holds a LoRA adapter ({', '.join(held)}); save the module with its adapter "
@@ -270,6 +278,11 @@ def load_module(path: str | Path, dims: ModelDims | None = None, device=None, dt
     raise ValueError naming the file and the field or tensor. A module trained with a LoRA adapter (GlimpsePrune+)
     is refused: load it with ``load_plus(model, path)``, or pass ``allow_without_adapter=True`` to take the module
     alone (its adapter files are then not checked)."""
+    from .validation import check_device, resolve_dtype
+
+    check_device(device)
+    dtype = None if dtype is None else resolve_dtype(dtype)
+    dtype = None if dtype == "auto" else dtype
     p = Path(path)
     meta, cfg = _read_meta(p)
     if not allow_without_adapter and adapter_record(p, meta) is not None:

@@ -174,7 +174,8 @@ def save_processor(processor: ProcessorMixin, out_dir: str | Path) -> Path:
 # --------------------------------------------------------------------------- inputs
 
 
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+MAX_ASPECT = 200  # Qwen2-VL's ``smart_resize`` limit on an image's long side over its short side
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 _EXIF_ORIENTATION = 0x0112
 
@@ -186,19 +187,41 @@ class _RefusedImage(ValueError):
 def to_rgb(image: Image.Image) -> Image.Image:
     """``image`` as 8-bit RGB as it shows on screen; an RGB image without transparency is returned as is.
 
-    16-bit greyscale (``I;16*`` modes, and ``I``, taken as the 0..65535 range PNG/TIFF decoders give) keeps its
-    top 8 bits (``value >> 8``) instead of PIL's clipping at 255. Transparent images (an alpha channel, a palette
-    with alpha, or a ``transparency`` key) are composited onto white, so pixels hidden by the alpha never reach the
-    model. Other modes go through ``Image.convert("RGB")``. EXIF orientation is left alone here (in-memory pixels
-    are taken as given); :func:`load_image` applies it to files.
+    16-bit greyscale (``I;16*`` modes) keeps its top 8 bits (``value >> 8``) instead of PIL's clipping at 255.
+    32-bit integer (``I``) and float (``F``) greyscale declare no range, so their values say it: 0..1 (``F``
+    only) is scaled to 0..255, values up to 255 are taken as 8-bit, up to 65535 as 16-bit (top 8 bits); negative,
+    larger or non-finite values are refused with a ``ValueError`` (convert such an image yourself). Transparent
+    images (an alpha channel, a palette with alpha, or a ``transparency`` key) are composited onto white, so pixels
+    hidden by the alpha never reach the model. Other modes go through ``Image.convert("RGB")``. EXIF orientation is
+    left alone here (in-memory pixels are taken as given); :func:`load_image` applies it to files.
     """
     if image.mode in _SIXTEEN_BIT_MODES:
         values = np.asarray(image).astype(np.int64)
         image = Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8))
+    elif image.mode in ("I", "F"):
+        image = _wide_to_8bit(image)
     if _has_transparency(image):
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _wide_to_8bit(image: Image.Image) -> Image.Image:
+    """An ``I`` or ``F`` greyscale image as 8-bit ``L``, its depth read from its value range (see ``to_rgb``)."""
+    values = np.asarray(image, dtype=np.float64)
+    if values.size and not np.isfinite(values).all():
+        raise ValueError(f"a mode {image.mode} image holding NaN or infinite values; convert it to 8-bit yourself")
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if lo < 0 or hi > 65535:
+        raise ValueError(f"a mode {image.mode} image with values from {lo:g} to {hi:g}: neither 8-bit (0..255) nor "
+                         "16-bit (0..65535) greyscale; convert it to 8-bit yourself")
+    if image.mode == "F" and hi <= 1.0:
+        out = np.rint(values * 255.0)
+    elif hi <= 255:
+        out = np.rint(values)
+    else:
+        out = np.floor(values / 256.0)  # the top 8 of 16 bits, as for I;16
+    return Image.fromarray(out.astype(np.uint8))
 
 
 def _has_transparency(image: Image.Image) -> bool:
@@ -306,6 +329,23 @@ def _check_batch(images: Sequence[Sequence[Image.Image]], questions: Sequence[st
             if not isinstance(image, Image.Image):
                 hint = "; read image files with load_image" if isinstance(image, _PATH_TYPES) else ""
                 raise TypeError(f"images[{index}] holds a {type(image).__name__}, expected PIL.Image.Image{hint}")
+            if min(image.size) < 1:
+                raise ValueError(f"images[{index}] holds a {image.width}x{image.height} image: an image needs at "
+                                 "least one pixel in each direction")
+
+
+def _check_aspect(processor: ProcessorMixin, images: Sequence[Sequence[Image.Image]]) -> None:
+    """Qwen-family image processors (a ``merge_size``) refuse images longer than 200 times their width, or the
+    reverse, from deep inside their resize: name the image and its size here instead."""
+    if getattr(getattr(processor, "image_processor", None), "merge_size", None) is None:
+        return
+    for index, sample in enumerate(images):
+        for image in sample:
+            long, short = max(image.size), min(image.size)
+            if long > MAX_ASPECT * short:
+                raise ValueError(f"images[{index}] is {image.width}x{image.height}, {long / short:.0f} times longer "
+                                 f"than wide; {type(processor).__name__} takes at most {MAX_ASPECT}:1 (crop or pad "
+                                 "it first)")
 
 
 def _check_videos(processor: ProcessorMixin, videos: Sequence[Any] | None, n: int) -> list[Any]:
@@ -415,6 +455,7 @@ def build_inputs(
     ``second_per_grid_ts``, and ``mm_token_type_ids`` is 2 at its tokens.
     """
     _check_batch(images, questions)
+    _check_aspect(processor, images)
     _check_max_length(max_length)
     _check_user_text(processor, questions, system_prompt)
     clips = _check_videos(processor, videos, len(questions))

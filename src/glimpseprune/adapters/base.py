@@ -4,6 +4,7 @@ access to the decoder's layers. Adapters are stateless: everything about one req
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -17,11 +18,17 @@ from ..contracts import Encoded, grid_groups  # noqa: F401  (re-exported: the ad
 def capture_outputs(modules: dict[int, nn.Module], transform=None) -> Iterator[dict[int, torch.Tensor]]:
     """Record the output of each module while the block runs (forward hooks, removed on exit), instead of asking
     the vision tower for every block's hidden states: only the tapped tensors stay alive, reduced by
-    ``transform(key, output)`` (e.g. pooling, a projection) as soon as they are made."""
+    ``transform(key, output)`` (e.g. pooling, a projection) as soon as they are made.
+
+    The hooks sit on modules that other threads may be running at the same time (one model serving two requests,
+    the demo's streaming thread): each records only the forwards of the thread that opened the block."""
     out: dict[int, torch.Tensor] = {}
+    owner = threading.get_ident()
 
     def hook(key):
         def fn(_mod, _args, output):
+            if threading.get_ident() != owner:  # another request's forward through the same module
+                return
             t = output[0] if isinstance(output, tuple) else output
             out[key] = transform(key, t) if transform is not None else t
         return fn

@@ -21,18 +21,12 @@ def positive_int(text: str) -> int:
 
 def check_device(name: str) -> str:
     """A torch device this machine has, or ``ValueError`` naming what is missing (before any model loads)."""
-    import torch
+    from ..validation import check_device as check
 
     try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"--device {name!r} is not a torch device ({err})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here (torch {torch.__version__})")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name}: MPS is not available here")
+        check(name)
+    except ValueError as err:
+        raise ValueError(f"--{err}") from None
     return name
 
 

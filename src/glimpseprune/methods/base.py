@@ -33,6 +33,7 @@ class PruningMethod:
 
     name: str = ""
     config_class: type[MethodConfig] = MethodConfig
+    takes_keep_masks: bool = False  # reads ``keep_masks`` from the request (mask, oracle); others refuse them
 
     def __init__(self, config: MethodConfig | None = None, **kwargs: Any):
         if config is not None and kwargs:

@@ -4,6 +4,7 @@ adapter (``query_logits``) and the runtime's ``PrefillState`` only."""
 
 from __future__ import annotations
 
+import numbers
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,14 +18,17 @@ if TYPE_CHECKING:
 
 
 def check_keep_ratio(value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+    """A number in (0, 1]: Python, numpy or any other ``numbers.Real`` scalar (not a bool, not a tensor)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"keep_ratio must be a number in (0, 1], got {type(value).__name__} {value!r}")
+    if not 0.0 < float(value) <= 1.0:
         raise ValueError(f"keep_ratio must be in (0, 1], got {value!r}")
 
 
 def check_layer(name: str, value: int | None, minimum: int = -1, optional: bool = False) -> None:
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}{' or None' if optional else ''}, got {value!r}")
 
 

@@ -10,10 +10,14 @@ from ..config import SelectionConfig
 
 
 def _topk_mask(probs: torch.Tensor, k: int) -> torch.Tensor:
+    """The k highest scores kept; a NaN score ranks below every number (``topk`` alone would rank it first), as it
+    never passes a threshold either."""
     keep = torch.zeros_like(probs, dtype=torch.bool)
     k = max(0, min(int(k), probs.numel()))
     if k:
-        keep[torch.topk(probs.float(), k).indices] = True
+        scores = probs.float()
+        scores = torch.where(scores.isnan(), float("-inf"), scores)
+        keep[torch.topk(scores, k).indices] = True
     return keep
 
 
@@ -35,6 +39,8 @@ def select_tokens(
     [True, False, False, False]
     """
     SelectionConfig(threshold, max_keep_ratio, min_keep, fixed_keep_ratio)  # validates the knobs
+    if not torch.is_tensor(probs):
+        raise TypeError(f"probs must be a 1-D torch tensor, got {type(probs).__name__} (torch.as_tensor(...) first)")
     if probs.dim() != 1:
         raise ValueError(f"probs must be 1-D (n_vis,), got shape {tuple(probs.shape)}")
     n_vis = probs.numel()

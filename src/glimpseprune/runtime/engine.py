@@ -38,6 +38,9 @@ class PrefillResult:
     stage_keep_masks: list[list[torch.Tensor]] = field(default_factory=list)  # per compaction, per sample (n_vis_b,)
     timing: dict = field(default_factory=dict)  # generate: wall seconds of "prefill" (ViT + LLM) and "decode" (steps)
     grid_video: list[int] = field(default_factory=list)  # per grids entry: -1 image, else its video (``Encoded``)
+    # whether any sample's cache is left padded; decoding appends to every row, so it holds to the end. When False
+    # decode steps pass no key mask (as stock decoding without padding): no host read of the mask per step
+    padded: bool = True
 
     @property
     def n_kept(self) -> list[int]:
@@ -176,12 +179,13 @@ def prefill(
             compact(i)
             stale = True
     logits = adapter.logits(model, hidden if all_logits else hidden[:, -1:])
+    kv_len = key_mask.sum(dim=1).tolist()
     return PrefillResult(
         logits=logits if all_logits else logits[:, -1], cache=state.cache, key_mask=key_mask,
         next_pos=enc.next_pos, keep_masks=state.keep_vis, n_vis=enc.n_vis, prune_layer=K,
         scratch=state.scratch, grids=enc.grids, image_owner=enc.image_owner,
-        kv_len=key_mask.sum(dim=1).tolist(), prune_layers=stages, stage_keep_masks=stage_masks,
-        grid_video=enc.grid_video,
+        kv_len=kv_len, prune_layers=stages, stage_keep_masks=stage_masks, grid_video=enc.grid_video,
+        padded=min(kv_len) < key_mask.shape[1],
     )
 
 
@@ -192,7 +196,7 @@ def decode_step(model, adapter: Adapter, pre: PrefillResult, tokens: torch.Tenso
     positions = adapter.decode_positions(pre.next_pos + step)
     rope = adapter.rotary(model, hidden, positions)
     pre.key_mask = torch.cat([pre.key_mask, torch.ones(B, 1, dtype=torch.bool, device=hidden.device)], dim=1)
-    mask = attention_mask(adapter.text_config(model), hidden, pre.key_mask, pre.cache)
+    mask = attention_mask(adapter.text_config(model), hidden, pre.key_mask if pre.padded else None, pre.cache)
     for layer in adapter.layers(model):
         hidden = run_layer(layer, hidden, mask, rope, pre.cache)
     return adapter.logits(model, hidden)[:, -1]
@@ -294,18 +298,33 @@ def generate(
             streamer.end()  # also on errors, so a consumer thread iterating a TextIteratorStreamer is released
 
 
+def checked_decoding(model, gc, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, tokenizer=None):
+    """``build_decoding``, with what transformers refuses while building (``top_p=-1``, a zero repetition penalty,
+    stop strings without a tokenizer, out-of-vocabulary ``bad_words_ids``, ...) raised as one ``ValueError`` naming
+    the settings: called before the prefill, so a bad knob costs no model run."""
+    if gc.stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer: pass tokenizer= (or a processor to the PrunedModel)")
+    try:
+        return build_decoding(model, gc, input_ids, attention_mask, tokenizer)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"invalid generation settings: {err}") from err
+
+
 def _decode(model, adapter, method, inputs, gc, seed, request, keep_logits, streamer, tokenizer):
+    mask = inputs.get("attention_mask")
+    if mask is not None and bool((mask == 1).all()):
+        mask = None  # as transformers does before building its processors (no padding to skip)
+    seq = inputs["input_ids"]  # (B, prompt + t): what the processors and stopping criteria read
+    processors, criteria = checked_decoding(model, gc, seq, mask, tokenizer)
     t0 = time.perf_counter()
     pre = prefill(model, adapter, method, inputs, request)
     logits = pre.logits
     _sync(logits.device)
     t1 = time.perf_counter()
     device = logits.device
-    mask = inputs.get("attention_mask")
-    if mask is not None and bool((mask == 1).all()):
-        mask = None  # as transformers does before building its processors (no padding to skip)
-    seq = inputs["input_ids"].to(device)  # (B, prompt + t): what the processors and stopping criteria read
-    processors, criteria = build_decoding(model, gc, seq, None if mask is None else mask.to(device), tokenizer)
+    if device != seq.device:  # a model spread by accelerate: its head is elsewhere; the processors follow it
+        seq = seq.to(device)
+        processors, criteria = build_decoding(model, gc, seq, None if mask is None else mask.to(device), tokenizer)
     gen = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     pad = gc._pad_token_tensor
     pad_done = gc._eos_token_tensor is not None and pad is not None  # as transformers: pad only with EOS criteria
