@@ -10,7 +10,7 @@
 # End to end includes the ViT, whose window attention (non-flash) is one SDPA call per 8x8-patch window: at batch 16
 # that is ~145k kernel launches per generate, which is why end-to-end repetitions are few (E2E_REPS).
 # Every setting can be overridden from the environment (the test suite dry-runs it on CPU with a tiny shape):
-#   SHAPE DEVICE DTYPE GRID NTEXT BATCHES REPS E2E_REPS WARMUP NEW_TOKENS BUDGET_S TIMEOUT_S
+#   SHAPE DEVICE DTYPE GRID NTEXT BATCHES REPS E2E_REPS WARMUP NEW_TOKENS BUDGET_S TIMEOUT_S, and NO_PLOTS=1 (no PNGs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/_bench_cmd.sh
@@ -23,4 +23,4 @@ NEW_TOKENS="${NEW_TOKENS:-22}" BUDGET_S="${BUDGET_S:-200}" TIMEOUT_S="${TIMEOUT_
 timeout "$TIMEOUT_S" "${BENCH[@]}" run --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --grid "$GRID" \
   --n-text "$NTEXT" --variants full glimpse:0.034 mask:0.034 fixed:0.111 --batch-sizes $BATCHES \
   --warmup "$WARMUP" --reps "$REPS" --e2e-reps "$E2E_REPS" --new-tokens "$NEW_TOKENS" --budget-s "$BUDGET_S" \
-  --out "$OUT"
+  ${NO_PLOTS:+--no-plots} --out "$OUT"

@@ -466,6 +466,16 @@ def test_vip_split_tiny_widths_keeps_the_structure(tmp_path):
     assert res["shape_spec"]["name"] == "qwen2_5_vl_3b_tiny_widths" and res["shape_spec"]["text"]["num_layers"] == 36
 
 
+def test_a_batch_size_that_would_overrun_the_budget_is_not_started():
+    """Once a batch size starts, its minimum of runs cannot be cut: ``time_end_to_end`` skips one whose projection
+    (the last batch's seconds scaled by the batch ratio) would end past the budget."""
+    from glimpseprune.bench.efficiency import Budget, batch_projection
+
+    assert batch_projection(None, 8) == 0.0 and batch_projection((4, 30.0), 16) == 120.0
+    budget = Budget(100.0)
+    assert budget.fits(99.0) and not budget.fits(101.0) and Budget(None).fits(1e9)
+
+
 def test_overhead_intervals_and_noise_verdicts_by_hand():
     """The bootstrap interval of a paired median: constant ratios give a zero-width interval at that ratio, the
     interval holds the paired median and repeats exactly (fixed seed); a verdict is decided only when the whole
@@ -496,7 +506,7 @@ def test_gpu_scripts_log_progress_and_finish_bounded(tmp_path):
            "DTYPE": "float32", "SHAPE": str(shape), "NVIS": "36", "NTEXT": "10", "KEEP": "0.25",
            "OVERHEAD_REPS": "2", "OVERHEAD_DECODE": "2", "OVERHEAD_TIMEOUT_S": "120", "GRID": "6x6",
            "BATCHES": "1 2", "REPS": "50", "E2E_REPS": "50", "WARMUP": "1", "NEW_TOKENS": "2", "BUDGET_S": "1",
-           "TIMEOUT_S": "120"}
+           "TIMEOUT_S": "120", "COMMIT": "abc123"}
     out = tmp_path / "dev"
     t0 = time.perf_counter()
     proc = subprocess.run(["bash", str(ROOT / "benchmarks/issue12_device.sh"), str(out)], env=env,
@@ -517,7 +527,9 @@ def test_gpu_scripts_log_progress_and_finish_bounded(tmp_path):
     assert skipped and all(w.startswith(("prefill", "decode", "end-to-end batch ")) for w in skipped), skipped
     if "prefill" in skipped:
         assert len(res["results"]["full"]["prefill_s"]["all"]) < 50
-    assert not (out / ".bin").exists()  # the shim is removed after the run
+    kept = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert len(kept) <= 8, kept  # the device tool brings back at most 8 files: no plots, no scratch install or shim
+    assert not any(p.endswith(".png") for p in kept) and "commit abc123" in (out / "env.txt").read_text()
     again = subprocess.run(["bash", str(ROOT / "benchmarks/issue12_device.sh"), str(out)], env=env,
                            capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "already holds files" in again.stderr

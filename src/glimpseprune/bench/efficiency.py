@@ -311,6 +311,10 @@ class Budget:
     def over(self) -> bool:
         return self.seconds is not None and self.elapsed() > self.seconds
 
+    def fits(self, seconds: float) -> bool:
+        """Whether work of about ``seconds`` started now would end inside the budget (always, without one)."""
+        return self.seconds is None or self.elapsed() + seconds <= self.seconds
+
     def more(self, done: int, what: str) -> bool:
         if done >= 1 and self.over():
             self.skipped.append(what)
@@ -318,6 +322,12 @@ class Budget:
                            self.elapsed(), what, done)
             return False
         return True
+
+
+def batch_projection(last: tuple[int, float] | None, B: int) -> float:
+    """Seconds a batch of B is expected to take, from the last batch size's (batch, seconds), scaled linearly (a
+    lower bound where batches are host-bound); 0 before the first."""
+    return 0.0 if last is None else last[1] * B / last[0]
 
 
 def _reps(names: list[str], reps: int, budget: Budget | None, what: str, order=_order):
@@ -402,11 +412,17 @@ def time_end_to_end(model, adapter, shape: ModelShape, variants: list[Variant], 
     """tokens/s (B * new_tokens / median seconds, ViT included), decode-only tokens/s (B / median ms per decode
     step of the whole batch) and peak memory per variant and batch size, smallest batch first.
     A batch size that runs out of GPU memory is recorded as {"error": "out of memory"}; batch sizes not started
-    before the budget ran out are recorded as {"error": "skipped: time budget"}."""
+    before the budget ran out, or that would not end inside it (the last batch size's seconds scaled by the batch
+    ratio: a batch size's minimum of runs cannot be cut short once it starts), are recorded as
+    {"error": "skipped: time budget"}."""
     out: dict[str, dict[int, dict]] = {v.spec: {} for v in variants}
+    last: tuple[int, float] | None = None  # (batch size, its wall seconds)
     for B in sorted(s.batch_sizes):
-        if budget is not None and budget.over():
-            budget.more(1, f"end-to-end batch {B}")
+        projected = batch_projection(last, B)
+        if budget is not None and not budget.fits(projected):
+            budget.skipped.append(f"end-to-end batch {B}")
+            logger.warning("time budget of %.0f s (%.0f s used): end-to-end batch %d skipped (would take ~%.0f s)",
+                           budget.seconds, budget.elapsed(), B, projected)
             for v in variants:
                 out[v.spec][B] = {"error": "skipped: time budget"}
             continue
@@ -415,10 +431,12 @@ def time_end_to_end(model, adapter, shape: ModelShape, variants: list[Variant], 
         inputs = synth_inputs(shape, s.resolved_grid(), s.n_text, B, s.device, s.seed)
         n_vis = (inputs["input_ids"] == shape.token_ids()["image"]).sum(1).tolist()
         runs = {v.spec: make_variant(v, shape, n_vis, device, s.seed, s.dtype) for v in variants}
+        t0 = time.perf_counter()
         try:
             with torch.no_grad():
                 for name, r in _e2e_batch(model, adapter, runs, inputs, B, s, device, budget).items():
                     out[name][B] = r
+            last = (B, time.perf_counter() - t0)
         except torch.cuda.OutOfMemoryError as err:
             logger.warning("batch %d: out of memory (%s)", B, err)
             for name in runs:

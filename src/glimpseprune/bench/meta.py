@@ -14,9 +14,11 @@ import torch
 
 
 def _git_commit() -> str | None:
+    """HEAD (+dirty) of the checkout the package runs from; where there is no git repository (a copy of the tree on
+    a lent machine) the ``GLIMPSEPRUNE_COMMIT`` environment variable, if set, names it."""
     root = Path(__file__).resolve().parents[3]
     if not (root / ".git").exists():
-        return None
+        return os.environ.get("GLIMPSEPRUNE_COMMIT") or None
     try:
         # --no-optional-locks: `status` must not refresh (and lock) the index of a checkout someone is working in
         git = ["git", "--no-optional-locks", "-C", str(root)]

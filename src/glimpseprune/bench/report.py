@@ -288,8 +288,10 @@ def _finish(args, result: dict) -> None:
         return
     path = write_json(result, args.out)
     (Path(args.out) / "table.md").write_text(markdown_table(result))
-    plots = write_plots(result, args.out)
     print(f"wrote {path} and {Path(args.out) / 'table.md'}")
+    if getattr(args, "no_plots", False):
+        return
+    plots = write_plots(result, args.out)
     print(plots if isinstance(plots, str) else "plots: " + ", ".join(str(p) for p in plots))
 
 
@@ -460,6 +462,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--budget-s", type=float, help="wall-clock budget in seconds: once spent, remaining repetitions "
                    "and batch sizes are skipped (logged, and listed in result.json); default: none")
     r.add_argument("--out", help="folder for result.json, table.md and PNG plots")
+    r.add_argument("--no-plots", action="store_true", help="write no PNGs (redraw them later from result.json: "
+                   "glimpseprune.bench.report.write_plots(json.load(...), DIR))")
     r.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     r.set_defaults(fn=cmd_run)
 
