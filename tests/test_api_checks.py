@@ -129,6 +129,8 @@ def test_bad_generation_settings_fail_before_the_prefill(pm, one, kwargs, match,
 def test_do_sample_must_be_a_bool(pm, one):
     with pytest.raises(TypeError, match="do_sample must be True or False"):
         pm.generate(one, do_sample="False", max_new_tokens=1)
+    with pytest.raises(TypeError, match="stop_strings must be a string or a list"):
+        pm.generate(one, stop_strings=5, max_new_tokens=1)
 
 
 def test_stop_strings_without_a_tokenizer(model, one):

@@ -141,6 +141,10 @@ def check_decoding(model, gc, batch_size: int, prompt_len: int, limit: int | Non
         for i in _flat_ids(getattr(gc, key, None)):
             if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0 or (vocab and i >= vocab):
                 raise ValueError(f"{key}: {i!r} is not a token id of this model (vocabulary of {vocab})")
+    stops = gc.stop_strings
+    if stops is not None and not (isinstance(stops, str) or (isinstance(stops, (list, tuple))
+                                                             and all(isinstance(x, str) and x for x in stops))):
+        raise TypeError(f"stop_strings must be a string or a list of non-empty strings, got {stops!r:.80}")
     if streamer is not None and batch_size != 1:
         raise ValueError(f"a streamer takes a batch of one sample, got {batch_size}")
     if limit is not None and prompt_len + 1 + gc.max_new_tokens > limit:
