@@ -31,10 +31,23 @@ def test_plan_has_full_budgets_and_dynamic_settings():
     (["mask"], [0.1], "caller-supplied masks"),
     (["random"], [0.0], "not a kept fraction"),
     (["random"], [1.5], "not a kept fraction"),
+    (["early_glimpse"], [0.1], "glimpseprune eval --module DIR --method early_glimpse"),
 ])
 def test_plan_rejects_bad_input(methods, budgets, match):
     with pytest.raises(ValueError, match=match):
         plan(methods, budgets)
+
+
+@pytest.mark.parametrize("benchmark_task", [False, True])
+def test_the_default_methods_can_all_be_planned(benchmark_task):
+    """`compare` without --methods: every default method plans (early_glimpse in the default list made every
+    default comparison fail before it started)."""
+    from glimpseprune.cli.compare import default_methods
+
+    methods = default_methods(benchmark_task)
+    assert "glimpse" in methods and "fastv" in methods and "early_glimpse" not in methods and "mask" not in methods
+    assert ("oracle" in methods) is not benchmark_task
+    assert len(plan(methods, [0.1, 0.2])) > len(methods)
 
 
 def test_layer_counts_hand_computed():

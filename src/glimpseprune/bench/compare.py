@@ -35,6 +35,8 @@ RUN_VERSION = 1
 BUDGETS = (0.056, 0.111, 0.222, 0.333)
 DEFAULT_CAP = 0.111  # the paper's "<= 11.1 %" setting (upstream max_remain_ratio)
 MASK_METHODS = ("mask",)  # need masks from the caller; not part of a comparison
+# run a module of another kind than the comparison's one glimpse module (``--module``); scored by ``eval`` instead
+OTHER_MODULE_METHODS = ("early_glimpse",)
 
 
 @dataclass
@@ -59,6 +61,9 @@ def plan(methods: list[str], budgets: list[float], cap: float = DEFAULT_CAP) -> 
             raise ValueError(f"unknown method {m!r} in --methods; registered: {known}")
         if m in MASK_METHODS:
             raise ValueError(f"method {m!r} needs caller-supplied masks; use 'oracle' for ground-truth boxes")
+        if m in OTHER_MODULE_METHODS:
+            raise ValueError(f"method {m!r} runs an early module, and a comparison takes one glimpse module "
+                             f"(--module): score it with `glimpseprune eval --module DIR --method {m}`")
     for b in budgets:
         if not 0.0 < b <= 1.0:
             raise ValueError(f"budget {b} is not a kept fraction in (0, 1]")

@@ -12,6 +12,16 @@ from .method_args import _module_arg
 COMPARE_OWNED = ["runs", "compare.md", "compare.png", "k_sweep.json", "k_sweep.md", "k_sweep.png"]
 
 
+def default_methods(benchmark_task: bool) -> list[str]:
+    """What ``compare`` runs without --methods: every registered method a comparison can run (not those needing
+    caller masks or another kind of module; not oracle on a benchmark task, which has no boxes)."""
+    from ..bench.compare import MASK_METHODS, OTHER_MODULE_METHODS
+    from ..registry import list_methods
+
+    skip = (*MASK_METHODS, *OTHER_MODULE_METHODS, "full") + (("oracle",) if benchmark_task else ())
+    return [m for m in list_methods() if m not in skip]
+
+
 def cmd_compare(args) -> int:
     from pathlib import Path
 
@@ -19,10 +29,9 @@ def cmd_compare(args) -> int:
 
     from ..api import load_base
     from ..assets import resolve_model, resolve_module
-    from ..bench.compare import MASK_METHODS, compare, k_sweep, plan
+    from ..bench.compare import compare, k_sweep, plan
     from ..checkpoint import load_plus
     from ..outputs import claim_run_dir
-    from ..registry import list_methods
 
     if (args.split is None) == (args.task is None):
         raise ValueError("give either --split (a records JSONL) or --task NAME --data DIR")
@@ -42,8 +51,7 @@ def cmd_compare(args) -> int:
         raise ValueError("--resume continues a `compare --task` run; a world comparison (--split) reruns whole")
     else:
         _check_split(args.split, args.limit)
-    skip = (*MASK_METHODS, "full") + (("oracle",) if task is not None else ())  # benchmark tasks have no boxes
-    methods = args.methods or [m for m in list_methods() if m not in skip]
+    methods = args.methods or default_methods(task is not None)
     if task is not None and "oracle" in methods:
         raise ValueError(f"method 'oracle' needs ground-truth boxes; task {task.name} has none: leave it out of "
                          "--methods")

@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--judge-cache", help="folder of the judge's on-disk cache (default OUT/judge_cache)")
     k.add_argument("--resume", action="store_true", help="with --task: continue an interrupted comparison in OUT "
                    "(same settings): finished runs are kept, an interrupted one continues from its samples")
-    k.add_argument("--methods", nargs="+", help="registered methods (default: all but mask; full always runs)")
+    k.add_argument("--methods", nargs="+", help="registered methods (default: all but mask and early_glimpse; full "
+                   "always runs)")
     k.add_argument("--budgets", type=float, nargs="+", default=[0.056, 0.111, 0.222, 0.333],
                    help="kept fractions of the fixed-budget runs")
     k.add_argument("--k-sweep", action="store_true", help="instead: accuracy and prefill cost vs the pruning "
