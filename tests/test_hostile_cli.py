@@ -130,6 +130,53 @@ def test_make_world_and_compare_refuse_another_run(tmp_path, capsys):
     assert "already holds results" in capsys.readouterr().err
 
 
+def test_module_and_model_writers_refuse_a_folder_with_files(tmp_path, capsys):
+    """new-module, make-tiny and convert fill a folder from scratch: one that holds files (a trained module, a model)
+    is refused before anything loads, and replaced only with --overwrite."""
+    kit = tmp_path / "kit"
+    assert main(["make-tiny", "--out", str(kit)]) == 0
+    weights = (kit / "module" / "glimpse_module.safetensors").read_bytes()
+    assert main(["new-module", "--model", str(kit / "model"), "--out", str(kit / "module"), "--small",
+                 "--seed", "3"]) == 2
+    assert "already holds files" in capsys.readouterr().err
+    assert (kit / "module" / "glimpse_module.safetensors").read_bytes() == weights
+    assert main(["make-tiny", "--out", str(kit), "--seed", "7"]) == 2
+    assert "already holds files" in capsys.readouterr().err
+    assert main(["new-module", "--model", str(kit / "model"), "--out", str(kit / "module"), "--small",
+                 "--seed", "3", "--overwrite"]) == 0
+    assert (kit / "module" / "glimpse_module.safetensors").read_bytes() != weights
+    assert main(["new-module", "--model", str(kit / "model"), "--out", str(tmp_path / "m2"), "--small",
+                 "--preset", "qwen2_5_vl_7b"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_train_merge_into_a_folder_with_files_fails_before_training(tmp_path, capsys):
+    from pathlib import Path
+
+    merge = tmp_path / "merged"
+    merge.mkdir()
+    (merge / "x").write_text("x")
+    config = Path(__file__).resolve().parents[1] / "configs" / "stage2_world.yaml"
+    t0 = time.perf_counter()
+    assert main(["train", "--config", str(config), "--output-dir", str(tmp_path / "run"), "--merge", str(merge)]) == 2
+    err = capsys.readouterr().err
+    assert "--merge" in err and "already holds files" in err
+    assert time.perf_counter() - t0 < 10 and not (tmp_path / "run").exists()
+
+
+def test_output_on_a_file_system_that_refuses_writes_fails_before_the_run(tmp_path, capsys):
+    """Permission bits say nothing on /proc (root may 'write' there): a probe file decides, before the model runs."""
+    from glimpseprune.outputs import ensure_writable_dir
+
+    with pytest.raises(ValueError, match="cannot (write output to|create output folder)"):
+        ensure_writable_dir("/proc/glimpseprune-probe-dir")
+    img = tmp_path / "in.png"
+    random_image(64, 64, seed=1).save(img)
+    t0 = time.perf_counter()
+    assert main(["ask", str(img), "What colour is the square?", "--overlay", "/proc/kept.png"]) == 2
+    assert "cannot write output to /proc" in capsys.readouterr().err and time.perf_counter() - t0 < 5
+
+
 # ------------------------------------------------------------------ arguments
 
 

@@ -1,7 +1,8 @@
 """Output folders that never lose a user's work.
 
-* ``ensure_writable_dir``: an output path that cannot be written (a parent is a file, no permission) fails before a
-  run starts, with the path named.
+* ``ensure_writable_dir``: an output path that cannot be written (a parent is a file, no permission, a read-only or
+  pseudo file system) fails before a run starts, with the path named; ``check_new_folder``: a folder a command fills
+  from scratch is not written over without ``--overwrite``.
 * ``atomic_write_text``: a result file is written to a temporary name beside it and renamed into place, so a crash
   never leaves half a file and a reader never sees one.
 * ``claim_run_dir``: a folder belongs to one run. Each command that writes results records what it ran in
@@ -39,7 +40,29 @@ def ensure_writable_dir(path: str | Path) -> Path:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ValueError(f"cannot create output folder {p}: {err.strerror or err}") from err
+    # permissions do not tell everything (root on /proc or /sys, a read-only mount): write and remove a probe file
+    probe_file = p / f".glimpseprune-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(probe_file, "x"):
+            pass
+        probe_file.unlink()
+    except OSError as err:
+        raise ValueError(f"cannot write output to {p}: {err.strerror or err}") from err
     return p
+
+
+def check_new_folder(path: str | Path, overwrite: bool = False, flag: str = "--out") -> Path:
+    """A folder a command fills from scratch (a module, a model): refused when it is a file, or when it already
+    holds files and ``overwrite`` is not given (they would be replaced silently); then made and checked writable."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{flag} {p} is a file, not a folder")
+    held = sorted(c.name for c in p.iterdir()) if p.is_dir() else []
+    if held and not overwrite:
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise ValueError(f"{flag} {p} already holds files ({shown}); choose a new folder, or pass --overwrite to "
+                         "write over them")
+    return ensure_writable_dir(p)
 
 
 def check_writable_file(path: str | Path) -> Path:

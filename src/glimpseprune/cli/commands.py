@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from ..outputs import check_new_folder
 from .common import _is_utf8, _note, _printable, check_device
 from .method_args import SELECTION_FLAGS, _check_method, _load, _show
 
@@ -115,9 +116,7 @@ def cmd_train(args) -> int:
         check_device(args.device)
     if isinstance(cfg, Stage2Config):
         if args.merge:
-            from ..outputs import ensure_writable_dir
-
-            ensure_writable_dir(args.merge)  # before the run, not after it
+            check_new_folder(args.merge, flag="--merge")  # before the run, not after it (merge writes a new folder)
         plus = train_stage2(cfg, resume=args.resume, overwrite=args.overwrite, device=args.device,
                             progress=not getattr(args, "quiet", False))
         print(f"wrote {plus} (glimpse module + LoRA adapter: --module {plus})")
@@ -136,6 +135,7 @@ def cmd_train(args) -> int:
 def cmd_convert(args) -> int:
     from ..checkpoint import convert_upstream
 
+    check_new_folder(args.out, args.overwrite)
     out = convert_upstream(args.upstream, args.out, vision_depth=args.vision_depth)
     print(f"wrote {out}")
     return 0
@@ -150,6 +150,9 @@ def cmd_new_module(args) -> int:
     from ..modules.glimpse import GlimpseModule
     from ..registry import get_adapter
 
+    check_new_folder(args.out, args.overwrite)  # before the model loads
+    if args.preset and args.small:
+        raise ValueError("pass --preset or --small, not both")
     model, _ = load_base(args.model)
     overrides = {}
     if args.preset:
@@ -167,6 +170,7 @@ def cmd_new_module(args) -> int:
 def cmd_make_tiny(args) -> int:
     from ..testing import make_tiny
 
+    check_new_folder(args.out, args.overwrite)
     kit = make_tiny(args.out, family=args.family, seed=args.seed)
     name = {"qwen2_5_vl": "Qwen2.5-VL", "llava": "LLaVA-1.5", "qwen3_vl": "Qwen3-VL"}.get(args.family, args.family)
     print(f"wrote a tiny RANDOM {name} ({kit['model']}), an UNTRAINED glimpse module ({kit['module']}) and "

@@ -196,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--vision-depth", type=positive_int, metavar="N", help="blocks of the base model's vision "
                    "encoder. Qwen2.5-VL releases record it (vision_config.depth) and LLaVA-1.5 releases do not "
                    "(assumed 24, CLIP-L); N overrides either, e.g. for a LLaVA with another CLIP tower")
+    c.add_argument("--overwrite", action="store_true", help="write into --out although it holds files")
     c.set_defaults(fn=cmd_convert)
 
     n = sub.add_parser("new-module", help="write an untrained glimpse module sized for a base model")
@@ -205,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "llava_1_5_7b, llava_1_5_13b, qwen3_vl_8b, qwen3_vl_4b, qwen3_vl_2b")
     n.add_argument("--small", action="store_true", help="small VIP widths for tiny test models")
     n.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    n.add_argument("--overwrite", action="store_true", help="write into --out although it holds files")
     n.set_defaults(fn=cmd_new_module)
 
     t = sub.add_parser("make-tiny", help="write a tiny random model (DIR/model: Qwen2.5-VL, LLaVA-1.5 or Qwen3-VL), an "
@@ -212,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output directory")
     t.add_argument("--family", choices=["qwen2_5_vl", "llava", "qwen3_vl"], default="qwen2_5_vl", help="model family")
     t.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    t.add_argument("--overwrite", action="store_true", help="write into --out although it holds files")
     t.set_defaults(fn=cmd_make_tiny)
 
     v = sub.add_parser("vllm-folder", help="write a model folder that vLLM serves with its images pruned before the "
