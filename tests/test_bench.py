@@ -197,7 +197,7 @@ def test_cli_flops_video_7b_and_8b(capsys):
 
 
 def test_cli_flops_video_bad_arguments(capsys):
-    with pytest.raises(SystemExit, match="--frame-size needs --video-frames"):
+    with pytest.raises(ValueError, match="--frame-size needs --video-frames"):
         _cli(["bench", "flops", "--shape", "qwen3_vl_8b", "--frame-size", "448x448"])
     for bad in (["--video-frames", "0"], ["--video-frames", "4", "--frame-size", "448"]):
         with pytest.raises(SystemExit):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -323,7 +324,7 @@ def _load_script(name: str):
     return mod
 
 
-def test_overhead_bench_runs_and_reports_ratios(tmp_path, caplog):
+def test_overhead_bench_runs_and_reports_ratios(tmp_path, caplog, capsys):
     import logging
 
     import glimpseprune.bench.shapes as S
@@ -367,15 +368,16 @@ def test_overhead_bench_runs_and_reports_ratios(tmp_path, caplog):
     assert again["rows"]["36"]["prefill_s"] == json.loads(json.dumps(r["prefill_s"])) and "analysis" in again
     assert "| 36 |" in (run / "table.md").read_text()
     (run / "result.json").write_text(json.dumps({"schema": O.SCHEMA, "rows": {"36": {"prefill_s": {}}}}))
-    with pytest.raises(SystemExit, match="row 36 .* lacks the raw timings"):
-        main(["bench", "overhead", "--reanalyse", str(run)])
-    (run / "result.json").write_text('{"schema": "something else"}')
-    with pytest.raises(SystemExit, match="not a `bench overhead` result"):
-        main(["bench", "overhead", "--reanalyse", str(run)])
-    with pytest.raises(SystemExit, match="drop --out"):
-        main(["bench", "overhead", "--reanalyse", str(run), "--out", str(tmp_path / "elsewhere")])
-    with pytest.raises(SystemExit, match="no .*result.json"):
-        main(["bench", "overhead", "--reanalyse", str(tmp_path / "nothing")])
+    capsys.readouterr()
+    for argv, match in (([str(run)], r"row 36 .* lacks the raw timings"), (None, "not a `bench overhead` result"),
+                        ([str(run), "--out", str(tmp_path / "elsewhere")], "drop --out"),
+                        ([str(tmp_path / "nothing")], r"no .*result.json")):
+        if argv is None:
+            (run / "result.json").write_text('{"schema": "something else"}')
+            argv = [str(run)]
+        assert main(["bench", "overhead", "--reanalyse", *argv]) == 2  # bad input: one line, no traceback
+        err = capsys.readouterr().err
+        assert re.search(match, err) and err.startswith("error: ") and "Traceback" not in err, err
     early = O.run_overhead(O.OverheadSettings(shape=str(path), n_vis=(36,), n_text=10, keep=0.25, prune_layer=0,
                                               warmup=1, reps=2, decode_steps=2, memory=False))
     a = early["rows"]["36"]["analytic"]
@@ -598,16 +600,15 @@ def test_bench_out_folder_with_a_run_is_refused_before_running(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "result.json").write_text("{}")
-    with pytest.raises(SystemExit, match="already holds a run"):
+    with pytest.raises(ValueError, match="already holds a run"):
         check_writable(out)
     check_writable(out, overwrite=True)
     assert (out / "result.json").read_text() == "{}"  # checked, not touched
     (tmp_path / "file").write_text("")
-    with pytest.raises(SystemExit, match="cannot write results"):
+    with pytest.raises(ValueError, match="cannot write results"):
         check_writable(tmp_path / "file" / "sub")
     from glimpseprune.cli import main
 
     t0 = time.perf_counter()
-    with pytest.raises(SystemExit, match="already holds a run"):
-        main(["bench", "overhead", "--shape", "qwen2_5_vl_scaled_cpu", "--out", str(out)])
+    assert main(["bench", "overhead", "--shape", "qwen2_5_vl_scaled_cpu", "--out", str(out)]) == 2
     assert time.perf_counter() - t0 < 5  # refused before building a model

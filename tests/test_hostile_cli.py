@@ -177,6 +177,38 @@ def test_output_on_a_file_system_that_refuses_writes_fails_before_the_run(tmp_pa
     assert "cannot write output to /proc" in capsys.readouterr().err and time.perf_counter() - t0 < 5
 
 
+@pytest.mark.parametrize("argv, match", [
+    (["bench", "flops", "--shape", "bogus"], "no shape 'bogus'"),
+    (["bench", "flops", "--n-vis", "-5"], "--n-vis: must be at least 1"),
+    (["bench", "run", "--reps", "0"], "--reps: must be at least 1"),
+    (["bench", "run", "--batch-sizes", "0"], "--batch-sizes: must be at least 1"),
+    (["bench", "flops", "--shape", "qwen3_vl_8b", "--video-frames", "4", "--fps", "0"], "--fps: must be a positive"),
+    (["bench", "sweep", "--n-vis", "16", "--out", "/proc/glimpseprune-x"], "cannot write results to /proc"),
+])
+def test_bench_bad_input_is_one_line_not_a_traceback(argv, match, capsys):
+    """bench logs its progress by default; its bad input is still one `error:` line (exit 2), the traceback only
+    with -v."""
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse refusing a value
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and match in err and "Traceback" not in err, err
+
+
+def test_bench_sweep_and_ratio_check_refuse_an_earlier_run(tmp_path, capsys):
+    out = tmp_path / "sw"
+    assert main(["bench", "sweep", "--n-vis", "16", "--out", str(out)]) == 0
+    first = (out / "sweep.json").read_text()
+    assert main(["bench", "sweep", "--n-vis", "25", "--out", str(out)]) == 2
+    assert "already holds a run (sweep.json)" in capsys.readouterr().err and (out / "sweep.json").read_text() == first
+    assert main(["bench", "sweep", "--n-vis", "25", "--out", str(out), "--overwrite"]) == 0
+    (tmp_path / "rc").mkdir()
+    (tmp_path / "rc" / "result.json").write_text("{}")
+    assert main(["bench", "ratio-check", "--out", str(tmp_path / "rc")]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ arguments
 
 

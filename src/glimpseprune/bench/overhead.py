@@ -314,18 +314,18 @@ def reanalyse(run_dir) -> dict[str, Any]:
 
     path = Path(run_dir) / "result.json"
     if not path.is_file():
-        raise SystemExit(f"--reanalyse: no {path}")
+        raise ValueError(f"--reanalyse: no {path}")
     try:
         result = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise SystemExit(f"--reanalyse: {path} is not JSON: {err}") from None
+        raise ValueError(f"--reanalyse: {path} is not JSON: {err}") from None
     if not isinstance(result, dict) or result.get("schema") != SCHEMA:
-        raise SystemExit(f"--reanalyse: {path} is not a `bench overhead` result (schema {SCHEMA!r})")
+        raise ValueError(f"--reanalyse: {path} is not a `bench overhead` result (schema {SCHEMA!r})")
     for n, r in result.get("rows", {}).items():
         try:
             r["ratios"] = ratios(r)
         except (KeyError, TypeError, ZeroDivisionError) as err:
-            raise SystemExit(f"--reanalyse: row {n} of {path} lacks the raw timings or counts it needs ({err!r})"
+            raise ValueError(f"--reanalyse: row {n} of {path} lacks the raw timings or counts it needs ({err!r})"
                              ) from None
     result["ok"] = _all_checks_pass(result["rows"])
     env = environment(torch.device("cpu"))

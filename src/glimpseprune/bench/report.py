@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -182,9 +183,9 @@ def _pixels(text: str) -> tuple[int, int]:
 
 def _common(p: argparse.ArgumentParser, n_vis: int = 2025, n_text: int = 64) -> None:
     p.add_argument("--shape", default="qwen2_5_vl_scaled_cpu", help="shape name in configs/shapes/ or a JSON path")
-    p.add_argument("--n-vis", type=int, default=n_vis, help="visual tokens per sample (near-square grid)")
+    p.add_argument("--n-vis", type=_at_least(1), default=n_vis, help="visual tokens per sample (near-square grid)")
     p.add_argument("--grid", type=_grid, help="merged-token grid HxW (overrides --n-vis), e.g. 71x71")
-    p.add_argument("--n-text", type=int, default=n_text, help="non-visual prompt tokens per sample")
+    p.add_argument("--n-text", type=_at_least(0), default=n_text, help="non-visual prompt tokens per sample")
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True,
                    help="count causal attention pairs n(n+1)/2, as the runtime's maskless causal kernels execute "
                    "(default); --no-causal counts n^2, as an explicit-mask kernel would")
@@ -203,7 +204,7 @@ def _flops_visual(args, shape) -> tuple[tuple[int, int], int, int, dict | None]:
     from . import flops as F
 
     if args.frame_size is not None and not args.video_frames:
-        raise SystemExit("bench flops: --frame-size needs --video-frames")
+        raise ValueError("bench flops: --frame-size needs --video-frames")
     if not args.video_frames:
         return _settings(args).resolved_grid(), 1, 0, None
     if args.frame_size is not None:
@@ -255,6 +256,8 @@ def cmd_sweep(args) -> int:
     from .shapes import load_shape
 
     shape, s = load_shape(args.shape), _settings(args)
+    if args.out:
+        check_writable(args.out, args.overwrite, "sweep.json")
     grid = s.resolved_grid()
     rows = prune_layer_sweep(shape, args.n_text, grid[0] * grid[1], args.keep, args.layers, args.causal,
                              glimpse=not args.no_glimpse, grids=[grid])
@@ -327,8 +330,10 @@ def _checks(result: dict, tolerance: float, causal: bool) -> bool:
 
 
 def cmd_run(args) -> int:
+    from ..validation import check_device
     from .efficiency import run_benchmark
 
+    check_device(args.device)
     s = _settings(args, variants=tuple(args.variants), batch_sizes=tuple(args.batch_sizes), warmup=args.warmup,
                   reps=args.reps, new_tokens=args.new_tokens, decode=not args.no_decode, e2e=not args.no_e2e,
                   device=args.device, dtype=args.dtype, attn=args.attn, threads=args.threads,
@@ -349,6 +354,8 @@ def cmd_ratio_check(args) -> int:
     variants = ["full", f"glimpse:{args.keep}"] + ([f"mask:{args.keep}"] if args.with_mask else [])
     s = _settings(args, variants=tuple(variants), warmup=args.warmup, reps=args.reps, decode=False, e2e=False,
                   threads=args.threads)
+    if args.out:
+        check_writable(args.out, args.overwrite)
     result = run_benchmark(s)
     g = result["settings"]["grid"]
     print(f"ratio check: {result['shape']['name']}, {g[0] * g[1]} visual + {args.n_text} text tokens, "
@@ -365,11 +372,13 @@ def cmd_ratio_check(args) -> int:
 
 
 def cmd_overhead(args) -> int:
+    from ..validation import check_device
     from .overhead import BARS, OverheadSettings, reanalyse, run_overhead, summary, table
 
+    check_device(args.device)
     if args.reanalyse:
         if args.out:
-            raise SystemExit("--reanalyse DIR rewrites DIR's own result.json and table.md; drop --out")
+            raise ValueError("--reanalyse DIR rewrites DIR's own result.json and table.md; drop --out")
         out = args.reanalyse
         result = reanalyse(out)
     else:
@@ -397,20 +406,48 @@ def cmd_overhead(args) -> int:
     return 1 if args.strict and not result["ok"] else 0
 
 
-def check_writable(out_dir: str | Path, overwrite: bool = False) -> None:
-    """Fail before a run when ``out_dir`` cannot be created or written (its parent is a file, no permission), or
-    already holds another run's result.json and ``overwrite`` was not asked for."""
+def check_writable(out_dir: str | Path, overwrite: bool = False, name: str = "result.json") -> None:
+    """Fail before a run when ``out_dir`` cannot be created or written (its parent is a file, no permission, a
+    read-only or pseudo file system), or already holds another run's ``name`` and ``overwrite`` was not asked for."""
     p = Path(out_dir)
-    if (p / "result.json").exists() and not overwrite:
-        raise SystemExit(f"{p} already holds a run (result.json): pass --overwrite to replace it, or choose another "
-                         "--out")
+    if (p / name).exists() and not overwrite:
+        raise ValueError(f"{p} already holds a run ({name}): pass --overwrite to replace it, or choose another --out")
     try:
         p.mkdir(parents=True, exist_ok=True)
         probe = p / ".write_probe"
         probe.write_text("")
         probe.unlink()
     except OSError as err:
-        raise SystemExit(f"cannot write results to {p}: {err}") from err
+        raise ValueError(f"cannot write results to {p}: {err.strerror or err}") from err
+
+
+def _at_least(minimum: int):
+    """argparse type: a whole number >= minimum, refused by name otherwise."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _float_where(ok, what: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"must be a {what} number, got {text}")
+        return value
+    return parse
+
+
+_positive_float = _float_where(lambda v: v > 0, "positive")
+_non_negative_float = _float_where(lambda v: v >= 0, "non-negative")
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
@@ -422,7 +459,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     _common(f, n_vis=5041, n_text=33)
     f.add_argument("--keep", type=float, nargs="+", default=[0.034], help="kept visual fraction(s)")
     f.add_argument("--prune-layer", type=int, help="K (default: the shape's)")
-    f.add_argument("--new-tokens", type=int, default=22, help="decode steps for the decode-FLOPs total")
+    f.add_argument("--new-tokens", type=_at_least(1), default=22, help="decode steps for the decode-FLOPs total")
     f.add_argument("--json", action="store_true", help="also print one JSON line")
     f.add_argument("--video-frames", type=_positive_int, metavar="F", help="count one video of F frames instead of "
                    "one image: ceil(F / temporal patch) frame-groups, each of --frame-size (else --grid / --n-vis) "
@@ -430,8 +467,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     f.add_argument("--frame-size", type=_pixels, metavar="WxH", help="video frame width x height in pixels (with "
                    "--video-frames), rounded to the model's token size (28 px Qwen2.5-VL, 32 px Qwen3-VL), e.g. "
                    "448x448")
-    f.add_argument("--fps", type=float, default=2.0, help="frames per second the video was sampled at (Qwen3-VL's "
-                   "timestamp text; default 2)")
+    f.add_argument("--fps", type=_positive_float, default=2.0, help="frames per second the video was sampled at "
+                   "(Qwen3-VL's timestamp text; default 2)")
     f.set_defaults(fn=cmd_flops)
 
     w = sub.add_parser("sweep", help="prefill cost vs pruning layer K (analytic; --measure also times it)")
@@ -440,27 +477,29 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     w.add_argument("--layers", type=int, nargs="+", help="layers K to evaluate (default: -1..L-1)")
     w.add_argument("--no-glimpse", action="store_true", help="leave out the glimpse token and VIP")
     w.add_argument("--measure", action="store_true", help="time prefill at each K (mask method; cheap shapes only)")
-    w.add_argument("--reps", type=int, default=3, help="timed repetitions with --measure")
+    w.add_argument("--reps", type=_at_least(1), default=3, help="timed repetitions with --measure")
     w.add_argument("--out", help="folder for sweep.json and sweep.png")
+    w.add_argument("--overwrite", action="store_true", help="replace the sweep already in --out")
     w.set_defaults(fn=cmd_sweep)
 
     r = sub.add_parser("run", help="time prefill, decoding and end-to-end generation; JSON + markdown + plots")
     _common(r)
     r.add_argument("--variants", nargs="+", default=["full", "glimpse:0.04", "mask:0.04", "fixed:0.111"],
                    help="full | glimpse:F[@K] | mask:F[@K] | fixed:F[@K] (fixed: default K=-1, before the LLM)")
-    r.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16], help="end-to-end batch sizes")
-    r.add_argument("--warmup", type=int, default=1, help="untimed runs of every variant first")
-    r.add_argument("--reps", type=int, default=5, help="timed repetitions (medians reported)")
-    r.add_argument("--new-tokens", type=int, default=16, help="generated tokens / timed decode steps")
+    r.add_argument("--batch-sizes", type=_at_least(1), nargs="+", default=[1, 4, 8, 16], help="end-to-end batch sizes")
+    r.add_argument("--warmup", type=_at_least(0), default=1, help="untimed runs of every variant first")
+    r.add_argument("--reps", type=_at_least(1), default=5, help="timed repetitions (medians reported)")
+    r.add_argument("--new-tokens", type=_at_least(1), default=16, help="generated tokens / timed decode steps")
     r.add_argument("--no-decode", action="store_true", help="skip decode timing")
     r.add_argument("--no-e2e", action="store_true", help="skip end-to-end throughput and memory")
     r.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
     r.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager)")
-    r.add_argument("--threads", type=int, help="torch CPU threads")
-    r.add_argument("--e2e-reps", type=int, help="timed end-to-end repetitions per batch size (default: --reps)")
-    r.add_argument("--budget-s", type=float, help="wall-clock budget in seconds: once spent, remaining repetitions "
-                   "and batch sizes are skipped (logged, and listed in result.json); default: none")
+    r.add_argument("--threads", type=_at_least(1), help="torch CPU threads")
+    r.add_argument("--e2e-reps", type=_at_least(1), help="timed end-to-end repetitions per batch size (default: "
+                   "--reps)")
+    r.add_argument("--budget-s", type=_positive_float, help="wall-clock budget in seconds: once spent, remaining "
+                   "repetitions and batch sizes are skipped (logged, and listed in result.json); default: none")
     r.add_argument("--out", help="folder for result.json, table.md and PNG plots")
     r.add_argument("--no-plots", action="store_true", help="write no PNGs (redraw them later from result.json: "
                    "glimpseprune.bench.report.write_plots(json.load(...), DIR))")
@@ -470,32 +509,33 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     c = sub.add_parser("ratio-check", help="measured vs analytic prefill ratio of full vs GlimpsePrune (CPU)")
     _common(c)
     c.add_argument("--keep", type=float, default=0.04, help="kept visual fraction")
-    c.add_argument("--warmup", type=int, default=1, help="untimed runs of every variant first")
-    c.add_argument("--reps", type=int, default=7, help="timed, interleaved repetitions (medians)")
-    c.add_argument("--tolerance", type=float, default=0.15, help="allowed |measured / analytic - 1|")
+    c.add_argument("--warmup", type=_at_least(0), default=1, help="untimed runs of every variant first")
+    c.add_argument("--reps", type=_at_least(1), default=7, help="timed, interleaved repetitions (medians)")
+    c.add_argument("--tolerance", type=_non_negative_float, default=0.15, help="allowed |measured / analytic - 1|")
     c.add_argument("--with-mask", action="store_true", help="also time mask:KEEP (no glimpse token / VIP)")
     c.add_argument("--strict", action="store_true", help="exit 1 when a ratio is outside the tolerance")
-    c.add_argument("--threads", type=int, help="torch CPU threads")
+    c.add_argument("--threads", type=_at_least(1), help="torch CPU threads")
     c.add_argument("--out", help="folder for result.json, table.md and PNG plots")
+    c.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     c.set_defaults(fn=cmd_ratio_check)
 
     o = sub.add_parser("overhead", help="runtime cost beside the stock model: full vs stock, glimpse vs mask "
                        "(prefill, decode, peak memory), interleaved ratios with pass/fail bars")
     o.add_argument("--shape", default="qwen2_5_vl_scaled_cpu", help="shape name in configs/shapes/ or a JSON path")
-    o.add_argument("--n-vis", type=int, nargs="+", default=[1024, 2025], help="visual tokens per sample (one "
+    o.add_argument("--n-vis", type=_at_least(1), nargs="+", default=[1024, 2025], help="visual tokens per sample (one "
                    "near-square image each)")
-    o.add_argument("--n-text", type=int, default=64, help="non-visual prompt tokens per sample")
+    o.add_argument("--n-text", type=_at_least(0), default=64, help="non-visual prompt tokens per sample")
     o.add_argument("--keep", type=float, default=0.04, help="kept visual fraction of mask and glimpse")
     o.add_argument("--prune-layer", type=int, help="K of mask and glimpse, >= 0 (default: the shape's); e.g. 0: the "
                    "schedule of an early module whose picks leave after layer 0")
-    o.add_argument("--warmup", type=int, default=2, help="untimed runs of every variant first")
-    o.add_argument("--reps", type=int, default=16, help="timed, interleaved repetitions (medians; a multiple of 4 "
-                   "gives every variant every position equally often)")
-    o.add_argument("--decode-steps", type=int, default=16, help="timed decode steps per repetition")
+    o.add_argument("--warmup", type=_at_least(0), default=2, help="untimed runs of every variant first")
+    o.add_argument("--reps", type=_at_least(1), default=16, help="timed, interleaved repetitions (medians; a multiple "
+                   "of 4 gives every variant every position equally often)")
+    o.add_argument("--decode-steps", type=_at_least(1), default=16, help="timed decode steps per repetition")
     o.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     o.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
     o.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
-    o.add_argument("--threads", type=int, help="torch CPU threads")
+    o.add_argument("--threads", type=_at_least(1), help="torch CPU threads")
     o.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     o.add_argument("--strict", action="store_true", help="exit 1 when a check fails")
     o.add_argument("--out", help="folder for result.json and table.md")

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         with _library_output(verbose=args.verbose, quiet=args.quiet):
             return args.fn(args)
     except (ValueError, TypeError, OSError, KeyError) as err:  # what bad input raises: one line, no traceback
-        if verbose:
+        if args.verbose:  # not bench's default progress logging: its bad input is one line too
             logging.exception("failed")
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"error: {_printable(_in_flags(str(msg)))}", file=sys.stderr)
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # a bug of ours, not bad input: still one line, the traceback on --verbose
-        if verbose:
+        if args.verbose:
             raise
         print(f"error: internal error ({type(err).__name__}: {_printable(str(err))}); rerun with -v for the "
               "traceback and please report it", file=sys.stderr)
