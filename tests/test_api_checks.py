@@ -269,6 +269,17 @@ def test_load_checks_before_loading(tiny_dir, tmp_path, monkeypatch):
         gp.load(tiny_dir, device="meta")
 
 
+def test_corrupt_model_weights_are_named(tiny_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "model"
+    shutil.copytree(tiny_dir, bad)
+    (weights,) = bad.glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[:len(weights.read_bytes()) // 2])
+    with pytest.raises(ValueError, match=f"cannot read the weights in {bad}"):
+        gp.load(bad)
+
+
 def test_load_refuses_a_module_the_method_would_ignore(tiny_dir, model, tmp_path):
     gp.save_module(random_module(model), tmp_path / "mod")
     with pytest.raises(ValueError, match="'fastv' does not use the module"):

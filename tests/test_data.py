@@ -268,6 +268,11 @@ GOOD = {"question": "q?", "answer": "a", "image": "x.png", "width": 10, "height"
     (json.dumps({**GOOD, "bboxs": [[5, 0, 4, 5]]}), "x1 <= x2"),
     (json.dumps({**GOOD, "bboxs": [[0, 6, 5, 5]]}), "x1 <= x2"),
     (json.dumps({**GOOD, "bboxs": [[0, 0, 5]]}), r"\[x1, y1, x2, y2\]"),
+    (json.dumps({**GOOD, "bboxs": "oops"}), "bboxs must be a list"),
+    (json.dumps({**GOOD, "question": None}), "question must be a non-empty string, got None"),
+    (json.dumps({**GOOD, "question": "  "}), "question must be a non-empty string"),
+    (json.dumps({**GOOD, "answer": None}), "answer must be a string"),
+    (json.dumps({**GOOD, "image": 3}), "image must be a non-empty string"),
 ])
 def test_bad_rows_name_file_and_line(tmp_path, bad, match):
     path = write_lines(tmp_path / "bad.jsonl", [json.dumps(GOOD), "", bad, json.dumps(GOOD)])

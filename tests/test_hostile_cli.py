@@ -184,10 +184,11 @@ def test_output_on_a_file_system_that_refuses_writes_fails_before_the_run(tmp_pa
     (["bench", "run", "--batch-sizes", "0"], "--batch-sizes: must be at least 1"),
     (["bench", "flops", "--shape", "qwen3_vl_8b", "--video-frames", "4", "--fps", "0"], "--fps: must be a positive"),
     (["bench", "sweep", "--n-vis", "16", "--out", "/proc/glimpseprune-x"], "cannot write results to /proc"),
+    (["demo", "--port", "99999"], "a port is at most 65535"),
 ])
 def test_bench_bad_input_is_one_line_not_a_traceback(argv, match, capsys):
     """bench logs its progress by default; its bad input is still one `error:` line (exit 2), the traceback only
-    with -v."""
+    with -v (and the demo's port is checked as an argument, not by the socket)."""
     try:
         rc = main(argv)
     except SystemExit as e:  # argparse refusing a value

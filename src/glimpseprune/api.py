@@ -333,6 +333,7 @@ def load_base(model_dir: str | Path, device: str | torch.device | None = None, d
     name casts. ``device`` (default "cpu") moves the whole model; ``device_map`` ("auto", "balanced", or a dict of
     module name -> device / "cpu" / "disk") instead lets accelerate spread and offload it (``offload_folder`` holds
     the "disk" weights), e.g. ``load_base(dir, device_map="auto")`` for a model larger than one GPU."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     from .assets import resolve_model
@@ -353,7 +354,11 @@ def load_base(model_dir: str | Path, device: str | torch.device | None = None, d
     get_adapter(config.model_type)  # fail fast on unsupported families
     merged = read_merged_record(p)  # a lora.merge_and_save folder: its weights hold a GlimpsePrune+ adapter
     spread = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
-    model = AutoModelForImageTextToText.from_pretrained(p, dtype=torch_dtype, local_files_only=True, **spread)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(p, dtype=torch_dtype, local_files_only=True, **spread)
+    except SafetensorError as err:  # a truncated or foreign weights file: name the folder, not the parser
+        raise ValueError(f"cannot read the weights in {p}: {err} (a truncated or corrupt .safetensors file? download "
+                         "it again)") from err
     if device_map is None:
         model = model.to(device if device is not None else "cpu")
     model.eval()

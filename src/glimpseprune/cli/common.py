@@ -19,6 +19,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def port(text: str) -> int:
+    """argparse type: a TCP port, 1..65535."""
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a port is at most 65535, got {value}")
+    return value
+
+
 def check_device(name: str) -> str:
     """A torch device this machine has, or ``ValueError`` naming what is missing (before any model loads)."""
     from ..validation import check_device as check

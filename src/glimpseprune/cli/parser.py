@@ -18,7 +18,7 @@ from .commands import (
     cmd_train,
     cmd_vllm_folder,
 )
-from .common import DTYPES, positive_int
+from .common import DTYPES, port, positive_int
 from .compare import cmd_compare
 from .evaluate import cmd_eval
 
@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--module", default="embedded", help="glimpse module folder (or a GlimpsePrune+ folder)")
     d.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: reachable from other "
                    "machines)")
-    d.add_argument("--port", type=positive_int, default=7860, help="port to serve on")
+    d.add_argument("--port", type=port, default=7860, help="port to serve on")
     d.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens to generate per answer")
     d.add_argument("--device", default="cpu", help="torch device")
     d.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="base model dtype")

@@ -50,9 +50,16 @@ def _parse(row: dict, where: str) -> Record:
     missing = [k for k in ("question", "answer", "image", "width", "height") if k not in row]
     if missing:
         raise ValueError(f"{where}: record lacks {missing}")
+    for key in ("question", "image"):  # str(None) would ask "None"; an empty question asks nothing
+        if not isinstance(row[key], str) or not row[key].strip():
+            raise ValueError(f"{where}: {key} must be a non-empty string, got {row[key]!r:.60}")
+    if row["answer"] is None or isinstance(row["answer"], (bool, list, dict)):
+        raise ValueError(f"{where}: answer must be a string (or a number), got {row['answer']!r:.60}")
     boxes = row.get("bboxs", row.get("bboxes", [])) or []
+    if not isinstance(boxes, list):
+        raise ValueError(f"{where}: bboxs must be a list of [x1, y1, x2, y2] boxes, got {boxes!r:.60}")
     for box in boxes:
-        if len(box) != 4 or box[2] < box[0] or box[3] < box[1]:
+        if not isinstance(box, list) or len(box) != 4 or box[2] < box[0] or box[3] < box[1]:
             raise ValueError(f"{where}: box {box} is not [x1, y1, x2, y2] with x1 <= x2, y1 <= y2")
     return Record(
         id=str(row.get("id", row.get("question_id", where))), image=str(row["image"]), question=str(row["question"]),
