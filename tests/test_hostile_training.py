@@ -321,3 +321,22 @@ def test_module_write_is_atomic(finished_run, tmp_path, monkeypatch):
     assert T.save_module_atomic(module, out) == out  # replaces the existing module
     assert names(tmp_path) == ["module"]
     assert torch.equal(gp.load_module(out).vip.out_proj.bias, module.vip.out_proj.bias)
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_training_logs_stay_off_stdout(tmp_path, tiny_dir, data, capsys, quiet):
+    """stdout holds results only: the Trainer's per-step log dicts ({'loss': ...}) went there, with -q too; now the
+    bar's lines go to stderr, and -q silences them."""
+    import yaml
+
+    from glimpseprune.cli import main
+
+    config = tmp_path / "stage1.yaml"
+    config.write_text(yaml.safe_dump(dict(model=str(tiny_dir), train_data=str(data[0]), eval_data=str(data[1]),
+                                          eval_samples=2, batch_size=2, max_steps=2, save_steps=100, eval_steps=100,
+                                          logging_steps=1, threads=1, module=TINY_MODULE)))
+    assert main([*(["-q"] if quiet else []), "train", "--config", str(config), "--output-dir",
+                 str(tmp_path / "run")]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [f"wrote {tmp_path / 'run' / 'module'}"], out
+    assert ("'loss'" in err) is not quiet, err

@@ -295,6 +295,33 @@ def _check_inputs(cfg: Stage1Config) -> None:
 # --------------------------------------------------------------------------- training
 
 
+def _logs_off_stdout(trainer) -> None:
+    """The Trainer prints each log dict (``{'loss': ...}``) to stdout, where the CLI keeps results only: its bar's
+    lines go to stderr instead, and without a bar (``-q``: transformers' verbosity at error) to this module's logger,
+    which ``-q`` silences."""
+    import sys
+
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
+
+    def _shown(logs: dict) -> dict:
+        return {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in (logs or {}).items() if k != "total_flos"}
+
+    class BarToStderr(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None:
+                self.training_bar.write(str(_shown(logs)), file=sys.stderr)
+
+    class LogsToLogger(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero:
+                logger.info("%s", _shown(logs))
+
+    had_bar = any(isinstance(c, ProgressCallback) for c in trainer.callback_handler.callbacks)
+    for cls in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cls)
+    trainer.add_callback(BarToStderr() if had_bar else LogsToLogger())
+
+
 def train(cfg: Stage1Config, resume: bool = False, overwrite: bool = False, device: str | None = None) -> Path:
     """Train a glimpse module per ``cfg`` into ``cfg.output_dir``; with ``resume``, continue the run there from its
     newest checkpoint; with ``overwrite``, replace the run there. Folder rules: see the module docstring."""
@@ -340,6 +367,7 @@ def train(cfg: Stage1Config, resume: bool = False, overwrite: bool = False, devi
     )
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                data_collator=Collator(processor, base, cfg.target_dilation))
+    _logs_off_stdout(trainer)
     if ckpt is not None:
         logger.info("resuming %s from %s", out, ckpt)
     t0 = time.time()
