@@ -18,7 +18,7 @@ from .commands import (
     cmd_train,
     cmd_vllm_folder,
 )
-from .common import DTYPES, port, positive_int
+from .common import DTYPES, non_negative_int, port, positive_int
 from .compare import cmd_compare
 from .evaluate import cmd_eval
 
@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--n", type=positive_int, default=500, help="number of samples (families in turn)")
     w.add_argument("--overwrite", action="store_true", help="replace another split in OUT (the same split is left "
                    "as it is)")
-    w.add_argument("--seed", type=int, default=1, help="split seed (1 is the held-out split used in the README)")
+    w.add_argument("--seed", type=non_negative_int, default=1, help="split seed (1 is the held-out split used in "
+                   "the README)")
     w.add_argument("--video", action="store_true", help="render clips instead (video_records.jsonl + videos/): the "
                    "question's evidence is visible in one moment (frame pair) only")
     w.add_argument("--frames", type=positive_int, default=4, help="with --video: frames per clip (a multiple of 2)")
@@ -205,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--preset", help="named preset of a released architecture: qwen2_5_vl_7b, qwen2_5_vl_3b, "
                    "llava_1_5_7b, llava_1_5_13b, qwen3_vl_8b, qwen3_vl_4b, qwen3_vl_2b")
     n.add_argument("--small", action="store_true", help="small VIP widths for tiny test models")
-    n.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    n.add_argument("--seed", type=non_negative_int, default=0, help="initialisation seed")
     n.add_argument("--overwrite", action="store_true", help="write into --out although it holds files")
     n.set_defaults(fn=cmd_new_module)
 
@@ -213,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "untrained module (DIR/module) and an image (DIR/example.png), for demos and tests")
     t.add_argument("--out", required=True, help="output directory")
     t.add_argument("--family", choices=["qwen2_5_vl", "llava", "qwen3_vl"], default="qwen2_5_vl", help="model family")
-    t.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    t.add_argument("--seed", type=non_negative_int, default=0, help="initialisation seed")
     t.add_argument("--overwrite", action="store_true", help="write into --out although it holds files")
     t.set_defaults(fn=cmd_make_tiny)
 

@@ -68,8 +68,9 @@ def _why_not_servable(name: str) -> str | None:
         return "it has no keep_ratio, so the count per image is not known when the prompt is processed"
     if {tuple(method.prune_layers(n)) for n in _DEPTHS} != {(-1,)}:
         where = ", ".join(str(k) for k in method.prune_layers(28))
-        return (f"it prunes inside the LLM (after layer(s) {where} of a 28-layer LLM), using the LLM's attention; a "
-                "server with one KV length per request for all layers can only prune before the LLM")
+        return (f"it prunes inside the LLM (on a 28-layer LLM such as Qwen2.5-VL-7B's, after layer(s) {where}), "
+                "using the LLM's attention; a server with one KV length per request for all layers can only prune "
+                "before the LLM")
     if method.budget(100) is None:
         return "its count depends on the input, not on keep_ratio alone"
     return None
