@@ -328,3 +328,12 @@ def test_wide_greyscale_modes_keep_their_values():
                 np.full((3, 3), np.nan, np.float32)):
         with pytest.raises(ValueError, match="convert it to 8-bit yourself"):
             to_rgb(Image.fromarray(bad))
+
+
+def test_an_over_long_video_prompt_points_at_the_frames():
+    from glimpseprune.processing import _check_prompt_lengths
+
+    with pytest.raises(ValueError, match="fewer video frames"):
+        _check_prompt_lengths({"input_ids": [[1] * 10], "pixel_values_videos": [[0.0]]}, 8)
+    with pytest.raises(ValueError, match="smaller images$"):
+        _check_prompt_lengths({"input_ids": [[1] * 10]}, 8)

@@ -413,6 +413,8 @@ def _check_prompt_lengths(batch: BatchFeature, max_length: int) -> None:
                 f"questions[{index}]: the prompt is {length} tokens (chat template and image tokens included), "
                 f"longer than max_length={max_length} (the model's context, max_position_embeddings, when called "
                 "through glimpseprune.load); shorten the question or use fewer / smaller images"
+                + (", or fewer video frames (a lower fps / max_frames: --fps / --max-frames)"
+                   if "pixel_values_videos" in batch else "")
             )
 
 
