@@ -150,6 +150,18 @@ def test_module_and_model_writers_refuse_a_folder_with_files(tmp_path, capsys):
     assert "not both" in capsys.readouterr().err
 
 
+def test_compare_names_a_missing_image_before_claiming_the_folder(tmp_path, capsys):
+    out = tmp_path / "w"
+    assert main(["make-world", "--out", str(out), "--n", "3", "--seed", "2"]) == 0
+    gone = sorted((out / "images").iterdir())[1]
+    gone.unlink()
+    argv = ["compare", "--split", str(out / "records.jsonl"), "--out", str(tmp_path / "cmp"), "--methods", "random",
+            "--budgets", "0.5"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "record 2 (id 2-000001)" in err and gone.name in err and not (tmp_path / "cmp").exists()
+
+
 def test_train_merge_into_a_folder_with_files_fails_before_training(tmp_path, capsys):
     from pathlib import Path
 

@@ -4,12 +4,25 @@ benchmark task: one JSON per run, a table and a plot."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from .common import _note, check_device
 from .evaluate import _check_split, _judge
 from .method_args import _module_arg
 
 COMPARE_OWNED = ["runs", "compare.md", "compare.png", "k_sweep.json", "k_sweep.md", "k_sweep.png"]
+
+
+def _check_split_images(split: str, limit: int | None) -> None:
+    """A comparison reruns whole (no --resume): an image missing from the split is named, with its record, before the
+    output folder is claimed, not halfway through the first method."""
+    from ..data.records import read_records
+
+    root = Path(split).parent
+    for n, rec in enumerate(read_records(split, limit), 1):
+        if not rec.image_path(root).is_file():
+            raise ValueError(f"--split {split}: record {n} (id {rec.id}) names image {rec.image}, which is not at "
+                             f"{rec.image_path(root)}")
 
 
 def default_methods(benchmark_task: bool) -> list[str]:
@@ -23,8 +36,6 @@ def default_methods(benchmark_task: bool) -> list[str]:
 
 
 def cmd_compare(args) -> int:
-    from pathlib import Path
-
     import torch
 
     from ..api import load_base
@@ -51,6 +62,7 @@ def cmd_compare(args) -> int:
         raise ValueError("--resume continues a `compare --task` run; a world comparison (--split) reruns whole")
     else:
         _check_split(args.split, args.limit)
+        _check_split_images(args.split, args.limit)
     methods = args.methods or default_methods(task is not None)
     if task is not None and "oracle" in methods:
         raise ValueError(f"method 'oracle' needs ground-truth boxes; task {task.name} has none: leave it out of "
