@@ -67,6 +67,7 @@ def test_module_for_another_base(family, tmp_path):
     (dict(threshold=1.5), "threshold must be in"), (dict(threshold=-0.1), "threshold must be in"),
     (dict(max_keep_ratio=0.0), "max_keep_ratio"), (dict(max_keep_ratio=1.2), "max_keep_ratio"),
     (dict(fixed_keep_ratio=0.0), "fixed_keep_ratio"),
+    (dict(fixed_keep_ratio=0.5, max_keep_ratio=0.1), "max_keep_ratio 0.1 would be ignored"),
 ])
 def test_bad_selection(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -58,6 +58,9 @@ class SelectionConfig:
                             f"{self.min_keep!r}")
         if int(self.min_keep) < 0:
             raise ValueError(f"min_keep must be >= 0, got {self.min_keep}")
+        if self.fixed_keep_ratio is not None and self.max_keep_ratio is not None:
+            raise ValueError(f"fixed_keep_ratio {self.fixed_keep_ratio} keeps exactly that share, so max_keep_ratio "
+                             f"{self.max_keep_ratio} would be ignored: pass one of them")
 
 
 MODULE_KINDS = ("glimpse", "early")  # GlimpseConfig.kind: which module class a config builds
