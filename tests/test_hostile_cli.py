@@ -150,6 +150,15 @@ def test_module_and_model_writers_refuse_a_folder_with_files(tmp_path, capsys):
     assert "not both" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, match", [
+    (["--method", "fastv", "--method-arg", "keep_ratio=0.1", "--method-arg", "keep_ratio=0.2"], "given twice"),
+    (["--fixed-keep-ratio", "0.5", "--max-keep-ratio", "0.1"], "--max-keep-ratio 0.1 would be ignored"),
+])
+def test_conflicting_settings_are_refused_not_resolved_silently(argv, match, capsys):
+    assert main(["ask", "--question", "Q?", *argv]) == 2
+    assert match in capsys.readouterr().err
+
+
 def test_compare_names_a_missing_image_before_claiming_the_folder(tmp_path, capsys):
     out = tmp_path / "w"
     assert main(["make-world", "--out", str(out), "--n", "3", "--seed", "2"]) == 0

@@ -62,6 +62,8 @@ def _check_method(args) -> None:
         if key not in own:
             known = f"its settings (defaults): {_known_settings(own)}" if own else "it has no settings"
             raise ValueError(f"--method-arg {key}: --method {name} has no setting {key!r}; {known}")
+        if key in args.method_kwargs:
+            raise ValueError(f"--method-arg {key} is given twice; give each setting once")
         args.method_kwargs[key] = _parse_typed(key, text, own[key]["type"])
     try:
         if name in MODULE_METHODS:  # their settings may depend on the selection (early_glimpse fill="diverse")
