@@ -32,6 +32,8 @@ def test_plan_has_full_budgets_and_dynamic_settings():
     (["random"], [0.0], "not a kept fraction"),
     (["random"], [1.5], "not a kept fraction"),
     (["early_glimpse"], [0.1], "glimpseprune eval --module DIR --method early_glimpse"),
+    (["fastv", "fastv"], [0.1], "--methods names fastv more than once"),
+    (["fastv"], [0.2, 0.2], "--budgets names 0.2 more than once"),
 ])
 def test_plan_rejects_bad_input(methods, budgets, match):
     with pytest.raises(ValueError, match=match):

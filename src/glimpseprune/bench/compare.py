@@ -56,6 +56,10 @@ def plan(methods: list[str], budgets: list[float], cap: float = DEFAULT_CAP) -> 
     from ..registry import get_method, list_methods
 
     known = list_methods()
+    for what, values in (("--methods", methods), ("--budgets", budgets)):
+        twice = sorted({str(v) for v in values if list(values).count(v) > 1})
+        if twice:  # the runs would overwrite each other's runs/<method>_<budget>.json
+            raise ValueError(f"{what} names {', '.join(twice)} more than once")
     for m in methods:
         if m not in known:
             raise ValueError(f"unknown method {m!r} in --methods; registered: {known}")
