@@ -153,9 +153,11 @@ def test_module_and_model_writers_refuse_a_folder_with_files(tmp_path, capsys):
 @pytest.mark.parametrize("argv, match", [
     (["--method", "fastv", "--method-arg", "keep_ratio=0.1", "--method-arg", "keep_ratio=0.2"], "given twice"),
     (["--fixed-keep-ratio", "0.5", "--max-keep-ratio", "0.1"], "--max-keep-ratio 0.1 would be ignored"),
+    (["--question", "   "], "no question"),
 ])
-def test_conflicting_settings_are_refused_not_resolved_silently(argv, match, capsys):
-    assert main(["ask", "--question", "Q?", *argv]) == 2
+def test_conflicting_settings_and_a_blank_question_are_refused(argv, match, capsys):
+    question = [] if "--question" in argv else ["--question", "Q?"]
+    assert main(["ask", *question, *argv]) == 2
     assert match in capsys.readouterr().err
 
 

@@ -36,7 +36,7 @@ def cmd_ask(args) -> int:
         image_pos, question_pos = None, image_pos  # `ask --video clip.mp4 "question"`
     images = list(args.image or []) + ([image_pos] if image_pos else [])
     question = args.question or question_pos
-    if not question:
+    if not question or not question.strip():
         raise ValueError("no question: give it as the second argument or with --question")
     if not _is_utf8(question):
         raise ValueError(f"the question is not valid UTF-8 text: {_printable(question)}")
