@@ -108,11 +108,14 @@ def test_fixed_keep_ratio_keeps_exactly_max_minkeep_floor(n, ratio, min_keep):
     assert kept(mask) == top_indices(probs, expected_k)
 
 
-def test_fixed_keep_ratio_ignores_threshold_and_cap():
+def test_fixed_keep_ratio_ignores_threshold_and_refuses_a_cap():
     probs = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.1, 0.05, 0.02, 0.01])
-    # threshold 0.95 would keep nothing; max_keep_ratio 0.125 would cap at 1; fixed ratio 0.5 keeps 4
-    mask = select_tokens(probs, threshold=0.95, max_keep_ratio=0.125, fixed_keep_ratio=0.5)
+    # threshold 0.95 would keep nothing; fixed ratio 0.5 keeps 4
+    mask = select_tokens(probs, threshold=0.95, fixed_keep_ratio=0.5)
     assert kept(mask) == [0, 1, 2, 3]
+    # a cap beside a fixed ratio would be ignored (it was, silently): refused
+    with pytest.raises(ValueError, match="max_keep_ratio 0.125 would be ignored"):
+        select_tokens(probs, threshold=0.95, max_keep_ratio=0.125, fixed_keep_ratio=0.5)
 
 
 def test_ties_still_keep_exact_counts():

@@ -39,7 +39,7 @@ class SelectionConfig:
     max_keep_ratio: optional cap; keep at most floor(ratio * n_vis) tokens (top-k by probability).
     min_keep: floor; at least this many tokens are kept per sample (if it has that many).
     fixed_keep_ratio: matched-budget mode; keep exactly max(min_keep, floor(ratio * n_vis)) tokens, top-k,
-        ignoring the threshold and the cap.
+        ignoring the threshold (a cap beside it is refused: it would be ignored).
     """
 
     threshold: float = 0.5
