@@ -422,16 +422,11 @@ def check_writable(out_dir: str | Path, overwrite: bool = False, name: str = "re
 
 
 def _at_least(minimum: int):
-    """argparse type: a whole number >= minimum, refused by name otherwise."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    return parse
+    """argparse type: a whole number >= minimum (``cli.common.int_at_least``, imported when the parser is built: the
+    CLI package imports this module)."""
+    from ..cli.common import int_at_least
+
+    return int_at_least(minimum)
 
 
 def _float_where(ok, what: str):
