@@ -203,4 +203,4 @@ def test_cli_flops_video_bad_arguments(capsys):
         with pytest.raises(SystemExit):
             _cli(["bench", "flops", "--shape", "qwen3_vl_8b", *bad])
     err = capsys.readouterr().err
-    assert "--video-frames: must be >= 1, got 0" in err and "--frame-size: give width x height in pixels" in err
+    assert "--video-frames: must be at least 1, got 0" in err and "--frame-size: give width x height in pixels" in err

@@ -162,13 +162,6 @@ def _grid(text: str) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _pixels(text: str) -> tuple[int, int]:
     """"WxH" in pixels -> (width, height)."""
     w, sep, h = text.lower().partition("x")
@@ -456,7 +449,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     f.add_argument("--prune-layer", type=int, help="K (default: the shape's)")
     f.add_argument("--new-tokens", type=_at_least(1), default=22, help="decode steps for the decode-FLOPs total")
     f.add_argument("--json", action="store_true", help="also print one JSON line")
-    f.add_argument("--video-frames", type=_positive_int, metavar="F", help="count one video of F frames instead of "
+    f.add_argument("--video-frames", type=_at_least(1), metavar="F", help="count one video of F frames instead of "
                    "one image: ceil(F / temporal patch) frame-groups, each of --frame-size (else --grid / --n-vis) "
                    "tokens; the VIP attends over all frames jointly; Qwen3-VL adds its per-group timestamp text")
     f.add_argument("--frame-size", type=_pixels, metavar="WxH", help="video frame width x height in pixels (with "

@@ -13,13 +13,11 @@ from .method_args import _module_arg
 COMPARE_OWNED = ["runs", "compare.md", "compare.png", "k_sweep.json", "k_sweep.md", "k_sweep.png"]
 
 
-def _check_split_images(split: str, limit: int | None) -> None:
-    """A comparison reruns whole (no --resume): an image missing from the split is named, with its record, before the
-    output folder is claimed, not halfway through the first method."""
-    from ..data.records import read_records
-
+def _check_split_images(split: str, records: list) -> None:
+    """A comparison reruns whole (no --resume): an image missing from the split's ``records`` is named, with its
+    record, before the output folder is claimed, not halfway through the first method."""
     root = Path(split).parent
-    for n, rec in enumerate(read_records(split, limit), 1):
+    for n, rec in enumerate(records, 1):
         if not rec.image_path(root).is_file():
             raise ValueError(f"--split {split}: record {n} (id {rec.id}) names image {rec.image}, which is not at "
                              f"{rec.image_path(root)}")
@@ -61,8 +59,7 @@ def cmd_compare(args) -> int:
     elif args.resume:
         raise ValueError("--resume continues a `compare --task` run; a world comparison (--split) reruns whole")
     else:
-        _check_split(args.split, args.limit)
-        _check_split_images(args.split, args.limit)
+        _check_split_images(args.split, _check_split(args.split, args.limit))
     methods = args.methods or default_methods(task is not None)
     if task is not None and "oracle" in methods:
         raise ValueError(f"method 'oracle' needs ground-truth boxes; task {task.name} has none: leave it out of "

@@ -248,8 +248,8 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _check_split(path: str, limit: int | None) -> None:
-    """Before the model loads: --split is a readable records JSONL holding at least one record."""
+def _check_split(path: str, limit: int | None) -> list:
+    """Before the model loads: --split is a readable records JSONL holding at least one record; returns them."""
     from pathlib import Path
 
     from ..data.records import read_records
@@ -270,3 +270,4 @@ def _check_split(path: str, limit: int | None) -> None:
         raise ValueError(f"--split {err}") from None
     if not records:
         raise ValueError(f"--split {path} holds no records (an empty file)")
+    return records

@@ -29,13 +29,12 @@ def attention_mask(config, hidden: torch.Tensor, key_mask: torch.Tensor, cache=N
     key_mask: (B, past + q) bool, left padded, or None where no row is padded (no host read of it then);
     ``cache``: None in prefill (past = 0), the decode cache (every layer the same length ``past``) in decoding.
     Returns None, a tensor or a flex ``BlockMask``, as transformers would."""
-    if key_mask is None:
-        pass
-    elif cache is not None and cache.get_seq_length(0) + hidden.shape[1] != key_mask.shape[1]:
-        raise ValueError(f"key mask covers {key_mask.shape[1]} keys but the cache holds {cache.get_seq_length(0)} "
-                         f"+ {hidden.shape[1]} new")
-    elif cache is None and key_mask.shape[1] != hidden.shape[1]:
-        raise ValueError(f"prefill key mask covers {key_mask.shape[1]} keys for {hidden.shape[1]} queries")
+    if key_mask is not None:
+        if cache is not None and cache.get_seq_length(0) + hidden.shape[1] != key_mask.shape[1]:
+            raise ValueError(f"key mask covers {key_mask.shape[1]} keys but the cache holds "
+                             f"{cache.get_seq_length(0)} + {hidden.shape[1]} new")
+        if cache is None and key_mask.shape[1] != hidden.shape[1]:
+            raise ValueError(f"prefill key mask covers {key_mask.shape[1]} keys for {hidden.shape[1]} queries")
     return create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=key_mask, position_ids=None,
                               layer_idx=0 if cache is not None else None, **{cache_param(create_causal_mask): cache})
 
