@@ -67,6 +67,84 @@ def test_session_refuses_bad_input(session, scene):
         next(session.ask(str(image_path), question, threshold=1.5))
 
 
+def test_the_app_hands_the_uploaded_file_over_as_it_is(session, scene, tmp_path):
+    """Gradio's default image input converts to RGB itself (alpha onto black, 16-bit clipped to white), so the demo
+    answered about another image than `glimpseprune ask` would: the app must pass the uploaded file on unconverted,
+    for ``ask`` to read it as files are read."""
+    import numpy as np
+    from gradio.components.image import ImageData
+    from PIL import Image
+
+    from glimpseprune.demo import build_app
+    from glimpseprune.processing import load_image
+
+    image_path, question = scene
+    rgb = np.asarray(Image.open(image_path).convert("RGB"))
+    alpha = np.where(rgb.sum(-1) > 600, 0, 255).astype(np.uint8)  # the light background transparent
+    Image.fromarray(np.dstack([np.where(alpha[..., None] == 0, 0, rgb), alpha]).astype(np.uint8), "RGBA").save(
+        tmp_path / "alpha.png")
+    Image.fromarray(rgb.mean(-1).astype(np.uint16) * 257).save(tmp_path / "gray16.png")  # 16-bit grey
+    app = build_app(session)
+    component = next(b for b in app.blocks.values() if getattr(b, "elem_id", None) == "gp-image")
+    for name in ("alpha.png", "gray16.png"):
+        path = tmp_path / name
+        given = component.preprocess(ImageData(path=str(path), orig_name=name))
+        assert given == str(path)  # the file itself, nothing converted on the way
+        expected = _expected_image(session, load_image(path), question)
+        assert list(session.ask(given, question))[-1][2].count(f"{expected[0]}/{expected[1]}") == 1
+
+
+def _expected_image(session, image, question):
+    out = session._pruned(session.method).generate(images=[[image]], questions=[question], max_new_tokens=8)
+    return out.n_kept[0], out.n_vis[0]
+
+
+def test_an_early_module_runs_early_glimpse(scene):
+    """`demo --module DIR` with an early module ran method 'glimpse' and failed at start; it runs the module's own
+    method, as `ask` does, and keeps what that method keeps."""
+    from glimpseprune.api import apply, load_base
+    from glimpseprune.checkpoint import load_module
+    from glimpseprune.config import SelectionConfig
+    from glimpseprune.demo import DemoSession
+    from glimpseprune.processing import load_image
+
+    folder = Path(__file__).resolve().parents[1] / "results" / "early_glimpse" / "module"
+    early = DemoSession(module=str(folder), max_new_tokens=8)
+    assert early.method == "early_glimpse"
+    image_path, question = scene
+    answer, _, table = list(early.ask(str(image_path), question))[-1]
+    model, processor = load_base("embedded")
+    pm = apply(model, "early_glimpse", module=load_module(folder), selection=SelectionConfig(threshold=0.5),
+               processor=processor)
+    out = pm.generate(images=[[load_image(image_path)]], questions=[question], max_new_tokens=8)
+    assert answer == out.texts[0].strip() and f"| {out.n_kept[0]}/{out.n_vis[0]} (" in table
+
+
+def test_a_closed_stream_waits_for_its_generation(session, scene, monkeypatch):
+    """The page going away closes the stream: the lock (one request at a time) is released only after the
+    generation thread has ended, so the next request's timings are its own (a generation made to outlast the
+    stream by 1 s)."""
+    import threading
+    import time
+
+    from glimpseprune.api import PrunedModel
+
+    plain = PrunedModel.generate
+
+    def slow(self, *args, **kwargs):
+        out = plain(self, *args, **kwargs)
+        time.sleep(1.0)
+        return out
+
+    monkeypatch.setattr(PrunedModel, "generate", slow)
+    image_path, question = scene
+    before = threading.active_count()
+    stream = session.ask(str(image_path), question)
+    next(stream)
+    stream.close()
+    assert not session._lock.locked() and threading.active_count() == before
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

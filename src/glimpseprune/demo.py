@@ -77,7 +77,7 @@ class DemoSession:
                  dtype: str = "float32", max_new_tokens: int = 32):
         import torch
 
-        from .api import load_base
+        from .api import load_base, module_method_name
         from .assets import resolve_model, resolve_module
         from .checkpoint import load_plus
 
@@ -86,6 +86,7 @@ class DemoSession:
         self.model_name, self.module_name = str(model), str(module)
         base, self.processor = load_base(resolve_model(model), device, getattr(torch, dtype))
         self.model, self.module = load_plus(base, resolve_module(module), device=device)
+        self.method = module_method_name(self.module)  # an early module runs early_glimpse, as `ask` does
         self.max_new_tokens = max_new_tokens
         self._lock = threading.Lock()  # one request at a time: the timings are of that request alone
         self._warm_up()
@@ -95,7 +96,7 @@ class DemoSession:
         from PIL import Image
 
         blank = Image.new("RGB", (224, 224), (128, 128, 128))
-        for method in ("glimpse", "full"):
+        for method in (self.method, "full"):
             self._pruned(method).generate(images=[[blank]], questions=["What is shown?"], max_new_tokens=1)
 
     def _pruned(self, method: str, threshold: float = 0.5, cap: float | None = None):
@@ -105,7 +106,7 @@ class DemoSession:
         if method == "full":
             return PrunedModel(self.model, make_method("full"), self.processor)
         sel = SelectionConfig(threshold=float(threshold), max_keep_ratio=cap if cap else None)
-        return PrunedModel(self.model, make_method("glimpse", self.module, sel), self.processor)
+        return PrunedModel(self.model, make_method(self.method, self.module, sel), self.processor)
 
     @staticmethod
     def _stats(out, answer: str) -> RunStats:
@@ -136,7 +137,7 @@ class DemoSession:
             raise ValueError(f"cap must be a kept fraction between 0 and 1 (0 = no cap), got {cap}")
         image = load_image(image) if isinstance(image, (str, Path)) else to_rgb(image)  # alpha onto white, as files
         with self._lock:
-            pm = self._pruned("glimpse", threshold, cap)
+            pm = self._pruned(self.method, threshold, cap)
             inputs = pm.prepare([[image]], [question])
             streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
             result: dict[str, Any] = {}
@@ -151,10 +152,12 @@ class DemoSession:
             thread = threading.Thread(target=work, daemon=True)
             thread.start()
             text = ""
-            for piece in streamer:
-                text += piece
-                yield text, None, stats_markdown(None, None)
-            thread.join()
+            try:
+                for piece in streamer:
+                    text += piece
+                    yield text, None, stats_markdown(None, None)
+            finally:  # also when the page closes the stream: the next request must not run beside this one
+                thread.join()
             if "error" in result:
                 raise result["error"]
             out = result["out"]
@@ -190,7 +193,9 @@ def build_app(session: DemoSession, examples: list[list[str]] | None = None):
                     "table compares the same question with every visual token kept.")
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="pil", label="image", elem_id="gp-image", height=320)
+                # the uploaded file itself (image_mode=None: Gradio converts nothing), read by load_image as
+                # `ask` reads files: alpha onto white, 16-bit scaled, EXIF applied, oversized images refused
+                image = gr.Image(type="filepath", image_mode=None, label="image", elem_id="gp-image", height=320)
                 question = gr.Textbox(label="question", elem_id="gp-question", lines=1)
                 threshold = gr.Slider(0.05, 0.95, value=0.5, step=0.05, elem_id="gp-threshold",
                                       label="threshold: keep a visual token when its probability is above this")
