@@ -201,6 +201,35 @@ def test_write_vllm_folder(tiny_dir, module_dir, tmp_path):
     assert not (plain / MODULE_DIR).exists()
 
 
+def test_write_vllm_folder_from_an_opted_in_folder(tiny_dir, module_dir, tmp_path, monkeypatch):
+    """A served folder as the base of another: its own module is replaced by the new one (the copy collided with the
+    linked one and left a half-made folder that refused every retry); an output inside the model folder (it linked
+    itself) is refused; a failure while writing leaves nothing behind."""
+    import shutil
+
+    first = write_vllm_folder(tiny_dir, tmp_path / "v1", "early_glimpse", 0.25, module=module_dir)
+    other = tmp_path / "other_module"
+    shutil.copytree(module_dir, other)
+    second = write_vllm_folder(first, tmp_path / "v2", "early_glimpse", 0.5, module=other)
+    copied = second / MODULE_DIR
+    assert copied.is_dir() and not copied.is_symlink() and (copied / WEIGHTS_NAME).is_file()
+    assert json.loads((second / "config.json").read_text())[SECTION] == \
+        {"method": "early_glimpse", "keep_ratio": 0.5, "module": MODULE_DIR}
+    plain = write_vllm_folder(first, tmp_path / "v3", "random", 0.5)  # no module: the old one is not carried over
+    assert not (plain / MODULE_DIR).exists()
+    with pytest.raises(ValueError, match="inside the model folder"):
+        write_vllm_folder(tiny_dir, Path(tiny_dir) / "served", "random", 0.5)
+    assert not (Path(tiny_dir) / "served").exists()
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(shutil, "copytree", broken)
+    with pytest.raises(OSError, match="disk full"):
+        write_vllm_folder(tiny_dir, tmp_path / "v4", "early_glimpse", 0.25, module=module_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other_module", "v1", "v2", "v3"]
+
+
 def test_write_vllm_folder_refuses(tiny_dir, llava_dir, tmp_path):
     busy = tmp_path / "busy"
     busy.mkdir()

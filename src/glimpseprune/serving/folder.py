@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -67,17 +68,27 @@ def write_vllm_folder(model_dir: str | Path, out_dir: str | Path, method: str, k
         raise ValueError(f"{out} already exists and is not an empty folder; choose a new output folder")
     if out.resolve() == src.resolve():
         raise ValueError("the output folder must differ from the model folder")
+    if src.resolve() in out.resolve().parents:
+        raise ValueError(f"the output folder {out} lies inside the model folder {src}: it would link itself; "
+                         "choose a folder outside it")
     if module is not None:
         _check_module(module, src, method)
-    out.mkdir(parents=True, exist_ok=True)
-    for f in sorted(src.iterdir()):
-        if f.name != "config.json" and not f.name.startswith("."):
-            (out / f.name).symlink_to(f.resolve())
-    stored = None
-    if module is not None:
-        shutil.copytree(module, out / MODULE_DIR)
-        stored = MODULE_DIR
-    config["architectures"] = [ARCHITECTURE]
-    config[SECTION] = section_for(method, keep_ratio, stored, method_args)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    entries = [f for f in sorted(src.iterdir())  # an opted-in base's own module is replaced, not linked
+               if f.name not in ("config.json", MODULE_DIR) and not f.name.startswith(".")]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:  # written beside it and renamed at the end: a failure leaves no half-made folder
+        for f in entries:
+            (work / f.name).symlink_to(f.resolve())
+        stored = None
+        if module is not None:
+            shutil.copytree(module, work / MODULE_DIR)
+            stored = MODULE_DIR
+        config["architectures"] = [ARCHITECTURE]
+        config[SECTION] = section_for(method, keep_ratio, stored, method_args)
+        (work / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        work.rename(out)  # onto nothing or an empty folder
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     return out
