@@ -381,6 +381,10 @@ def test_convert_unreadable_upstream_weights(tmp_path, kind):
     (lambda b: b.__setitem__("le_norm", torch.ones(16)), "le_norm"),
     (lambda b: b.__setitem__("learnable_embeddings", torch.zeros(2, 1, 16)), "learnable_embeddings"),
     (lambda b: b.pop("le_proj"), "le_proj"),
+    (lambda b: b.__setitem__("le_extra_proj", {"weight": torch.zeros(2, 2)}), "le_extra_proj"),  # would be dropped
+    (lambda b: b["attn_fuser"].__setitem__("out_proj.weight", next(  # beside the last head's: two of one key
+        v for k, v in b["attn_fuser"].items() if k.startswith("attn_out_projs.") and k.endswith(".weight"))),
+     "vip.out_proj.weight"),
 ])
 def test_convert_rejects_bad_upstream_tensors(tmp_path, edit, key):
     src = small_module()

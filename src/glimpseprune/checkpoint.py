@@ -497,6 +497,10 @@ def _read_upstream_weights(path: Path) -> dict:
     missing_keys = {"attn_fuser", "learnable_embeddings", "le_proj", "le_norm"} - set(blob)
     if missing_keys:
         raise ValueError(f"{path} lacks the upstream keys {sorted(missing_keys)}")
+    unknown = sorted(str(k) for k in set(blob) - {"attn_fuser", "learnable_embeddings", "le_proj", "le_norm"})
+    if unknown:  # a part the conversion would drop: the module would compute without it
+        raise ValueError(f"{path} holds parts this conversion does not know: {unknown} (an upstream release saves "
+                         "attn_fuser, learnable_embeddings, le_proj and le_norm only)")
     for part in ("attn_fuser", "le_proj", "le_norm"):
         if not isinstance(blob[part], dict) or not all(isinstance(k, str) for k in blob[part]):
             kind = type(blob[part]).__name__
@@ -519,6 +523,9 @@ def _upstream_state(blob: dict, n_vip_layers: int) -> tuple[dict[str, Any], dict
                 logger.warning("dropping deep-supervision head %s (only the last head decides)", k)
                 continue
             key = "out_proj." + k[len(last_head):]
+        if f"vip.{key}" in state:  # e.g. both out_proj.* and the last attn_out_projs.*: which one decides?
+            raise ValueError(f"attn_fuser.{k} and {names[f'vip.{key}']} both give vip.{key}: the release is "
+                             "ambiguous")
         state[f"vip.{key}"], names[f"vip.{key}"] = v, f"attn_fuser.{k}"
     return state, names
 
@@ -546,7 +553,10 @@ def convert_upstream(src: str | Path, out_dir: str | Path, vision_depth: int | N
         cfg = _upstream_config(raw, vision_depth)
     except ValueError as e:
         raise ValueError(f"{cfg_file}: {e}") from e
-    state, names = _upstream_state(_read_upstream_weights(w_file), cfg.n_vip_layers)
+    try:
+        state, names = _upstream_state(_read_upstream_weights(w_file), cfg.n_vip_layers)
+    except ValueError as e:
+        raise ValueError(e.args[0] if str(w_file) in str(e) else f"{w_file}: {e}") from None
     _check_tensors(state, _expected_state(cfg), w_file, names)
     module = GlimpseModule(cfg)
     module.load_state_dict(state)
