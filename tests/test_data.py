@@ -273,6 +273,12 @@ GOOD = {"question": "q?", "answer": "a", "image": "x.png", "width": 10, "height"
     (json.dumps({**GOOD, "question": "  "}), "question must be a non-empty string"),
     (json.dumps({**GOOD, "answer": None}), "answer must be a string"),
     (json.dumps({**GOOD, "image": 3}), "image must be a non-empty string"),
+    (json.dumps({**GOOD, "width": None}), "width must be a whole number of pixels > 0, got None"),
+    (json.dumps({**GOOD, "height": "abc"}), "height must be a whole number"),
+    (json.dumps({**GOOD, "width": 0}), "width must be a whole number of pixels > 0"),
+    (json.dumps({**GOOD, "width": 10.5}), "width must be a whole number"),
+    (json.dumps({**GOOD, "bboxs": [[0, None, 5, 5]]}), r"\(numbers\)"),
+    (json.dumps({**GOOD, "bboxs": [[0, "1", 5, 5]]}), r"\(numbers\)"),
 ])
 def test_bad_rows_name_file_and_line(tmp_path, bad, match):
     path = write_lines(tmp_path / "bad.jsonl", [json.dumps(GOOD), "", bad, json.dumps(GOOD)])
@@ -284,3 +290,13 @@ def test_bad_rows_name_file_and_line(tmp_path, bad, match):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no record file"):
         read_records(tmp_path / "nope.jsonl")
+
+
+def test_numeric_string_sizes_and_repeated_ids(tmp_path, caplog):
+    rows = [{**GOOD, "id": "a", "width": "10"}, {**GOOD, "id": "a"}, {**GOOD, "id": "a#2"}, {**GOOD, "id": "a"}]
+    path = write_lines(tmp_path / "ids.jsonl", [json.dumps(r) for r in rows])
+    with caplog.at_level("WARNING"):
+        recs = read_records(path)
+    assert recs[0].width == 10
+    assert [r.id for r in recs] == ["a", "a#3", "a#2", "a#4"]  # unique, in file order; the file's own a#2 kept
+    assert "2 records repeat" in caplog.text

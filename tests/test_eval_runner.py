@@ -179,3 +179,100 @@ def test_judged_task_killed_and_resumed_asks_the_judge_nothing_twice(split, tmp_
         assert half["judge_model"] == "judge-m" and 0.3 <= half["score"] <= 0.9
     finally:
         server.close()
+
+
+def test_a_judge_that_fails_mid_run_stops_it_and_resume_asks_again(split, tmp_path, monkeypatch, capsys):
+    """The judge answers the health check and the first batch, then returns HTTP 500: the run stops naming it (the
+    failed batch is not saved as wrong answers), and --resume against a healthy judge grades the rest."""
+    from test_rewards import JudgeServer
+
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.delenv("GLIMPSEPRUNE_JUDGE_API_KEY", raising=False)
+
+    class JudgedWorld(WorldTask):
+        name, metric = "world_judged", "judge"
+
+    register_task(JudgedWorld(), replace=True)
+    healthy = {"on": False}
+    server = JudgeServer(lambda body, n: (200, "score: 1", 0.0) if n <= 5 or healthy["on"] else (500, "down", 0.0))
+    try:
+        args = ["eval", "--task", "world_judged", "--data", str(split.parent), "--batch-size", "4",
+                "--judge-url", server.url, "--judge-model", "judge-m", "--out", str(tmp_path / "o")]
+        assert main(args) == 2
+        assert "HTTP 500" in capsys.readouterr().err
+        saved = _rows(tmp_path / "o" / "samples.jsonl")
+        assert len(saved) == 4 and all(r["score"] == 1.0 for r in saved.values())  # the batch graded before it
+        healthy["on"] = True
+        assert main([*args, "--resume"]) == 0
+        summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+        assert summary["n"] == summary["n_scored"] == 12 and summary["score"] == 1.0
+    finally:
+        server.close()
+
+
+def test_skip_leaves_out_only_the_bad_sample_of_a_batch(split, tmp_path):
+    """--on-error skip with one unreadable image in a batch of 4: that sample alone is skipped and named (the whole
+    batch was, with the first sample's id in the message)."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(split.parent, data)
+    rows = [json.loads(line) for line in (data / "records.jsonl").read_text().splitlines()]
+    (data / rows[5]["image"]).write_bytes(b"not a png")
+    assert main(["eval", "--task", "world", "--data", str(data), "--batch-size", "4", "--on-error", "skip",
+                 "--out", str(tmp_path / "o")]) == 0
+    errors = [json.loads(line) for line in (tmp_path / "o" / "errors.jsonl").read_text().splitlines()]
+    assert [e["id"] for e in errors] == [rows[5]["id"]]
+    assert len(_rows(tmp_path / "o" / "samples.jsonl")) == 11
+
+
+def test_resume_follows_the_split_and_refuses_another_answer_length(split, tmp_path, capsys):
+    import shutil
+
+    mine = tmp_path / "mine"
+    shutil.copytree(split.parent, mine)
+    args = ["eval", "--split", str(mine / "records.jsonl"), "--batch-size", "4", "--limit", "4",
+            "--out", str(tmp_path / "s")]
+    assert main(args) == 0
+    capsys.readouterr()
+    write_split(mine, n=12, seed=3, overwrite=True)  # the same split written again: the run continues
+    assert main([*args, "--resume"]) == 0
+    rows = [json.loads(line) for line in mine.joinpath("records.jsonl").read_text().splitlines()]
+    rows[1]["answer"] = "purple"  # a record that now expects another answer
+    mine.joinpath("records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main([*args, "--resume"]) == 2
+    assert "no longer match the records" in capsys.readouterr().err
+    write_split(mine, n=12, seed=4, overwrite=True)  # another split at the same path: other ids
+    assert main([*args, "--resume"]) == 0
+    assert "4 saved results belong to records no longer in" in capsys.readouterr().err
+    ids = {json.loads(line)["id"] for line in mine.joinpath("records.jsonl").read_text().splitlines()[:4]}
+    assert set(_rows(tmp_path / "s" / "samples.jsonl")) == ids  # only the new split's records, not 8 mixed
+    targs = ["eval", "--task", "world", "--data", str(split.parent), "--limit", "4", "--out", str(tmp_path / "t")]
+    assert main([*targs, "--max-new-tokens", "8"]) == 0
+    assert main([*targs, "--max-new-tokens", "2", "--resume"]) == 2
+    assert "max_new_tokens: 8 -> 2" in capsys.readouterr().err
+
+
+def test_a_mistyped_task_does_not_claim_the_folder(split, tmp_path):
+    out = tmp_path / "o"
+    assert main(["eval", "--task", "gqa", "--data", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert main(["eval", "--task", "world", "--data", str(split.parent), "--limit", "2", "--out", str(out)]) == 0
+
+
+def test_repeated_record_ids_are_all_evaluated_and_resumed(split, tmp_path):
+    """Visual-CoT restarts question_id in every subset: records sharing an id are named ID#2, ... so that a resumed
+    run neither drops nor double counts them."""
+    data = tmp_path / "dup"
+    data.mkdir()
+    rows = [json.loads(line) for line in split.read_text().splitlines()][:6]
+    for i, r in enumerate(rows):
+        r["id"] = f"q{i // 2}"
+        r["image"] = str((split.parent / r["image"]).resolve())
+    (data / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["eval", "--split", str(data / "records.jsonl"), "--batch-size", "2", "--out", str(tmp_path / "o")]
+    assert main(args) == 0
+    samples = tmp_path / "o" / "samples.jsonl"
+    assert sorted(_rows(samples)) == ["q0", "q0#2", "q1", "q1#2", "q2", "q2#2"]
+    samples.write_text("\n".join(samples.read_text().splitlines()[:3]) + "\n")
+    assert main([*args, "--resume"]) == 0
+    assert len(_rows(samples)) == 6 and json.loads((tmp_path / "o" / "summary.json").read_text())["n"] == 6

@@ -739,3 +739,38 @@ def test_vstar(tmp_path):
                                                  "label": "A"}])
     with pytest.raises(ValueError, match="no \\(A\\)/\\(B\\) options"):
         task.load(root)
+
+
+def test_vstar_options_may_hold_parentheses():
+    from glimpseprune.eval.tasks.vstar import split_options
+
+    assert split_options("Q?\n(A) red (dark)\n(B) blue\n(C) green (C) or teal\n(D) white") == \
+        ("Q?", ["red (dark)", "blue", "green (C) or teal", "white"])
+    assert split_options("Q? (A) x (B) y") == ("Q?", ["x", "y"])
+    assert split_options("no options here") == ("no options here", [])
+
+
+def test_a_test_split_keeps_predictions_unscored(tmp_path):
+    """MMBench's test TSV has no answers: every prediction is kept for the submission server, none is scored (the
+    run failed with an IndexError after its first batch)."""
+    from glimpseprune.cli import main
+
+    root = make_mmbench(tmp_path / "d", "MMBench_TEST_EN.tsv", answers=False)
+    assert main(["eval", "--task", "mmbench_en_test", "--data", str(root), "--out", str(tmp_path / "o")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "o" / "samples.jsonl").read_text().splitlines()]
+    assert rows and all(r["score"] is None and isinstance(r["prediction"], str) for r in rows)
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["n"] == len(rows) and summary["n_scored"] == 0
+
+
+def test_chartqa_summary_has_its_split_scores():
+    from glimpseprune.eval.runner import summarize_task
+
+    def row(split, score):
+        return {"meta": {"type": split}, "score": score, "kept_frac": 0.5, "kv_len": 10, "prefill_ms": 1.0,
+                "decode_ms": 1.0}
+
+    summary = summarize_task(get_task("chartqa"), [row("human_test", 1.0), row("human_test", 0.0),
+                                                   row("augmented_test", 1.0)])
+    assert summary["per_category"] == {"augmented_test": {"n": 1, "score": 1.0}, "human_test": {"n": 2, "score": 0.5}}
+    assert summary["score"] == pytest.approx(2 / 3)

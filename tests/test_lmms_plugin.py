@@ -14,7 +14,7 @@ import pytest
 
 from glimpseprune.assets import resolve_model, resolve_module
 from glimpseprune.data.records import write_split
-from glimpseprune.eval.lmms_plugin import GlimpsePruneLMMS, clean_context, truncate_at
+from glimpseprune.eval.lmms_plugin import GlimpsePruneLMMS, clean_context, decoding_kwargs, truncate_at
 
 TASK = "gp_world_tiny"
 
@@ -30,6 +30,20 @@ def test_context_and_until_helpers():
     assert clean_context("<image>\nWhat colour is the triangle?") == "What colour is the triangle?"
     assert clean_context("<image 1> <image_2>How many?  ") == "How many?"
     assert truncate_at("red\nmore", ["\n"]) == "red" and truncate_at("red", []) == "red"
+
+
+def test_generation_kwargs_follow_lmms_eval():
+    """Sampling exactly when temperature > 0 (lmms-eval's rule), with top_p / top_k; greedy otherwise (a task's
+    temperature 0.7 was decoded greedily and do_sample with temperature 0 sampled at 1.0); beams refused."""
+    assert decoding_kwargs({"temperature": 0.7, "top_p": 0.5, "until": ["\n"]}) == \
+        {"do_sample": True, "temperature": 0.7, "top_p": 0.5}
+    assert decoding_kwargs({"do_sample": True, "temperature": 0, "top_p": None}) == {"do_sample": False}
+    assert decoding_kwargs({}) == {"do_sample": False}
+    assert decoding_kwargs({"temperature": 1, "top_k": "5", "repetition_penalty": 1.1}) == \
+        {"do_sample": True, "temperature": 1.0, "top_k": 5, "repetition_penalty": 1.1}
+    assert decoding_kwargs({"num_beams": 1}) == {"do_sample": False}
+    with pytest.raises(ValueError, match="num_beams=3: beam search is not supported"):
+        decoding_kwargs({"num_beams": 3})
 
 
 @pytest.fixture(scope="module")

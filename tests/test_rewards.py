@@ -280,9 +280,11 @@ def test_judge_api_key_from_env(serve, monkeypatch):
 def test_parse_score():
     assert parse_score("SCORE: .5") == 0.5
     assert parse_score("score:1") == 1.0
-    assert parse_score("Score: 1.7 ") == 1.0  # clipped
     for bad in ("I give it 0.9", "score: high", "score: 0.2\nscore: 0.9", "score: -0.5"):
         with pytest.raises(ValueError, match="exactly one expected"):
+            parse_score(bad)
+    for bad in ("Score: 1.7 ", "score: 7"):  # another scale: not full marks
+        with pytest.raises(ValueError, match="outside 0..1"):
             parse_score(bad)
 
 
@@ -291,8 +293,9 @@ def test_judge_malformed_scores(serve, caplog):
     server = serve(lambda body, n: (200, replies[body["messages"][1]["content"].rsplit(": ", 1)[1]], 0.0))
     with caplog.at_level(logging.WARNING, logger="glimpseprune.rewards.judge"):
         got = judge(server, on_error="zero")([ri("none"), ri("two"), ri("big")])
-    assert got == [0.0, 0.0, 1.0]
-    assert sum("scoring 0" in r.getMessage() for r in caplog.records) == 2
+    assert got == [0.0, 0.0, 0.0]
+    assert sum("scoring 0" in r.getMessage() for r in caplog.records) == 3
+    assert judge(server, on_error="zero_malformed")([ri("none"), ri("big")]) == [0.0, 0.0]  # replies: scored 0
     for bad in ("none", "two"):
         with pytest.raises(ValueError, match=r"exactly one expected.*" + replies[bad][:10]):
             judge(server, on_error="raise")([ri(bad)])
@@ -323,6 +326,8 @@ def test_judge_client_error_is_not_retried(serve):
     assert len(server.requests) == 1
     assert judge(server, retries=3, on_error="zero")([ri("Paris")]) == [0.0]
     assert len(server.requests) == 2
+    with pytest.raises(JudgeError, match="HTTP 404"):  # what training uses: a failed request is not a wrong answer
+        judge(server, retries=3, on_error="zero_malformed")([ri("Paris")])
 
 
 def test_judge_connection_refused(serve):

@@ -60,6 +60,22 @@ def test_judge_that_refuses_connections_fails_before_training(tmp_path):
     assert not list((tmp_path / "run").glob("checkpoint-*"))
 
 
+def test_a_judge_failing_after_its_check_stops_training(tmp_path, monkeypatch):
+    """The judge answers the check before training, then returns HTTP 500: the step fails naming it, instead of
+    scoring every rollout 0 (a right answer whose request failed would be pushed down against its group)."""
+    from test_rewards import JudgeServer
+
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    server = JudgeServer(lambda body, n: (200, "score: 1", 0.0) if n == 1 else (500, "overloaded", 0.0))
+    try:
+        cfg = _cfg(tmp_path, rewards=["judge"], judge_url=server.url, judge_model="m", max_steps=1)
+        with pytest.raises(ValueError, match="HTTP 500"):
+            train_stage2(cfg)
+    finally:
+        server.close()
+    assert len(server.requests) > 1 and not (tmp_path / "run" / "module").exists()
+
+
 def test_a_module_for_another_base_is_refused(tmp_path, tiny_dir):
     cfg = _cfg(tmp_path, model=str(tiny_dir))  # the embedded module belongs to the embedded model
     with pytest.raises(ValueError, match="another base model"):

@@ -40,6 +40,8 @@ def _eval_one(args, method: str | None, out, resume: bool) -> tuple[dict, dict]:
     ensure_writable_dir(out)
     samples, errors = out / "samples.jsonl", out / "errors.jsonl"
     done = read_rows(samples) if resume else []
+    if done:
+        done = _matching_rows(done, args.split, args.limit, args)
     if resume and done:
         _note(args, f"resuming {out}: {len(done)} samples already evaluated")
     pm, module_used = _load(args)
@@ -100,7 +102,7 @@ def _eval_task(args, method: str | None, out, resume: bool) -> tuple[dict, dict 
 
     args = _for_method(args, method)
     task = get_task(args.task)
-    samples = task.load(args.data, args.limit)  # a missing or foreign layout fails here, before the model loads
+    samples = getattr(args, "task_samples", None) or task.load(args.data, args.limit)  # read by cmd_eval
     if not samples:
         raise ValueError(f"{args.task}: no samples in {args.data}")
     judge = None
@@ -187,7 +189,9 @@ def _judge(args, out):
 
     if not (args.judge_url and args.judge_model):
         raise ValueError(f"task {args.task} is scored by an LLM judge: pass --judge-url and --judge-model")
-    cfg = JudgeConfig(url=args.judge_url, model=args.judge_model, on_error="zero",
+    # a reply without a usable score is that answer's 0; a request that fails stops the run (its rows are not
+    # written, so --resume asks again) instead of being saved as a wrong answer
+    cfg = JudgeConfig(url=args.judge_url, model=args.judge_model, on_error="zero_malformed",
                       cache_dir=args.judge_cache or str(out / "judge_cache"))
     check_judge(cfg)  # a judge that refuses connections fails here, before the first sample
     return JudgeReward(config=cfg)
@@ -207,8 +211,17 @@ def cmd_eval(args) -> int:
     if args.split is not None:
         _check_split(args.split, args.limit)
     out = Path(args.out)
+    if args.task is not None:  # an unknown task or a foreign layout fails here, before the folder is claimed
+        from ..eval.tasks import get_task
+
+        args.task_samples = get_task(args.task).load(args.data, args.limit)
+        if not args.task_samples:
+            raise ValueError(f"{args.task}: no samples in {args.data}")
+    # what decides the results; a resumed run must match them (the split's rows are matched to its records on
+    # resume, see _matching_rows); for a task, the answer length too (free-form answers are cut by it)
     source = ({"split": str(Path(args.split).resolve())} if args.split else
-              {"task": args.task, "data": str(Path(args.data).resolve()), "judge_model": args.judge_model})
+              {"task": args.task, "data": str(Path(args.data).resolve()), "judge_model": args.judge_model,
+               "max_new_tokens": args.max_new_tokens})
     settings = {**source, "limit": args.limit, "model": str(args.model),
                 "module": _module_arg(args), "method": args.method, "compare_full": args.compare_full,
                 "selection": dataclasses.asdict(_selection(args)), "dtype": args.dtype,
@@ -246,6 +259,25 @@ def cmd_eval(args) -> int:
     if args.json and result is not None:  # None: a non-main process of a multi-process launch
         print(json.dumps(result, default=str))
     return 0
+
+
+def _matching_rows(done: list[dict], split: str, limit: int | None, args) -> list[dict]:
+    """The saved rows of a resumed ``eval --split`` that belong to the split as it is now: a row whose record is gone
+    is dropped (noted); one whose record now asks another question or expects another answer means the file was
+    replaced under the run, which is refused rather than mixed into one summary."""
+    from ..data.records import read_records
+
+    records = {r.id: r for r in read_records(split, limit)}
+    changed = [row["id"] for row in done if row["id"] in records and
+               (row.get("question"), row.get("answer")) != (records[row["id"]].question, records[row["id"]].answer)]
+    if changed:
+        raise ValueError(f"cannot resume: {len(changed)} saved results no longer match the records of {split} with "
+                         f"their ids (e.g. {changed[0]!r}: another question or answer); the split was replaced "
+                         "since that run: pass --overwrite to start again")
+    kept = [row for row in done if row["id"] in records]
+    if len(kept) < len(done):
+        _note(args, f"{len(done) - len(kept)} saved results belong to records no longer in {split}: left out")
+    return kept
 
 
 def _check_split(path: str, limit: int | None) -> list:

@@ -14,6 +14,7 @@ height, bboxs, dataset``) read as they are, with ``family`` taken from ``dataset
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from .world import FAMILIES, WorldConfig, render, sample
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,6 +49,22 @@ class Record:
         return q
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _positive_int(v, key: str, where: str) -> int:
+    """A record's width / height: a whole number > 0 (a numeric string too), else an error naming file and line."""
+    try:
+        n = float(v) if isinstance(v, str) else v
+        ok = _is_number(n) and n == int(n) and n > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{where}: {key} must be a whole number of pixels > 0, got {v!r:.60}")
+    return int(n)
+
+
 def _parse(row: dict, where: str) -> Record:
     missing = [k for k in ("question", "answer", "image", "width", "height") if k not in row]
     if missing:
@@ -55,15 +74,17 @@ def _parse(row: dict, where: str) -> Record:
             raise ValueError(f"{where}: {key} must be a non-empty string, got {row[key]!r:.60}")
     if row["answer"] is None or isinstance(row["answer"], (bool, list, dict)):
         raise ValueError(f"{where}: answer must be a string (or a number), got {row['answer']!r:.60}")
+    size = {k: _positive_int(row[k], k, where) for k in ("width", "height")}
     boxes = row.get("bboxs", row.get("bboxes", [])) or []
     if not isinstance(boxes, list):
         raise ValueError(f"{where}: bboxs must be a list of [x1, y1, x2, y2] boxes, got {boxes!r:.60}")
     for box in boxes:
-        if not isinstance(box, list) or len(box) != 4 or box[2] < box[0] or box[3] < box[1]:
-            raise ValueError(f"{where}: box {box} is not [x1, y1, x2, y2] with x1 <= x2, y1 <= y2")
+        if not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box) \
+                or box[2] < box[0] or box[3] < box[1]:
+            raise ValueError(f"{where}: box {box} is not [x1, y1, x2, y2] (numbers) with x1 <= x2, y1 <= y2")
     return Record(
         id=str(row.get("id", row.get("question_id", where))), image=str(row["image"]), question=str(row["question"]),
-        answer=str(row["answer"]), width=int(row["width"]), height=int(row["height"]),
+        answer=str(row["answer"]), width=size["width"], height=size["height"],
         bboxs=[[float(v) for v in b] for b in boxes], family=str(row.get("family", row.get("dataset", ""))),
     )
 
@@ -85,7 +106,29 @@ def read_records(path: str | Path, limit: int | None = None) -> list[Record]:
             out.append(_parse(row, f"{path}:{n}"))
             if limit is not None and len(out) >= limit:
                 break
-    return out
+    return _unique_ids(out, path)
+
+
+def _unique_ids(records: list[Record], path: Path) -> list[Record]:
+    """Results are matched to records by id (``--resume``, errors): a repeated id (Visual-CoT restarts
+    ``question_id`` in every subset) becomes ``ID#2``, ``ID#3``, ... in file order, with a warning."""
+    seen = {r.id for r in records}
+    counts: dict[str, int] = {}
+    renamed = 0
+    for r in records:
+        counts[r.id] = counts.get(r.id, 0) + 1
+        if counts[r.id] > 1:
+            k, new = counts[r.id], f"{r.id}#{counts[r.id]}"
+            while new in seen:  # the file may hold an "ID#2" of its own
+                k += 1
+                new = f"{r.id}#{k}"
+            seen.add(new)
+            r.id = new
+            renamed += 1
+    if renamed:
+        logger.warning("%s: %d records repeat an earlier record's id; they are named ID#2, "
+                                            "ID#3, ... in file order", path, renamed)
+    return records
 
 
 def boxes_to_token_mask(boxes, width: int, height: int, grid_h: int, grid_w: int) -> np.ndarray:

@@ -55,6 +55,35 @@ def manifest():
     return ModelManifest(model_id=MODEL_ID, simple_class_path=CLASS_PATH)
 
 
+# generation_kwargs that lmms-eval tasks set and what becomes of them here; others are logged once and ignored
+KNOWN_GEN_KWARGS = {"until", "max_new_tokens", "temperature", "do_sample", "top_p", "top_k", "num_beams",
+                    "repetition_penalty"}
+_warned: set[str] = set()
+
+
+def decoding_kwargs(gen_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``PrunedModel.generate`` settings from a task's ``generation_kwargs``, by lmms-eval's own convention (its
+    simple Qwen2.5-VL model): sampling exactly when ``temperature > 0`` (``do_sample`` alone does not sample), then
+    with ``top_p`` / ``top_k``; greedy otherwise; ``repetition_penalty`` either way. Beam search is refused."""
+    if int(gen_kwargs.get("num_beams") or 1) > 1:
+        raise ValueError(f"generation_kwargs num_beams={gen_kwargs['num_beams']}: beam search is not supported "
+                         "(the pruning runtime decodes greedily or by sampling)")
+    unknown = sorted(set(gen_kwargs) - KNOWN_GEN_KWARGS - _warned)
+    if unknown:
+        _warned.update(unknown)
+        eval_logger.warning(f"glimpseprune ignores generation_kwargs {unknown}")
+    temperature = float(gen_kwargs.get("temperature") or 0.0)
+    out: dict[str, Any] = {"do_sample": temperature > 0}
+    if temperature > 0:
+        out["temperature"] = temperature
+        for key, cast in (("top_p", float), ("top_k", int)):
+            if gen_kwargs.get(key) is not None:
+                out[key] = cast(gen_kwargs[key])
+    if gen_kwargs.get("repetition_penalty") is not None:
+        out["repetition_penalty"] = float(gen_kwargs["repetition_penalty"])
+    return out
+
+
 def _optional(value: Any) -> Any:
     """None for lmms-eval's spellings of "unset" in ``--model_args`` ("", "none", "null")."""
     if value is None or (isinstance(value, str) and value.strip().lower() in {"", "none", "null"}):
@@ -169,11 +198,9 @@ class GlimpsePruneLMMS(lmms):
             images = [_as_images(doc_to_visual(self.task_dict[task][split][doc_id]))
                       for _, _, doc_to_visual, doc_id, task, split in args]
             questions = [clean_context(a[0]) for a in args]
-            do_sample = bool(gen_kwargs.get("do_sample", False))
             out = self.pm.generate(images=images, questions=questions,
                                    max_new_tokens=int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens),
-                                   do_sample=do_sample,
-                                   temperature=float(gen_kwargs.get("temperature") or 1.0) if do_sample else 1.0)
+                                   **decoding_kwargs(gen_kwargs))
             tokenizer = getattr(self.pm.processor, "tokenizer", None)
             for b, i in enumerate(batch):
                 text = truncate_at(out.texts[b], until).strip()

@@ -27,8 +27,11 @@ def _choices(meta: dict) -> list[str] | None:
 
 
 def score(task, sample, pred: str) -> float | None:
-    """The per-sample score of ``pred`` under the task's metric; None for the judge (scored in batches)."""
+    """The per-sample score of ``pred`` under the task's metric; None for the judge (scored in batches) and for a
+    sample without reference answers (a test split, e.g. MMBench's: its predictions are kept for the server)."""
     m, refs = task.metric, sample.answers
+    if not refs:
+        return None
     if m == "vqa_accuracy":
         return metrics.vqa_accuracy(pred, refs)
     if m == "anls":
@@ -93,12 +96,15 @@ def _batch(pm, task, chunk, rows, n_layers, max_new_tokens, on_row, judge, on_er
                                   source=str(s.video[0].parent)) if s.video else None for s in chunk]
         out = pm.generate(images=images, questions=[s.prompt for s in chunk], max_new_tokens=max_new_tokens, **kw)
     except ValueError as err:
+        if len(chunk) > 1:  # find the sample(s) at fault: the others are evaluated, one at a time
+            for s in chunk:
+                _batch(pm, task, [s], rows, n_layers, max_new_tokens, on_row, judge, on_error, on_skip)
+            return
         if on_error != "skip":
-            raise ValueError(f"{task.name}: batch starting at sample {chunk[0].id}: {err}") from err
-        for s in chunk:
-            logger.error("skipped %s: %s", s.id, err)
-            if on_skip is not None:
-                on_skip(s.id, str(err))
+            raise ValueError(f"{task.name}: sample {chunk[0].id}: {err}") from err
+        logger.error("skipped %s: %s", chunk[0].id, err)
+        if on_skip is not None:
+            on_skip(chunk[0].id, str(err))
         return
     per = {k: 1000.0 * out.timing[k] / len(chunk) for k in ("prefill", "decode")}
     new = []
@@ -112,10 +118,11 @@ def _batch(pm, task, chunk, rows, n_layers, max_new_tokens, on_row, judge, on_er
                     "kept_frac": out.n_kept[b] / max(out.n_vis[b], 1), "kv_len": out.kv_len[b],
                     "entering": counts[0], "equivalent": statistics.fmean(counts),
                     "prefill_ms": per["prefill"], "decode_ms": per["decode"]})
-    if judge is not None:
-        marks = judge([RewardInput(question=s.question, answer=s.answers[0] if s.answers else "",
-                                   completion=r["prediction"]) for s, r in zip(chunk, new, strict=True)])
-        for r, m in zip(new, marks, strict=True):
+    graded = [(s, r) for s, r in zip(chunk, new, strict=True) if s.answers]  # no reference: nothing to grade
+    if judge is not None and graded:
+        marks = judge([RewardInput(question=s.question, answer=s.answers[0], completion=r["prediction"])
+                       for s, r in graded])
+        for (_, r), m in zip(graded, marks, strict=True):
             r["score"] = float(m)
     for r in new:
         rows.append(r)
@@ -131,12 +138,13 @@ def summarize_task(task, rows: list[dict], meta: dict | None = None) -> dict:
     """The task's headline score (``score``: the mean per-sample score, or the task's own aggregate) and
     breakdowns, with kept-token and timing statistics."""
     scores = [r["score"] for r in rows if r.get("score") is not None]
-    out: dict = {**(meta or {}), "task": task.name, "metric": task.metric, "n": len(rows), "score": _mean(scores),
+    out: dict = {**(meta or {}), "task": task.name, "metric": task.metric, "n": len(rows), "n_scored": len(scores),
+                 "score": _mean(scores),
                  "kept_frac": _mean([r["kept_frac"] for r in rows]), "mean_kv_len": _mean([r["kv_len"] for r in rows]),
                  "ms_per_sample": {k: _mean([r[f"{k}_ms"] for r in rows]) for k in ("prefill", "decode")}}
     groups: dict[str, list[dict]] = {}
     for r in rows:
-        key = r["meta"].get("subset") or r["meta"].get("category")
+        key = r["meta"].get("subset") or r["meta"].get("category") or r["meta"].get("type")  # type: ChartQA's split
         if key:
             groups.setdefault(str(key), []).append(r)
     if task.metric == "pope":

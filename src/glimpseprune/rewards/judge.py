@@ -1,12 +1,15 @@
 """``judge``: an LLM grades each completion against the reference, over any OpenAI-compatible chat-completions
 endpoint (e.g. ``vllm serve`` at ``http://localhost:8000/v1``). Standard library only.
 
-Each sample is one request (temperature 0) whose reply must hold exactly one ``score: <number>``; the number is
-clipped to [0, 1]. Requests run ``concurrency`` at a time; identical prompts in a batch are asked once. Every request
-has ``timeout_s``; HTTP 5xx, 408 and 429, refused or dropped connections and timeouts are retried ``retries`` times
-with exponential backoff, other 4xx replies are not, so a judge that is down costs a bounded time per batch. A sample
-whose request fails or whose reply holds no single score raises ``JudgeError`` (a ValueError), or, with
-``on_error="zero"``, is logged and scored 0. Call ``check_judge`` once before training: it fails fast, naming the
+Each sample is one request (temperature 0) whose reply must hold exactly one ``score: <number>`` between 0 and 1
+(a larger number means the judge grades on another scale: malformed, not clipped). Requests run ``concurrency``
+at a time; identical prompts in a batch are asked once. Every request has ``timeout_s``; HTTP 5xx, 408 and 429,
+refused or dropped connections and timeouts are retried ``retries`` times with exponential backoff, other 4xx replies
+are not, so a judge that is down costs a bounded time per batch. A sample whose request fails or whose reply holds no
+single score in [0, 1] raises ``JudgeError`` (a ValueError), or, with ``on_error="zero"``, is logged and scored 0;
+with ``on_error="zero_malformed"`` (what training and ``eval`` use) only a reply that arrived without a usable score
+is scored 0 and a failed request still raises: a right answer whose request failed would otherwise count as wrong
+(and in training be pushed down against its group). Call ``check_judge`` once before training: it fails fast, naming the
 problem, when the judge cannot be reached or does not answer in the expected form.
 
 With ``cache_dir``, replies are kept in an SQLite file there, keyed by the sha256 of the judge model and the full
@@ -39,7 +42,7 @@ from .base import Reward, RewardInput, register_reward
 logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "GLIMPSEPRUNE_JUDGE_API_KEY"
-ON_ERROR = ("raise", "zero")
+ON_ERROR = ("raise", "zero", "zero_malformed")
 CACHE_FILE = "judge_cache.sqlite3"
 RETRY_STATUS = frozenset({408, 429})  # besides every 5xx
 
@@ -110,13 +113,17 @@ def judge_messages(question: str, answer: str, completion: str) -> list[dict[str
 
 
 def parse_score(reply: str) -> float:
-    """The score in a judge reply, clipped to [0, 1]; JudgeError unless it holds exactly one ``score: <number>``
-    (case-insensitive)."""
+    """The score in a judge reply; JudgeError unless it holds exactly one ``score: <number>`` (case-insensitive)
+    and the number lies in [0, 1]."""
     found = SCORE_RE.findall(reply.lower())
     if len(found) != 1:
         what = "no" if not found else f"{len(found)}"
         raise JudgeError(f"judge reply holds {what} `score: <number>` (exactly one expected): {reply[:200]!r}")
-    return min(max(float(found[0]), 0.0), 1.0)
+    score = float(found[0])
+    if score > 1.0:  # "score: 7" on a 0-10 scale would read as full marks if clipped
+        raise JudgeError(f"judge reply's score {found[0]} is outside 0..1 (the prompt asks for 0 to 1): "
+                         f"{reply[:200]!r}")
+    return score
 
 
 def cache_key(model: str, messages: Sequence[dict[str, str]]) -> str:
@@ -288,14 +295,14 @@ class JudgeReward(Reward):
                         continue
                     except JudgeError as err:
                         errors[k] = err
-                        if cfg.on_error == "raise":  # the step fails anyway: do not start the rest
+                        if cfg.on_error != "zero":  # the step fails anyway: do not start the rest
                             for other in futures:
                                 other.cancel()
                         continue
                     replies[k] = reply
                     if self.cache is not None:
                         self.cache.put(k, cfg.model, reply)
-        if errors and cfg.on_error == "raise":  # the first failed request, in sample order
+        if errors and cfg.on_error != "zero":  # the first failed request, in sample order
             i, k = next((i, k) for i, k in enumerate(keys) if k in errors)
             raise JudgeError(f"judge, sample {i} (question {samples[i].question[:80]!r}): {errors[k]}") from None
         scores = []

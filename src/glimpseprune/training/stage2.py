@@ -216,7 +216,8 @@ def _make_rewards(cfg: Stage2Config, out: Path):
             from ..rewards.judge import JudgeConfig, check_judge
 
             jc = JudgeConfig(url=cfg.judge_url, model=cfg.judge_model,
-                             cache_dir=cfg.judge_cache or str(out / "judge_cache"), on_error="zero")
+                             cache_dir=cfg.judge_cache or str(out / "judge_cache"),
+                             on_error="zero_malformed")  # a failed request stops the step
             check_judge(jc)  # a judge that is down fails here, before any training step
             rewards.append(make_reward("judge", config=jc))
         else:

@@ -24,14 +24,23 @@ from pathlib import Path
 from ._base import CHOICE_LETTER, Sample, Task, check_limit, take
 
 QUESTIONS = "test_questions.jsonl"
-OPTION = re.compile(r"\(([A-D])\)\s*([^()]+?)(?=\s*\([A-D]\)|$)", re.S)
+MARK = re.compile(r"\(([A-D])\)")
 
 
 def split_options(text: str) -> tuple[str, list[str]]:
-    """("question", ["option A", "option B", ...]) from V*'s "question\\n(A) x\\n(B) y" text."""
+    """("question", ["option A", "option B", ...]) from V*'s "question\\n(A) x\\n(B) y" text: the options are what
+    lies between the markers (A), (B), ... in letter order, so an option may hold parentheses of its own."""
     body = text.replace(CHOICE_LETTER.strip(), "").strip()
-    options = [m.group(2).strip() for m in OPTION.finditer(body)]
-    return (body.split("(A)")[0].strip() if options else body), options
+    marks = [m for m in MARK.finditer(body)]
+    first = next((i for i, m in enumerate(marks) if m.group(1) == "A"), None)
+    if first is None:
+        return body, []
+    run = [marks[first]]
+    for m in marks[first + 1:]:  # the next letter only; any other "(X)" is part of an option's text
+        if m.group(1) == chr(ord(run[-1].group(1)) + 1):
+            run.append(m)
+    ends = [m.start() for m in run[1:]] + [len(body)]
+    return body[:run[0].start()].strip(), [body[m.end():e].strip() for m, e in zip(run, ends)]
 
 
 class VStarTask(Task):
