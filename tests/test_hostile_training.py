@@ -340,3 +340,37 @@ def test_training_logs_stay_off_stdout(tmp_path, tiny_dir, data, capsys, quiet):
     out, err = capsys.readouterr()
     assert out.splitlines() == [f"wrote {tmp_path / 'run' / 'module'}"], out
     assert ("'loss'" in err) is not quiet, err
+
+
+def test_empty_or_boxless_records_fail_before_the_model_loads(tmp_path, make_cfg, data, no_load):
+    """An empty train_data failed inside torch's sampler after run_config.json was written (so the fixed rerun was
+    refused); records without boxes in mode boxes trained the VIP toward empty masks. Both are named before the
+    model loads, and nothing is written."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match=r"train_data .*empty\.jsonl holds no records"):
+        T.train(make_cfg(tmp_path / "a", train_data=str(empty)))
+    with pytest.raises(ValueError, match=r"eval_data .*empty\.jsonl holds no records"):
+        T.train(make_cfg(tmp_path / "b", eval_data=str(empty)))
+    rows = [json.loads(line) for line in data[0].read_text().splitlines()]
+    rows[1]["bboxs"] = []
+    bare = data[0].parent / "bare.jsonl"
+    bare.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"1 of 4 records have no bboxs .*mode boxes needs.*mode: kl"):
+        T.train(make_cfg(tmp_path / "c", train_data=str(bare)))
+    assert not any((tmp_path / d).exists() and any((tmp_path / d).iterdir()) for d in "abc")
+
+
+def test_merge_into_the_runs_own_folder_is_refused_before_training(tmp_path, capsys):
+    import yaml
+
+    from glimpseprune.cli import main
+
+    config = tmp_path / "s2.yaml"
+    parent = tmp_path / "p"
+    parent.mkdir()
+    config.write_text(yaml.safe_dump({"stage": 2, "max_steps": 1, "output_dir": str(parent / "run")}))
+    for merge in (parent / "run", parent / "run" / "merged", parent):  # the same, inside it, around it
+        assert main(["train", "--config", str(config), "--merge", str(merge)]) == 2
+        assert "needs a folder apart from the run's output_dir" in capsys.readouterr().err
+    assert not (parent / "run").exists()

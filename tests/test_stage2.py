@@ -253,6 +253,64 @@ def test_step_b_retrains_the_module_on_the_adapted_model(tmp_path):
     bad = Stage1Config(adapter=str(resolve_module("embedded")), output_dir=str(tmp_path / "c"))
     with pytest.raises(ValueError, match="holds no LoRA adapter"):
         train(bad)
+    # step B into the stage-2 run's own folder with --overwrite would delete its adapter (OUT/module) and fail at the
+    # end: refused before anything is removed
+    into = Stage1Config(**{**cfg.__dict__, "output_dir": str(plus.parent)})
+    with pytest.raises(ValueError, match="--overwrite refused: adapter .* lies in"):
+        train(into, overwrite=True)
+    assert (plus / "adapter_model.safetensors").is_file()
+
+
+def _records(tmp_path, n=4, boxes=True):
+    from glimpseprune.data.records import write_split
+
+    split = write_split(tmp_path / "data", n=n, seed=2, overwrite=True)
+    rows = [json.loads(line) for line in split.read_text().splitlines()]
+    if not boxes:
+        for r in rows:
+            r.pop("bboxs")
+    bare = tmp_path / "data" / ("boxed.jsonl" if boxes else "bare.jsonl")
+    bare.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return bare
+
+
+@pytest.mark.parametrize("kw, match", [(dict(mask_source="boxes"), "mask_source boxes needs"),
+                                       (dict(mask_source="vip_cotrain"), "mask_source vip_cotrain needs"),
+                                       (dict(rewards=["exact", "box_iou"]), "the box_iou reward needs")])
+def test_records_without_boxes_are_refused_where_boxes_are_needed(tmp_path, kw, match):
+    """Without boxes the box masks were empty (the policy learned to answer from no visual token) or box_iou failed
+    at the first step: refused before the model loads, and nothing is written."""
+    cfg = _cfg(tmp_path, train_data=str(_records(tmp_path, boxes=False)), **kw)
+    with pytest.raises(ValueError, match="4 of 4 records have no bboxs .*" + match):
+        train_stage2(cfg)
+    assert not (tmp_path / "run" / "run_config.json").exists()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="eval_data .*empty.jsonl holds no records"):
+        train_stage2(_cfg(tmp_path, train_data=str(_records(tmp_path)), eval_data=str(empty)))
+
+
+def test_resume_refuses_inputs_whose_content_changed(tmp_path):
+    """The same path, another file: resuming would mix two runs (steps rolled out on the old module, then the new)."""
+    data = _records(tmp_path, n=6)
+    train_stage2(_cfg(tmp_path, train_data=str(data)))  # checkpoint-1 and the final step
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(ValueError, match="train_data: its content changed since the run"):
+        train_stage2(_cfg(tmp_path, train_data=str(data), max_steps=3), resume=True)
+
+
+def test_overwrite_keeps_the_judge_cache_of_its_run(tmp_path):
+    from glimpseprune.training.trainer import check_output_dir
+
+    cfg = _cfg(tmp_path)
+    out = tmp_path / "run"
+    (out / "checkpoint-1").mkdir(parents=True)
+    (out / "judge_cache").mkdir()
+    check_output_dir(cfg, overwrite=True)  # the cache glimpseprune wrote is not someone else's file
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="'notes.txt'"):
+        check_output_dir(cfg, overwrite=True)
 
 
 def test_co_trained_vip_moves_the_module_with_its_stage1_loss(tmp_path):

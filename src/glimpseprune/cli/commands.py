@@ -4,6 +4,7 @@ make-tiny, tasks, methods, demo."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from ..outputs import check_new_folder
 from .common import _is_utf8, _note, _printable, check_device
@@ -116,6 +117,10 @@ def cmd_train(args) -> int:
         check_device(args.device)
     if isinstance(cfg, Stage2Config):
         if args.merge:
+            merge, run = Path(args.merge).resolve(), Path(cfg.output_dir).resolve()
+            if merge == run or run in merge.parents or merge in run.parents:
+                raise ValueError(f"--merge {args.merge}: the merged model needs a folder apart from the run's "
+                                 f"output_dir {cfg.output_dir} (the run fills that one)")
             check_new_folder(args.merge, flag="--merge")  # before the run, not after it (merge writes a new folder)
         plus = train_stage2(cfg, resume=args.resume, overwrite=args.overwrite, device=args.device,
                             progress=not getattr(args, "quiet", False))

@@ -261,6 +261,22 @@ class WorldDataset(torch.utils.data.Dataset):
                 "width": w, "height": h}
 
 
+def check_records(ds, path, name: str, boxes: str | None = None) -> None:
+    """A records file of a training config holds records, and (``boxes``: the setting that needs them) every
+    record has a box: without one the VIP's target is empty (it learns to drop every token) or a box reward fails
+    mid-run."""
+    if path is None:
+        return  # synthetic world scenes: never empty, always boxed
+    if len(ds) == 0:
+        raise ValueError(f"{name} {path} holds no records")
+    if boxes:
+        bare = [r.id for r in ds.records if not r.bboxs]
+        if bare:
+            raise ValueError(f"{name} {path}: {len(bare)} of {len(ds)} records have no bboxs (e.g. id {bare[0]!r}), "
+                             f"which {boxes} needs: add boxes, leave those records out, or train without boxes "
+                             "(stage 1 `mode: kl`; stage 2 `mask_source: vip` and no box_iou reward)")
+
+
 class RecordDataset(torch.utils.data.Dataset):
     """Records of a JSONL file; images are read from disk when an item is taken. ``point_families`` as for
     ``WorldDataset``; one that no record has is an error unless ``strict`` is false (an eval split may lack a family

@@ -37,7 +37,15 @@ import torch
 
 from ..config import SelectionConfig
 from .rl.step import GRPOStep
-from .stage1 import TRAIN_SEED0, RecordDataset, WorldDataset, _check_field, check_bounds, config_from_yaml
+from .stage1 import (
+    TRAIN_SEED0,
+    RecordDataset,
+    WorldDataset,
+    _check_field,
+    check_bounds,
+    check_records,
+    config_from_yaml,
+)
 
 logger = logging.getLogger(__name__)
 MASK_SOURCES = ("vip", "boxes", "vip_cotrain")
@@ -202,8 +210,11 @@ def _datasets(cfg: Stage2Config):
         WorldDataset(cfg.train_samples, seed0=TRAIN_SEED0, **pts)
     evals = RecordDataset(cfg.eval_data, limit=cfg.eval_samples, image_root=cfg.image_root, strict=False, **pts) \
         if cfg.eval_data else WorldDataset(cfg.eval_samples, seed0=EVAL_SEED0, **pts)
-    if len(train) == 0:
-        raise ValueError(f"no training prompts in {cfg.train_data}")
+    needs = [what for what, on in (("mask_source boxes", cfg.mask_source == "boxes"),
+                                   ("mask_source vip_cotrain", cfg.mask_source == "vip_cotrain"),
+                                   ("the box_iou reward", "box_iou" in cfg.rewards)) if on]
+    check_records(train, cfg.train_data, "train_data", boxes=" and ".join(needs) or None)
+    check_records(evals, cfg.eval_data, "eval_data")
     return train, evals
 
 
@@ -277,6 +288,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, overwrite: bool = Fals
         SUMMARY,
         _config_record,
         check_output_dir,
+        input_digests,
         remove_run_files,
         write_dir_atomic,
         write_json_atomic,
@@ -286,6 +298,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, overwrite: bool = Fals
     ckpt = check_output_dir(cfg, resume=resume, overwrite=overwrite)  # before anything loads
     if cfg.train_data and not Path(cfg.train_data).is_file():
         raise FileNotFoundError(f"train_data {cfg.train_data} does not exist")
+    train_ds, eval_ds = _datasets(cfg)  # read before the model loads: bad data fails in seconds
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -306,13 +319,13 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, overwrite: bool = Fals
     for p in module.parameters():
         p.requires_grad_(cotrain)
     rewards = _make_rewards(cfg, out)
-    train_ds, eval_ds = _datasets(cfg)
     if overwrite:
         removed = remove_run_files(out)
         if removed:
             logger.info("--overwrite: removed %s from %s", ", ".join(p.name for p in removed), out)
     write_json_atomic(out / RUN_CONFIG, {"format": "glimpseprune.stage2/1", "config": _config_record(cfg),
-                                         "model_path": str(model_path), "library_version": library_version()})
+                                         "model_path": str(model_path), "library_version": library_version(),
+                                         "inputs": input_digests(cfg)})
     add_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, layers=layer_ids),
              base_model_name=str(model_path))
     params = lora_parameters(model)
@@ -321,7 +334,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, overwrite: bool = Fals
     warmup = int(cfg.warmup_ratio * cfg.max_steps)
     step, history, evals, drawn = 0, [], [], 0
     if ckpt is not None:
-        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)  # no pickled code
         named = dict(model.named_parameters())
         for k, v in state["lora"].items():
             named[k].data.copy_(v)

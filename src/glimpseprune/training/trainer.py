@@ -48,6 +48,7 @@ from .stage1 import (
     Stage1Model,
     WorldDataset,
     build_module,
+    check_records,
 )
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,8 @@ def _datasets(cfg: Stage1Config):
         evals = RecordDataset(cfg.eval_data, limit=cfg.eval_samples, image_root=cfg.image_root, strict=False, **pts)
     else:
         evals = WorldDataset(cfg.eval_samples, seed0=4_000_000_000, **pts)
+    check_records(train, cfg.train_data, "train_data", boxes="mode boxes" if cfg.mode == "boxes" else None)
+    check_records(evals, cfg.eval_data, "eval_data", boxes="mode boxes" if cfg.mode == "boxes" else None)
     return train, evals
 
 
@@ -192,12 +195,12 @@ def check_output_dir(cfg: Stage1Config, resume: bool = False, overwrite: bool = 
             stored = read_run_config(out)
         except ValueError as e:
             raise ValueError(f"cannot resume {out}: {e}; pass --overwrite to start it afresh") from None
-        diff = config_differences(stored, cfg)
+        diff = config_differences(stored, cfg) + input_differences(out, cfg)
         if diff:
             free = sorted(getattr(cfg, "resume_free_fields", RESUME_FREE_FIELDS))
-            raise ValueError(f"cannot resume {out}: the config differs from the run's on fields that change what is "
-                             f"trained: {'; '.join(diff)} (only {', '.join(free)} may change); "
-                             "use the run's config, or another --output-dir for a new run")
+            raise ValueError(f"cannot resume {out}: the config differs from the run's (or a file it names changed) "
+                             f"on what is trained: {'; '.join(diff)} (only {', '.join(free)} may change); "
+                             "use the run's config and files, or another --output-dir for a new run")
         ckpt = next((c for c in found if _complete(c)), None)
         if ckpt is None:
             raise ValueError(f"nothing to resume in {out}: no complete checkpoint (every checkpoint-N lacks a "
@@ -209,7 +212,8 @@ def check_output_dir(cfg: Stage1Config, resume: bool = False, overwrite: bool = 
                          f"{', ...' if len(ours) > 4 else ''}): pass --resume to continue it, --overwrite to replace "
                          "it, or choose another --output-dir")
     elif ours:
-        foreign = sorted(e.name for e in out.iterdir() if not _is_run_file(e.name))
+        _check_inputs_outside(cfg, ours)
+        foreign = sorted(e.name for e in out.iterdir() if not _is_run_file(e.name) and e.name not in KEPT)
         if foreign:
             more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
             raise ValueError(f"--overwrite refused: {out} holds {foreign[0]!r}{more}, which glimpseprune did not "
@@ -217,6 +221,67 @@ def check_output_dir(cfg: Stage1Config, resume: bool = False, overwrite: bool = 
                              "choose another --output-dir")
     ensure_writable_dir(out)
     return ckpt
+
+
+# an output folder entry a run writes but --overwrite keeps: stage 2's judge cache (keyed by judge model + prompt,
+# so its answers stay exact, and asking again costs the user)
+KEPT = ("judge_cache",)
+# the config fields that name a file or folder whose content decides what is trained ("embedded": the packaged one)
+INPUT_FIELDS = ("train_data", "eval_data", "adapter", "module")
+
+
+def _input_paths(cfg) -> dict[str, Path]:
+    """The inputs ``cfg`` names (see INPUT_FIELDS), resolved; stage 1's ``module`` (a dict of overrides) is none."""
+    from ..assets import resolve_module
+
+    found = {}
+    for name in INPUT_FIELDS:
+        value = getattr(cfg, name, None)
+        if isinstance(value, str):
+            found[name] = Path(resolve_module(value) if name == "module" else value).resolve()
+    return found
+
+
+def _check_inputs_outside(cfg, ours: list[Path]) -> None:
+    """--overwrite removes the run files: an input inside one (step B's adapter in OUT/module) would go with them."""
+    for name, p in _input_paths(cfg).items():
+        for r in ours:
+            r = r.resolve()
+            if p == r or r in p.parents:
+                raise ValueError(f"--overwrite refused: {name} {p} lies in {r}, which replacing the run removes; "
+                                 "copy it elsewhere first or choose another --output-dir")
+
+
+def input_digests(cfg) -> dict[str, str]:
+    """sha256 of each input's content (a folder: of its files' names and bytes), recorded with the run."""
+    import hashlib
+
+    digests = {}
+    for name, p in _input_paths(cfg).items():
+        if not p.exists():
+            continue
+        h = hashlib.sha256()
+        for f in ([p] if p.is_file() else sorted(q for q in p.iterdir() if q.is_file())):
+            h.update(f.name.encode() + b"\0")
+            with f.open("rb") as fh:
+                for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                    h.update(block)
+        digests[name] = h.hexdigest()
+    return digests
+
+
+def input_differences(out: Path, cfg) -> list[str]:
+    """'name: content changed since the run' for each input whose digest differs from the one the run recorded (a
+    run that recorded none, from before this check, is not compared)."""
+    try:
+        stored = json.loads((out / RUN_CONFIG).read_text()).get("inputs")
+    except (OSError, ValueError):
+        return []
+    if not isinstance(stored, dict):
+        return []
+    now = input_digests(cfg)
+    return [f"{k}: its content changed since the run" for k in sorted(set(stored) | set(now))
+            if stored.get(k) != now.get(k)]
 
 
 def remove_run_files(out: str | Path) -> list[Path]:
@@ -330,6 +395,7 @@ def train(cfg: Stage1Config, resume: bool = False, overwrite: bool = False, devi
     out = Path(cfg.output_dir)
     ckpt = check_output_dir(cfg, resume=resume, overwrite=overwrite)
     _check_inputs(cfg)
+    train_ds, eval_ds = _datasets(cfg)  # read before the model loads: bad data fails in seconds
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
@@ -349,13 +415,13 @@ def train(cfg: Stage1Config, resume: bool = False, overwrite: bool = False, devi
         p.requires_grad_(False)
     module = build_module(base, cfg).to(base.device)
     model = Stage1Model(base, module, cfg)
-    train_ds, eval_ds = _datasets(cfg)
     if overwrite:
         removed = remove_run_files(out)
         if removed:
             logger.info("--overwrite: removed %s from %s", ", ".join(p.name for p in removed), out)
     write_json_atomic(out / RUN_CONFIG, {"format": RUN_FORMAT, "config": _config_record(cfg),
-                                         "model_path": str(model_path), "library_version": library_version()})
+                                         "model_path": str(model_path), "library_version": library_version(),
+                                         "inputs": input_digests(cfg)})
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs,
