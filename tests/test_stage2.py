@@ -29,6 +29,7 @@ def _cfg(tmp_path, **kw):
 
 @pytest.mark.parametrize("kw, match", [
     (dict(num_generations=1), "num_generations must be >= 2"), (dict(rewards=["nope"]), "unknown reward 'nope'"),
+    (dict(rewards=["exact", "exact"]), r"rewards names \['exact'\] more than once"),
     (dict(rewards=["judge"]), "needs judge_url and judge_model"), (dict(mask_source="oracle"), "mask_source"),
     (dict(cap=1.5), "cap must be in"), (dict(learning_rate="fast"), "learning_rate must be a number"),
     (dict(scale_rewards="batch"), "scale_rewards must be one of"), (dict(sft_weight=-0.5), "sft_weight must be"),

@@ -163,6 +163,9 @@ class Stage2Config:
             raise ValueError(f"cap must be in (0, 1], got {self.cap}")
         if not self.rewards:
             raise ValueError("rewards must name at least one reward")
+        twice = sorted({n for n in self.rewards if list(self.rewards).count(n) > 1})
+        if twice:  # rewards are summed: a repeat would silently weigh it double
+            raise ValueError(f"rewards names {twice} more than once (rewards are summed)")
         from ..rewards import get_reward
 
         for name in self.rewards:
