@@ -413,3 +413,12 @@ def test_judge_config_validation():
     assert JudgeConfig(url="http://h:1/v1/", model="m").endpoint == "http://h:1/v1/chat/completions"
     with pytest.raises(TypeError, match="not both"):
         JudgeReward(cfg, model="x")
+
+
+def test_extract_choice_skips_letters_past_the_options():
+    from glimpseprune.rewards.choice import extract_choice
+
+    four = ["red", "blue", "green", "white"]
+    assert extract_choice("Answer: I think B", four) is None  # "I" was read as option I of four
+    assert extract_choice("Answer: I think so. (B) blue", four) == "B"
+    assert extract_choice("I", four) is None and extract_choice("Answer: I think B") == "I"  # no options: as before

@@ -4,7 +4,8 @@ The completion's letter is the first one written in a recognised form (upper cas
 anywhere, "Answer: B" / "the answer is B", or "B." / "B:" / "B)" at the start of a line; a completion that is just
 a letter ("b", "(b)", "B.") counts in either case. A lone capital without such marks ("A cat sits") is not read as
 an answer. When no letter is found and the sample has ``choices``, a completion equal to one option's text
-(normalised as in ``exact``) chooses that option.
+(normalised as in ``exact``) chooses that option. With ``choices``, a letter beyond them is skipped ("Answer: I think
+B" gives B among four options).
 
 The reference is a letter in any of those forms, or, with ``choices``, the text of one option.
 """
@@ -28,10 +29,15 @@ _FORMS = (
 def extract_choice(text: str, choices: Sequence[str] | None = None) -> str | None:
     """The option letter (upper case) that ``text`` gives, or None; see the module docstring for the forms."""
     text = text.strip()
+
+    def offered(letter: str) -> bool:  # with the options known, a letter past them is not an answer ("I think B")
+        return not choices or ord(letter.upper()) - ord("A") < len(choices)
+
     alone = _ALONE.fullmatch(text)
-    if alone:
+    if alone and offered(alone.group(1)):
         return alone.group(1).upper()
-    found = [(m.start(1), m.group(1)) for form in _FORMS for m in [form.search(text)] if m]
+    found = [(m.start(1), m.group(1)) for form in _FORMS
+             for m in [next((m for m in form.finditer(text) if offered(m.group(1))), None)] if m]
     if found:
         return min(found)[1]
     if choices:
