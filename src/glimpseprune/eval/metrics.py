@@ -206,7 +206,7 @@ def _reference_letter(answer: str | int, choices: Sequence[str] | None) -> str:
         if answer < 0 or answer >= 26 or (choices is not None and answer >= len(choices)):
             raise ValueError(f"choice reference index {answer} is out of range")
         return chr(ord("A") + answer)
-    letter = extract_choice(answer, choices)
+    letter = extract_choice(answer) or extract_choice(answer, choices)  # a letter as written, else an option's text
     if letter is None:
         raise ValueError(f"choice reference {answer!r} names no option letter")
     return letter
