@@ -121,6 +121,19 @@ def test_extra_eos_id_stops_like_stock(model, processor, pm, three):
     assert torch.equal(out.sequences, stock(model, three, max_new_tokens=N_NEW, eos_token_id=eos))
 
 
+def test_a_model_without_pad_pads_finished_rows_like_stock(model, processor, three, monkeypatch):
+    """No pad_token_id in the model's generation config: stock pads finished rows with the first EOS id; we padded
+    with the tokenizer's pad (with a processor) or token 0 (without), so the sequences differed from stock."""
+    plain = gp.apply(model, "full").generate(three, max_new_tokens=N_NEW)
+    extra = plain.sequences[0, 4].item()
+    monkeypatch.setattr(model.generation_config, "pad_token_id", None)
+    want = stock(model, three, max_new_tokens=N_NEW, eos_token_id=[extra])
+    for p in (None, processor):
+        got = gp.apply(model, "full", processor=p).generate(three, max_new_tokens=N_NEW, eos_token_id=[extra])
+        assert torch.equal(got.sequences, want)
+    assert (want[0, plain.sequences[0].tolist().index(extra):] == extra).all()  # padded with that EOS id
+
+
 # --------------------------------------------------------------------------- streamers
 
 

@@ -170,7 +170,7 @@ def test_short_run_writes_one_folder_that_loads_and_resumes(tmp_path):
     longer = _cfg(tmp_path, max_steps=3)
     train_stage2(longer, resume=True)
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
-    assert summary["global_step"] == 3 and summary["resumed_from"].endswith("checkpoint-1")
+    assert summary["global_step"] == 3 and summary["resumed_from"].endswith("checkpoint-2")  # no step repeated
     with pytest.raises(ValueError, match="differs"):
         train_stage2(_cfg(tmp_path, max_steps=4, beta=0.1), resume=True)
 

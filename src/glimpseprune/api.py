@@ -119,21 +119,26 @@ def _split_visuals(pre: PrefillResult) -> tuple[list[torch.Tensor], list[torch.T
     return images, [torch.stack(videos[v]) for v in sorted(videos)]
 
 
-def _token_ids(model, processor) -> tuple[Any, int]:
+def _token_ids(model, processor) -> tuple[Any, int | None]:
+    """(EOS, pad) as ``model.generate`` takes them: the model's generation config, EOS falling back to the text
+    config's. A missing pad stays None, and transformers then pads finished rows with the first EOS id, as stock
+    ``generate`` does (the tokenizer's pad, or 0, would give other sequences); only without any EOS does it fall
+    back to the tokenizer's pad, then 0."""
     gc = getattr(model, "generation_config", None)
     eos = getattr(gc, "eos_token_id", None) or model.config.get_text_config().eos_token_id
-    tok = getattr(processor, "tokenizer", None)
     pad = getattr(gc, "pad_token_id", None)
-    if pad is None and tok is not None:
-        pad = tok.pad_token_id
-    return eos, 0 if pad is None else int(pad)
+    if pad is None and eos is None:
+        pad = getattr(getattr(processor, "tokenizer", None), "pad_token_id", None)
+        pad = 0 if pad is None else pad
+    return eos, None if pad is None else int(pad)
 
 
 def base_generation_config(model, processor=None, generation_config=None):
     """The ``GenerationConfig`` a call starts from, before its keywords.
 
     Without ``generation_config``: glimpseprune's defaults (greedy, 32 new tokens, no penalties) with the model's
-    special tokens (EOS, pad; pad falls back to the tokenizer's, then 0); the checkpoint's sampling knobs
+    special tokens (EOS, pad; without a pad, finished rows get the first EOS id, as in ``model.generate``); the
+    checkpoint's sampling knobs
     (``generation_config.json``) are not applied, so results do not change with them. With one: a copy whose unset
     fields are filled from ``model.generation_config``, as ``model.generate`` fills them; pass
     ``generation_config=model.generation_config`` to decode as the checkpoint recommends."""

@@ -434,7 +434,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, overwrite: bool = Fals
                 logger.info("step %d: sft loss %.4f", step, sum(h.get("sft_loss", 0.0) for h in recent) / len(recent))
         if step % cfg.eval_steps == 0 or step == cfg.max_steps:
             run_eval()
-        if step % cfg.save_steps == 0 and step < cfg.max_steps:
+        if step % cfg.save_steps == 0 or step == cfg.max_steps:  # the last too: a longer run resumes from it
             save_checkpoint()
     bar.close()
     seconds = time.time() - t0
