@@ -204,3 +204,55 @@ def test_cli_flops_video_bad_arguments(capsys):
             _cli(["bench", "flops", "--shape", "qwen3_vl_8b", *bad])
     err = capsys.readouterr().err
     assert "--video-frames: must be at least 1, got 0" in err and "--frame-size: give width x height in pixels" in err
+
+
+def test_results_are_handed_on_as_each_stage_ends(model):
+    """A killed timing run kept nothing (bench run wrote result.json only at its very end; table7_gpu.sh runs under a
+    timeout): the result so far is handed on after the prefill, the decode and each end-to-end batch size."""
+    seen = []
+    s = E.BenchSettings(shape="tiny", grid=GRID, n_text=N_TEXT, variants=("mask:0.25",), batch_sizes=(1, 2),
+                        warmup=0, reps=1, new_tokens=2)
+    final = E.run_benchmark(s, TINY, model, on_stage=lambda r: seen.append(json.loads(json.dumps(r, default=str))))
+    assert [r["complete"] for r in seen] == [False] * 4 and final["complete"]
+    assert [sorted(r["results"]["mask:0.25"]) for r in seen][:2] == [
+        ["analytic", "measured", "prefill_ratio_analytic", "prefill_ratio_measured", "prefill_s", "variant"],
+        ["analytic", "decode_ms_per_token", "measured", "prefill_ratio_analytic", "prefill_ratio_measured",
+         "prefill_s", "variant"]]
+    assert [sorted(r["results"]["full"].get("end_to_end", {})) for r in seen[2:]] == [["1"], ["1", "2"]]
+    assert final["settings"]["n_vis"] == GRID[0] * GRID[1]  # the measured count, not the --n-vis default
+
+
+def test_bench_arguments_are_checked(capsys):
+    from glimpseprune.cli import main
+
+    for argv, match in ((["bench", "sweep", "--keep", "-0.3"], "must be a positive number"),
+                        (["bench", "sweep", "--keep", "1.5"], "a kept fraction is at most 1"),
+                        (["bench", "flops", "--grid", "0x5"], "both at least 1"),
+                        (["bench", "flops", "--grid", "7"], "both at least 1")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert match in capsys.readouterr().err, argv
+
+
+def test_a_malformed_shape_file_is_named(tmp_path, capsys):
+    from glimpseprune.cli import main
+
+    for text, match in (("{oops", "not JSON"), ('{"name": "x", "text": {}}', "TextShape"), ("[1]", "JSON object"),
+                        ('{"name": "x"}', "lacks 'text'")):
+        (tmp_path / "s.json").write_text(text)
+        assert main(["bench", "flops", "--shape", str(tmp_path / "s.json")]) == 2
+        err = capsys.readouterr().err
+        assert "s.json" in err and match in err, err
+
+
+def test_overwrite_clears_the_earlier_runs_plots_when_the_new_run_writes(tmp_path):
+    from glimpseprune.bench.report import _clear_earlier, check_writable
+
+    out = tmp_path / "o"
+    out.mkdir()
+    for f in ("result.json", "table.md", "throughput.png", "notes.txt"):
+        (out / f).write_text("earlier")
+    check_writable(out, overwrite=True)
+    assert (out / "throughput.png").exists()  # nothing removed before the new run has a result
+    _clear_earlier(out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # only what bench writes

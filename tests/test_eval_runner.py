@@ -276,3 +276,12 @@ def test_repeated_record_ids_are_all_evaluated_and_resumed(split, tmp_path):
     samples.write_text("\n".join(samples.read_text().splitlines()[:3]) + "\n")
     assert main([*args, "--resume"]) == 0
     assert len(_rows(samples)) == 6 and json.loads((tmp_path / "o" / "summary.json").read_text())["n"] == 6
+
+
+def test_relative_accuracy_against_a_zero_full_score_is_none():
+    """--compare-full divided by max(full, 1e-9): a family the full run scored 0 on read 999999999.99 in
+    relative.json."""
+    from glimpseprune.cli.evaluate import _ratio
+
+    assert _ratio(1.0, 0.0) is None and _ratio(0.0, 0.0) is None and _ratio(1.0, float("nan")) is None
+    assert _ratio(0.5, 0.25) == 2.0 and _ratio(0.0, 0.5) == 0.0

@@ -612,3 +612,19 @@ def test_bench_out_folder_with_a_run_is_refused_before_running(tmp_path):
     t0 = time.perf_counter()
     assert main(["bench", "overhead", "--shape", "qwen2_5_vl_scaled_cpu", "--out", str(out)]) == 2
     assert time.perf_counter() - t0 < 5  # refused before building a model
+
+
+def test_overhead_rows_are_keyed_by_what_ran_and_handed_on_as_they_come(tmp_path):
+    """--n-vis 10 runs a 3 x 3 grid: its row is "9" (it was labelled "10"); each row but the last is handed on as it
+    ends (a killed run kept none); two sizes that round to one grid are refused."""
+    from glimpseprune.bench import overhead as O
+
+    path = _tiny_shape_file(tmp_path)
+    seen = []
+    s = O.OverheadSettings(shape=str(path), n_vis=(10, 16), n_text=10, keep=0.25, warmup=0, reps=1, decode_steps=1,
+                           memory=False)
+    res = O.run_overhead(s, on_row=lambda r: seen.append((sorted(r["rows"]), r["complete"])))
+    assert sorted(res["rows"]) == ["16", "9"] and res["complete"]
+    assert seen == [(["9"], False)]
+    with pytest.raises(ValueError, match="same grid twice"):
+        O.run_overhead(O.OverheadSettings(shape=str(path), n_vis=(9, 10), n_text=10))

@@ -213,11 +213,14 @@ def test_video_variant_hand_computed():
     video = F.variant_cost(SMALL, "glimpse", 0.25, 0, 5, (2, 3), causal=True, frame_groups=3)
     assert video["n_vis"] == 18 and video["n_kept"] == 4 and video["kv_len"] == 5 + 4
     vit = F.vit_flops(V, [(3, 4, 6)])
-    assert video["vit_flops"] == vit["total"] == F.vit_flops(V, [(1, 4, 6)] * 3)["total"]
+    g = SMALL.glimpse_config(0)
+    # the VIP's projections of the taps (one per VIP block, tap width -> condition width, 18 tokens) run beside the ViT
+    cond = g.n_vip_layers * 2 * 18 * g.base_vision_width * g.cond_width
+    assert video["vip_condition_flops"] == cond > 0
+    assert video["vit_flops"] - cond == vit["total"] == F.vit_flops(V, [(1, 4, 6)] * 3)["total"]
     P = 72  # patches: 3 groups x 4 x 6; one window of 24 patches per frame (2 x 3 merged < 4 x 4)
     assert vit["window_attn"] == vit["full_attn"] == 2 * 2 * 4 * (3 * 24**2)
     assert vit["merger"] == 2 * 18 * 16 * 16 + 2 * 18 * 16 * 8 and vit["patch_embed"] == 2 * P * (3 * 2 * 14 * 14) * 4
-    g = SMALL.glimpse_config(0)
     assert video["vip_flops"] == F.vip_flops(g, [(2, 3)] * 3, 5 + 18 + 1, T, [0, 0, 0])["total"]
     per_frame = F.vip_flops(g, [(2, 3)] * 3, 5 + 18 + 1, T)["total"]
     assert g.n_vip_layers == 2  # two VIP blocks, each with the pairs term at q/k width 8 + 8
@@ -226,7 +229,9 @@ def test_video_variant_hand_computed():
                            groups=[0, 0, 0])
     assert video["prefill_llm_flops"] == want.llm and want.tokens_per_layer == (5 + 18 + 1, 5 + 4)
     image = F.variant_cost(SMALL, "glimpse", 0.25, 0, 5, (2, 3), causal=True)
-    assert image["n_vis"] == 6 and image["vit_flops"] == F.vit_flops(V, [(1, 4, 6)])["total"]
+    assert image["n_vis"] == 6 and image["vit_flops"] == F.vit_flops(V, [(1, 4, 6)])["total"] + cond // 3
+    full = F.variant_cost(SMALL, "full", None, None, 5, (2, 3), causal=True)
+    assert full["vit_flops"] == F.vit_flops(V, [(1, 4, 6)])["total"] and full["vip_condition_flops"] == 0
 
 
 def _video_inputs(shape, grid, t, n_text, seed=0) -> dict:

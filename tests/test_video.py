@@ -396,3 +396,6 @@ def test_ask_video(tiny_dir, module, clip_path, tmp_path, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1].split("/")[1].startswith("36 (")
     assert main([*base, "--video", str(tmp_path / "nope.mp4"), "Q?"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # the video options without --video were ignored silently (--fps -3 too)
+    assert main([*base, *frame_files, "--question", "Q?", "--fps", "-3", "--max-frames", "2"]) == 2
+    assert "--fps and --max-frames apply to --video, which was not given" in capsys.readouterr().err

@@ -73,6 +73,11 @@ def test_video_world_through_eval_and_compare(tmp_path, capsys):
     from glimpseprune.cli import main
 
     assert main(["make-world", "--video", "--out", str(tmp_path / "vw"), "--n", "5", "--seed", "3"]) == 0
+    capsys.readouterr()
+    assert main(["make-world", "--video", "--out", str(tmp_path / "vw"), "--n", "5", "--seed", "3"]) == 0
+    assert "already holds this video split" in capsys.readouterr().out  # the same split: kept, as for images
+    assert main(["make-world", "--video", "--out", str(tmp_path / "vw"), "--n", "4", "--seed", "3"]) == 2
+    assert "already holds results of an earlier run" in capsys.readouterr().err  # another one: refused
     assert main(["eval", "--task", "world_video", "--data", str(tmp_path / "vw"), "--out", str(tmp_path / "e"),
                  "--compare-full"]) == 0
     rows = [json.loads(x) for x in (tmp_path / "e" / "samples.jsonl").read_text().splitlines()]

@@ -408,13 +408,14 @@ def _e2e_batch(model, adapter, runs: dict[str, tuple], inputs: dict, B: int, s: 
 
 
 def time_end_to_end(model, adapter, shape: ModelShape, variants: list[Variant], s: BenchSettings, device,
-                    budget: Budget | None = None) -> dict[str, dict[int, dict]]:
+                    budget: Budget | None = None, on_batch=None) -> dict[str, dict[int, dict]]:
     """tokens/s (B * new_tokens / median seconds, ViT included), decode-only tokens/s (B / median ms per decode
     step of the whole batch) and peak memory per variant and batch size, smallest batch first.
     A batch size that runs out of GPU memory is recorded as {"error": "out of memory"}; batch sizes not started
     before the budget ran out, or that would not end inside it (the last batch size's seconds scaled by the batch
     ratio: a batch size's minimum of runs cannot be cut short once it starts), are recorded as
-    {"error": "skipped: time budget"}."""
+    {"error": "skipped: time budget"}. ``on_batch(out)`` is called after each batch size (results written as they
+    come)."""
     out: dict[str, dict[int, dict]] = {v.spec: {} for v in variants}
     last: tuple[int, float] | None = None  # (batch size, its wall seconds)
     for B in sorted(s.batch_sizes):
@@ -442,6 +443,8 @@ def time_end_to_end(model, adapter, shape: ModelShape, variants: list[Variant], 
             for name in runs:
                 out[name].setdefault(B, {"error": "out of memory"})
             torch.cuda.empty_cache()
+        if on_batch is not None:
+            on_batch(out)
     return out
 
 
@@ -456,8 +459,10 @@ def analytic(shape: ModelShape, v: Variant, n_text: int, grid: tuple[int, int], 
 
 
 @torch.no_grad()
-def run_benchmark(s: BenchSettings, shape: ModelShape | None = None, model=None) -> dict[str, Any]:
-    """Run every measurement of ``s``; returns the result dict (schema ``SCHEMA``) written by ``report``."""
+def run_benchmark(s: BenchSettings, shape: ModelShape | None = None, model=None, on_stage=None) -> dict[str, Any]:
+    """Run every measurement of ``s``; returns the result dict (schema ``SCHEMA``) written by ``report``.
+    ``on_stage(result)``: called with the result so far (``"complete": False``) after the prefill timings, the
+    decode timings and each end-to-end batch size, so a run that is killed keeps what it measured."""
     from ..registry import get_adapter
     from .meta import environment
 
@@ -485,25 +490,39 @@ def run_benchmark(s: BenchSettings, shape: ModelShape | None = None, model=None)
         vit_sec.setdefault(str(tuple(method.vision_taps())), sec)
     logger.info("encoded once per set of vision taps (%s); timing prefill: %d warm-up + %d reps x %d variants",
                 ", ".join(f"{k}: {v:.2f} s" for k, v in vit_sec.items()), s.warmup, s.reps, len(runs))
+    meta = environment(device)
+
+    def result(decode: dict, e2e: dict, complete: bool) -> dict[str, Any]:
+        results = {}
+        full_med = statistics.median(times["full"])
+        full_flops = analytic(shape, parse_variant("full"), s.n_text, grid, s.causal)["prefill_llm_flops"]
+        for v in variants:
+            a = analytic(shape, v, s.n_text, grid, s.causal)
+            r = {"variant": asdict(v), "analytic": a, "measured": info[v.spec], "prefill_s": _stats(times[v.spec])}
+            r["prefill_ratio_measured"] = r["prefill_s"]["median"] / full_med
+            r["prefill_ratio_analytic"] = a["prefill_llm_flops"] / full_flops
+            if decode:
+                r["decode_ms_per_token"] = _stats(decode[v.spec])
+            if e2e:
+                r["end_to_end"] = {str(b): x for b, x in e2e[v.spec].items()}
+            results[v.spec] = r
+        return {"schema": SCHEMA, "meta": meta, "settings": {**asdict(s), "n_vis": grid[0] * grid[1],
+                                                             "grid": list(grid)},
+                "shape": shape.to_dict(), "encode_s_by_taps": vit_sec, "results": results,
+                "elapsed_s": budget.elapsed(), "skipped_for_budget": list(budget.skipped), "complete": complete}
+
+    def stage(decode: dict, e2e: dict) -> None:
+        if on_stage is not None:
+            on_stage(result(decode, e2e, complete=False))
+
     times, info = time_prefill(model, frozen, runs, inputs, s.warmup, s.reps, device, budget)
+    stage({}, {})
     decode = time_decode(model, frozen, runs, inputs, s.new_tokens, s.reps, device, budget) if s.decode else {}
-    e2e = time_end_to_end(model, get_adapter(model), shape, variants, s, device, budget) if s.e2e else {}
-    results = {}
-    full_med = statistics.median(times["full"])
-    full_flops = analytic(shape, parse_variant("full"), s.n_text, grid, s.causal)["prefill_llm_flops"]
-    for v in variants:
-        a = analytic(shape, v, s.n_text, grid, s.causal)
-        r = {"variant": asdict(v), "analytic": a, "measured": info[v.spec], "prefill_s": _stats(times[v.spec])}
-        r["prefill_ratio_measured"] = r["prefill_s"]["median"] / full_med
-        r["prefill_ratio_analytic"] = a["prefill_llm_flops"] / full_flops
-        if decode:
-            r["decode_ms_per_token"] = _stats(decode[v.spec])
-        if e2e:
-            r["end_to_end"] = {str(b): x for b, x in e2e[v.spec].items()}
-        results[v.spec] = r
-    return {"schema": SCHEMA, "meta": environment(device), "settings": {**asdict(s), "grid": list(grid)},
-            "shape": shape.to_dict(), "encode_s_by_taps": vit_sec, "results": results,
-            "elapsed_s": budget.elapsed(), "skipped_for_budget": budget.skipped}
+    if decode:
+        stage(decode, {})
+    e2e = time_end_to_end(model, get_adapter(model), shape, variants, s, device, budget,
+                          on_batch=lambda so_far: stage(decode, so_far)) if s.e2e else {}
+    return result(decode, e2e, complete=True)
 
 
 @dataclass

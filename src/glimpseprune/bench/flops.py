@@ -170,6 +170,7 @@ class PrefillCost:
     tokens_per_layer: tuple[int, ...]
     kv_len: int
     per_layer: tuple[int, ...] = field(default=(), repr=False)
+    conditions: int = 0  # the VIP's projections of the vision taps: they run beside the ViT, in ``vit`` if counted
 
     @property
     def llm(self) -> int:
@@ -218,16 +219,17 @@ def prefill_flops(shape: ModelShape, n_text: int, n_vis: int, n_kept: int | None
     tokens = tokens_per_layer(L, n_full, n_text + (n_kept if n_kept is not None else n_vis), K, extra)
     per_layer = tuple(text_layer_flops(t, n, 0, causal).total for n in tokens)
     grids = grids or [(1, n_vis)]
-    vip = 0
+    vip = conditions = 0
     if glimpse is not None and K is not None and K >= 0:
-        vip = vip_flops(glimpse, grids, n_full + extra, t, groups)["total"]
+        counted = vip_flops(glimpse, grids, n_full + extra, t, groups)
+        vip, conditions = counted["total"], counted["conditions"]
     vit = 0
     if include_vit:
         m = shape.vision.spatial_merge_size
-        vit = vit_flops(shape.vision, [(1, h * m, w * m) for h, w in grids])["total"]
+        vit = vit_flops(shape.vision, [(1, h * m, w * m) for h, w in grids])["total"] + conditions
     return PrefillCost(layers=sum(per_layer), lm_head=lm_head_flops(t, lm_head_tokens), vip=vip, vit=vit,
                        tokens_per_layer=tuple(tokens), kv_len=tokens[-1] if K is None else n_text + n_kept,
-                       per_layer=per_layer)
+                       per_layer=per_layer, conditions=conditions)
 
 
 def decode_step_flops(shape: ModelShape, cache_len: int, lm_head: bool = True) -> int:
@@ -290,10 +292,12 @@ def variant_cost(shape: ModelShape, method: str, keep: float | None, prune_layer
     cost = prefill_flops(shape, n_text, n_vis, n_kept, prune_layer, n_extra=1 if gcfg else 0, causal=causal,
                          glimpse=gcfg, grids=[grid] * frame_groups, groups=[0] * frame_groups)
     m = shape.vision.spatial_merge_size
-    vit = vit_flops(shape.vision, [(frame_groups, grid[0] * m, grid[1] * m)])["total"]
+    # the ViT, plus a glimpse variant's projections of the vision taps to the VIP's condition width (run beside it)
+    vit = vit_flops(shape.vision, [(frame_groups, grid[0] * m, grid[1] * m)])["total"] + cost.conditions
     return {"prune_layer": prune_layer, "n_vis": n_vis, "n_kept": n_vis if n_kept is None else n_kept,
             "kv_len": cost.kv_len, "equivalent_tokens": cost.equivalent_tokens, "prefill_llm_flops": cost.llm,
             "layers_flops": cost.layers, "vip_flops": cost.vip, "lm_head_flops": cost.lm_head, "vit_flops": vit,
+            "vip_condition_flops": cost.conditions,
             "decode_step_flops": decode_step_flops(shape, cost.kv_len), "causal": causal}
 
 

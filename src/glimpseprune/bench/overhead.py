@@ -29,6 +29,7 @@ few per cent).
 from __future__ import annotations
 
 import logging
+import math
 import random
 import statistics
 import time
@@ -283,20 +284,34 @@ def ratios(r: dict) -> dict[str, Any]:
     return out
 
 
-def run_overhead(s: OverheadSettings, model=None) -> dict[str, Any]:
+def run_overhead(s: OverheadSettings, model=None, on_row=None) -> dict[str, Any]:
+    """Every row of ``s`` (keyed by the visual tokens measured: ``n_vis`` rounded to a near-square grid);
+    ``on_row(result so far)`` after each row, with ``"complete": False``, so a killed run keeps its rows."""
     from .meta import environment
 
+    measured = {n: math.prod(near_square_grid(n)) for n in s.n_vis}
+    if len(set(measured.values())) < len(measured):
+        raise ValueError(f"--n-vis {list(s.n_vis)} give the same grid twice ({measured}): give distinct sizes")
     shape = load_shape(s.shape)
     device = torch.device(s.device)
     if s.threads and device.type == "cpu":
         torch.set_num_threads(s.threads)
     model = model if model is not None else build_model(shape, s.device, s.dtype, s.attn, s.seed)
-    rows = {}
+    meta, rows = environment(device), {}
+
+    def result(complete: bool) -> dict[str, Any]:
+        return {"schema": SCHEMA, "meta": meta, "settings": asdict(s), "shape": shape.to_dict(), "bars": BARS,
+                "rows": dict(rows), "ok": _all_checks_pass(rows), "complete": complete}
+
     for n in s.n_vis:
-        logger.info("overhead: %s, %d visual + %d text tokens, keep %s", shape.name, n, s.n_text, s.keep)
-        rows[str(n)] = measure_one(model, shape, s, n, device)
-    return {"schema": SCHEMA, "meta": environment(device), "settings": asdict(s), "shape": shape.to_dict(),
-            "bars": BARS, "rows": rows, "ok": _all_checks_pass(rows)}
+        if measured[n] != n:
+            logger.info("overhead: --n-vis %d runs as a %s grid, %d visual tokens", n, near_square_grid(n),
+                        measured[n])
+        logger.info("overhead: %s, %d visual + %d text tokens, keep %s", shape.name, measured[n], s.n_text, s.keep)
+        rows[str(measured[n])] = measure_one(model, shape, s, n, device)
+        if on_row is not None and len(rows) < len(s.n_vis):
+            on_row(result(complete=False))
+    return result(complete=True)
 
 
 def _all_checks_pass(rows: dict) -> bool:

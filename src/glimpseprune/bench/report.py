@@ -158,8 +158,16 @@ def plot_sweep(rows: list[dict], out_dir: str | Path, title: str) -> list[Path] 
 
 
 def _grid(text: str) -> tuple[int, int]:
-    h, _, w = text.lower().partition("x")
-    return int(h), int(w)
+    """"HxW" merged tokens -> (h, w), both at least 1."""
+    h, sep, w = text.lower().partition("x")
+    try:
+        grid = int(h), int(w)
+    except ValueError:
+        grid = (0, 0)
+    if not sep or min(grid) < 1:
+        raise argparse.ArgumentTypeError(f"give the merged-token grid as HxW with both at least 1, e.g. 71x71 "
+                                         f"(got {text!r})")
+    return grid
 
 
 def _pixels(text: str) -> tuple[int, int]:
@@ -272,6 +280,7 @@ def cmd_sweep(args) -> int:
         print(f"{r['prune_layer']} | {r['prefill_flops'] / 1e12:.3f} | {100 * r['ratio']:.1f} | "
               f"{r['equivalent_tokens']:.1f} | {r['kv_len']}{extra}")
     if args.out:
+        _clear_earlier(args.out, "sweep.json")
         write_json({"shape": shape.to_dict(), "grid": grid, "n_text": args.n_text, "keep": args.keep, "rows": rows},
                    args.out, "sweep.json")
         plots = plot_sweep(rows, args.out, f"{shape.name}, keep {args.keep}")
@@ -279,9 +288,37 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def _clear_earlier(out, name: str = "result.json") -> None:
+    """Remove an earlier run's files (``OWNED``) from ``out``, once, as this run writes its first result there."""
+    key = (str(Path(out).resolve()), name)
+    if key in _CLEARED:
+        return
+    _CLEARED.add(key)
+    for f in OWNED.get(name, (name,)):
+        if (Path(out) / f).is_file():
+            (Path(out) / f).unlink()
+
+
+_CLEARED: set[tuple[str, str]] = set()
+
+
+def _partial(out):
+    """A callback writing the result so far (``"complete": false``) to OUT/result.json; None without --out."""
+    if not out:
+        return None
+
+    def write(result: dict) -> None:
+        _clear_earlier(out)
+        write_json(result, out)
+        logger.info("saved the measurements so far to %s", Path(out) / "result.json")
+
+    return write
+
+
 def _finish(args, result: dict) -> None:
     if not args.out:
         return
+    _clear_earlier(args.out)
     path = write_json(result, args.out)
     (Path(args.out) / "table.md").write_text(markdown_table(result))
     print(f"wrote {path} and {Path(args.out) / 'table.md'}")
@@ -333,7 +370,7 @@ def cmd_run(args) -> int:
                   e2e_reps=args.e2e_reps, budget_s=args.budget_s)
     if args.out:
         check_writable(args.out, args.overwrite)
-    result = run_benchmark(s)
+    result = run_benchmark(s, on_stage=_partial(args.out))
     print(markdown_table(result))
     _checks(result, 0.15, args.causal)
     _finish(args, result)
@@ -349,7 +386,7 @@ def cmd_ratio_check(args) -> int:
                   threads=args.threads)
     if args.out:
         check_writable(args.out, args.overwrite)
-    result = run_benchmark(s)
+    result = run_benchmark(s, on_stage=_partial(args.out))
     g = result["settings"]["grid"]
     print(f"ratio check: {result['shape']['name']}, {g[0] * g[1]} visual + {args.n_text} text tokens, "
           f"{args.reps} interleaved reps after {args.warmup} warm-up, {result['meta']['torch_threads']} threads")
@@ -382,7 +419,7 @@ def cmd_overhead(args) -> int:
         out = args.out
         if out:
             check_writable(out, args.overwrite)
-        result = run_overhead(s)
+        result = run_overhead(s, on_row=_partial(out))
     print(table(result), end="")
     for n, r in result["rows"].items():
         q = r["ratios"]
@@ -392,6 +429,8 @@ def cmd_overhead(args) -> int:
             lo, hi = q["ci95"][k]
             print(f"  {k} {q[k]:.3f} (95 % interval {lo:.3f} to {hi:.3f}, bar {BARS[k]}): {verdict}")
     if out:
+        if not args.reanalyse:
+            _clear_earlier(out)
         path = write_json(result, out)
         (Path(out) / "table.md").write_text(table(result))
         print(f"wrote {path} and {Path(out) / 'table.md'}")
@@ -399,9 +438,17 @@ def cmd_overhead(args) -> int:
     return 1 if args.strict and not result["ok"] else 0
 
 
+# what a bench command writes into its --out folder: when a run writes its first result there, the earlier run's
+# others are removed (a stale plot beside the new result.json would be read as the new run's), and nothing else
+OWNED = {"result.json": ("result.json", "table.md", "prefill_ratio.png", "throughput.png"),
+         "sweep.json": ("sweep.json", "sweep.png")}
+
+
 def check_writable(out_dir: str | Path, overwrite: bool = False, name: str = "result.json") -> None:
     """Fail before a run when ``out_dir`` cannot be created or written (its parent is a file, no permission, a
-    read-only or pseudo file system), or already holds another run's ``name`` and ``overwrite`` was not asked for."""
+    read-only or pseudo file system), or already holds another run's ``name`` and ``overwrite`` was not asked for.
+    Nothing is removed here: the earlier run's files stay until the new run writes its first result
+    (``_clear_earlier``)."""
     p = Path(out_dir)
     if (p / name).exists() and not overwrite:
         raise ValueError(f"{p} already holds a run ({name}): pass --overwrite to replace it, or choose another --out")
@@ -435,6 +482,13 @@ def _float_where(ok, what: str):
 
 
 _positive_float = _float_where(lambda v: v > 0, "positive")
+
+
+def _kept_fraction(text: str) -> float:
+    value = _positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"a kept fraction is at most 1, got {text}")
+    return value
 _non_negative_float = _float_where(lambda v: v >= 0, "non-negative")
 
 
@@ -445,7 +499,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
     f = sub.add_parser("flops", help="analytic FLOPs, KV length and equivalent tokens, full vs GlimpsePrune")
     _common(f, n_vis=5041, n_text=33)
-    f.add_argument("--keep", type=float, nargs="+", default=[0.034], help="kept visual fraction(s)")
+    f.add_argument("--keep", type=_kept_fraction, nargs="+", default=[0.034], help="kept visual fraction(s)")
     f.add_argument("--prune-layer", type=int, help="K (default: the shape's)")
     f.add_argument("--new-tokens", type=_at_least(1), default=22, help="decode steps for the decode-FLOPs total")
     f.add_argument("--json", action="store_true", help="also print one JSON line")
@@ -461,7 +515,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
     w = sub.add_parser("sweep", help="prefill cost vs pruning layer K (analytic; --measure also times it)")
     _common(w)
-    w.add_argument("--keep", type=float, default=0.04, help="kept visual fraction")
+    w.add_argument("--keep", type=_kept_fraction, default=0.04, help="kept visual fraction")
     w.add_argument("--layers", type=int, nargs="+", help="layers K to evaluate (default: -1..L-1)")
     w.add_argument("--no-glimpse", action="store_true", help="leave out the glimpse token and VIP")
     w.add_argument("--measure", action="store_true", help="time prefill at each K (mask method; cheap shapes only)")
@@ -496,7 +550,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
     c = sub.add_parser("ratio-check", help="measured vs analytic prefill ratio of full vs GlimpsePrune (CPU)")
     _common(c)
-    c.add_argument("--keep", type=float, default=0.04, help="kept visual fraction")
+    c.add_argument("--keep", type=_kept_fraction, default=0.04, help="kept visual fraction")
     c.add_argument("--warmup", type=_at_least(0), default=1, help="untimed runs of every variant first")
     c.add_argument("--reps", type=_at_least(1), default=7, help="timed, interleaved repetitions (medians)")
     c.add_argument("--tolerance", type=_non_negative_float, default=0.15, help="allowed |measured / analytic - 1|")
@@ -513,7 +567,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     o.add_argument("--n-vis", type=_at_least(1), nargs="+", default=[1024, 2025], help="visual tokens per sample (one "
                    "near-square image each)")
     o.add_argument("--n-text", type=_at_least(0), default=64, help="non-visual prompt tokens per sample")
-    o.add_argument("--keep", type=float, default=0.04, help="kept visual fraction of mask and glimpse")
+    o.add_argument("--keep", type=_kept_fraction, default=0.04, help="kept visual fraction of mask and glimpse")
     o.add_argument("--prune-layer", type=int, help="K of mask and glimpse, >= 0 (default: the shape's); e.g. 0: the "
                    "schedule of an early module whose picks leave after layer 0")
     o.add_argument("--warmup", type=_at_least(0), default=2, help="untimed runs of every variant first")

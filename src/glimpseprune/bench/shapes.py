@@ -273,7 +273,19 @@ def load_shape(name_or_path: str | Path) -> ModelShape:
     """A shape from a JSON file, given as a path or as a name in ``configs/shapes/`` (e.g. ``qwen2_5_vl_7b``)."""
     for p in _candidates(str(name_or_path)):
         if p.is_file():
-            return ModelShape.from_dict(json.loads(p.read_text()))
+            try:
+                d = json.loads(p.read_text())
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise ValueError(f"shape file {p}: not JSON ({err})") from None
+            if not isinstance(d, dict):
+                raise ValueError(f"shape file {p}: expected a JSON object, got a {type(d).__name__}")
+            try:
+                return ModelShape.from_dict(d)
+            except KeyError as err:
+                raise ValueError(f"shape file {p} lacks {err.args[0]!r} (see {SHAPES_DIR}/ for complete ones)") \
+                    from None
+            except TypeError as err:  # a section that is not an object, or a field it does not have
+                raise ValueError(f"shape file {p}: {err}") from None
     raise FileNotFoundError(f"no shape {name_or_path!r}: give a JSON path or one of {list_shapes() or '[]'} "
                             f"(from {SHAPES_DIR}/ of the checkout)")
 

@@ -33,6 +33,10 @@ def _check_overlay(path: str, images: list[str]) -> None:
 
 def cmd_ask(args) -> int:
     video, image_pos, question_pos = getattr(args, "video", None), args.image_pos, args.question_pos
+    if not video:  # the video options would be ignored: a user who gave them meant something
+        given = [f for f, v in (("--fps", args.fps), ("--max-frames", args.max_frames)) if v is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} apply to --video, which was not given")
     if video and image_pos and question_pos is None and not args.question:
         image_pos, question_pos = None, image_pos  # `ask --video clip.mp4 "question"`
     images = list(args.image or []) + ([image_pos] if image_pos else [])
@@ -46,9 +50,10 @@ def cmd_ask(args) -> int:
         _check_overlay(args.overlay, [video] if video else images)
     clip = None
     if video:  # decoded and checked before the model loads
-        from ..video import as_video
+        from ..video import DEFAULT_FPS, MAX_FRAMES, as_video
 
-        clip = as_video(video, fps=args.fps, max_frames=args.max_frames, where=f"--video {video}")
+        clip = as_video(video, fps=DEFAULT_FPS if args.fps is None else args.fps,
+                        max_frames=MAX_FRAMES if args.max_frames is None else args.max_frames, where=f"--video {video}")
     pm, _ = _load(args)
     out = pm.generate(images=[images], questions=[question], videos=None if clip is None else [clip],
                       max_new_tokens=args.max_new_tokens)
@@ -95,9 +100,13 @@ def cmd_make_world(args) -> int:
     from ..data.records import has_split, write_split
 
     if args.video:
-        from ..data.world_video import VideoConfig, write_video_split
+        from ..data.world_video import VideoConfig, has_video_split, write_video_split
 
         cfg = VideoConfig(frames=args.frames)
+        if not args.overwrite and has_video_split(args.out, args.n, args.seed, cfg):  # as for images: kept
+            print(f"{args.out} already holds this video split (n {args.n}, seed {args.seed}, {args.frames} frames); "
+                  "left as it is")
+            return 0
         print(f"wrote {write_video_split(args.out, args.n, args.seed, cfg, overwrite=args.overwrite)}")
         return 0
 

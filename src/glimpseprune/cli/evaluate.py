@@ -172,6 +172,11 @@ def _eval_task(args, method: str | None, out, resume: bool) -> tuple[dict, dict 
             "ms_per_sample": summary["ms_per_sample"], "mean_kv_len": summary["mean_kv_len"]}, summary
 
 
+def _ratio(a: float, b: float) -> float | None:
+    """a / b; None when b is 0 (or not a number): a ratio against nothing is not 1e9."""
+    return a / b if b and b == b else None
+
+
 def _distributed():
     """accelerate's process state under a multi-process launch (``accelerate launch --num_processes N``), else
     None: one process evaluates everything."""
@@ -237,8 +242,8 @@ def cmd_eval(args) -> int:
     main, result = one(args, args.method, out, args.resume)
     if args.compare_full and main["method"] != "full":
         full, full_summary = one(args, "full", out / "full", args.resume)
-        ratio = main["exact_match"] / max(full["exact_match"], 1e-9)
-        per = {f: main["per_family"][f]["exact_match"] / max(v["exact_match"], 1e-9)
+        ratio = _ratio(main["exact_match"], full["exact_match"])  # None where full scores 0: no ratio exists
+        per = {f: _ratio(main["per_family"][f]["exact_match"], v["exact_match"])
                for f, v in full["per_family"].items() if f in main["per_family"]}
         report = {"method": main["method"], "exact_match": main["exact_match"],
                   "full_exact_match": full["exact_match"], "relative_accuracy": ratio,
@@ -247,7 +252,8 @@ def cmd_eval(args) -> int:
                   "mean_kv_len": {"pruned": main["mean_kv_len"], "full": full["mean_kv_len"]}}
         atomic_write_json(out / "relative.json", report)
         result = {**result, "full": full_summary, "relative": report}
-        _say(args, f"{main['method']} keeps {100 * ratio:.1f} % of the full-token accuracy "
+        kept = "an undefined share (full scores 0)" if ratio is None else f"{100 * ratio:.1f} %"
+        _say(args, f"{main['method']} keeps {kept} of the full-token accuracy "
               f"({main['exact_match']:.4f} vs {full['exact_match']:.4f}) with {100 * main['kept_frac']['mean']:.1f} % "
               f"of the visual tokens on average; wrote {out / 'relative.json'}")
         pm_, fm = main["ms_per_sample"], full["ms_per_sample"]

@@ -99,9 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--image", action="append", help="image file; repeat for several images")
     a.add_argument("--video", help="video file (Qwen2.5-VL; decoded with PyAV: pip install 'glimpseprune[video]'), "
                    "placed after the images; e.g. ask --video clip.mp4 'What happens?'")
-    a.add_argument("--fps", type=float, default=DEFAULT_FPS, help="with --video: frames sampled per second")
-    a.add_argument("--max-frames", type=positive_int, default=MAX_FRAMES, help="with --video: most frames sampled "
-                   "(a longer clip is sampled evenly over its whole length)")
+    a.add_argument("--fps", type=float, help=f"with --video: frames sampled per second (default {DEFAULT_FPS:g})")
+    a.add_argument("--max-frames", type=positive_int, help=f"with --video: most frames sampled (default {MAX_FRAMES}; "
+                   "a longer clip is sampled evenly over its whole length)")
     a.add_argument("--question", help="the question text")
     a.add_argument("--overlay", help="write the (first) image with its kept tokens highlighted to this PNG; with "
                    "--video, a contact sheet of its frames, each with its kept tokens")

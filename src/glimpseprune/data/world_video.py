@@ -144,6 +144,27 @@ class VideoRecord:
         return [p if Path(p).is_absolute() else Path(root) / p for p in map(Path, self.frames)]
 
 
+def _video_settings(n: int, seed: int, cfg: VideoConfig) -> dict:
+    return {"n": n, "seed": seed, "frames": cfg.frames, "fps": cfg.fps, "distractors": cfg.distractors,
+            "world": asdict(cfg.world)}
+
+
+def has_video_split(out_dir: str | Path, n: int, seed: int, cfg: VideoConfig | None = None,
+                    name: str = "video_records.jsonl") -> bool:
+    """True when ``out_dir`` already holds this very split, complete (``write_video_split`` with the same
+    arguments; the records file is written last)."""
+    out_dir = Path(out_dir)
+    marker = out_dir / f".{name}.run.json"
+    if not (out_dir / name).is_file() or not marker.is_file():
+        return False
+    try:
+        record = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return record.get("command") == "make-world --video" and \
+        record.get("settings") == json.loads(json.dumps(_video_settings(n, seed, cfg or VideoConfig())))
+
+
 def write_video_split(out_dir: str | Path, n: int, seed: int, cfg: VideoConfig | None = None,
                       name: str = "video_records.jsonl", overwrite: bool = False) -> Path:
     """Render ``n`` clips (families in turn) as PNG frames plus one JSONL; returns its path. A folder holding another
@@ -154,8 +175,7 @@ def write_video_split(out_dir: str | Path, n: int, seed: int, cfg: VideoConfig |
         raise ValueError(f"a split needs at least one clip, got n={n}")
     cfg = cfg or VideoConfig()
     out_dir = Path(out_dir)
-    settings = {"n": n, "seed": seed, "frames": cfg.frames, "fps": cfg.fps, "distractors": cfg.distractors,
-                "world": asdict(cfg.world)}
+    settings = _video_settings(n, seed, cfg)
     claim_run_dir(out_dir, "make-world --video", settings, [name, f"videos/{seed}-*"], overwrite=overwrite,
                   resume_flag="", marker=f".{name}.run.json")
     lines = []
