@@ -300,3 +300,26 @@ def test_numeric_string_sizes_and_repeated_ids(tmp_path, caplog):
     assert recs[0].width == 10
     assert [r.id for r in recs] == ["a", "a#3", "a#2", "a#4"]  # unique, in file order; the file's own a#2 kept
     assert "2 records repeat" in caplog.text
+
+
+def test_boxes_follow_the_image_as_loaded(tmp_path):
+    """A record's boxes are pixels of its declared size: a resized copy gets them scaled; an EXIF-rotated file
+    (another aspect once loaded) is refused by name instead of marking the wrong tokens (training used the declared
+    size, compare the loaded one)."""
+    from PIL import Image
+
+    from glimpseprune.data.records import boxes_on_image
+    from glimpseprune.training.stage1 import RecordDataset
+
+    rec = Record("r1", "a.jpg", "q?", "a", 224, 112, [[70, 40, 100, 70]])
+    assert boxes_on_image(rec, (224, 112)) == [[70, 40, 100, 70]]
+    assert boxes_on_image(rec, (112, 56)) == [[35.0, 20.0, 50.0, 35.0]]
+    with pytest.raises(ValueError, match=r"record r1: .*224x112 but its image a.jpg loads as 112x224"):
+        boxes_on_image(rec, (112, 224))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: PIL's exif_transpose turns the 224 x 112 file into 112 x 224
+    Image.new("RGB", (224, 112), (200, 30, 30)).save(tmp_path / "a.jpg", exif=exif)
+    write_lines(tmp_path / "r.jsonl", [json.dumps({**GOOD, "image": "a.jpg", "width": 224, "height": 112,
+                                                   "bboxs": [[70, 40, 100, 70]]})])
+    with pytest.raises(ValueError, match="EXIF orientation applied"):
+        RecordDataset(tmp_path / "r.jsonl")[0]

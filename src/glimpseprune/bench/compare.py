@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data.records import read_records
+from ..data.records import boxes_on_image, read_records
 from ..outputs import atomic_write_text
 from .accuracy import _stats, normalize
 
@@ -146,7 +146,8 @@ class Comparison:
             chunk = self.records[i:i + batch_size]
             images = [load_image(r.image_path(self.split.parent)) for r in chunk]
             inputs = pm.prepare([[im] for im in images], [r.question for r in chunk])
-            masks = self.adapter.box_masks(model, processor, inputs, [r.bboxs for r in chunk],
+            masks = self.adapter.box_masks(model, processor, inputs,
+                                           [boxes_on_image(r, im.size) for r, im in zip(chunk, images)],
                                            [im.size for im in images])
             self.batches.append((chunk, inputs, masks))
 

@@ -131,6 +131,22 @@ def _unique_ids(records: list[Record], path: Path) -> list[Record]:
     return records
 
 
+def boxes_on_image(record: Record, size: tuple[int, int]) -> list[list[float]]:
+    """``record.bboxs`` on its image as loaded, of ``size`` (w, h). The boxes are pixels of the record's declared
+    ``width`` x ``height``: a file of another size with the same aspect (a resized copy) gets them scaled; one of
+    another aspect (an EXIF rotation the loader applied, another file) is an error naming the record, rather than
+    box targets on the wrong tokens."""
+    w, h = size
+    if (w, h) == (record.width, record.height):
+        return record.bboxs
+    sx, sy = w / record.width, h / record.height
+    if abs(sx / sy - 1) > 0.02:
+        raise ValueError(f"record {record.id}: its width x height say {record.width}x{record.height} but its image "
+                         f"{record.image} loads as {w}x{h} (EXIF orientation applied?): its boxes cannot be placed; "
+                         "give the size of the image as displayed, with boxes in those pixels")
+    return [[x1 * sx, y1 * sy, x2 * sx, y2 * sy] for x1, y1, x2, y2 in record.bboxs]
+
+
 def boxes_to_token_mask(boxes, width: int, height: int, grid_h: int, grid_w: int) -> np.ndarray:
     """(grid_h, grid_w) bool: the tokens whose cell overlaps any box by a positive area.
 

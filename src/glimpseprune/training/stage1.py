@@ -33,7 +33,7 @@ from ..checkpoint import build_module as module_of_config
 from ..checkpoint import config_for_model
 from ..config import GlimpseConfig
 from ..data import world
-from ..data.records import POINTS, mask_boxes, read_records
+from ..data.records import POINTS, boxes_on_image, mask_boxes, read_records
 from ..methods.early_glimpse import EarlyGlimpseMethod
 from ..methods.glimpse import GlimpseMethod
 from ..modules.early import EarlyGlimpseModule
@@ -306,9 +306,11 @@ class RecordDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         r = self.records[i]
-        return {"image": load_image(r.image_path(self.root)), "question": r.question, "answer": r.answer,
-                "boxes": r.bboxs, "mask_boxes": mask_boxes(r.bboxs, r.family, self.point_families, self.point_at),
-                "family": r.family, "width": r.width, "height": r.height}
+        image = load_image(r.image_path(self.root))
+        boxes = boxes_on_image(r, image.size)  # the record's pixels on the image as loaded (or a named error)
+        return {"image": image, "question": r.question, "answer": r.answer, "boxes": boxes,
+                "mask_boxes": mask_boxes(boxes, r.family, self.point_families, self.point_at),
+                "family": r.family, "width": image.width, "height": image.height}
 
 
 def dilate(mask, rings: int):
