@@ -293,3 +293,15 @@ def test_embedded_names_load_and_spread(tmp_path):
     inputs = make_batch(plain.processor, [IMG_A])
     out = _generate_both(plain, spread, inputs)
     assert out.n_kept[0] < out.n_vis[0]
+
+
+def test_step_logits_are_float32_like_stock_in_bf16(tiny_dir, processor):
+    """return_logits in a bf16 model gave bf16 step logits; stock generate(output_logits=True) gives float32."""
+    model, _ = gp.load_base(tiny_dir, dtype=torch.bfloat16)
+    inputs = make_batch(processor, [IMG_A])
+    ours = gp.apply(model, "full").generate(inputs, max_new_tokens=3, return_logits=True)
+    with torch.no_grad():
+        want = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True).logits
+    assert len(ours.step_logits) == len(want) and all(x.dtype == torch.float32 for x in ours.step_logits)
+    assert all(torch.equal(a, b) for a, b in zip(ours.step_logits, want))

@@ -53,7 +53,7 @@ class PruneOutput:
         prune_layer: the LLM layer after which tokens were dropped (-1: before the LLM; None: nothing pruned).
         texts: per sample, the decoded ``sequences`` (special tokens skipped); None without a processor.
         step_logits: with ``return_logits=True``, per generated token the raw (B, V) logits (before any logits
-            processor); else None.
+            processor) in float32, as ``model.generate(output_logits=True)`` returns them; else None.
         prefill: the runtime's ``PrefillResult`` (cache, masks, per-stage keep masks, the method's scratch).
         timing: wall seconds of the batch: ``prefill`` (ViT + LLM), ``decode`` and its ``decode_steps`` steps.
 

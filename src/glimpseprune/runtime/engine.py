@@ -331,9 +331,10 @@ def _decode(model, adapter, method, inputs, gc, seed, request, keep_logits, stre
     unfinished = torch.ones(seq.shape[0], dtype=torch.bool, device=device)
     out, step_logits = [], []
     for t in range(gc.max_new_tokens):
+        raw = logits.to(device=device, dtype=torch.float32, copy=True)  # as transformers: fp32 (B, V) per step
         if keep_logits:
-            step_logits.append(logits)
-        scores = processors(seq, logits.to(device=device, dtype=torch.float32, copy=True))
+            step_logits.append(raw.clone())
+        scores = processors(seq, raw)
         tok = next_tokens(scores, gc.do_sample, gen)
         if pad_done:
             tok = torch.where(unfinished, tok, pad.to(device))
