@@ -246,7 +246,7 @@ def test_a_malformed_shape_file_is_named(tmp_path, capsys):
 
 
 def test_overwrite_clears_the_earlier_runs_plots_when_the_new_run_writes(tmp_path):
-    from glimpseprune.bench.report import _clear_earlier, check_writable
+    from glimpseprune.bench.report import _Results, check_writable
 
     out = tmp_path / "o"
     out.mkdir()
@@ -254,5 +254,9 @@ def test_overwrite_clears_the_earlier_runs_plots_when_the_new_run_writes(tmp_pat
         (out / f).write_text("earlier")
     check_writable(out, overwrite=True)
     assert (out / "throughput.png").exists()  # nothing removed before the new run has a result
-    _clear_earlier(out)
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # only what bench writes
+    results = _Results(out)
+    results.partial({"complete": False})
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "result.json"]  # only what bench writes
+    (out / "throughput.png").write_text("this run's")
+    results.partial({"complete": True})
+    assert (out / "throughput.png").read_text() == "this run's"  # cleared once, at the first write

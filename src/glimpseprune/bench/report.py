@@ -280,7 +280,7 @@ def cmd_sweep(args) -> int:
         print(f"{r['prune_layer']} | {r['prefill_flops'] / 1e12:.3f} | {100 * r['ratio']:.1f} | "
               f"{r['equivalent_tokens']:.1f} | {r['kv_len']}{extra}")
     if args.out:
-        _clear_earlier(args.out, "sweep.json")
+        _Results(args.out, "sweep.json").start()
         write_json({"shape": shape.to_dict(), "grid": grid, "n_text": args.n_text, "keep": args.keep, "rows": rows},
                    args.out, "sweep.json")
         plots = plot_sweep(rows, args.out, f"{shape.name}, keep {args.keep}")
@@ -288,37 +288,34 @@ def cmd_sweep(args) -> int:
     return 0
 
 
-def _clear_earlier(out, name: str = "result.json") -> None:
-    """Remove an earlier run's files (``OWNED``) from ``out``, once, as this run writes its first result there."""
-    key = (str(Path(out).resolve()), name)
-    if key in _CLEARED:
-        return
-    _CLEARED.add(key)
-    for f in OWNED.get(name, (name,)):
-        if (Path(out) / f).is_file():
-            (Path(out) / f).unlink()
+class _Results:
+    """Writes a run's results into ``out`` (None: nowhere). The first write removes the earlier run's files there
+    (``OWNED``: an --overwrite run's stale plot would be read as this run's); ``partial`` saves the result so far
+    (``"complete": false``), for ``run_benchmark`` / ``run_overhead`` to call as each stage ends."""
+
+    def __init__(self, out, name: str = "result.json"):
+        self.out, self.name, self.started = out, name, False
+
+    def start(self) -> None:
+        if self.started or not self.out:
+            return
+        self.started = True
+        for f in OWNED.get(self.name, (self.name,)):
+            if (Path(self.out) / f).is_file():
+                (Path(self.out) / f).unlink()
+
+    def partial(self, result: dict) -> None:
+        if not self.out:
+            return
+        self.start()
+        write_json(result, self.out, self.name)
+        logger.info("saved the measurements so far to %s", Path(self.out) / self.name)
 
 
-_CLEARED: set[tuple[str, str]] = set()
-
-
-def _partial(out):
-    """A callback writing the result so far (``"complete": false``) to OUT/result.json; None without --out."""
-    if not out:
-        return None
-
-    def write(result: dict) -> None:
-        _clear_earlier(out)
-        write_json(result, out)
-        logger.info("saved the measurements so far to %s", Path(out) / "result.json")
-
-    return write
-
-
-def _finish(args, result: dict) -> None:
+def _finish(args, result: dict, results: _Results) -> None:
     if not args.out:
         return
-    _clear_earlier(args.out)
+    results.start()
     path = write_json(result, args.out)
     (Path(args.out) / "table.md").write_text(markdown_table(result))
     print(f"wrote {path} and {Path(args.out) / 'table.md'}")
@@ -370,10 +367,11 @@ def cmd_run(args) -> int:
                   e2e_reps=args.e2e_reps, budget_s=args.budget_s)
     if args.out:
         check_writable(args.out, args.overwrite)
-    result = run_benchmark(s, on_stage=_partial(args.out))
+    results = _Results(args.out)
+    result = run_benchmark(s, on_stage=results.partial)
     print(markdown_table(result))
     _checks(result, 0.15, args.causal)
-    _finish(args, result)
+    _finish(args, result, results)
     print(json.dumps(_summary(result)))
     return 0
 
@@ -386,7 +384,8 @@ def cmd_ratio_check(args) -> int:
                   threads=args.threads)
     if args.out:
         check_writable(args.out, args.overwrite)
-    result = run_benchmark(s, on_stage=_partial(args.out))
+    results = _Results(args.out)
+    result = run_benchmark(s, on_stage=results.partial)
     g = result["settings"]["grid"]
     print(f"ratio check: {result['shape']['name']}, {g[0] * g[1]} visual + {args.n_text} text tokens, "
           f"{args.reps} interleaved reps after {args.warmup} warm-up, {result['meta']['torch_threads']} threads")
@@ -396,7 +395,7 @@ def cmd_ratio_check(args) -> int:
               f"prefill median {1000 * r['prefill_s']['median']:.1f} ms "
               f"(all: {', '.join(f'{1000 * x:.0f}' for x in r['prefill_s']['all'])})")
     ok = _checks(result, args.tolerance, args.causal)
-    _finish(args, result)
+    _finish(args, result, results)
     print(json.dumps(_summary(result)))
     return 1 if args.strict and not ok else 0
 
@@ -406,6 +405,7 @@ def cmd_overhead(args) -> int:
     from .overhead import BARS, OverheadSettings, reanalyse, run_overhead, summary, table
 
     check_device(args.device)
+    results = _Results(None)  # --reanalyse rewrites its own files in place
     if args.reanalyse:
         if args.out:
             raise ValueError("--reanalyse DIR rewrites DIR's own result.json and table.md; drop --out")
@@ -419,7 +419,8 @@ def cmd_overhead(args) -> int:
         out = args.out
         if out:
             check_writable(out, args.overwrite)
-        result = run_overhead(s, on_row=_partial(out))
+        results = _Results(out)
+        result = run_overhead(s, on_row=results.partial)
     print(table(result), end="")
     for n, r in result["rows"].items():
         q = r["ratios"]
@@ -429,8 +430,7 @@ def cmd_overhead(args) -> int:
             lo, hi = q["ci95"][k]
             print(f"  {k} {q[k]:.3f} (95 % interval {lo:.3f} to {hi:.3f}, bar {BARS[k]}): {verdict}")
     if out:
-        if not args.reanalyse:
-            _clear_earlier(out)
+        results.start()
         path = write_json(result, out)
         (Path(out) / "table.md").write_text(table(result))
         print(f"wrote {path} and {Path(out) / 'table.md'}")
@@ -448,7 +448,7 @@ def check_writable(out_dir: str | Path, overwrite: bool = False, name: str = "re
     """Fail before a run when ``out_dir`` cannot be created or written (its parent is a file, no permission, a
     read-only or pseudo file system), or already holds another run's ``name`` and ``overwrite`` was not asked for.
     Nothing is removed here: the earlier run's files stay until the new run writes its first result
-    (``_clear_earlier``)."""
+    (``_Results.start``)."""
     p = Path(out_dir)
     if (p / name).exists() and not overwrite:
         raise ValueError(f"{p} already holds a run ({name}): pass --overwrite to replace it, or choose another --out")
@@ -482,6 +482,7 @@ def _float_where(ok, what: str):
 
 
 _positive_float = _float_where(lambda v: v > 0, "positive")
+_non_negative_float = _float_where(lambda v: v >= 0, "non-negative")
 
 
 def _kept_fraction(text: str) -> float:
@@ -489,7 +490,6 @@ def _kept_fraction(text: str) -> float:
     if value > 1:
         raise argparse.ArgumentTypeError(f"a kept fraction is at most 1, got {text}")
     return value
-_non_negative_float = _float_where(lambda v: v >= 0, "non-negative")
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
