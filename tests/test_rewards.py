@@ -187,9 +187,15 @@ class JudgeServer:
                     n = len(server.requests)
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                # in flight until its answer is ready (counted to the end of the write, a finished request
+                # overlapped the client's next one: 5 in flight at concurrency 4)
                 try:
                     status, text, delay = server.behaviour(body, n)
                     time.sleep(delay)
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+                try:
                     if status == 200:
                         data = json.dumps({"id": f"c{n}", "object": "chat.completion", "model": body["model"],
                                            "choices": [{"index": 0, "finish_reason": "stop",
@@ -204,9 +210,6 @@ class JudgeServer:
                     self.wfile.write(raw)
                 except OSError:
                     pass  # the client gave up (timeout)
-                finally:
-                    with server.lock:
-                        server.in_flight -= 1
 
             def log_message(self, *args):
                 pass
