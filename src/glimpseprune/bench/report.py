@@ -157,29 +157,26 @@ def plot_sweep(rows: list[dict], out_dir: str | Path, title: str) -> list[Path] 
 # ----------------------------------------------------------------------------------------------- the command
 
 
-def _grid(text: str) -> tuple[int, int]:
-    """"HxW" merged tokens -> (h, w), both at least 1."""
-    h, sep, w = text.lower().partition("x")
+def _two_sizes(text: str, what: str) -> tuple[int, int]:
+    """"AxB" -> (A, B), both whole numbers >= 1; else an argparse error asking for ``what``."""
+    a, sep, b = text.lower().partition("x")
     try:
-        grid = int(h), int(w)
+        pair = int(a), int(b)
     except ValueError:
-        grid = (0, 0)
-    if not sep or min(grid) < 1:
-        raise argparse.ArgumentTypeError(f"give the merged-token grid as HxW with both at least 1, e.g. 71x71 "
-                                         f"(got {text!r})")
-    return grid
+        pair = (0, 0)
+    if not sep or min(pair) < 1:
+        raise argparse.ArgumentTypeError(f"give {what} (got {text!r})")
+    return pair
+
+
+def _grid(text: str) -> tuple[int, int]:
+    """"HxW" merged tokens -> (h, w)."""
+    return _two_sizes(text, "the merged-token grid as HxW with both at least 1, e.g. 71x71")
 
 
 def _pixels(text: str) -> tuple[int, int]:
     """"WxH" in pixels -> (width, height)."""
-    w, sep, h = text.lower().partition("x")
-    try:
-        size = int(w), int(h)
-    except ValueError:
-        size = (0, 0)
-    if not sep or min(size) < 1:
-        raise argparse.ArgumentTypeError(f"give width x height in pixels, e.g. 448x448 (got {text!r})")
-    return size
+    return _two_sizes(text, "width x height in pixels, e.g. 448x448")
 
 
 def _common(p: argparse.ArgumentParser, n_vis: int = 2025, n_text: int = 64) -> None:
