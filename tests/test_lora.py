@@ -257,3 +257,63 @@ def test_merge_and_save(family, tmp_path):
         load_plus(base, _plus(family, tmp_path, seed=2)[0])
     with pytest.raises(FileExistsError):
         lora.merge_and_save(family.model_dir, plus, out)
+
+
+def test_scaling_fields_and_a_failed_load_leave_the_model_as_it_was(family, tmp_path, monkeypatch):
+    """adapter_config.json edits that change the scaling (use_rslora: logits moved by ~20) loaded silently, the sha
+    covering only the weights: refused. A load that fails after the LoRA layers went in left the caller's model
+    half-adapted (and every later load refused): the layers are taken out again."""
+    if family.name != "qwen2_5_vl":
+        pytest.skip("one family suffices")
+    plus, _ = _plus(family, tmp_path)
+    cfg = json.loads((plus / ADAPTER_CONFIG).read_text())
+    for key, value in (("use_rslora", True), ("alpha_pattern", {"q_proj": 4}), ("rank_pattern", {"q_proj": 8})):
+        edited = tmp_path / f"edited_{key}"
+        edited.mkdir()
+        for f in plus.iterdir():
+            (edited / f.name).write_bytes(f.read_bytes())
+        (edited / ADAPTER_CONFIG).write_text(json.dumps({**cfg, key: value}))
+        with pytest.raises(ValueError, match=f"{key} is set"):
+            gp.load(family.model_dir, module=edited)
+    import peft.functional
+
+    model = _fresh(family)
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+
+    def broken(*a, **k):
+        raise RuntimeError("cast failed")
+
+    monkeypatch.setattr(peft.functional, "cast_adapter_dtype", broken)
+    with pytest.raises(RuntimeError, match="cast failed"):
+        load_plus(model, plus)
+    monkeypatch.undo()
+    assert not lora.has_lora(model) and not hasattr(model, "peft_config") and not hasattr(model, MERGED_ATTR)
+    assert {n: p for n, p in model.state_dict().items()}.keys() == before.keys()
+    assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
+    load_plus(model, plus)  # and the model still takes the adapter
+    assert getattr(model, MERGED_ATTR) == file_sha256(plus / ADAPTER_WEIGHTS)
+
+
+def test_compare_applies_a_plus_folders_adapter_to_every_method(family, tmp_path, monkeypatch):
+    """compare --module GP+_DIR ran full / fastv on the stock base unless glimpse was among --methods (ask and eval
+    apply the adapter whatever the method)."""
+    if family.name != "qwen2_5_vl":
+        pytest.skip("one family suffices")
+    import glimpseprune.checkpoint as ck
+    from glimpseprune.cli import main
+    from glimpseprune.data.records import write_split
+
+    plus, _ = _plus(family, tmp_path)
+    split = write_split(tmp_path / "w", n=2, seed=1)
+    seen, real = [], ck.load_plus
+
+    def spy(model, path, **kw):
+        seen.append(str(path))
+        return real(model, path, **kw)
+
+    monkeypatch.setattr(ck, "load_plus", spy)
+    assert main(["compare", "--split", str(split), "--model", str(family.model_dir), "--module", str(plus),
+                 "--methods", "fastv", "--budgets", "0.5", "--out", str(tmp_path / "c")]) == 0
+    assert seen == [str(plus)]
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "c" / "runs").glob("*.json")]
+    assert runs and all(r.get("module") == str(plus) for r in runs)

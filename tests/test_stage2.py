@@ -493,3 +493,19 @@ def test_ceiling_mask_agreement_by_hand():
     assert got["exist"] == {"n": 1, "precision": 0.0, "recall": 1.0, "exact": 0, "exact_wrong": 0}
     with pytest.raises(RuntimeError, match="3 rows but 2 keep masks"):
         mod._mask_agreement(rows, SimpleNamespace(last_keep_masks=[keep[:2]], batches=cmp.batches))
+
+
+def test_a_merged_base_is_not_trained_on(tmp_path):
+    """A stage-1 / stage-2 run on a --merge output wrote a module that loaded silently on the stock base without the
+    merged adapter: refused before the model loads, pointing to step B on the stock base."""
+    from glimpseprune.lora import merge_and_save
+    from glimpseprune.training.stage1 import Stage1Config
+    from glimpseprune.training.trainer import train
+
+    plus = train_stage2(_cfg(tmp_path, max_steps=1))
+    merged = merge_and_save(resolve_model("embedded"), plus, tmp_path / "merged")
+    with pytest.raises(ValueError, match="holds a merged GlimpsePrune\\+ adapter .*`adapter:`"):
+        train_stage2(_cfg(tmp_path, model=str(merged), output_dir=str(tmp_path / "again")))
+    with pytest.raises(ValueError, match="holds a merged GlimpsePrune\\+ adapter"):
+        train(Stage1Config(model=str(merged), output_dir=str(tmp_path / "s1"), max_steps=1))
+    assert not (tmp_path / "again").exists() or not any((tmp_path / "again").iterdir())

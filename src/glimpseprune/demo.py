@@ -77,7 +77,7 @@ class DemoSession:
                  dtype: str = "float32", max_new_tokens: int = 32):
         import torch
 
-        from .api import load_base, module_method_name
+        from .api import load_base, module_dtype, module_method_name
         from .assets import resolve_model, resolve_module
         from .checkpoint import load_plus
 
@@ -85,7 +85,7 @@ class DemoSession:
             raise ValueError("the demo shows GlimpsePrune: give it a glimpse module (--module)")
         self.model_name, self.module_name = str(model), str(module)
         base, self.processor = load_base(resolve_model(model), device, getattr(torch, dtype))
-        self.model, self.module = load_plus(base, resolve_module(module), device=device)
+        self.model, self.module = load_plus(base, resolve_module(module), device=device, dtype=module_dtype(base))
         self.method = module_method_name(self.module)  # an early module runs early_glimpse, as `ask` does
         self.max_new_tokens = max_new_tokens
         self._lock = threading.Lock()  # one request at a time: the timings are of that request alone

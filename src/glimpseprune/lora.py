@@ -229,6 +229,7 @@ def save_plus(module: GlimpseModule, model: nn.Module, out_dir: str | Path) -> P
 
 _UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA biases", "modules_to_save": "modules_to_save",
                 "trainable_token_indices": "trainable tokens"}
+_SCALING = ("use_rslora", "alpha_pattern", "rank_pattern")
 
 
 def read_adapter(path: str | Path):
@@ -257,6 +258,10 @@ def read_adapter(path: str | Path):
     for key, what in _UNSUPPORTED.items():
         if getattr(config, key, None):
             raise ValueError(f"{cfg_file}: {what} ({key}) is not supported; only plain LoRA adapters")
+    for key in _SCALING:  # they change alpha / r per module: the recorded (r, alpha) would not be what is applied
+        if getattr(config, key, None):
+            raise ValueError(f"{cfg_file}: {key} is set, which changes the adapter's scaling from the recorded "
+                             "r / lora_alpha; only plain LoRA adapters (as glimpseprune writes them)")
     if getattr(config, "bias", "none") != "none":
         raise ValueError(f"{cfg_file}: bias={config.bias!r} is not supported; only plain LoRA adapters (bias none)")
     state = {}
@@ -327,17 +332,27 @@ def load_adapter(model: nn.Module, path: str | Path, merge: bool = True, trainab
     config.inference_mode = not trainable
     grads = None if trainable else {id(q): q.requires_grad for q in model.parameters()}
     inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
-    cast_adapter_dtype(model, ADAPTER_NAME)
-    model.train(model.training)
-    tag = f".{ADAPTER_NAME}."
-    named = dict(_lora_named(model))
-    keyed = {k.replace(".lora_A.", ".lora_A" + tag).replace(".lora_B.", ".lora_B" + tag): v for k, v in state.items()}
-    if set(keyed) != set(named):
-        raise ValueError(f"{p / ADAPTER_WEIGHTS} does not fit the LoRA layers its config creates: missing "
-                         f"{sorted(set(named) - set(keyed))[:3]}, unexpected {sorted(set(keyed) - set(named))[:3]}")
-    with torch.no_grad():
-        for k, v in keyed.items():
-            named[k].copy_(v)
+    try:  # until the weights are in, a failure takes the LoRA layers out again: the caller's model is left as it was
+        cast_adapter_dtype(model, ADAPTER_NAME)
+        model.train(model.training)
+        tag = f".{ADAPTER_NAME}."
+        named = dict(_lora_named(model))
+        keyed = {k.replace(".lora_A.", ".lora_A" + tag).replace(".lora_B.", ".lora_B" + tag): v
+                 for k, v in state.items()}
+        if set(keyed) != set(named):
+            raise ValueError(f"{p / ADAPTER_WEIGHTS} does not fit the LoRA layers its config creates: missing "
+                             f"{sorted(set(named) - set(keyed))[:3]}, unexpected "
+                             f"{sorted(set(keyed) - set(named))[:3]}")
+        wrong = next((k for k, v in keyed.items() if v.shape != named[k].shape), None)
+        if wrong is not None:
+            raise ValueError(f"{p / ADAPTER_WEIGHTS}: {wrong} is {list(keyed[wrong].shape)}, the LoRA layer its "
+                             f"config creates is {list(named[wrong].shape)}")
+        with torch.no_grad():
+            for k, v in keyed.items():
+                named[k].copy_(v)
+    except BaseException:
+        _remove_lora(model)
+        raise
     if grads is not None:  # inference: leave the model's requires_grad as it was, the adapter frozen
         for q in model.parameters():
             q.requires_grad_(grads.get(id(q), False))
@@ -347,20 +362,35 @@ def load_adapter(model: nn.Module, path: str | Path, merge: bool = True, trainab
     return model
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Merge the active LoRA adapter into the base weights and remove the LoRA layers (in place; returned)."""
+def _outer_lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of the LoRA layers not nested inside another one (an inner one goes with its outer one)."""
     layers = _tuner_layers(model)
-    if not layers:
-        raise ValueError("the model has no LoRA adapter to merge")
     names = {n for n, _ in layers}
-    for name, layer in layers:
-        if any(name.startswith(o + ".") for o in names):  # nested inside another tuner layer: goes with it
-            continue
-        layer.merge(safe_merge=True)
+    return [(n, m) for n, m in layers if not any(n.startswith(o + ".") for o in names)]
+
+
+def _unwrap(model: nn.Module, merge: bool) -> None:
+    """Put each LoRA layer's base layer back in its place (``merge``: with the adapter merged into its weights) and
+    drop ``peft_config``."""
+    for name, layer in _outer_lora_layers(model):
+        if merge:
+            layer.merge(safe_merge=True)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.get_base_layer())
     if hasattr(model, "peft_config"):
         del model.peft_config
+
+
+def _remove_lora(model: nn.Module) -> None:
+    """Take injected LoRA layers out without merging them: the model as it was before the injection."""
+    _unwrap(model, merge=False)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Merge the active LoRA adapter into the base weights and remove the LoRA layers (in place; returned)."""
+    if not _tuner_layers(model):
+        raise ValueError("the model has no LoRA adapter to merge")
+    _unwrap(model, merge=True)
     return model
 
 

@@ -36,10 +36,10 @@ def default_methods(benchmark_task: bool) -> list[str]:
 def cmd_compare(args) -> int:
     import torch
 
-    from ..api import load_base
+    from ..api import load_base, module_dtype
     from ..assets import resolve_model, resolve_module
     from ..bench.compare import compare, k_sweep, plan
-    from ..checkpoint import load_plus
+    from ..checkpoint import adapter_record, load_plus
     from ..outputs import claim_run_dir
 
     if (args.split is None) == (args.task is None):
@@ -81,12 +81,16 @@ def cmd_compare(args) -> int:
     model, processor = load_base(resolve_model(args.model), args.device, getattr(torch, args.dtype))
     module_arg = _module_arg(args)
     module = None
-    if ("glimpse" in methods or args.k_sweep) and module_arg is not None:
+    runs_module = "glimpse" in methods or args.k_sweep
+    used = module_arg is not None and (runs_module or adapter_record(resolve_module(module_arg)) is not None)
+    if used:
         # a GlimpsePrune+ folder brings its LoRA adapter (merged into the base: every method then runs on the
-        # adapted model, the one the module was trained with)
-        model, module = load_plus(model, resolve_module(module_arg), device=args.device)
+        # adapted model, the one the module was trained with), whichever methods are compared, as in ask / eval
+        model, module = load_plus(model, resolve_module(module_arg), device=args.device, dtype=module_dtype(model))
+        if not runs_module:
+            module = None  # its adapter applies; no method here runs its module
     torch.manual_seed(0)
-    meta = {"model": str(args.model), "module": None if module is None else str(module_arg)}
+    meta = {"model": str(args.model), "module": str(module_arg) if used else None}
     log = (lambda text: _note(args, text)) if args.json else print  # the table is the result, unless --json
     if task is not None:
         from ..eval.compare_task import compare_task

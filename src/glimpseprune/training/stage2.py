@@ -292,6 +292,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, overwrite: bool = Fals
         _config_record,
         check_output_dir,
         input_digests,
+        refuse_merged_base,
         remove_run_files,
         write_dir_atomic,
         write_json_atomic,
@@ -301,6 +302,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, overwrite: bool = Fals
     ckpt = check_output_dir(cfg, resume=resume, overwrite=overwrite)  # before anything loads
     if cfg.train_data and not Path(cfg.train_data).is_file():
         raise FileNotFoundError(f"train_data {cfg.train_data} does not exist")
+    refuse_merged_base(cfg.model)
     train_ds, eval_ds = _datasets(cfg)  # read before the model loads: bad data fails in seconds
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -345,7 +345,20 @@ def save_module_atomic(module, dest: str | Path, adapter_dir: str | Path | None 
     return write_dir_atomic(dest, write)
 
 
+def refuse_merged_base(model: str) -> None:
+    """A base model folder written by ``--merge`` (a GlimpsePrune+ adapter merged into its weights) is not trained
+    on: the module (or adapter) it would give records nothing of the merged adapter, so it would load on the stock
+    base without it, silently, and be refused on the merged one."""
+    from ..checkpoint import read_merged_record
+
+    if read_merged_record(resolve_model(model)) is not None:
+        raise ValueError(f"model {model} holds a merged GlimpsePrune+ adapter (written by --merge): what is trained "
+                         "on it could not record that adapter. Train on the stock base instead, with the "
+                         "GlimpsePrune+ folder as `adapter:` for stage 1 (step B)")
+
+
 def _check_inputs(cfg: Stage1Config) -> None:
+    refuse_merged_base(cfg.model)
     for name in ("train_data", "eval_data"):
         path = getattr(cfg, name)
         if path is not None and not Path(path).is_file():
