@@ -331,8 +331,8 @@ def load_adapter(model: nn.Module, path: str | Path, merge: bool = True, trainab
     config.target_modules = sorted({k.rsplit(".", 2)[0] for k in state})  # exactly the modules the file adapts
     config.inference_mode = not trainable
     grads = None if trainable else {id(q): q.requires_grad for q in model.parameters()}
-    inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     try:  # until the weights are in, a failure takes the LoRA layers out again: the caller's model is left as it was
+        inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)  # (it held none: refused above)
         cast_adapter_dtype(model, ADAPTER_NAME)
         model.train(model.training)
         tag = f".{ADAPTER_NAME}."
