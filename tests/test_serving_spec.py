@@ -211,6 +211,9 @@ def test_write_vllm_folder_from_an_opted_in_folder(tiny_dir, module_dir, tmp_pat
     other = tmp_path / "other_module"
     shutil.copytree(module_dir, other)
     second = write_vllm_folder(first, tmp_path / "v2", "early_glimpse", 0.5, module=other)
+    (tmp_path / "plain_dir").mkdir()  # the folder has the usual permissions (a server may run as another user)
+    assert second.stat().st_mode & 0o777 == (tmp_path / "plain_dir").stat().st_mode & 0o777
+    (tmp_path / "plain_dir").rmdir()
     copied = second / MODULE_DIR
     assert copied.is_dir() and not copied.is_symlink() and (copied / WEIGHTS_NAME).is_file()
     assert json.loads((second / "config.json").read_text())[SECTION] == \

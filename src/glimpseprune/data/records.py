@@ -126,8 +126,8 @@ def _unique_ids(records: list[Record], path: Path) -> list[Record]:
             r.id = new
             renamed += 1
     if renamed:
-        logger.warning("%s: %d records repeat an earlier record's id; they are named ID#2, "
-                                            "ID#3, ... in file order", path, renamed)
+        logger.warning("%s: %d records repeat an earlier record's id; they are named ID#2, ID#3, ... in file order",
+                       path, renamed)
     return records
 
 

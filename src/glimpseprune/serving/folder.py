@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,8 @@ def write_vllm_folder(model_dir: str | Path, out_dir: str | Path, method: str, k
     entries = [f for f in sorted(src.iterdir())  # an opted-in base's own module is replaced, not linked
                if f.name not in ("config.json", MODULE_DIR) and not f.name.startswith(".")]
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    work = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
+    work.mkdir()  # the usual permissions (mkdtemp's 0700 would keep other users, e.g. a server's, out)
     try:  # written beside it and renamed at the end: a failure leaves no half-made folder
         for f in entries:
             (work / f.name).symlink_to(f.resolve())
