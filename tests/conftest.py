@@ -45,6 +45,18 @@ def processor(tiny):
     return tiny[1]
 
 
+@pytest.fixture(scope="module")
+def pm(model, processor):
+    """The tiny model under method ``full`` (keeps every token: equal to stock transformers), with its processor."""
+    return gp.apply(model, "full", processor=processor)
+
+
+@pytest.fixture(scope="module")
+def one(processor):
+    """One question about one 8 x 8-token image, processed."""
+    return make_batch(processor, [IMG_A])
+
+
 @pytest.fixture(scope="session")
 def deep(tmp_path_factory):
     """The tiny model with 8 decoder layers instead of 4 (what grows with depth: host reads, kernel launches)."""

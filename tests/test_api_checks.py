@@ -17,17 +17,6 @@ from glimpseprune.adapters.base import capture_outputs
 from glimpseprune.processing import to_rgb
 from glimpseprune.validation import check_inputs, resolve_dtype
 
-
-@pytest.fixture(scope="module")
-def pm(model, processor):
-    return gp.apply(model, "full", processor=processor)
-
-
-@pytest.fixture(scope="module")
-def one(processor):
-    return make_batch(processor, [IMG_A])
-
-
 # --------------------------------------------------------------------------- concurrency
 
 

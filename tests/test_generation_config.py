@@ -28,16 +28,6 @@ def stock(model, inputs, **kw):
 
 
 @pytest.fixture(scope="module")
-def pm(model, processor):
-    return gp.apply(model, "full", processor=processor)
-
-
-@pytest.fixture(scope="module")
-def one(processor):
-    return make_batch(processor, [IMG_A])
-
-
-@pytest.fixture(scope="module")
 def three(processor, mixed_specs):
     return make_batch(processor, mixed_specs)  # left-padded: one image, two images, text only
 
