@@ -41,7 +41,7 @@ def _eval_one(args, method: str | None, out, resume: bool) -> tuple[dict, dict]:
     samples, errors = out / "samples.jsonl", out / "errors.jsonl"
     done = read_rows(samples) if resume else []
     if done:
-        done = _matching_rows(done, args.split, args.limit, args)
+        done = _matching_rows(done, args.split_records, args)
     if resume and done:
         _note(args, f"resuming {out}: {len(done)} samples already evaluated")
     pm, module_used = _load(args)
@@ -214,7 +214,7 @@ def cmd_eval(args) -> int:
         raise ValueError(f"--task {args.task} needs --data DIR (the benchmark's local release folder)")
     _check_method(args)
     if args.split is not None:
-        _check_split(args.split, args.limit)
+        args.split_records = _check_split(args.split, args.limit)  # read once: a resume matches its rows to them
     out = Path(args.out)
     if args.task is not None:  # an unknown task or a foreign layout fails here, before the folder is claimed
         from ..eval.tasks import get_task
@@ -267,13 +267,13 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _matching_rows(done: list[dict], split: str, limit: int | None, args) -> list[dict]:
-    """The saved rows of a resumed ``eval --split`` that belong to the split as it is now: a row whose record is gone
-    is dropped (noted); one whose record now asks another question or expects another answer means the file was
-    replaced under the run, which is refused rather than mixed into one summary."""
-    from ..data.records import read_records
-
-    records = {r.id: r for r in read_records(split, limit)}
+def _matching_rows(done: list[dict], split_records: list, args) -> list[dict]:
+    """The saved rows of a resumed ``eval --split`` that belong to the split as it is now (``split_records``, as
+    ``_check_split`` read them): a row whose record is gone is dropped (noted); one whose record now asks another
+    question or expects another answer means the file was replaced under the run, which is refused rather than mixed
+    into one summary."""
+    split = args.split
+    records = {r.id: r for r in split_records}
     changed = [row["id"] for row in done if row["id"] in records and
                (row.get("question"), row.get("answer")) != (records[row["id"]].question, records[row["id"]].answer)]
     if changed:
