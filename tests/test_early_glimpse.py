@@ -4,11 +4,12 @@ trainer trains it; bad inputs fail clearly."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
-from conftest import IMG_A, IMG_B, IMG_C, QUESTIONS, make_batch, random_early_module
+from conftest import IMG_A, IMG_B, IMG_C, QUESTIONS, make_batch, random_early_module, random_module
 
 import glimpseprune as gp
 from glimpseprune.checkpoint import CONFIG_NAME, build_module, load_module, save_module
@@ -224,3 +225,33 @@ def test_wrong_module_kind(model, module, early):
         GlimpseConfig(**{**early.cfg.to_dict(), "attn_layers": [0]})
     with pytest.raises(ValueError, match="kind must be one of"):
         GlimpseConfig(**{**module.cfg.to_dict(), "kind": "late"})
+
+
+@pytest.mark.parametrize("kind", ["early", "glimpse"])
+def test_a_confident_module_keeps_its_top_logits(model, processor, kind):
+    """A trained module's logits pass 16.6, where fp32 sigmoid is exactly 1.0: a fixed budget keeps the top-k by
+    logit (it kept arbitrary tokens among the saturated ones)."""
+    module = copy.deepcopy(random_early_module(model) if kind == "early" else random_module(model))
+    head = module.out_proj if kind == "early" else module.vip.out_proj
+    with torch.no_grad():
+        head.weight.mul_(30.0)
+        head.bias.fill_(20.0)
+    method = gp.make_method("early_glimpse" if kind == "early" else "glimpse", module,
+                            SelectionConfig(fixed_keep_ratio=0.1))
+    with torch.no_grad():
+        pre = prefill(model, gp.get_adapter(model), method, make_batch(processor, [IMG_A]))
+    logits, keep = pre.scratch["vip_logits"][0], pre.keep_masks[0]
+    assert int((torch.sigmoid(logits) == 1.0).sum()) > int(keep.sum())  # the probabilities alone tie
+    want = torch.zeros_like(keep)
+    want[torch.topk(logits, int(keep.sum())).indices] = True
+    assert torch.equal(keep, want)
+
+
+@pytest.mark.parametrize("kind", ["early", "glimpse"])
+def test_a_config_and_a_selection_together_are_refused(model, kind):
+    from glimpseprune.methods.glimpse import GlimpseMethodConfig
+
+    cls, cfg, module = ((EarlyGlimpseMethod, EarlyGlimpseConfig(), random_early_module(model)) if kind == "early"
+                        else (GlimpseMethod, GlimpseMethodConfig(), random_module(model)))
+    with pytest.raises(TypeError, match="not both"):  # the selection was silently ignored
+        cls(cfg, module=module, selection=SelectionConfig(fixed_keep_ratio=0.1))

@@ -13,6 +13,7 @@ import itertools
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import IMG_A, IMG_B, IMG_C, QUESTIONS
@@ -497,6 +498,20 @@ def test_keep_count_and_topk():
     assert topk_keep(s, 2).tolist() == [True, False, False, True, False]  # tie -> lower index; NaN last
     assert topk_keep(s, 10, alive=torch.tensor([1, 1, 0, 0, 1]).bool()).tolist() == [True, True, False, False, True]
     assert topk_keep(torch.zeros(0), 3).tolist() == []
+    # an alive NaN score ranks below every alive number but above every dead entry (it ties at -inf with them)
+    nan = float("nan")
+    alive = torch.tensor([False, True, True])
+    assert topk_keep(torch.tensor([nan, 0.5, nan]), 2, alive=alive).tolist() == [False, True, True]
+    assert topk_keep(torch.tensor([0.9, nan, 0.1]), 2, alive=alive).tolist() == [False, True, True]
+
+
+@pytest.mark.parametrize(("name", "kw"), [("pdrop", {"lam": np.float32(0.5)}), ("vscan", {"mid_keep": np.float64(0.5)}),
+                                          ("visionzip", {"dominant_frac": np.float32(0.5)}),
+                                          ("random", {"seed": np.int64(3)})])
+def test_configs_take_numpy_numbers(name, kw):
+    """A number read from a numpy array is a number: accepted like the Python one (it was refused as not one)."""
+    cfg = gp.get_method(name).config_class(**kw)
+    assert getattr(cfg, next(iter(kw))) == next(iter(kw.values()))
 
 
 def test_farthest_point_picks_one_per_cluster():

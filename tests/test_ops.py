@@ -172,6 +172,26 @@ def test_select_with_uses_config_knobs():
     assert int(select_with(SelectionConfig(fixed_keep_ratio=0.1, min_keep=0), probs).sum()) == 4
 
 
+def test_top_k_steps_rank_by_the_logits_not_the_saturated_probabilities():
+    """fp32 sigmoid is exactly 1.0 above a logit of ~16.6 and 0.0 below ~-104: the fixed count, the cap and the floor
+    rank by ``rank`` (the logits) so that they keep the most confident tokens, not any of the tied ones."""
+    logits = torch.tensor([20.0, 30.0, 25.0, 18.0, -1.0, 2.0, 40.0, 17.0])
+    probs = torch.sigmoid(logits)
+    assert int((probs == 1.0).sum()) == 6  # the ties the probabilities alone cannot order
+    assert kept(select_tokens(probs, fixed_keep_ratio=0.25, rank=logits)) == [1, 6]
+    assert kept(select_tokens(probs, threshold=0.5, max_keep_ratio=0.25, rank=logits)) == [1, 6]
+    low = torch.tensor([-120.0, -110.0, -200.0, -105.0])
+    assert kept(select_tokens(torch.sigmoid(low), min_keep=1, rank=low)) == [3]
+    assert kept(select_with(SelectionConfig(fixed_keep_ratio=0.25), probs, rank=logits)) == [1, 6]
+    with pytest.raises(ValueError, match="rank must have the shape"):
+        select_tokens(probs, rank=logits[:3])
+
+
+def test_ties_go_to_the_lower_index():
+    assert kept(select_tokens(torch.full((6,), 0.7), fixed_keep_ratio=0.5)) == [0, 1, 2]
+    assert kept(select_tokens(torch.tensor([0.2, 0.9, 0.9, 0.9]), threshold=0.5, max_keep_ratio=0.5)) == [1, 2]
+
+
 def test_select_low_precision_probs():
     probs = torch.tensor([0.9, 0.2, 0.6, 0.1], dtype=torch.bfloat16)
     assert kept(select_tokens(probs, fixed_keep_ratio=0.5)) == [0, 2]

@@ -276,3 +276,18 @@ def test_write_vllm_folder_refuses_a_module_that_does_not_fit(tiny_dir, llava_di
         with pytest.raises(ValueError, match=match):
             write_vllm_folder(tiny_dir, dest, "early_glimpse", 0.25, module=mod)
         assert not dest.exists()
+
+
+def test_image_pruner_refuses_an_early_module_that_drops_inside_the_llm(model, tmp_path):
+    """A hand-written section (or --hf-overrides) naming an early module saved to drop after LLM layer 0 reached the
+    server, which pruned it before the LLM, another schedule than it was trained on; ``write_vllm_folder`` refused it,
+    the section did not."""
+    inside = random_early_module(model)
+    inside.drop_after(0)
+    gp.save_module(inside, tmp_path / "m")
+    spec = ServeSpec.from_section({"method": "early_glimpse", "keep_ratio": 0.25, "module": "m"}, tmp_path)
+    with pytest.raises(ValueError, match="drops its tokens after LLM layer 0"):
+        ImagePruner(spec)
+    override = ServeSpec.from_section({"method": "early_glimpse", "keep_ratio": 0.25, "module": "m",
+                                       "method_args": {"drop_layer": -1}}, tmp_path)
+    assert ImagePruner(override).method.prune_layers(4) == (-1,)

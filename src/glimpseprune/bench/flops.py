@@ -11,8 +11,8 @@ Conventions (every function here follows them):
   and value products run over all ``num_heads`` query heads: 2 * 2 * num_heads * head_dim FLOPs per query-key pair.
 * ``causal`` is always explicit. causal=True counts the pairs a causal model needs: n_new * n_past +
   n_new (n_new + 1) / 2. causal=False counts every pair: n_new * (n_past + n_new). The latter is what a kernel
-  executes when it gets an explicit additive mask (this runtime's prefill does), and what upstream's
-  ``cal_flops.py`` counts (it has no causal halving).
+  executes when it gets an explicit mask (this runtime's prefill passes one only for a left-padded batch; without
+  padding SDPA runs its causal kernel), and what upstream's ``cal_flops.py`` counts (it has no causal halving).
 * FFN: SwiGLU with three matrices (gate, up, down): 3 * 2 * n * hidden * intermediate (the LLMs of both families;
   the ViT MLP has two matrices in Qwen3-VL, ``VisionShape.gated_mlp=False``).
 * Qwen3-VL DeepStack: its extra ViT mergers (one per ``deepstack_blocks`` entry) are counted in ``vit_flops``; its

@@ -85,6 +85,9 @@ class EarlyGlimpseMethod(PruningMethod):
             raise ValueError(f"method 'early_glimpse' needs an early module (kind 'early'), got a "
                              f"{type(module).__name__} of kind {kind!r}; use method 'glimpse' for it, or train an "
                              "early module (stage 1 with module: {kind: early})")
+        if config is not None and selection is not None:
+            raise TypeError("pass either a config (with its selection) or selection=, not both: the selection "
+                            "was ignored")
         super().__init__(config if config is not None else EarlyGlimpseConfig(selection or SelectionConfig()))
         self.module = module
         self._tap_fn = module.project_condition  # one object on every vision_tap_fn() call (encodings cache by it)
@@ -115,13 +118,13 @@ class EarlyGlimpseMethod(PruningMethod):
         state.scratch["vip_logits"] = logits
         sel = self.config.selection
         if self.config.fill == "score" or sel.fixed_keep_ratio is None:
-            return [select_with(sel, torch.sigmoid(lg)) for lg in logits]
+            return [select_with(sel, torch.sigmoid(lg), rank=lg) for lg in logits]
         enc, out = state.enc, []
         for b, lg in enumerate(logits):
             probs, n = torch.sigmoid(lg), lg.numel()
             k = keep_count(n, sel.fixed_keep_ratio, sel.min_keep)
             seed = probs > sel.threshold
             if int(seed.sum()) > k:
-                seed = select_tokens(probs, fixed_keep_ratio=sel.fixed_keep_ratio, min_keep=sel.min_keep)
+                seed = select_tokens(probs, fixed_keep_ratio=sel.fixed_keep_ratio, min_keep=sel.min_keep, rank=lg)
             out.append(farthest_point_fill(enc.embeds[b][enc.vis_mask[b]], seed, k) if n else seed)
         return out

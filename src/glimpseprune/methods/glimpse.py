@@ -50,6 +50,9 @@ class GlimpseMethod(PruningMethod):
         if kind != "glimpse":
             raise ValueError(f"method 'glimpse' needs a glimpse module, got one of kind {kind!r}: use method "
                              f"'early_glimpse' for an early module")
+        if config is not None and selection is not None:
+            raise TypeError("pass either a config (with its selection) or selection=, not both: the selection "
+                            "was ignored")
         super().__init__(config if config is not None else GlimpseMethodConfig(selection or SelectionConfig()))
         self.module = module
         self._tap_fn = self._project_tap  # one bound method: the same object on every vision_tap_fn() call
@@ -115,4 +118,4 @@ class GlimpseMethod(PruningMethod):
         state.scratch.pop("glimpse_vectors", None)  # the glimpse leaves the sequence here
         logits = self.predict_logits(state)
         state.scratch["vip_logits"] = logits
-        return [select_with(self.config.selection, torch.sigmoid(lg)) for lg in logits]
+        return [select_with(self.config.selection, torch.sigmoid(lg), rank=lg) for lg in logits]

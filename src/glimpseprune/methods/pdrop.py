@@ -14,6 +14,7 @@ count after the last stage; ``PrefillResult.stage_kept`` holds every stage's cou
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 from ..registry import register_method
@@ -31,7 +32,7 @@ class PDropConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         check_keep_ratio(self.keep_ratio)
-        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not 0.0 < self.lam <= 1.0:
+        if isinstance(self.lam, bool) or not isinstance(self.lam, numbers.Real) or not 0.0 < self.lam <= 1.0:
             raise ValueError(f"lam must be in (0, 1], got {self.lam!r}")
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers))

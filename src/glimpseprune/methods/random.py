@@ -7,6 +7,7 @@ generator seeded with ``seed``, so a sample's mask does not depend on the rest o
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ class RandomConfig(MethodConfig):
     def __post_init__(self) -> None:
         check_keep_ratio(self.keep_ratio)
         check_layer("prune_layer", self.prune_layer)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
 
@@ -45,7 +46,7 @@ class RandomMethod(PruningMethod):
     def select(self, state) -> list[torch.Tensor]:
         out = []
         for n in state.enc.n_vis:
-            g = torch.Generator().manual_seed(self.config.seed)
+            g = torch.Generator().manual_seed(int(self.config.seed))
             keep = torch.zeros(n, dtype=torch.bool)
             keep[torch.randperm(n, generator=g)[: self.budget(n)]] = True
             out.append(keep.to(state.device))

@@ -29,6 +29,7 @@ without RoPE). Nothing is materialized as (n, n), and several images per sample 
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +45,7 @@ from .merging import image_ids, merge_select, sample_grids, write_merged
 
 
 def _check_fraction(name: str, value, low_open: bool = True) -> None:
-    bad = isinstance(value, bool) or not isinstance(value, (int, float))
+    bad = isinstance(value, bool) or not isinstance(value, numbers.Real)
     if bad or not (0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0):
         raise ValueError(f"{name} must be in {'(0' if low_open else '[0'}, 1], got {value!r}")
 

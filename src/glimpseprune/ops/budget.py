@@ -35,6 +35,9 @@ def topk_keep(scores: torch.Tensor, k: int, alive: torch.Tensor | None = None) -
     k = max(0, min(int(k), int(alive.sum())))
     keep = torch.zeros_like(s, dtype=torch.bool)
     if k:
-        order = torch.sort(s, descending=True, stable=True).indices  # stable: ties keep index order
+        # sort the alive entries first (a NaN / -inf score of an alive entry ties with the dead ones' -inf), then
+        # by score; stable: ties keep index order
+        order = torch.sort(s, descending=True, stable=True).indices
+        order = order[torch.sort((~alive[order]).to(torch.uint8), stable=True).indices]
         keep[order[:k]] = True
     return keep

@@ -11,13 +11,14 @@ from ..config import SelectionConfig
 
 def _topk_mask(probs: torch.Tensor, k: int) -> torch.Tensor:
     """The k highest scores kept; a NaN score ranks below every number (``topk`` alone would rank it first), as it
-    never passes a threshold either."""
+    never passes a threshold either. Ties go to the lower index (a stable sort; ``topk``'s tie order is
+    unspecified and differs between devices)."""
     keep = torch.zeros_like(probs, dtype=torch.bool)
     k = max(0, min(int(k), probs.numel()))
     if k:
         scores = probs.float()
         scores = torch.where(scores.isnan(), float("-inf"), scores)
-        keep[torch.topk(scores, k).indices] = True
+        keep[torch.sort(scores, descending=True, stable=True).indices[:k]] = True
     return keep
 
 
@@ -27,10 +28,14 @@ def select_tokens(
     max_keep_ratio: float | None = None,
     min_keep: int = 1,
     fixed_keep_ratio: float | None = None,
+    rank: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Keep mask for one sample's visual tokens.
 
     probs: (n_vis,) importance in [0, 1], all images of the sample concatenated (the budget is joint).
+    rank: optional (n_vis,) scores that order the tokens for the top-k steps (cap, floor, fixed count), e.g. the
+    logits whose sigmoid ``probs`` is: fp32 sigmoid saturates (every logit above ~16.6 gives exactly 1.0, every one
+    below ~-103 exactly 0.0), so ranking by ``probs`` loses the order among confident tokens. Default: ``probs``.
     Returns a bool tensor (n_vis,).
 
     >>> select_tokens(torch.tensor([0.9, 0.2, 0.6, 0.1]), threshold=0.5).tolist()
@@ -44,21 +49,25 @@ def select_tokens(
     if probs.dim() != 1:
         raise ValueError(f"probs must be 1-D (n_vis,), got shape {tuple(probs.shape)}")
     n_vis = probs.numel()
+    if rank is None:
+        rank = probs
+    elif rank.shape != probs.shape:
+        raise ValueError(f"rank must have the shape of probs {tuple(probs.shape)}, got {tuple(rank.shape)}")
     if fixed_keep_ratio is not None:
-        return _topk_mask(probs, max(min_keep, _floor(fixed_keep_ratio * n_vis)))
+        return _topk_mask(rank, max(min_keep, _floor(fixed_keep_ratio * n_vis)))
     keep = probs > threshold
     if max_keep_ratio is not None:
         cap = _floor(max_keep_ratio * n_vis)
         if int(keep.sum()) > cap:
-            keep = _topk_mask(probs, cap)
+            keep = _topk_mask(rank, cap)
     if int(keep.sum()) < min_keep:
-        keep = keep | _topk_mask(probs, min_keep)
+        keep = keep | _topk_mask(rank, min_keep)
     return keep
 
 
-def select_with(cfg: SelectionConfig, probs: torch.Tensor) -> torch.Tensor:
+def select_with(cfg: SelectionConfig, probs: torch.Tensor, rank: torch.Tensor | None = None) -> torch.Tensor:
     """``select_tokens`` with the knobs of a ``SelectionConfig``."""
-    return select_tokens(probs, cfg.threshold, cfg.max_keep_ratio, cfg.min_keep, cfg.fixed_keep_ratio)
+    return select_tokens(probs, cfg.threshold, cfg.max_keep_ratio, cfg.min_keep, cfg.fixed_keep_ratio, rank)
 
 
 def _floor(x: float) -> int:

@@ -226,6 +226,12 @@ class ImagePruner:
                 raise ValueError(f"{SECTION}.module {spec.module!r}: {e}") from None
             selection = SelectionConfig(fixed_keep_ratio=spec.keep_ratio)
             self.method = make_method(spec.method, self.module, selection, **spec.method_args)
+            k = self.method.prune_layer(self.module.cfg.base_num_layers)
+            if k != -1:  # an early module saved with prune_layer K >= 0 (folder.py refuses it; a hand-written
+                # section or --hf-overrides reaches here): a server would silently prune it before the LLM
+                raise ValueError(f"{SECTION}.module {spec.module!r} drops its tokens after LLM layer {k} "
+                                 "(prune_layer); a server can only prune before the LLM: use an early module "
+                                 "with prune_layer -1 (or method_args {\"drop_layer\": -1} to override)")
         else:
             try:
                 self.method = make_method(spec.method, keep_ratio=spec.keep_ratio, **spec.method_args)
