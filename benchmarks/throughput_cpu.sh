@@ -6,11 +6,12 @@
 # shorter. Decode-only throughput (B / ms per decode step of the batch) is timed beside end-to-end. Peak memory on
 # CPU is the rise of the process RSS peak (VmHWM, reset per run), stated as such in result.json. About 10 min on 2
 # free cores.
-#   bash benchmarks/throughput_cpu.sh [OUT_DIR]      (run with the machine otherwise idle)
+#   bash benchmarks/throughput_cpu.sh [OUT_DIR] [extra bench run options, e.g. --overwrite]  (run idle)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/_bench_cmd.sh
 OUT="${1:-runs/bench/throughput_cpu}"
+shift || true
 "${BENCH[@]}" run --shape qwen2_5_vl_scaled_cpu --grid 32x32 --n-text 64 \
   --variants full glimpse:0.04 fixed:0.111 --batch-sizes 1 4 16 \
-  --warmup 1 --reps 2 --new-tokens 32 --out "$OUT"
+  --warmup 1 --reps 2 --new-tokens 32 --out "$OUT" "$@"

@@ -56,7 +56,7 @@ def build_folders(args, root: Path) -> dict[str, Path]:
     from glimpseprune.bench.shapes import load_shape
     from glimpseprune.modules.early import EarlyGlimpseModule
     from glimpseprune.adapters.qwen2_5_vl_processing import QwenVLProcessor, make_tiny_qwen_tokenizer
-from glimpseprune.processing import save_processor
+    from glimpseprune.processing import save_processor
     from glimpseprune.serving.folder import write_vllm_folder
     from glimpseprune.serving.spec import qwen2_5_vl_dims
     from glimpseprune.testing import _special_token_ids
