@@ -87,3 +87,24 @@ def test_benchmark_and_setup_scripts_parse(path):
     else:
         r = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("path", [p for p in SCRIPTS if p.suffix == ".py"],
+                         ids=[str(p.relative_to(README.parent)) for p in SCRIPTS if p.suffix == ".py"])
+def test_benchmark_scripts_import_names_that_exist(path):
+    """Every ``from glimpseprune... import name`` in a script (module level or inside a function) names something the
+    package has: a refactor that moves a name breaks the scripts no test runs."""
+    import ast
+    import importlib
+
+    missing = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("glimpseprune"):
+            mod = importlib.import_module(node.module)
+            for alias in node.names:
+                if not hasattr(mod, alias.name):
+                    try:
+                        importlib.import_module(f"{node.module}.{alias.name}")
+                    except ImportError:
+                        missing.append(f"{node.module}.{alias.name} (line {node.lineno})")
+    assert not missing, f"{path.name} imports names that do not exist: {missing}"
