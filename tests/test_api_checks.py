@@ -5,17 +5,25 @@ serves two threads at once without either request seeing the other's tensors."""
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from conftest import IMG_A, QUESTIONS, make_batch, make_images, random_module
 from PIL import Image
+from transformers import GenerationConfig
 
 import glimpseprune as gp
 from glimpseprune.adapters.base import capture_outputs
 from glimpseprune.processing import to_rgb
-from glimpseprune.validation import check_inputs, resolve_dtype
+from glimpseprune.validation import (
+    check_decoding,
+    check_generate_args,
+    check_inputs,
+    check_prompt_length,
+    resolve_dtype,
+)
 
 # --------------------------------------------------------------------------- concurrency
 
@@ -326,3 +334,30 @@ def test_an_over_long_video_prompt_points_at_the_frames():
         _check_prompt_lengths({"input_ids": [[1] * 10], "pixel_values_videos": [[0.0]]}, 8)
     with pytest.raises(ValueError, match="smaller images$"):
         _check_prompt_lengths({"input_ids": [[1] * 10]}, 8)
+
+
+# mutation audit: rules a one-line change could break unnoticed
+
+def test_prompt_length_counts_the_glimpse_token():
+    check_prompt_length({"input_ids": torch.zeros(1, 7, dtype=torch.long)}, limit=8)
+    with pytest.raises(ValueError, match="context is 8"):
+        check_prompt_length({"input_ids": torch.zeros(1, 8, dtype=torch.long)}, limit=8)
+
+
+def test_seed_range_is_uint64():
+    check_generate_args(4, True, 1.0, 2**64 - 1, None)
+    with pytest.raises(ValueError, match="seed"):
+        check_generate_args(4, True, 1.0, 2**64, None)
+
+
+def test_greedy_accepts_temperature_zero_and_sampling_does_not():
+    check_generate_args(4, False, 0.0, None, None)
+    with pytest.raises(ValueError, match="temperature"):
+        check_generate_args(4, True, 0.0, None, None)
+
+
+def test_eos_id_equal_to_the_vocabulary_size_is_refused():
+    model = SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: SimpleNamespace(vocab_size=100)))
+    check_decoding(model, GenerationConfig(eos_token_id=99, max_new_tokens=4), 1, 5, None)
+    with pytest.raises(ValueError, match="not a token id"):
+        check_decoding(model, GenerationConfig(eos_token_id=100, max_new_tokens=4), 1, 5, None)

@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 from conftest import IMG_A, IMG_B
+from safetensors.torch import save_file
 
 import glimpseprune as gp
-from glimpseprune.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from glimpseprune.checkpoint import CONFIG_NAME, WEIGHTS_NAME, _upstream_config, adapter_record, file_sha256
 
 
 def _run(family, module):
@@ -105,3 +106,36 @@ def test_cli_convert(family, tmp_path):
     assert main(["convert", "--upstream", str(up), "--out", str(tmp_path / "c")]) == 0
     assert (tmp_path / "c" / WEIGHTS_NAME).is_file()
     assert main(["convert", "--upstream", str(tmp_path / "nowhere"), "--out", str(tmp_path / "d")]) == 2
+
+
+# mutation audit: rules a one-line change could break unnoticed
+
+def _plus_folder(tmp_path, r=4, alpha=8, peft_type="LORA"):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": peft_type, "r": r, "lora_alpha": alpha}))
+    save_file({"x.lora_A.weight": torch.zeros(r, 3)}, str(tmp_path / "adapter_model.safetensors"))
+    meta = {"adapter": {"format": "peft-lora", "sha256": file_sha256(tmp_path / "adapter_model.safetensors"),
+                        "r": 4, "alpha": 8}}
+    return meta
+
+
+def test_adapter_record_checks_rank_alpha_and_type(tmp_path):
+    assert adapter_record(tmp_path, _plus_folder(tmp_path)).alpha == 8
+    with pytest.raises(ValueError, match="does not match the adapter"):
+        adapter_record(tmp_path, _plus_folder(tmp_path, alpha=16))
+    with pytest.raises(ValueError, match="does not match the adapter"):
+        adapter_record(tmp_path, _plus_folder(tmp_path, r=8))
+    with pytest.raises(ValueError, match="is not LORA"):
+        adapter_record(tmp_path, _plus_folder(tmp_path, peft_type="IA3"))
+
+
+def _upstream_raw(reduce_layer):
+    return {"model_type": "qwen2_5_vl_gp", "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+            "rms_norm_eps": 1e-6, "vision_config": {"hidden_size": 32, "depth": 4}, "selected_layers": [1],
+            "reduce_layer": reduce_layer, "attn_fuse_global": True, "selected_visual_layers": [1],
+            "attn_fuse_size": 32, "visual_cond_size": 32, "attn_fuse_num_heads": 2}
+
+
+def test_upstream_reduce_layer_must_be_a_layer_of_the_llm():
+    assert _upstream_config(_upstream_raw(3)).prune_layer == 3
+    with pytest.raises(ValueError, match=r"reduce_layer=4 is outside the LLM's layers \[0, 3\]"):
+        _upstream_config(_upstream_raw(4))

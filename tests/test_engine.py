@@ -7,9 +7,12 @@ import pytest
 import torch
 from conftest import IMG_A, IMG_B, IMG_C
 from oracle import dropped_positions, masking, oracle_model, stock_generate
+from transformers import DynamicCache, Qwen2Config
 
 import glimpseprune as gp
+from glimpseprune.runtime.cache import repeat_cache
 from glimpseprune.runtime.engine import prefill
+from glimpseprune.runtime.masks import check_left_padded
 
 N_NEW = 8
 
@@ -202,3 +205,27 @@ def test_no_deprecated_cache_keyword_reaches_transformers(family):
             decode_step(model, adapter, pre, pre.logits.argmax(-1), step)
     assert plan_groups(pre.kv_len) is not None, pre.kv_len  # the layers after K really ran in groups
     assert not [str(w.message) for w in seen if "past_key_values" in str(w.message)]
+
+
+# mutation audit: rules a one-line change could break unnoticed
+
+def test_repeat_cache_puts_the_g_copies_of_a_row_next_to_each_other():
+    """rows b*G .. b*G+G-1 of the repeated cache are row b (the order expand_prefill's other fields use)."""
+    src = DynamicCache()
+    B, G = 3, 2
+    for layer in range(2):
+        k = torch.arange(B, dtype=torch.float32).view(B, 1, 1, 1).expand(B, 2, 4, 8) + 10 * layer
+        src.update(k.clone(), -k.clone(), layer)
+    cfg = Qwen2Config(num_hidden_layers=2, hidden_size=16, num_attention_heads=2, num_key_value_heads=2)
+    out = repeat_cache(src, cfg, G)
+    for layer in range(2):
+        for b in range(B):
+            for g in range(G):
+                assert torch.equal(out.layers[layer].keys[b * G + g], src.layers[layer].keys[b])
+                assert torch.equal(out.layers[layer].values[b * G + g], src.layers[layer].values[b])
+
+
+def test_all_zero_attention_row_is_refused_by_name():
+    check_left_padded(torch.tensor([[0, 1, 1], [1, 1, 1]]))  # left padding: fine
+    with pytest.raises(ValueError, match="all-zero attention_mask"):
+        check_left_padded(torch.tensor([[1, 1, 1], [0, 0, 0]]))

@@ -308,3 +308,17 @@ def test_registry_and_aggregate():
         aggregate("bleu", [1.0])
     with pytest.raises(ValueError, match="no scores"):
         aggregate("anls", [])
+
+
+# mutation audit: rules a one-line change could break unnoticed
+
+def test_mme_answer_reads_only_the_first_four_characters():
+    assert mme_answer("yes, it is") == "yes"
+    assert mme_answer("a yes") == "other"  # "yes" starts at character 3: outside the first 4
+    assert mme_answer("ok no") == "other"
+
+
+def test_mmbench_groups_by_index_modulo_one_million():
+    rows = [{"index": 1, "correct": True}, {"index": 1_000_001, "correct": False},
+            {"index": 100_001, "correct": True}]
+    assert mmbench_circular(rows) == pytest.approx(0.5)  # {1, 1000001}: wrong; {100001}: right

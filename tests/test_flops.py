@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from glimpseprune.bench import flops as F
 from glimpseprune.bench.efficiency import FrozenEncodeAdapter, build_model, make_variant, parse_variant, synth_inputs
+from glimpseprune.bench.flops import kv_cache_bytes, n_kept_for
 from glimpseprune.bench.shapes import ModelShape, TextShape, VIPShape, VisionShape, load_shape
 from glimpseprune.config import GlimpseConfig
 from glimpseprune.registry import get_adapter
@@ -282,3 +283,16 @@ def test_docstring_examples():
     import doctest
 
     assert doctest.testmod(F, verbose=False).failed == 0
+
+
+# mutation audit: rules a one-line change could break unnoticed
+
+def test_kv_cache_bytes_counts_keys_and_values():
+    t = TextShape(hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=128,
+                  vocab_size=100)
+    assert kv_cache_bytes(t, kv_len=10, bytes_per_value=2, batch=1) == 2 * 3 * (2 * 16) * 10 * 2
+
+
+def test_n_kept_for_never_exceeds_the_visual_tokens():
+    assert n_kept_for(3, 0.5, min_keep=5) == 3
+    assert n_kept_for(10, 0.25) == 2

@@ -86,6 +86,10 @@ def test_g_rollouts_from_one_prefill_equal_g_independent_runs(setup):
     with torch.no_grad():
         pre = prefill(model, adapter, method, inputs)
         toks, mask = sample_group(model, adapter, expand_prefill(model, adapter, pre, G), steps, [-1], 0, 1.0, seeds)
+        # the tiny random model's next-token distribution is near-uniform, so seeded tokens alone would match from
+        # another prompt's cache too: one decode step's logits from each copy are compared as well
+        probe = torch.zeros(2 * G, dtype=torch.long)
+        copies = decode_step(model, adapter, expand_prefill(model, adapter, pre, G), probe, 0)
         for b in range(2):
             one = {k: v[b:b + 1] if torch.is_tensor(v) and v.shape[0] == 2 else v for k, v in inputs.items()}
             if "pixel_values" in inputs:  # one image per sample, rows in batch order
@@ -98,7 +102,9 @@ def test_g_rollouts_from_one_prefill_equal_g_independent_runs(setup):
             for k in ("input_ids", "attention_mask", "mm_token_type_ids"):
                 if k in one:
                     one[k] = one[k][:, keep]
+            alone = decode_step(model, adapter, prefill(model, adapter, method, one), probe[:1], 0)
             for g in range(G):
+                torch.testing.assert_close(copies[b * G + g], alone[0], atol=1e-5, rtol=1e-5)
                 single = prefill(model, adapter, method, one)
                 t1, _ = sample_group(model, adapter, single, steps, [-1], 0, 1.0, [seeds[b * G + g]])
                 assert torch.equal(t1[0], toks[b * G + g]), (b, g)
@@ -121,3 +127,19 @@ def test_teacher_forced_logprobs_equal_the_decode_distribution(setup):
         got = completion_logprobs(model, adapter, expand_prefill(model, adapter, pre, G), toks)
     assert torch.allclose(got, torch.stack(want, dim=1), atol=1e-5)
     assert pre.cache.get_seq_length(0) == pre.key_mask.shape[1]  # expansion never touched the original cache
+
+
+# mutation audit: rules a one-line change could break unnoticed
+
+def test_grpo_loss_adds_beta_times_the_masked_k3_kl():
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -0.1]])
+    ref = torch.tensor([[-1.5, -2.0], [-0.2, -9.0]])
+    mask = torch.tensor([[True, True], [True, False]])
+    adv = torch.zeros(2)  # no policy term: the loss is the KL term alone
+    k = k3_kl(logp, ref)
+    kl_rows = torch.stack([(k[0, 0] + k[0, 1]) / 2, k[1, 0]])  # row 2's masked token left out
+    loss, stats = grpo_loss(logp, logp, ref, adv, mask, beta=0.1)
+    assert stats["kl"] == pytest.approx(float(kl_rows.mean()), rel=1e-6)
+    assert float(loss) == pytest.approx(0.1 * float(kl_rows.mean()), rel=1e-6)
+    loss0, _ = grpo_loss(logp, logp, ref, adv, mask, beta=0.0)
+    assert float(loss0) == 0.0

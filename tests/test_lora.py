@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -317,3 +318,57 @@ def test_compare_applies_a_plus_folders_adapter_to_every_method(family, tmp_path
     assert seen == [str(plus)]
     runs = [json.loads(p.read_text()) for p in (tmp_path / "c" / "runs").glob("*.json")]
     assert runs and all(r.get("module") == str(plus) for r in runs)
+
+
+# mutation audit: rules a one-line change could break unnoticed
+
+class _Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(4, 6)
+        self.config = SimpleNamespace(_name_or_path=None)
+
+
+def _lora_folder(path, r=2, bias="none", drop_b=False):
+    from peft import LoraConfig
+
+    LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q"], bias=bias).save_pretrained(str(path))
+    state = {"base_model.model.q.lora_A.weight": torch.randn(r, 4),
+             "base_model.model.q.lora_B.weight": torch.randn(6, r)}
+    if drop_b:
+        del state["base_model.model.q.lora_B.weight"]
+    save_file(state, str(path / "adapter_model.safetensors"))
+    return path
+
+
+def test_read_adapter_refuses_bias_and_half_pairs(tmp_path):
+    from glimpseprune.lora import read_adapter
+
+    read_adapter(_lora_folder(tmp_path / "ok"))
+    with pytest.raises(ValueError, match="bias"):
+        read_adapter(_lora_folder(tmp_path / "bias", bias="all"))
+    with pytest.raises(ValueError, match="has no lora_B weight"):
+        read_adapter(_lora_folder(tmp_path / "half", drop_b=True))
+
+
+def test_adapter_with_inconsistent_rank_is_refused_before_the_model_is_touched(tmp_path):
+    from peft import LoraConfig
+
+    from glimpseprune.lora import check_adapter_fits
+
+    state = {"q.lora_A.weight": torch.zeros(2, 4), "q.lora_B.weight": torch.zeros(6, 3)}  # A rank 2, B rank 3
+    with pytest.raises(ValueError, match="trained for another base model"):
+        check_adapter_fits(_Toy(), LoraConfig(r=2), state, tmp_path)
+
+
+def test_load_adapter_leaves_requires_grad_alone_and_trainable_makes_lora_trainable(tmp_path):
+    from glimpseprune.lora import load_adapter, lora_parameters
+
+    folder = _lora_folder(tmp_path / "a")
+    toy = _Toy()
+    toy.q.bias.requires_grad_(False)
+    load_adapter(toy, folder, merge=True)
+    assert toy.q.weight.requires_grad and not toy.q.bias.requires_grad  # as they were
+    toy2 = load_adapter(_Toy(), folder, merge=False, trainable=True)
+    params = lora_parameters(toy2)
+    assert params and all(p.requires_grad for p in params)

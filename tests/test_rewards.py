@@ -425,3 +425,35 @@ def test_extract_choice_skips_letters_past_the_options():
     assert extract_choice("Answer: I think B", four) is None  # "I" was read as option I of four
     assert extract_choice("Answer: I think so. (B) blue", four) == "B"
     assert extract_choice("I", four) is None and extract_choice("Answer: I think B") == "I"  # no options: as before
+
+
+# mutation audit: rules a one-line change could break unnoticed
+
+def test_zero_area_reference_box_is_a_data_error():
+    reward = make_reward("box_iou")
+    with pytest.raises(ValueError, match="reference box"):
+        reward([RewardInput("q", "", "[0, 0, 5, 5]", boxes=[[5, 0, 5, 10]])])
+    with pytest.raises(ValueError, match="reference box"):
+        reward([RewardInput("q", "", "[0, 0, 5, 5]", boxes=[[0, 3, 10, 3]])])
+
+
+def test_box_iou_of_boxes_disjoint_in_y_only_is_zero():
+    assert box_iou([0, 0, 10, 10], [0, 20, 10, 30]) == 0.0
+    assert box_iou([0, 0, 10, 10], [20, 0, 30, 10]) == 0.0
+
+
+def test_letter_just_past_the_options_is_not_an_answer():
+    four = ["cat", "dog", "cow", "hen"]
+    assert extract_choice("E", four) is None
+    assert extract_choice("Answer: E", four) is None
+    assert extract_choice("D", four) == "D"
+
+
+def test_first_written_letter_wins():
+    assert extract_choice("(C) looks tempting, but the answer is B") == "C"
+    assert extract_choice("Answer: B. Not (C).") == "B"
+
+
+def test_option_text_shared_by_two_options_names_no_letter():
+    assert extract_choice("cat", ["cat", "dog", "cat"]) is None
+    assert extract_choice("dog", ["cat", "dog", "cat"]) == "B"
