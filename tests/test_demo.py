@@ -221,3 +221,20 @@ def test_demo_in_a_real_browser(scene, session, tmp_path):
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, Path(keep) / "demo.png")
+
+
+def test_a_busy_port_is_named_before_the_model_loads(monkeypatch, capsys):
+    """The model loaded (minutes for a real one) and then gradio said "Cannot find empty port" (also for a bad host)."""
+    from glimpseprune.cli import main
+
+    def no_session(*a, **k):
+        raise AssertionError("the model loaded before the port was checked")
+
+    monkeypatch.setattr("glimpseprune.demo.DemoSession", no_session)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["demo", "--host", "127.0.0.1", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot serve on --host 127.0.0.1 --port {port}" in err, err

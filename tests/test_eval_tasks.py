@@ -774,3 +774,22 @@ def test_chartqa_summary_has_its_split_scores():
                                                    row("augmented_test", 1.0)])
     assert summary["per_category"] == {"augmented_test": {"n": 1, "score": 1.0}, "human_test": {"n": 2, "score": 0.5}}
     assert summary["score"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("task, make, name", [("textvqa", make_textvqa, "TextVQA_0.5.1_val.json"),
+                                              ("docvqa", make_docvqa, "val_v1.0.json"),
+                                              ("infovqa", make_infovqa, "infographicsVQA_val_v1.0_withQT.json")])
+def test_answers_as_a_string_and_a_question_that_is_no_text_are_refused(tmp_path, task, make, name):
+    """``"answers": "red"`` was read one character per reference answer (r, e, d), a silent wrong score; a question
+    that is a number failed later as an internal error."""
+    root = make(tmp_path)
+    data = json.loads((root / name).read_text())
+    data["data"][0]["answers"] = "red"
+    write_json(root / name, data)
+    with pytest.raises(ValueError, match=r"record 1: answers must be a list, got 'red'"):
+        get_task(task).load(root)
+    data["data"][0]["answers"] = ["red"]
+    data["data"][0]["question"] = 5
+    write_json(root / name, data)
+    with pytest.raises(ValueError, match=rf"{task}: sample .*: the question must be non-empty text, got 5"):
+        get_task(task).load(root)

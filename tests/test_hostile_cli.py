@@ -318,3 +318,94 @@ def test_long_question_refused_fast(pm):
     with pytest.raises(ValueError, match="the prompt is .* tokens .*the model's context"):
         pm.generate(images=[[random_image(56, 56)]], questions=["why " * 10_000])
     assert time.perf_counter() - t0 < 1.0
+
+
+# ------------------------------------------------------------------ found by a bad-input hunt (2026-12-02)
+
+
+def test_new_module_preset_of_another_model_and_an_unknown_one_are_refused(tmp_path, capsys, monkeypatch):
+    """A preset for another base wrote a module with that base's K and taps (silently); an unknown preset was named
+    only after the model had loaded."""
+    kit = tmp_path / "kit"
+    assert main(["make-tiny", "--out", str(kit)]) == 0
+    capsys.readouterr()
+    assert main(["new-module", "--model", str(kit / "model"), "--out", str(tmp_path / "m"), "--preset",
+                 "llava_1_5_7b"]) == 2
+    assert "--preset llava_1_5_7b is for another base model" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir())
+
+    def no_load(*a, **k):
+        raise AssertionError("the model loaded before the preset was checked")
+
+    monkeypatch.setattr("glimpseprune.api.load_base", no_load)
+    assert main(["new-module", "--model", str(kit / "model"), "--out", str(tmp_path / "m2"), "--preset",
+                 "bogus"]) == 2
+    assert "unknown preset 'bogus'" in capsys.readouterr().err
+
+
+def test_compare_k_sweep_refuses_settings_it_would_ignore(split, tmp_path, capsys):
+    for extra in (["--methods", "random"], ["--budgets", "0.3"], ["--cap", "0.5"]):
+        assert main(["compare", "--split", str(split), "--out", str(tmp_path / "k"), "--k-sweep", *extra]) == 2
+        assert f"{extra[0]} would be ignored by --k-sweep" in capsys.readouterr().err
+    assert not (tmp_path / "k").exists()
+
+
+def test_make_world_frames_without_video_is_refused(tmp_path, capsys):
+    assert main(["make-world", "--out", str(tmp_path / "w"), "--n", "2", "--frames", "6"]) == 2
+    assert "--frames sets the frames per clip of a --video split" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("line, match", [("null", "a record is a JSON object, got NoneType"),
+                                         ("5", "a record is a JSON object, got int")])
+def test_a_record_line_that_is_not_an_object_is_named(tmp_path, line, match, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(line + "\n")
+    assert main(["eval", "--split", str(bad), "--out", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:1: {match}" in err, err
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda out: (out / "glimpseprune_run.json").write_text("[]"), "not a run record"),
+    (lambda out: (out / "glimpseprune_run.json").write_text('{"command": "eval", "settings": []}'),
+     "not a run record"),
+    (lambda out: (out / "samples.jsonl").open("a").write("[1, 2]\n"), "not a result row of this run"),
+])
+def test_a_damaged_run_folder_is_named_on_resume(split, tmp_path, damage, match, capsys):
+    out = tmp_path / "ev"
+    assert _eval(split, out, "--limit", "2") == 0
+    damage(out)
+    capsys.readouterr()
+    assert _eval(split, out, "--limit", "2", "--resume") == 2
+    err = capsys.readouterr().err
+    assert match in err and "internal error" not in err, err
+
+
+def test_a_lone_surrogate_question_is_a_named_record_error(split, tmp_path, capsys):
+    """A JSON \\ud800 escape is valid JSON but no text: the tokenizer raised a TypeError that `--on-error skip` did
+    not skip (the whole run stopped); now the record is named and skipped."""
+    rows = _rows(split)
+    rows[1]["question"] = "What \ud800?"
+    bad = split.parent / "surrogate.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "ev"
+    assert _eval(bad, out, "--on-error", "skip") == 0
+    assert len(_rows(out / "samples.jsonl")) == len(rows) - 1
+    errors = (out / "errors.jsonl").read_text()
+    assert rows[1]["id"] in errors and "not valid Unicode text" in errors
+    with pytest.raises(ValueError, match=r"questions\[0\] is not valid Unicode text"):
+        gp.load("embedded").generate(images=[[random_image(56, 56)]], questions=["What \ud800?"])
+
+
+def test_model_config_of_the_wrong_shape_is_named(tmp_path, capsys):
+    kit = tmp_path / "kit"
+    assert main(["make-tiny", "--out", str(kit)]) == 0
+    cfg = json.loads((kit / "model" / "config.json").read_text())
+    cfg["text_config"] = 5
+    (kit / "model" / "config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    assert main(["ask", "--model", str(kit / "model"), "--question", "Q?"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read the model config {kit / 'model' / 'config.json'}" in err and "internal error" not in err
+

@@ -358,7 +358,14 @@ def test_empty_or_boxless_records_fail_before_the_model_loads(tmp_path, make_cfg
     bare.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match=r"1 of 4 records have no bboxs .*mode boxes needs.*mode: kl"):
         T.train(make_cfg(tmp_path / "c", train_data=str(bare)))
-    assert not any((tmp_path / d).exists() and any((tmp_path / d).iterdir()) for d in "abc")
+    # a record whose image is gone stopped the run when the Trainer reached it (80 % through, unnamed)
+    rows = [json.loads(line) for line in data[0].read_text().splitlines()]
+    rows[3]["image"] = "images/gone.png"
+    late = data[0].parent / "late.jsonl"
+    late.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(FileNotFoundError, match=rf"1 of 4 records name an image that does not exist .*{rows[3]['id']}"):
+        T.train(make_cfg(tmp_path / "d", train_data=str(late)))
+    assert not any((tmp_path / d).exists() and any((tmp_path / d).iterdir()) for d in "abcd")
 
 
 def test_merge_into_the_runs_own_folder_is_refused_before_training(tmp_path, capsys):

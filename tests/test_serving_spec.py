@@ -254,6 +254,15 @@ def test_write_vllm_folder_refuses(tiny_dir, llava_dir, tmp_path):
             write_vllm_folder(tiny_dir, dest, method, ratio, method_args=args)
         assert not dest.exists(), method
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    # a config.json that is no JSON object, or no JSON, and an output whose parent is a file: named, no traceback
+    for text, match in (("[]", "expected a JSON object, got list"), ("{oops", "cannot read .*config.json")):
+        (tmp_path / "odd").mkdir(exist_ok=True)
+        (tmp_path / "odd" / "config.json").write_text(text)
+        with pytest.raises(ValueError, match=match):
+            write_vllm_folder(tmp_path / "odd", tmp_path / "o3", "random", 0.5)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="afile"):
+        write_vllm_folder(tiny_dir, tmp_path / "afile" / "o4", "random", 0.5)
 
 
 def test_write_vllm_folder_refuses_a_module_that_does_not_fit(tiny_dir, llava_dir, model, tmp_path):

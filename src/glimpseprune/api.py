@@ -361,7 +361,14 @@ def load_base(model_dir: str | Path, device: str | torch.device | None = None, d
         raise FileNotFoundError(f"no model at {p}: expected a local Hugging Face directory with config.json "
                                 "(download it first, e.g. `hf download Qwen/Qwen2.5-VL-7B-Instruct --local-dir DIR`)"
                                 + hint)
-    config = AutoConfig.from_pretrained(p, local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(p, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"cannot read the model config {p / 'config.json'}: {err}") from None
+    except Exception as err:  # huggingface_hub's StrictDataclassFieldValidationError: a field of the wrong type
+        if type(err).__name__.startswith("StrictDataclass"):
+            raise ValueError(f"cannot read the model config {p / 'config.json'}: {err}") from None
+        raise
     get_adapter(config.model_type)  # fail fast on unsupported families
     merged = read_merged_record(p)  # a lora.merge_and_save folder: its weights hold a GlimpsePrune+ adapter
     spread = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}

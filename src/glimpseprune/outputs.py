@@ -139,6 +139,9 @@ def claim_run_dir(out: str | Path, command: str, settings: dict, owned: list[str
             earlier = json.loads(record_file.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"cannot read the run record {record_file}: {err}") from err
+        if not isinstance(earlier, dict) or not isinstance(earlier.get("settings", {}), dict):
+            raise ValueError(f"cannot read the run record {record_file}: not a run record (a JSON object with "
+                             "'command' and 'settings'); pass --overwrite to start again")
         if earlier.get("command") != command:
             raise ValueError(f"{p} holds a `{earlier.get('command')}` run, not a `{command}` run; cannot resume it")
         before = earlier.get("settings", {})

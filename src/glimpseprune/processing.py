@@ -317,6 +317,11 @@ def _check_batch(images: Sequence[Sequence[Image.Image]], questions: Sequence[st
     for index, question in enumerate(questions):
         if not isinstance(question, str):
             raise TypeError(f"questions[{index}] is a {type(question).__name__}, expected str")
+        try:
+            question.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(f"questions[{index}] is not valid Unicode text ({err.reason} at character {err.start}: "
+                             f"{question[err.start]!r}); a lone surrogate, e.g. a JSON \\ud800 escape?") from None
     for index, sample in enumerate(images):
         if isinstance(sample, Image.Image):
             raise TypeError(f"images[{index}] is a single image; wrap it in a list (one list of images per sample)")

@@ -175,10 +175,14 @@ def read_rows(path: str | Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as err:
             if n == len(lines):
                 logger.warning("%s: dropping a torn last line (the earlier run stopped while writing it)", p)
                 break
             raise ValueError(f"{p}:{n}: not JSON ({err})") from err
+        if not isinstance(row, dict) or "id" not in row:
+            raise ValueError(f"{p}:{n}: not a result row of this run (a JSON object with an 'id'), got {line:.60}; "
+                             "pass --overwrite to start again")
+        rows.append(row)
     return rows

@@ -99,10 +99,13 @@ def _write_contact_sheet(pm, clip, keep, out_path, question: str | None = None, 
 def cmd_make_world(args) -> int:
     from ..data.records import has_split, write_split
 
+    if args.frames is not None and not args.video:
+        raise ValueError("--frames sets the frames per clip of a --video split: pass --video too, or leave it out")
     if args.video:
         from ..data.world_video import VideoConfig, has_video_split, write_video_split
 
-        cfg = VideoConfig(frames=args.frames)
+        cfg = VideoConfig() if args.frames is None else VideoConfig(frames=args.frames)
+        args.frames = cfg.frames
         if not args.overwrite and has_video_split(args.out, args.n, args.seed, cfg):  # as for images: kept
             print(f"{args.out} already holds this video split (n {args.n}, seed {args.seed}, {args.frames} frames); "
                   "left as it is")
@@ -167,11 +170,19 @@ def cmd_new_module(args) -> int:
     check_new_folder(args.out, args.overwrite)  # before the model loads
     if args.preset and args.small:
         raise ValueError("pass --preset or --small, not both")
+    if args.preset and args.preset not in PRESETS:
+        raise KeyError(f"unknown preset {args.preset!r}; available: {sorted(PRESETS)}")
     model, _ = load_base(args.model)
     overrides = {}
     if args.preset:
-        if args.preset not in PRESETS:
-            raise KeyError(f"unknown preset {args.preset!r}; available: {sorted(PRESETS)}")
+        dims = get_adapter(model).dims(model)
+        want = {k: v for k, v in PRESETS[args.preset].items() if k.startswith("base_") and k != "base_model_name"}
+        have = config_for_model(dims).to_dict()
+        have = have.get("glimpse", have)
+        off = [f"{k[5:]}: preset {v} vs model {have.get(k)}" for k, v in want.items() if have.get(k) != v]
+        if off:
+            raise ValueError(f"--preset {args.preset} is for another base model ({'; '.join(off)}); pick the "
+                             "preset of this model, or none (the module is then sized from the model)")
         overrides = {k: v for k, v in PRESETS[args.preset].items() if not k.startswith("base_")}
     elif args.small:
         overrides = dict(vip_width=32, cond_width=32, vip_heads=2, vip_mlp_width=64)
@@ -261,6 +272,14 @@ def cmd_demo(args) -> int:
         import gradio  # noqa: F401
     except ImportError:
         raise ValueError("the demo needs gradio: pip install 'glimpseprune[demo]'") from None
+    import socket
+
+    try:  # before the model loads: a busy port or a bad host would otherwise fail only after loading
+        with socket.create_server((args.host, args.port)):
+            pass
+    except OSError as err:
+        raise ValueError(f"cannot serve on --host {args.host} --port {args.port}: {err.strerror or err} (another "
+                         "server there? pick another --port)") from None
     from ..demo import launch
 
     _note(args, f"serving the demo on http://{args.host}:{args.port}/ (Ctrl+C stops it)")

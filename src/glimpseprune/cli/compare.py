@@ -10,6 +10,8 @@ from .common import _note, check_device
 from .evaluate import _check_split, _judge
 from .method_args import _module_arg
 
+DEFAULT_BUDGETS = [0.056, 0.111, 0.222, 0.333]  # kept fractions of the fixed-budget runs
+DEFAULT_CAP = 0.111  # GlimpsePrune's capped dynamic run
 COMPARE_OWNED = ["runs", "compare.md", "compare.png", "k_sweep.json", "k_sweep.md", "k_sweep.png"]
 
 
@@ -44,6 +46,14 @@ def cmd_compare(args) -> int:
 
     if (args.split is None) == (args.task is None):
         raise ValueError("give either --split (a records JSONL) or --task NAME --data DIR")
+    if args.k_sweep:  # the sweep runs its own methods at its own budget: these would be ignored
+        given = [f for f, v in (("--methods", args.methods), ("--budgets", args.budgets), ("--cap", args.cap))
+                 if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} would be ignored by --k-sweep (it runs GlimpsePrune's masks, the "
+                             "oracle boxes and attention top-k at each K): leave them out, or drop --k-sweep")
+    args.budgets = DEFAULT_BUDGETS if args.budgets is None else args.budgets
+    args.cap = DEFAULT_CAP if args.cap is None else args.cap
     task = samples = None
     if args.task is not None:
         from ..eval.tasks import get_task

@@ -151,11 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(same settings): finished runs are kept, an interrupted one continues from its samples")
     k.add_argument("--methods", nargs="+", help="registered methods (default: all but mask and early_glimpse; full "
                    "always runs)")
-    k.add_argument("--budgets", type=float, nargs="+", default=[0.056, 0.111, 0.222, 0.333],
-                   help="kept fractions of the fixed-budget runs")
+    k.add_argument("--budgets", type=float, nargs="+",
+                   help="kept fractions of the fixed-budget runs (default: 0.056 0.111 0.222 0.333)")
     k.add_argument("--k-sweep", action="store_true", help="instead: accuracy and prefill cost vs the pruning "
                    "layer K (GlimpsePrune's masks, oracle boxes and attention top-k dropped after each K)")
-    k.add_argument("--cap", type=float, default=0.111, help="cap of GlimpsePrune's capped dynamic run")
+    k.add_argument("--cap", type=float, help="cap of GlimpsePrune's capped dynamic run (default 0.111)")
     k.add_argument("--limit", type=positive_int, help="evaluate the first N records only")
     k.add_argument("--batch-size", type=positive_int, default=16, help="samples per batch")
     k.add_argument("--overwrite", action="store_true", help="replace the results of an earlier comparison in OUT")
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "the README)")
     w.add_argument("--video", action="store_true", help="render clips instead (video_records.jsonl + videos/): the "
                    "question's evidence is visible in one moment (frame pair) only")
-    w.add_argument("--frames", type=positive_int, default=4, help="with --video: frames per clip (a multiple of 2)")
+    w.add_argument("--frames", type=positive_int, help="with --video: frames per clip (a multiple of 2; default 4)")
     w.set_defaults(fn=cmd_make_world)
 
     r = sub.add_parser("train", help="train from a YAML config: stage 1 (glimpse token + VIP) or `stage: 2` "

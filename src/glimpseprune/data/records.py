@@ -66,6 +66,8 @@ def _positive_int(v, key: str, where: str) -> int:
 
 
 def _parse(row: dict, where: str) -> Record:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: a record is a JSON object, got {type(row).__name__} {row!r:.60}")
     missing = [k for k in ("question", "answer", "image", "width", "height") if k not in row]
     if missing:
         raise ValueError(f"{where}: record lacks {missing}")

@@ -57,7 +57,12 @@ def write_vllm_folder(model_dir: str | Path, out_dir: str | Path, method: str, k
     cfg_file = src / "config.json"
     if not cfg_file.is_file():
         raise ValueError(f"{src} is not a model folder: it has no config.json")
-    config = json.loads(cfg_file.read_text())
+    try:
+        config = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {cfg_file}: {err}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{cfg_file}: expected a JSON object, got {type(config).__name__}")
     if config.get("model_type") != "qwen2_5_vl":
         raise ValueError(f"{src} holds a {config.get('model_type')!r} model; the vLLM plugin serves Qwen2.5-VL "
                          "(model_type 'qwen2_5_vl') only")
@@ -75,7 +80,9 @@ def write_vllm_folder(model_dir: str | Path, out_dir: str | Path, method: str, k
         _check_module(module, src, method)
     entries = [f for f in sorted(src.iterdir())  # an opted-in base's own module is replaced, not linked
                if f.name not in ("config.json", MODULE_DIR) and not f.name.startswith(".")]
-    out.parent.mkdir(parents=True, exist_ok=True)
+    from ..outputs import ensure_writable_dir
+
+    ensure_writable_dir(out.parent)  # a file in its path, a read-only file system: named, not an errno
     work = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
     work.mkdir()  # the usual permissions (mkdtemp's 0700 would keep other users, e.g. a server's, out)
     try:  # written beside it and renamed at the end: a failure leaves no half-made folder

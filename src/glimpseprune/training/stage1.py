@@ -269,6 +269,10 @@ def check_records(ds, path, name: str, boxes: str | None = None) -> None:
         return  # synthetic world scenes: never empty, always boxed
     if len(ds) == 0:
         raise ValueError(f"{name} {path} holds no records")
+    gone = [r for r in ds.records if not r.image_path(ds.root).is_file()]
+    if gone:  # read lazily by the Trainer: a missing one would stop the run mid-way
+        raise FileNotFoundError(f"{name} {path}: {len(gone)} of {len(ds)} records name an image that does not exist "
+                                f"(e.g. record {gone[0].id}: {gone[0].image_path(ds.root)})")
     if boxes:
         bare = [r.id for r in ds.records if not r.bboxs]
         if bare:

@@ -125,6 +125,12 @@ class Task(ABC):
             raise self.format_error(path, 'no "data" list')
         return data["data"]
 
+    def answer_list(self, answers, path: Path, where: str) -> list:
+        """A row's list of reference answers (a bare string would be read one character per answer)."""
+        if not isinstance(answers, list):
+            raise self.format_error(path, f"{where}: answers must be a list, got {answers!r:.60}")
+        return answers
+
     def require_keys(self, row: dict, keys: Iterable[str], path: Path, where: str) -> None:
         missing = [k for k in keys if k not in row]
         if missing:
@@ -134,6 +140,9 @@ class Task(ABC):
         """Fill in each prompt and check that every image exists (the first missing one is named)."""
         out = []
         for s in drafts:
+            if not isinstance(s.question, str) or not s.question.strip():
+                raise ValueError(f"{self.name}: sample {s.id}: the question must be non-empty text, got "
+                                 f"{s.question!r:.60}. {self.download}")
             for p in [*s.image_paths, *s.video]:
                 if not p.is_file():
                     raise FileNotFoundError(

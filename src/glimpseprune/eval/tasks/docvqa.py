@@ -42,7 +42,7 @@ class DocVQATask(Task):
             self.require_keys(q, ["questionId", "question", "image", "answers"], qfile, f"record {n}")
             drafts.append(Sample(
                 id=str(q["questionId"]), image_paths=[root / q["image"]], question=q["question"], prompt="",
-                answers=[str(a) for a in q["answers"]],
+                answers=[str(a) for a in self.answer_list(q["answers"], qfile, f"record {n}")],
                 meta={"doc_id": q.get("docId"), "question_types": q.get("question_types"), "image": q["image"]},
             ))
         return self.finish(drafts)

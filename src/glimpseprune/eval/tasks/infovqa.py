@@ -44,7 +44,7 @@ class InfoVQATask(Task):
             self.require_keys(q, ["questionId", "question", "image_local_name", "answers"], qfile, f"record {n}")
             drafts.append(Sample(
                 id=str(q["questionId"]), image_paths=[images / q["image_local_name"]], question=q["question"],
-                prompt="", answers=[str(a) for a in q["answers"]],
+                prompt="", answers=[str(a) for a in self.answer_list(q["answers"], qfile, f"record {n}")],
                 meta={"answer_type": q.get("answer_type"), "image": q["image_local_name"]},
             ))
         return self.finish(drafts)

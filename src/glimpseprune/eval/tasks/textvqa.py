@@ -43,7 +43,7 @@ class TextVQATask(Task):
             self.require_keys(q, ["question_id", "image_id", "question", "answers"], qfile, f"record {n}")
             drafts.append(Sample(
                 id=str(q["question_id"]), image_paths=[images / f"{q['image_id']}.jpg"], question=q["question"],
-                prompt="", answers=[str(a) for a in q["answers"]],
+                prompt="", answers=[str(a) for a in self.answer_list(q["answers"], qfile, f"record {n}")],
                 meta={"image_id": q["image_id"], "image_classes": q.get("image_classes")},
             ))
         return self.finish(drafts)
