@@ -11,6 +11,9 @@ Example (offline; the directories must already be on disk)::
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,6 +179,32 @@ def execution_device(model) -> torch.device:
     return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
 
 
+# model -> Lock, for models whose weights accelerate moves in and out around each forward (see ``_request_lock``)
+_OFFLOAD_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_OFFLOAD_LOCKS_GUARD = threading.Lock()
+
+
+def _offloaded(model) -> bool:
+    """Whether accelerate loads ``model``'s weights before each forward and sends them back after it (``device_map``
+    with "cpu" / "disk" entries, ``cpu_offload``)."""
+    for m in model.modules():
+        hook = getattr(m, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            if getattr(h, "offload", False):
+                return True
+    return False
+
+
+def _request_lock(model):
+    """One request at a time on an offloaded model (a no-op for any other): its hooks keep one copy of a layer's
+    weights per module, so one thread's post-forward hook sent them back to "meta" while another thread's forward
+    still read them (errors, or wrong tokens). Nothing is stored on the model."""
+    if not _offloaded(model):
+        return contextlib.nullcontext()
+    with _OFFLOAD_LOCKS_GUARD:
+        return _OFFLOAD_LOCKS.setdefault(model, threading.Lock())
+
+
 class PrunedModel:
     """A base model + a pruning method (+ optionally its processor). Stateless across calls."""
 
@@ -242,39 +271,47 @@ class PrunedModel:
                                                              streamer=streamer, do_sample=True, top_p=0.9)).start()
             print("".join(streamer))
         """
-        check_generate_args(max_new_tokens, do_sample, temperature, seed, keep_masks)
-        gc = resolve_generation_config(
-            base_generation_config(self.model, self.processor, generation_config), max_new_tokens=max_new_tokens,
-            do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
-            repetition_penalty=repetition_penalty, stop_strings=stop_strings, eos_token_id=eos_token_id,
-            **generation_kwargs)
-        check_generate_args(gc.max_new_tokens, gc.do_sample, gc.temperature, seed, keep_masks)
-        if inputs is None:
-            if questions is None:
-                raise ValueError("pass inputs= (processor output) or questions= (+ images= and/or videos=)")
-            if isinstance(questions, (str, bytes)):
-                raise TypeError("questions must be a list of strings (one per sample), not a single string")
-            inputs = self.prepare(images, questions, videos)  # checked
-        else:
-            given = [n for n, v in (("images", images), ("questions", questions), ("videos", videos)) if v is not None]
-            if given:
-                raise ValueError(f"pass either inputs= or questions= (+ images= / videos=), not both: got inputs and "
-                                 f"{', '.join(given)}")
-            inputs = check_inputs(inputs)
-            check_prompt_length(inputs, context_length(self.model))
-        ids = inputs["input_ids"]
-        check_decoding(self.model, gc, ids.shape[0], ids.shape[1], context_length(self.model), streamer)
-        device = execution_device(self.model)
-        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in dict(inputs).items()}
-        if keep_masks is not None and not self.method.takes_keep_masks:
-            raise ValueError(f"method {self.method.name!r} does not take keep_masks (it chooses its own tokens); "
-                             "supplied masks run with method 'mask' or 'oracle'")
-        request = {"keep_masks": keep_masks} if keep_masks is not None else {}
-        if tokenizer is None:
-            tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        toks, pre, step_logits = generate(self.model, self.adapter, self.method, inputs, seed=seed, request=request,
-                                          keep_logits=return_logits, generation_config=gc, streamer=streamer,
-                                          tokenizer=tokenizer)
+        try:  # the checks: a failing one also ends the streamer (the runtime ends it from here on), or a consumer
+            # iterating a TextIteratorStreamer in another thread (the example above) would block for ever
+            check_generate_args(max_new_tokens, do_sample, temperature, seed, keep_masks)
+            gc = resolve_generation_config(
+                base_generation_config(self.model, self.processor, generation_config), max_new_tokens=max_new_tokens,
+                do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+                repetition_penalty=repetition_penalty, stop_strings=stop_strings, eos_token_id=eos_token_id,
+                **generation_kwargs)
+            check_generate_args(gc.max_new_tokens, gc.do_sample, gc.temperature, seed, keep_masks)
+            if inputs is None:
+                if questions is None:
+                    raise ValueError("pass inputs= (processor output) or questions= (+ images= and/or videos=)")
+                if isinstance(questions, (str, bytes)):
+                    raise TypeError("questions must be a list of strings (one per sample), not a single string")
+                inputs = self.prepare(images, questions, videos)  # checked
+            else:
+                given = [n for n, v in (("images", images), ("questions", questions), ("videos", videos))
+                         if v is not None]
+                if given:
+                    raise ValueError("pass either inputs= or questions= (+ images= / videos=), not both: got inputs "
+                                     f"and {', '.join(given)}")
+                inputs = check_inputs(inputs)
+                check_prompt_length(inputs, context_length(self.model))
+            ids = inputs["input_ids"]
+            check_decoding(self.model, gc, ids.shape[0], ids.shape[1], context_length(self.model), streamer)
+            device = execution_device(self.model)
+            inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in dict(inputs).items()}
+            if keep_masks is not None and not self.method.takes_keep_masks:
+                raise ValueError(f"method {self.method.name!r} does not take keep_masks (it chooses its own tokens); "
+                                 "supplied masks run with method 'mask' or 'oracle'")
+            request = {"keep_masks": keep_masks} if keep_masks is not None else {}
+            if tokenizer is None:
+                tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        except BaseException:
+            if streamer is not None:
+                streamer.end()
+            raise
+        with _request_lock(self.model):
+            toks, pre, step_logits = generate(self.model, self.adapter, self.method, inputs, seed=seed,
+                                              request=request, keep_logits=return_logits, generation_config=gc,
+                                              streamer=streamer, tokenizer=tokenizer)
         texts = None
         if self.processor is not None:
             texts = self.processor.batch_decode(toks, skip_special_tokens=True)

@@ -330,8 +330,9 @@ def load_adapter(model: nn.Module, path: str | Path, merge: bool = True, trainab
     check_adapter_fits(model, config, state, p)
     config.target_modules = sorted({k.rsplit(".", 2)[0] for k in state})  # exactly the modules the file adapts
     config.inference_mode = not trainable
-    grads = None if trainable else {id(q): q.requires_grad for q in model.parameters()}
-    try:  # until the weights are in, a failure takes the LoRA layers out again: the caller's model is left as it was
+    before = {id(q): q.requires_grad for q in model.parameters()}  # peft freezes every base parameter
+    try:  # until the weights are in (and merged), a failure takes the LoRA layers out again: the caller's model is
+        # left as it was, requires_grad included
         inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)  # (it held none: refused above)
         cast_adapter_dtype(model, ADAPTER_NAME)
         model.train(model.training)
@@ -350,16 +351,33 @@ def load_adapter(model: nn.Module, path: str | Path, merge: bool = True, trainab
         with torch.no_grad():
             for k, v in keyed.items():
                 named[k].copy_(v)
+        if merge:  # every layer's merged weight checked before any is written: a merge fails whole or not at all
+            _check_mergeable(model, p)
     except BaseException:
         _remove_lora(model)
-        raise
-    if grads is not None:  # inference: leave the model's requires_grad as it was, the adapter frozen
         for q in model.parameters():
-            q.requires_grad_(grads.get(id(q), False))
+            q.requires_grad_(before.get(id(q), q.requires_grad))
+        raise
+    if not trainable:  # inference: leave the model's requires_grad as it was, the adapter frozen
+        for q in model.parameters():
+            q.requires_grad_(before.get(id(q), False))
     if merge:
         merge_lora(model)
         setattr(model, MERGED_ATTR, sha)
     return model
+
+
+@torch.no_grad()
+def _check_mergeable(model: nn.Module, path: Path) -> None:
+    """Raise ValueError unless every LoRA layer's merged weight (base + delta, in the base dtype) is finite: what
+    peft's ``safe_merge`` checks layer by layer while it writes, checked here for all before any is written."""
+    for name, layer in _outer_lora_layers(model):
+        base = layer.get_base_layer().weight
+        for adapter in layer.active_adapters:
+            merged = base + layer.get_delta_weight(adapter).to(base.dtype)
+            if not bool(torch.isfinite(merged).all()):
+                raise ValueError(f"the LoRA adapter in {path} gives non-finite weights in {name} when merged into "
+                                 f"this {base.dtype} model: load it with merge=False, or the base in float32")
 
 
 def _outer_lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

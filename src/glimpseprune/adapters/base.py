@@ -33,8 +33,10 @@ def capture_outputs(modules: dict[int, nn.Module], transform=None) -> Iterator[d
             out[key] = transform(key, t) if transform is not None else t
         return fn
 
-    handles = [m.register_forward_hook(hook(k)) for k, m in modules.items()]
-    try:
+    handles = []
+    try:  # registered inside: an interrupt between two registrations leaves no hook behind
+        for k, m in modules.items():
+            handles.append(m.register_forward_hook(hook(k)))
         yield out
     finally:
         for h in handles:

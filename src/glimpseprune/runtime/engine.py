@@ -284,14 +284,14 @@ def generate(
     (``TextStreamer``, ``TextIteratorStreamer``; batch of 1) gets the prompt ids, each new token, then ``end()``.
 
     Returns (new tokens (B, T), prefill result, per-step raw logits (B, V) if keep_logits else [])."""
-    gc = resolve_generation_config(generation_config, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                                   pad_token_id=pad_token_id, do_sample=do_sample, temperature=temperature,
-                                   **generation_kwargs)
-    if gc.max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {gc.max_new_tokens}")
-    if streamer is not None:
-        streamer.put(inputs["input_ids"].cpu())
     try:
+        gc = resolve_generation_config(generation_config, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                       pad_token_id=pad_token_id, do_sample=do_sample, temperature=temperature,
+                                       **generation_kwargs)
+        if gc.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {gc.max_new_tokens}")
+        if streamer is not None:
+            streamer.put(inputs["input_ids"].cpu())
         return _decode(model, adapter, method, inputs, gc, seed, request, keep_logits, streamer, tokenizer)
     finally:
         if streamer is not None:

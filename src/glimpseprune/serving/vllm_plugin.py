@@ -53,6 +53,26 @@ def alias_smart_resize() -> bool:
     return True
 
 
+# --mm-processor-kwargs names of the pixel bounds -> the image processor's ``size`` keys (transformers 5.x keeps them
+# there; the processor has no min_pixels / max_pixels attributes to set)
+_PIXEL_BOUNDS = {"min_pixels": "shortest_edge", "max_pixels": "longest_edge"}
+
+
+def configure_image_processor(image_processor, kwargs: dict) -> None:
+    """Apply processor kwargs (``--mm-processor-kwargs`` / a request's ``mm_processor_kwargs``) to our image-only
+    processor: attributes it has are set, min_pixels / max_pixels go into its ``size``, anything else is logged as
+    ignored (it was dropped silently, the pixel bounds included)."""
+    for name, value in kwargs.items():
+        if value is None:
+            continue
+        if hasattr(image_processor, name):
+            setattr(image_processor, name, value)
+        elif name in _PIXEL_BOUNDS and getattr(image_processor, "size", None) is not None:
+            image_processor.size = {**dict(image_processor.size), _PIXEL_BOUNDS[name]: int(value)}
+        else:
+            logger.warning("glimpseprune: the image-only processor (no torchvision) ignores %s=%r", name, value)
+
+
 def image_only_processor_fallback() -> bool:
     """Without a working torchvision, Qwen2.5-VL's processing info (stock and ours) builds our image-only processor
     from the model folder when the stock processor cannot be imported. Returns whether it was installed."""
@@ -70,12 +90,14 @@ def image_only_processor_fallback() -> bool:
         except ImportError:  # the stock processor's video processor needs torchvision
             from ..processing import load_processor
 
-            proc = self.__dict__.get("_glimpseprune_processor")
+            # one processor per set of kwargs (request-level mm_processor_kwargs too), as vLLM caches its own:
+            # kwargs written onto a shared one stayed for every later request of the model
+            cache = self.__dict__.setdefault("_glimpseprune_processors", {})
+            key = repr(sorted((k, v) for k, v in kwargs.items() if v is not None))
+            proc = cache.get(key)
             if proc is None:
-                proc = self.__dict__["_glimpseprune_processor"] = load_processor(self.ctx.model_config.model)
-            for key, value in kwargs.items():  # e.g. min_pixels / max_pixels from --mm-processor-kwargs
-                if value is not None and hasattr(proc.image_processor, key):
-                    setattr(proc.image_processor, key, value)
+                proc = cache[key] = load_processor(self.ctx.model_config.model)
+                configure_image_processor(proc.image_processor, kwargs)
             return proc
 
     limits = Qwen2_5_VLProcessingInfo.get_supported_mm_limits
