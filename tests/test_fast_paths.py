@@ -219,6 +219,26 @@ def test_no_quadratic_tensor_in_prefill_or_decode(model, processor, module, meth
     assert big.numel < max(L * L // 2, vocab), f"{big.op} made {big.numel} elements (L = {L})"
 
 
+def test_no_quadratic_tensor_in_stage1_forward_train(model, processor, module):
+    """Stage 1's training forward (boxes mode) built a dense (B, 1, L, L) float mask for every prompt (1.6 GB at 20k
+    tokens); without padding SDPA needs none, as at inference. The soft-keep (kl) mode still needs its additive one."""
+    from glimpseprune.bench.efficiency import FrozenEncodeAdapter
+    from glimpseprune.runtime.train import forward_train
+
+    adapter = gp.get_adapter(model)
+    inputs = processor_batch(processor, [[(560, 560)]])
+    L = inputs["input_ids"].shape[1]
+    frozen = FrozenEncodeAdapter(adapter)
+    method = gp.make_method("glimpse", module)
+    suffix = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        frozen.prime(model, inputs, method)
+        with LargestTensor() as big:
+            forward_train(model, frozen, method, inputs, suffix, torch.ones_like(suffix, dtype=torch.bool))
+    vocab = model.config.text_config.vocab_size
+    assert big.numel < max(L * L // 2, vocab), f"{big.op} made {big.numel} elements (L = {L})"
+
+
 def test_lm_head_gets_dense_rows_not_strided_views(family):
     """Every LM-head call of a prefill (last position and all positions), a decode step and a generate gets a tensor
     laid out as a fresh one. transformers' forward applies the head to ``hidden[:, -1:]``, a view whose batch stride is

@@ -374,3 +374,33 @@ def test_farthest_point_fill_keeps_the_seed_then_the_farthest_rows():
     assert int(farthest_point_fill(pts, none, 1).nonzero()) == int(farthest_point_select(pts, 1))
     with pytest.raises(ValueError, match="more than the 1 to keep"):
         farthest_point_fill(pts, torch.tensor([True, True, False, False, False]), 1)
+
+
+def test_farthest_point_fill_holds_no_rows_by_seeds_matrix():
+    """The distances of every row to the seed were one (n, s) matrix, and s grows with the budget (so with n): 178 MB
+    twice at 20k tokens. Now CHUNK rows at a time, with the same picks as the whole matrix gives."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from glimpseprune.ops.diversity import CHUNK, farthest_point_fill, unit_rows
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.numel = max(self.numel, t.numel())
+            return out
+
+    g = torch.Generator().manual_seed(0)
+    n, s = 3 * CHUNK, 600
+    x = torch.randn(n, 8, generator=g)
+    seed = torch.zeros(n, dtype=torch.bool)
+    seed[torch.randperm(n, generator=g)[:s]] = True
+    with Largest() as big:
+        keep = farthest_point_fill(x, seed, s + 3)
+    assert big.numel <= CHUNK * s, big.numel
+    u = unit_rows(x)  # the whole-matrix reference of the first pick
+    dist = (1.0 - u @ u[seed].T).amin(dim=1).masked_fill(seed, float("-inf"))
+    assert bool(keep[int(dist.argmax())]) and int(keep.sum()) == s + 3 and bool(keep[seed].all())

@@ -87,7 +87,8 @@ def farthest_point_fill(feats: torch.Tensor, seed: torch.Tensor, k: int) -> torc
     x = unit_rows(feats)
     if not bool(keep.any()):
         keep[farthest_point_select(feats, 1)] = True
-    min_dist = (1.0 - x @ x[keep].T).amin(dim=1)  # (n,) distance of every row to the kept set
+    seeds = x[keep]  # (s, d); the distances to them CHUNK rows at a time, never (n, s) (s grows with k, so with n)
+    min_dist = torch.cat([(1.0 - x[i:i + CHUNK] @ seeds.T).amin(dim=1) for i in range(0, n, CHUNK)])
     for _ in range(k - int(keep.sum())):
         j1 = torch.argmax(min_dist.masked_fill(keep, float("-inf"))).view(1)
         keep.index_fill_(0, j1, True)

@@ -33,7 +33,7 @@ from ..adapters.base import Adapter, Encoded
 from ..methods.base import PruningMethod
 from .cache import new_cache, run_layer
 from .engine import PrefillState, _resolve_prune_layer, add_visual
-from .masks import causal_mask
+from .masks import attention_mask, causal_mask
 
 
 @dataclass
@@ -97,11 +97,14 @@ def forward_train(model, adapter: Adapter, method: PruningMethod, inputs: dict, 
     state.rope = adapter.rotary(model, hidden, positions)
     hooks = extra is not None or K is not None
     split = n_layers if K is None else K + 1
-    mask = causal_mask(key_mask, hidden.shape[1], hidden.dtype)
+    # the prefix's plain causal (+ padding) mask as the model's attention implementation takes it, as at inference:
+    # None without padding (SDPA's causal kernel), never a dense (B, 1, L, L) float mask
+    mask = attention_mask(adapter.text_config(model), hidden, key_mask)
     hidden = _run(layers, range(split), hidden, mask, state, method, hooks)  # chunk 1
     vip = method.predict_logits(state) if K is not None and hasattr(method, "predict_logits") else None
-    hidden = _run(layers, range(split, n_layers), hidden,  # chunk 2
-                  _hide(mask, state, vip) if soft_keep else mask, state, method, extra is not None)
+    if soft_keep:  # the soft-keep biases need an additive mask: dense (B, 1, L, L), made only here
+        mask = _hide(causal_mask(key_mask, hidden.shape[1], hidden.dtype), state, vip)
+    hidden = _run(layers, range(split, n_layers), hidden, mask, state, method, extra is not None)  # chunk 2
     # chunk 3: the suffix, every layer, over the cached prefix
     T = suffix_ids.shape[1]
     step = torch.arange(T, device=suffix_ids.device)
