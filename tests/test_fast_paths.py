@@ -219,9 +219,12 @@ def test_no_quadratic_tensor_in_prefill_or_decode(model, processor, module, meth
     assert big.numel < max(L * L // 2, vocab), f"{big.op} made {big.numel} elements (L = {L})"
 
 
-def test_no_quadratic_tensor_in_stage1_forward_train(model, processor, module):
-    """Stage 1's training forward (boxes mode) built a dense (B, 1, L, L) float mask for every prompt (1.6 GB at 20k
-    tokens); without padding SDPA needs none, as at inference. The soft-keep (kl) mode still needs its additive one."""
+@pytest.mark.parametrize("soft_keep", [False, True], ids=["boxes", "soft_keep"])
+def test_no_quadratic_tensor_in_stage1_forward_train(model, processor, module, soft_keep):
+    """Stage 1's training forward built a dense (B, 1, L, L) float mask for every prompt (1.6 GB at 20k tokens);
+    without padding SDPA needs none, as at inference. The soft-keep (kl) mode's per-key biases ride in the fused
+    kernel's extra q/k channels (they were a dense additive mask, which sent SDPA to its math kernel: (B, H, L, L)
+    scores per layer after K). With autograd on, as in training."""
     from glimpseprune.bench.efficiency import FrozenEncodeAdapter
     from glimpseprune.runtime.train import forward_train
 
@@ -233,8 +236,10 @@ def test_no_quadratic_tensor_in_stage1_forward_train(model, processor, module):
     suffix = torch.tensor([[5, 6, 7]])
     with torch.no_grad():
         frozen.prime(model, inputs, method)
-        with LargestTensor() as big:
-            forward_train(model, frozen, method, inputs, suffix, torch.ones_like(suffix, dtype=torch.bool))
+    with LargestTensor() as big:
+        out = forward_train(model, frozen, method, inputs, suffix, torch.ones_like(suffix, dtype=torch.bool),
+                            soft_keep=soft_keep)
+    assert out.vip_logits[0].requires_grad
     vocab = model.config.text_config.vocab_size
     assert big.numel < max(L * L // 2, vocab), f"{big.op} made {big.numel} elements (L = {L})"
 

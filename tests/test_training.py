@@ -435,3 +435,37 @@ def test_gradient_checkpointing_is_refused_by_name(tiny_dir, processor):
     (model.activation_checkpointing_disable if new else model.gradient_checkpointing_disable)()
     out = forward_train(model, gp.get_adapter(model), FullMethod(), dict(inputs), suffix, smask)
     assert torch.isfinite(out.suffix_logits[smask]).all()
+
+
+def test_soft_keep_on_fused_kernels_equals_the_dense_mask(model, tiny_dir, processor):
+    """Under SDPA the soft-keep biases of chunk 2 ride in extra q/k channels of the fused kernel (no (L, L) mask, no
+    score matrix: a (B, H, L, L) one per layer, kept for the backward pass, was GBs at 7B sizes); the same model
+    loaded eager takes the dense additive mask. Logits, VIP logits and the module's gradients agree (fp32, 1e-5) on
+    a left-padded batch, with keep-probabilities spread over (0, 1)."""
+    from transformers import AutoModelForImageTextToText
+
+    from glimpseprune.runtime import train as T
+
+    eager = AutoModelForImageTextToText.from_pretrained(tiny_dir, attn_implementation="eager").eval()
+    assert eager.config.text_config._attn_implementation == "eager"
+    inputs = dict(make_batch(processor, [IMG_A, IMG_C]))
+    suffix, smask = suffix_batch(processor, ["The square is blue", "no"])
+    torch.manual_seed(0)
+    module = gp.GlimpseModule(small_glimpse_config(model))
+    grads, outs = [], []
+    for m in (model, eager):
+        module.zero_grad()
+        out = forward_train(m, gp.get_adapter(m), gp.make_method("glimpse", module), inputs, suffix, smask,
+                            soft_keep=True)
+        out.suffix_logits[smask].float().pow(2).mean().backward()
+        outs.append(out)
+        grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
+    probs = torch.sigmoid(torch.cat(outs[0].vip_logits)).detach()
+    assert float(probs.min()) < 0.3 and float(probs.max()) > 0.7  # the biases matter
+    torch.testing.assert_close(outs[0].suffix_logits[smask], outs[1].suffix_logits[smask], atol=1e-5, rtol=0)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4, msg=n)
+    assert model.config.text_config._attn_implementation == "sdpa"  # restored after chunk 2
+    assert all(layer.self_attn.config._attn_implementation == "sdpa" for layer in gp.get_adapter(model).layers(model))
+    assert T.KEY_BIAS_ATTENTION == "glimpseprune_key_bias"

@@ -24,10 +24,12 @@ be decoded. ``suffix_logits[:, t]`` predicts suffix token t (read at the positio
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface
 
 from ..adapters.base import Adapter, Encoded
 from ..methods.base import PruningMethod
@@ -55,6 +57,60 @@ def _hide(mask: torch.Tensor, state: PrefillState, vip: list[torch.Tensor] | Non
             logp[b, state.enc.vis_mask[b]] = F.logsigmoid(lg.float()).to(mask.dtype)
         mask[..., :L0] = torch.clamp(mask[..., :L0] + logp[:, None, None, :], min=lo)
     return mask
+
+
+KEY_BIAS_ATTENTION = "glimpseprune_key_bias"  # the attention function of chunk 2 under soft keep (registered below)
+_MASKED = -1e4  # a key bias that hides the key (exp underflows to 0 in every dtype) and stays finite in fp16
+
+
+def key_bias_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Causal attention over a prompt with an additive per-key bias ``attention_mask`` (B, n_keys) on SDPA's fused
+    kernels: the bias rides in 8 extra query / key channels (query 1 / scale, key the bias, value 0), so that
+    q'.k' x scale = q.k x scale + bias. No (L, L) mask or score matrix is built, and the bias gets its gradient
+    through the keys. Query and key lengths must be equal (a whole prompt; chunk 2 of ``forward_train``).
+    query (B, H, L, D), key / value (B, Hkv, L, D); returns ((B, L, H, D), None), as transformers' attention
+    functions do."""
+    B, H, L, D = query.shape
+    if key.shape[2] != L:
+        raise ValueError(f"key_bias_attention runs on a whole prompt: {L} queries but {key.shape[2]} keys")
+    if key.shape[1] != H:  # grouped-query attention: as transformers' SDPA path does
+        key, value = (t.repeat_interleave(H // key.shape[1], dim=1) for t in (key, value))
+    scale = D ** -0.5 if scaling is None else scaling
+    bias = attention_mask.to(query.dtype)[:, None, :, None].expand(B, H, L, 1)
+    q = torch.cat([query, F.pad(torch.full_like(query[..., :1], 1.0 / scale), (0, 7))], dim=-1)
+    k = torch.cat([key, F.pad(bias, (0, 7))], dim=-1)
+    out = F.scaled_dot_product_attention(q, k, F.pad(value, (0, 8)), is_causal=True, scale=scale,
+                                         dropout_p=dropout if module.training else 0.0)
+    return out[..., :D].transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(KEY_BIAS_ATTENTION, key_bias_attention)
+
+
+def _key_bias(key_mask: torch.Tensor, state: PrefillState, vip: list[torch.Tensor], dtype) -> torch.Tensor:
+    """(B, n_keys): what ``_hide`` adds to a causal mask, per key: padding and the glimpse hidden, visual keys
+    biased by log keep-probability."""
+    bias = torch.zeros(key_mask.shape, dtype=torch.float32, device=key_mask.device)
+    L0, n = state.enc.vis_mask.shape[1], state.n_extra
+    for b, lg in enumerate(vip):
+        bias[b, :L0][state.enc.vis_mask[b]] = F.logsigmoid(lg.float())
+    bias[:, L0:L0 + n] = _MASKED
+    return bias.masked_fill(~key_mask.bool(), _MASKED).clamp(min=_MASKED).to(dtype)
+
+
+@contextlib.contextmanager
+def _attention_implementation(layers, name: str):
+    """The given decoder layers' attention runs ``name`` (their configs' ``_attn_implementation``) inside the block;
+    restored on exit, also on errors."""
+    configs = {id(c): c for c in (layer.self_attn.config for layer in layers)}.values()
+    before = [(c, c._attn_implementation) for c in configs]
+    try:
+        for c, _ in before:
+            c._attn_implementation = name
+        yield
+    finally:
+        for c, impl in before:
+            c._attn_implementation = impl
 
 
 def _run(layers, idx, hidden, mask, state, method, hooks: bool, prefix: bool = True) -> torch.Tensor:
@@ -102,9 +158,16 @@ def forward_train(model, adapter: Adapter, method: PruningMethod, inputs: dict, 
     mask = attention_mask(adapter.text_config(model), hidden, key_mask)
     hidden = _run(layers, range(split), hidden, mask, state, method, hooks)  # chunk 1
     vip = method.predict_logits(state) if K is not None and hasattr(method, "predict_logits") else None
-    if soft_keep:  # the soft-keep biases need an additive mask: dense (B, 1, L, L), made only here
-        mask = _hide(causal_mask(key_mask, hidden.shape[1], hidden.dtype), state, vip)
-    hidden = _run(layers, range(split, n_layers), hidden, mask, state, method, extra is not None)  # chunk 2
+    after = range(split, n_layers)
+    if soft_keep and vip is not None and all(layers[i].self_attn.config._attn_implementation == "sdpa" for i in after):
+        # the soft-keep biases, per key, on SDPA's fused kernels (no (L, L) mask, no score matrix)
+        with _attention_implementation([layers[i] for i in after], KEY_BIAS_ATTENTION):
+            hidden = _run(layers, after, hidden, _key_bias(key_mask, state, vip, hidden.dtype), state, method,
+                          extra is not None)  # chunk 2
+    else:
+        if soft_keep:  # another attention implementation: the biases in a dense additive (B, 1, L, L) mask
+            mask = _hide(causal_mask(key_mask, hidden.shape[1], hidden.dtype), state, vip)
+        hidden = _run(layers, after, hidden, mask, state, method, extra is not None)  # chunk 2
     # chunk 3: the suffix, every layer, over the cached prefix
     T = suffix_ids.shape[1]
     step = torch.arange(T, device=suffix_ids.device)
