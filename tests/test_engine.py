@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import IMG_A, IMG_B, IMG_C
+from conftest import IMG_A, IMG_B, IMG_C, make_batch
 from oracle import dropped_positions, masking, oracle_model, stock_generate
 from transformers import DynamicCache, Qwen2Config
 
 import glimpseprune as gp
 from glimpseprune.runtime.cache import repeat_cache
-from glimpseprune.runtime.engine import prefill
+from glimpseprune.runtime.engine import DEFAULT_MAX_NEW_TOKENS, prefill, resolve_generation_config
 from glimpseprune.runtime.masks import check_left_padded
+from glimpseprune.runtime.train import forward_train
 
 N_NEW = 8
 
@@ -229,3 +230,72 @@ def test_all_zero_attention_row_is_refused_by_name():
     check_left_padded(torch.tensor([[0, 1, 1], [1, 1, 1]]))  # left padding: fine
     with pytest.raises(ValueError, match="all-zero attention_mask"):
         check_left_padded(torch.tensor([[1, 1, 1], [0, 0, 0]]))
+
+
+# mutation audit, round 2: rules a one-line change could break unnoticed
+
+def stock(model, inputs, **kw):
+    """Stock ``model.generate``'s new tokens (B, T)."""
+    with torch.no_grad():
+        return model.generate(**inputs, **kw)[:, inputs["input_ids"].shape[1]:]
+
+
+@pytest.fixture(scope="module")
+def three(processor, mixed_specs):
+    return make_batch(processor, mixed_specs)  # left-padded: one image, two images, text only
+
+
+def test_inference_glimpse_sits_where_training_put_it(family):
+    """The VIP's scores at inference (glimpse token appended at position next_pos, read after layer K) equal those
+    of the training forward, which places the glimpse at next_pos too (``runtime/train.py``): a module trained there
+    must be scored there. Moving the glimpse's position id at either place changes the scores."""
+    model = family.model
+    adapter = gp.get_adapter(model)
+    method = gp.make_method("glimpse", family.module)
+    inputs = family.batch([IMG_A, IMG_C])  # two lengths: left padding in the batch
+    suffix = torch.full((2, 2), 5, dtype=torch.long)
+    with torch.no_grad():
+        pre = prefill(model, adapter, method, inputs)
+        train = forward_train(model, adapter, method, inputs, suffix, torch.ones(2, 2, dtype=torch.bool))
+    assert len(pre.scratch["vip_logits"]) == len(train.vip_logits) == 2
+    for ours, trained in zip(pre.scratch["vip_logits"], train.vip_logits):
+        torch.testing.assert_close(ours, trained, atol=1e-4, rtol=0)
+
+
+def test_a_finished_row_stays_finished_when_pad_is_not_an_eos_id(model, pm, three):
+    """With an EOS id that is not the pad id, a row that stopped gets pad on every later step, as stock generate
+    does (its ``unfinished`` flags only ever turn off). Rows whose pad is also an EOS id cannot tell."""
+    n_new = 16
+    plain = pm.generate(three, max_new_tokens=n_new)
+    row = plain.sequences[0].tolist()
+    extra = row[4]
+    at = row.index(extra)  # its first occurrence
+    pad = model.generation_config.pad_token_id
+    assert extra != pad
+    out = pm.generate(three, max_new_tokens=n_new, eos_token_id=[extra])
+    assert out.sequences.shape[1] > at + 2  # other rows run on for at least two more steps
+    assert out.sequences[0, at].item() == extra
+    assert (out.sequences[0, at + 1:] == pad).all()
+    assert torch.equal(out.sequences, stock(model, three, max_new_tokens=n_new, eos_token_id=[extra]))
+
+
+def test_no_decode_step_runs_after_the_last_token(pm, one):
+    """T new tokens take the prefill and T - 1 decode steps: the last token is never fed back (that step's logits
+    would be thrown away). ``timing["decode_steps"]`` reports them, and each step adds one cache column."""
+    n_new = 4
+    out = pm.generate(one, max_new_tokens=n_new)
+    assert out.sequences.shape[1] == n_new  # no EOS in these few steps
+    assert out.timing["decode_steps"] == n_new - 1
+    assert out.prefill.key_mask.shape[1] == out.kv_len[0] + n_new - 1
+    assert out.prefill.cache.get_seq_length(0) == out.kv_len[0] + n_new - 1
+
+
+def test_default_max_new_tokens_is_32():
+    """Documented default (README / api.generate): 32 new tokens when neither the call nor its config says;
+    transformers' own default is 20."""
+    from transformers import GenerationConfig
+
+    assert DEFAULT_MAX_NEW_TOKENS == 32
+    assert resolve_generation_config().max_new_tokens == 32
+    assert resolve_generation_config(GenerationConfig(max_new_tokens=5)).max_new_tokens == 5
+    assert resolve_generation_config(max_new_tokens=7).max_new_tokens == 7

@@ -20,6 +20,8 @@ from oracle import dropped_positions, masking, oracle_model, stock_generate
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import glimpseprune as gp
+from glimpseprune.bench import overhead as O
+from glimpseprune.bench.efficiency import _stats
 from glimpseprune.modules.vip import VIP
 from glimpseprune.ops.rope2d import apply_rope, grid_positions, rope2d_angles
 from glimpseprune.runtime.engine import prefill
@@ -653,3 +655,56 @@ def test_overhead_rows_are_keyed_by_what_ran_and_handed_on_as_they_come(tmp_path
     assert seen == [(["9"], False)]
     with pytest.raises(ValueError, match="same grid twice"):
         O.run_overhead(O.OverheadSettings(shape=str(path), n_vis=(9, 10), n_text=10))
+
+
+# mutation audit, round 2: rules a one-line change could break unnoticed
+
+def _row(peak_glimpse=90):
+    """A ``measure_one``-shaped row with hand-picked timings: three repetitions whose paired ratios differ from the
+    ratio of the medians (full/stock: pairs 1, 2, 0.5 -> 1.0; medians 2 / 4 -> 0.5)."""
+    prefill = {"stock": [1.0, 5.0, 4.0], "full": [1.0, 10.0, 2.0], "mask": [2.0, 2.0, 2.0],
+               "glimpse": [2.02, 2.02, 2.02]}
+    decode = {"stock": [1.0, 1.0, 1.0], "full": [1.0, 1.0, 1.0], "mask": [1.0, 1.0, 1.0], "glimpse": [0.9, 0.9, 0.9]}
+    # glimpse/stock prefill paired: median(2.02, 0.404, 0.505) = 0.505; the analytic ratio 0.63125 puts the measured
+    # one 20 % BELOW it (beyond the two-sided 5 % bar)
+    analytic = {"full": {"prefill_llm_flops": 1000.0, "vip_flops": 0.0},
+                "mask": {"prefill_llm_flops": 400.0, "vip_flops": 0.0},
+                "glimpse": {"prefill_llm_flops": 631.25, "vip_flops": 40.0}}
+    return {"prefill_s": {n: _stats(v) for n, v in prefill.items()},
+            "decode_ms": {n: _stats(v) for n, v in decode.items()}, "vip_s": _stats([0.5, 0.5, 0.5]),
+            "analytic": analytic,
+            "prefill_peak": {"stock": {"delta_bytes": 50}, "full": {"delta_bytes": 100},
+                             "mask": {"delta_bytes": 60}, "glimpse": {"delta_bytes": peak_glimpse}}}
+
+
+def test_overhead_ratios_by_hand():
+    q = O.ratios(_row())
+    assert q["full_vs_stock_prefill"] == pytest.approx(1.0)  # paired: the median of the per-repetition ratios
+    assert q["glimpse_vs_mask_prefill"] == pytest.approx(1.01)  # glimpse over mask, not mask over glimpse
+    assert q["full_vs_stock_decode"] == pytest.approx(1.0) and q["glimpse_vs_stock_decode"] == pytest.approx(0.9)
+    assert q["glimpse_vs_stock_prefill"] == pytest.approx(0.505)
+    assert q["glimpse_analytic_prefill"] == pytest.approx(0.63125)
+    assert q["glimpse_measured_vs_analytic"] == pytest.approx(-0.2)
+    checks = q["checks"]
+    assert checks["full_vs_stock_prefill"] and checks["full_vs_stock_decode"] and checks["glimpse_vs_mask_prefill"]
+    assert not checks["glimpse_measured_vs_analytic"]  # 20 % below the analytic ratio fails the two-sided bar
+    assert q["noise"]["glimpse_measured_vs_analytic"] != "pass"
+    # the interval of the measured-vs-analytic deviation is that of glimpse/stock, mapped through the analytic ratio
+    lo, hi = q["ci95"]["glimpse_vs_stock_prefill"]
+    assert lo < hi
+    assert q["ci95"]["glimpse_measured_vs_analytic"] == pytest.approx([lo / 0.63125 - 1.0, hi / 0.63125 - 1.0])
+    # peaks: glimpse at or below full passes, above fails
+    assert q["glimpse_vs_full_peak"] == pytest.approx(0.9) and checks["glimpse_peak_le_full"]
+    assert O.ratios(_row(peak_glimpse=100))["checks"]["glimpse_peak_le_full"]
+    assert not O.ratios(_row(peak_glimpse=101))["checks"]["glimpse_peak_le_full"]
+    assert q["vip_vs_mask_prefill"] == pytest.approx(0.25) and q["vip_analytic_vs_mask"] == pytest.approx(0.1)
+
+
+def test_rotation_puts_every_variant_in_every_place_and_reverses_every_other_turn():
+    names = ["a", "b", "c"]
+    orders = [O.rotation(names, r) for r in range(6)]
+    assert orders[:3] == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+    assert orders[3:] == [["c", "b", "a"], ["a", "c", "b"], ["b", "a", "c"]]  # the second turn reversed
+    # over two turns each variant directly follows each other one equally often
+    follows = [(o[i], o[i + 1]) for o in orders for i in range(2)]
+    assert {follows.count((x, y)) for x in names for y in names if x != y} == {2}

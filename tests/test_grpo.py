@@ -143,3 +143,52 @@ def test_grpo_loss_adds_beta_times_the_masked_k3_kl():
     assert float(loss) == pytest.approx(0.1 * float(kl_rows.mean()), rel=1e-6)
     loss0, _ = grpo_loss(logp, logp, ref, adv, mask, beta=0.0)
     assert float(loss0) == 0.0
+
+
+# mutation audit, round 2: rules a one-line change could break unnoticed
+
+def test_a_rollout_stops_at_its_first_eos_and_is_masked_after_it(model, processor, module):
+    """``sample_group``: a row runs up to and including its first EOS; every later slot holds ``pad`` and is masked
+    out (the GRPO loss must not score them), while the other rows go on. The pad id here is not an EOS id."""
+    adapter = get_adapter(model)
+    method = GlimpseMethod(module=module)
+    inputs = dict(make_batch(processor, [[(56, 84)], [(84, 56)]], questions=["What is it?", "Which colour?"], seed=3))
+    G, steps, seeds, pad = 2, 8, [11, 12, 21, 22], 0
+    with torch.no_grad():
+        pre = prefill(model, adapter, method, inputs)
+        free, free_mask = sample_group(model, adapter, expand_prefill(model, adapter, pre, G), steps, [-1], pad, 1.0,
+                                       seeds)
+        eos = int(free[0, 1])  # row 0's second token becomes the EOS id
+        assert eos != pad and free_mask.all()
+        toks, mask = sample_group(model, adapter, expand_prefill(model, adapter, pre, G), steps, [eos], pad, 1.0,
+                                  seeds)
+    first = {r: (free[r] == eos).nonzero().flatten()[0].item() if (free[r] == eos).any() else None
+             for r in range(free.shape[0])}
+    assert first[0] == 1
+    assert any(f is None or f >= 3 for f in first.values())  # some row runs on: the batch does not stop at once
+    for r, f in first.items():
+        n = toks.shape[1] if f is None else f + 1  # up to and including the first EOS
+        assert torch.equal(toks[r, :n], free[r, :n]), r
+        assert mask[r, :n].all(), r
+        assert (toks[r, n:] == pad).all() and not mask[r, n:].any(), r
+
+
+def test_expanded_prefill_lists_and_logprob_temperature(model, processor, module):
+    """``expand_prefill`` repeats each sample's per-sample lists G times in a row (rows b*G .. b*G+G-1, like its
+    tensors), and ``completion_logprobs`` divides the logits by the sampling temperature."""
+    from glimpseprune.runtime.rollout import completion_logprobs
+
+    adapter = get_adapter(model)
+    method = GlimpseMethod(module=module)
+    inputs = dict(make_batch(processor, [[(56, 84)], [(112, 56)]], questions=["What is it?", "Which colour?"], seed=3))
+    G = 2
+    with torch.no_grad():
+        pre = prefill(model, adapter, method, inputs)
+        assert pre.n_vis[0] != pre.n_vis[1]
+        ex = expand_prefill(model, adapter, pre, G)
+        assert ex.n_vis == [pre.n_vis[0]] * G + [pre.n_vis[1]] * G
+        assert [m.numel() for m in ex.keep_masks] == ex.n_vis and ex.kv_len == [pre.kv_len[0]] * G + [pre.kv_len[1]] * G
+        toks = torch.tensor([[5, 6], [7, 8], [9, 10], [11, 12]])
+        hot = completion_logprobs(model, adapter, expand_prefill(model, adapter, pre, G), toks, temperature=0.5)
+    want0 = torch.log_softmax(ex.logits.float() / 0.5, dim=-1).gather(-1, toks[:, :1]).squeeze(-1)
+    torch.testing.assert_close(hot[:, 0], want0, atol=1e-5, rtol=1e-5)

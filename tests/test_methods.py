@@ -30,6 +30,7 @@ from glimpseprune.ops.diversity import cosine_distance, farthest_point_select
 from glimpseprune.ops.dpp import conditional_dpp_select, conditional_kernel, dpp_greedy_map, minmax_normalize
 from glimpseprune.ops.merge import attention_received, group_mean, nearest_target
 from glimpseprune.ops.pooling import pooled_cells, split_budget, window_ids, window_quota_keep
+from glimpseprune.runtime.engine import prefill
 
 METHODS = gp.list_methods()
 MASKED = ("mask", "oracle")  # methods that read keep masks from the request
@@ -713,3 +714,77 @@ def test_visionzip_contextual_plan():
     into = contextual_plan(vis, dominant, 2)  # rest 1..5, targets at stride: rest[0] = 1, rest[2] = 3
     assert into.tolist() == [0, 1, 3, 3, 3, 1]  # 2 and 4 point along x, closer to token 3 than to token 1
     assert contextual_plan(vis, dominant, 0).tolist() == [0, -1, -1, -1, -1, -1]
+
+
+# mutation audit, round 2: rules a one-line change could break unnoticed
+
+@pytest.mark.parametrize("name, kw", [("fastv", {"keep_ratio": 0.25}),
+                                      ("pdrop", {"layers": (0, 2), "keep_ratio": 0.5})])
+def test_attention_scores_ignore_the_left_padding_of_a_batch(family, name, kw):
+    """The query's attention is a softmax over its visible keys only (``query_attention``): the left padding of a
+    shorter sample takes no share of it, so each sample's scores (and picks) in a padded batch are those it gets
+    alone."""
+    specs = [IMG_A, IMG_C, IMG_B]
+    model, adapter = family.model, gp.get_adapter(family.model)
+    method = gp.make_method(name, **kw)
+    batch = family.batch(specs)
+    assert not bool(batch["attention_mask"].bool().all())  # left padding present
+    with torch.no_grad():
+        pre = prefill(model, adapter, method, batch)
+        for b, spec in enumerate(specs):
+            alone = prefill(model, adapter, method, family.batch([spec], [QUESTIONS[b]], seed=10 * b))
+            for stage, (got, want) in enumerate(zip(pre.scratch["attn_scores"], alone.scratch["attn_scores"])):
+                torch.testing.assert_close(got[b], want[0], atol=1e-5, rtol=1e-4, msg=f"sample {b} stage {stage}")
+            assert torch.equal(alone.keep_masks[0], pre.keep_masks[b])
+            assert pre.n_kept[b] < pre.n_vis[b]
+
+
+def test_the_runtime_refuses_repeated_or_out_of_range_layers_of_any_method(family):
+    """The runtime's own checks, for a method whose config does not check its layers (pdrop's does, so its tests
+    never reach these): a repeated compaction layer, and a prune layer past the last LLM layer in training."""
+    from glimpseprune.methods.base import PruningMethod
+    from glimpseprune.runtime.train import forward_train
+
+    class Repeats(PruningMethod):
+        name = "repeats_test"
+
+        def prune_layers(self, n_layers):
+            return (1, 1)
+
+        def select(self, state):
+            return list(state.keep_vis)
+
+    class PastTheEnd(PruningMethod):
+        name = "past_the_end_test"
+
+        def prune_layer(self, n_layers):
+            return n_layers
+
+    inputs = family.batch([IMG_C])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        gp.apply(family.model, Repeats()).generate(inputs, max_new_tokens=1)
+    n_layers = len(gp.get_adapter(family.model).layers(family.model))
+    with pytest.raises(ValueError, match=rf"prune layer {n_layers} is outside the LLM's layer range"):
+        forward_train(family.model, gp.get_adapter(family.model), PastTheEnd(), dict(inputs),
+                      torch.ones(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool))
+
+
+def test_cdpruner_negate_relevance_flips_the_relevance(family):
+    """``negate_relevance=True`` ranks by the NEGATED cosine to the question (upstream's sign), min-max normalised:
+    the pick equals the conditional DPP on minmax(-cos), and differs from the default's."""
+    from glimpseprune.methods.cdpruner import question_embedding
+    from glimpseprune.ops.dpp import conditional_dpp_select, minmax_normalize
+
+    inputs = family.batch([IMG_A])
+    adapter = gp.get_adapter(family.model)
+    with torch.no_grad():
+        enc = adapter.encode(family.model, inputs)
+    vis = enc.embeds[0, enc.vis_mask[0]]
+    k = max(1, int(0.2 * vis.shape[0]))
+    q = question_embedding(enc.embeds[0], enc.attn_mask[0], enc.vis_mask[0])
+    cos = torch.nn.functional.cosine_similarity(vis.float(), q[None], dim=-1)
+    want = sorted(conditional_dpp_select(vis, minmax_normalize(-cos), k).tolist())
+    plain = sorted(conditional_dpp_select(vis, minmax_normalize(cos), k).tolist())
+    assert want != plain  # the check can fail: the sign changes the pick on this input
+    out = gp.apply(family.model, "cdpruner", keep_ratio=0.2, negate_relevance=True).generate(inputs, max_new_tokens=1)
+    assert out.keep_masks[0].nonzero().flatten().tolist() == want
