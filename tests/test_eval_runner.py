@@ -285,3 +285,19 @@ def test_relative_accuracy_against_a_zero_full_score_is_none():
 
     assert _ratio(1.0, 0.0) is None and _ratio(0.0, 0.0) is None and _ratio(1.0, float("nan")) is None
     assert _ratio(0.5, 0.25) == 2.0 and _ratio(0.0, 0.5) == 0.0
+
+
+def test_per_sample_score_takes_the_best_reference():
+    """A prediction matching any reference scores it (ChartQA rows can hold several answers; it read only the
+    first), and a split without answers is unscored."""
+    from pathlib import Path
+
+    from glimpseprune.eval.runner import score
+    from glimpseprune.eval.tasks._base import Sample
+
+    def sample(answers):
+        return Sample(id="1", image_paths=[Path("x.png")], question="q", prompt="q", answers=answers)
+
+    assert score(get_task("chartqa"), sample(["12", "twelve"]), "twelve") == 1.0
+    assert score(get_task("chartqa"), sample(["12", "twelve"]), "13") == 0.0
+    assert score(get_task("chartqa"), sample([]), "twelve") is None

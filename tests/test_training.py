@@ -469,3 +469,22 @@ def test_soft_keep_on_fused_kernels_equals_the_dense_mask(model, tiny_dir, proce
     assert model.config.text_config._attn_implementation == "sdpa"  # restored after chunk 2
     assert all(layer.self_attn.config._attn_implementation == "sdpa" for layer in gp.get_adapter(model).layers(model))
     assert T.KEY_BIAS_ATTENTION == "glimpseprune_key_bias"
+
+
+def test_soft_keep_key_bias_by_hand():
+    """Per key: text 0, a visual token log sigmoid(its logit) (a sure drop far below 0, never above it), the glimpse
+    and padding hidden. The fused and the dense paths are tested equal, so this pins the sign of both."""
+    from types import SimpleNamespace
+
+    from glimpseprune.runtime.train import _MASKED, _key_bias
+
+    vis = torch.tensor([[False, True, True, False], [False, False, True, True]])  # prompt of 4, then one glimpse
+    state = SimpleNamespace(enc=SimpleNamespace(vis_mask=vis), n_extra=1)
+    key_mask = torch.tensor([[True] * 5, [False] + [True] * 4])  # sample 2 left-padded by one
+    vip = [torch.tensor([0.0, -30.0]), torch.tensor([30.0, 2.0])]
+    got = _key_bias(key_mask, state, vip, torch.float32)
+    want = torch.tensor([[0.0, math.log(0.5), F.logsigmoid(torch.tensor(-30.0)).item(), 0.0, _MASKED],
+                         [_MASKED, 0.0, F.logsigmoid(torch.tensor(30.0)).item(),
+                          F.logsigmoid(torch.tensor(2.0)).item(), _MASKED]])
+    torch.testing.assert_close(got, want)
+    assert float(got[0, 2]) < -29.0 and float(got[1, 2]) > -1e-6
