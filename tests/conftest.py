@@ -111,6 +111,18 @@ def mixed_specs():
     return [IMG_A, IMG_B, []]  # one image, two images, text only
 
 
+@pytest.fixture(scope="module")
+def three(processor, mixed_specs):
+    """A left-padded batch of three: one image, two images, text only."""
+    return make_batch(processor, mixed_specs)
+
+
+def stock_new_tokens(model, inputs, **kw):
+    """Stock ``model.generate``'s new tokens (B, T)."""
+    with torch.no_grad():
+        return model.generate(**inputs, **kw)[:, inputs["input_ids"].shape[1]:]
+
+
 # --------------------------------------------------------------------------- model families
 # ``family`` runs a test once per supported VLM family; ``model`` / ``processor`` / ``module`` above stay Qwen2.5-VL.
 

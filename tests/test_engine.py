@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import IMG_A, IMG_B, IMG_C, make_batch
+from conftest import IMG_A, IMG_B, IMG_C, stock_new_tokens
 from oracle import dropped_positions, masking, oracle_model, stock_generate
 from transformers import DynamicCache, Qwen2Config
 
@@ -234,17 +234,6 @@ def test_all_zero_attention_row_is_refused_by_name():
 
 # mutation audit, round 2: rules a one-line change could break unnoticed
 
-def stock(model, inputs, **kw):
-    """Stock ``model.generate``'s new tokens (B, T)."""
-    with torch.no_grad():
-        return model.generate(**inputs, **kw)[:, inputs["input_ids"].shape[1]:]
-
-
-@pytest.fixture(scope="module")
-def three(processor, mixed_specs):
-    return make_batch(processor, mixed_specs)  # left-padded: one image, two images, text only
-
-
 def test_inference_glimpse_sits_where_training_put_it(family):
     """The VIP's scores at inference (glimpse token appended at position next_pos, read after layer K) equal those
     of the training forward, which places the glimpse at next_pos too (``runtime/train.py``): a module trained there
@@ -276,7 +265,7 @@ def test_a_finished_row_stays_finished_when_pad_is_not_an_eos_id(model, pm, thre
     assert out.sequences.shape[1] > at + 2  # other rows run on for at least two more steps
     assert out.sequences[0, at].item() == extra
     assert (out.sequences[0, at + 1:] == pad).all()
-    assert torch.equal(out.sequences, stock(model, three, max_new_tokens=n_new, eos_token_id=[extra]))
+    assert torch.equal(out.sequences, stock_new_tokens(model, three, max_new_tokens=n_new, eos_token_id=[extra]))
 
 
 def test_no_decode_step_runs_after_the_last_token(pm, one):

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 import torch
-from conftest import IMG_A, IMG_C, make_batch
+from conftest import IMG_A, IMG_C, make_batch, stock_new_tokens
 from transformers import GenerationConfig, TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
@@ -19,17 +19,6 @@ import glimpseprune as gp
 from glimpseprune.api import execution_device, resolve_dtype
 
 N_NEW = 16
-
-
-def stock(model, inputs, **kw):
-    """Stock ``model.generate``'s new tokens (B, T)."""
-    with torch.no_grad():
-        return model.generate(**inputs, **kw)[:, inputs["input_ids"].shape[1]:]
-
-
-@pytest.fixture(scope="module")
-def three(processor, mixed_specs):
-    return make_batch(processor, mixed_specs)  # left-padded: one image, two images, text only
 
 
 # --------------------------------------------------------------------------- equal to stock generate
@@ -47,9 +36,9 @@ def _stop_string(processor, tokens: list[int]) -> tuple[str, int]:
 
 def test_greedy_processors_and_stop_string_equal_stock(model, processor, pm, one):
     kw = dict(max_new_tokens=N_NEW, top_k=5, repetition_penalty=1.3)
-    plain = stock(model, one, **kw)
+    plain = stock_new_tokens(model, one, **kw)
     stop, at = _stop_string(processor, plain[0].tolist())
-    ref = stock(model, one, stop_strings=[stop], tokenizer=processor.tokenizer, **kw)
+    ref = stock_new_tokens(model, one, stop_strings=[stop], tokenizer=processor.tokenizer, **kw)
     assert ref.shape[1] < N_NEW and torch.equal(ref[0], plain[0, :ref.shape[1]])  # the stop string did stop it
     out = pm.generate(one, stop_strings=[stop], **kw)
     assert torch.equal(out.sequences, ref)
@@ -59,7 +48,7 @@ def test_greedy_processors_and_stop_string_equal_stock(model, processor, pm, one
 
 def test_repetition_penalty_on_left_padded_batch_equals_stock(model, pm, three):
     kw = dict(max_new_tokens=N_NEW, repetition_penalty=1.5, no_repeat_ngram_size=2)
-    assert torch.equal(pm.generate(three, **kw).sequences, stock(model, three, **kw))
+    assert torch.equal(pm.generate(three, **kw).sequences, stock_new_tokens(model, three, **kw))
 
 
 @pytest.mark.parametrize("batch", ["one", "three"])
@@ -67,7 +56,7 @@ def test_seeded_sampling_equals_stock(model, pm, batch, request):
     inputs = request.getfixturevalue(batch)
     kw = dict(max_new_tokens=N_NEW, do_sample=True, temperature=0.7, top_p=0.9, top_k=20)
     torch.manual_seed(11)
-    ref = stock(model, inputs, **kw)
+    ref = stock_new_tokens(model, inputs, **kw)
     torch.manual_seed(11)
     out = pm.generate(inputs, **kw)
     assert torch.equal(out.sequences, ref)
@@ -78,7 +67,7 @@ def test_generation_config_equals_keywords(model, pm, one):
     results = []
     for call in (lambda: pm.generate(one, generation_config=GenerationConfig(**kw)),
                  lambda: pm.generate(one, **kw),
-                 lambda: stock(model, one, generation_config=GenerationConfig(**kw))):
+                 lambda: stock_new_tokens(model, one, generation_config=GenerationConfig(**kw))):
         torch.manual_seed(5)
         results.append(call())
     a, b, ref = results
@@ -108,7 +97,7 @@ def test_extra_eos_id_stops_like_stock(model, processor, pm, three):
     assert out.sequences[0, at].item() == extra and out.sequences.shape[1] > at + 1
     pad = model.generation_config.pad_token_id
     assert (out.sequences[0, at + 1:] == pad).all()  # stopped; padded while the other rows go on
-    assert torch.equal(out.sequences, stock(model, three, max_new_tokens=N_NEW, eos_token_id=eos))
+    assert torch.equal(out.sequences, stock_new_tokens(model, three, max_new_tokens=N_NEW, eos_token_id=eos))
 
 
 def test_a_model_without_pad_pads_finished_rows_like_stock(model, processor, three, monkeypatch):
@@ -117,7 +106,7 @@ def test_a_model_without_pad_pads_finished_rows_like_stock(model, processor, thr
     plain = gp.apply(model, "full").generate(three, max_new_tokens=N_NEW)
     extra = plain.sequences[0, 4].item()
     monkeypatch.setattr(model.generation_config, "pad_token_id", None)
-    want = stock(model, three, max_new_tokens=N_NEW, eos_token_id=[extra])
+    want = stock_new_tokens(model, three, max_new_tokens=N_NEW, eos_token_id=[extra])
     for p in (None, processor):
         got = gp.apply(model, "full", processor=p).generate(three, max_new_tokens=N_NEW, eos_token_id=[extra])
         assert torch.equal(got.sequences, want)
@@ -142,7 +131,7 @@ def test_streamer_calls_equal_stock(model, pm, one):
     kw = dict(max_new_tokens=8, repetition_penalty=1.3)
     ours, ref = Recorder(), Recorder()
     pm.generate(one, streamer=ours, **kw)
-    stock(model, one, streamer=ref, **kw)
+    stock_new_tokens(model, one, streamer=ref, **kw)
     assert ours.calls == ref.calls
     assert ours.calls[0] == ("put", one["input_ids"].tolist()) and ours.calls[-1] == ("end", None)
 
@@ -183,10 +172,10 @@ def test_defaults_ignore_the_checkpoints_sampling_knobs(model, pm, one):
         torch.manual_seed(2)
         sampled = pm.generate(one, generation_config=model.generation_config, max_new_tokens=N_NEW)
         torch.manual_seed(2)
-        ref = stock(model, one, max_new_tokens=N_NEW)
+        ref = stock_new_tokens(model, one, max_new_tokens=N_NEW)
     finally:
         model.generation_config = saved
-    assert torch.equal(greedy.sequences, stock(model, one, max_new_tokens=N_NEW, do_sample=False))
+    assert torch.equal(greedy.sequences, stock_new_tokens(model, one, max_new_tokens=N_NEW, do_sample=False))
     assert torch.equal(sampled.sequences, ref)
 
 
