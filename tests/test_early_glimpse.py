@@ -9,7 +9,16 @@ import json
 
 import pytest
 import torch
-from conftest import IMG_A, IMG_B, IMG_C, QUESTIONS, make_batch, random_early_module, random_module
+from conftest import (
+    IMG_A,
+    IMG_B,
+    IMG_C,
+    QUESTIONS,
+    make_batch,
+    random_early_module,
+    random_module,
+    small_glimpse_config,
+)
 
 import glimpseprune as gp
 from glimpseprune.checkpoint import CONFIG_NAME, build_module, load_module, save_module
@@ -255,3 +264,21 @@ def test_a_config_and_a_selection_together_are_refused(model, kind):
                         else (GlimpseMethod, GlimpseMethodConfig(), random_module(model)))
     with pytest.raises(TypeError, match="not both"):  # the selection was silently ignored
         cls(cfg, module=module, selection=SelectionConfig(fixed_keep_ratio=0.1))
+
+
+def test_log_softmax_scores_ignore_left_padding(model, processor):
+    """A module with ``attn_score: log_softmax`` (LLaVA's release) normalises the glimpse's attention over the keys
+    it can see: a sample's VIP logits in a left-padded batch equal its logits alone (the padding mask there was
+    unpinned)."""
+    torch.manual_seed(0)
+    module = gp.GlimpseModule(small_glimpse_config(model, attn_score="log_softmax")).eval()
+    method = gp.make_method("glimpse", module)
+    adapter = gp.get_adapter(model)
+    batch = make_batch(processor, [IMG_A, IMG_C])  # two lengths: the shorter one is left padded
+    assert not bool(batch["attention_mask"].bool().all())
+    with torch.no_grad():
+        both = prefill(model, adapter, method, batch).scratch["vip_logits"]
+        for b, spec in enumerate([IMG_A, IMG_C]):
+            one = make_batch(processor, [spec], [QUESTIONS[b]], seed=10 * b)  # the same sample as in the batch
+            alone = prefill(model, adapter, method, one).scratch["vip_logits"][0]
+            torch.testing.assert_close(both[b], alone, atol=1e-4, rtol=0)

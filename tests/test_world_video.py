@@ -119,5 +119,9 @@ def test_glimpse_video_scoring_variants():
         img = pm.generate(images=[[clip.frame(0)]], questions=[clip.question], max_new_tokens=4, return_logits=True)
         outs[variant + "_image"] = img
     assert outs["joint"].n_vis == outs["per_frame"].n_vis and outs["joint"].n_kept[0] >= 1
+    # on the clip the two differ (the setting was unpinned: ignoring it passed): joint lets each frame-group's tokens
+    # attend to the other's inside the VIP
+    joint, alone = (outs[v].prefill.scratch["vip_logits"][0] for v in ("joint", "per_frame"))
+    assert joint.shape == alone.shape and (joint - alone).abs().max() > 1e-4
     assert torch.equal(outs["joint_image"].keep_masks[0], outs["per_frame_image"].keep_masks[0])
     assert torch.equal(outs["joint_image"].sequences, outs["per_frame_image"].sequences)
