@@ -282,3 +282,43 @@ def test_log_softmax_scores_ignore_left_padding(model, processor):
             one = make_batch(processor, [spec], [QUESTIONS[b]], seed=10 * b)  # the same sample as in the batch
             alone = prefill(model, adapter, method, one).scratch["vip_logits"][0]
             torch.testing.assert_close(both[b], alone, atol=1e-4, rtol=0)
+
+
+def test_question_attention_by_hand_and_its_learned_token():
+    """Explicit softmax attention over [learned token; question]; a sample with an empty question attends to the
+    learned token alone, so every visual token gets o_proj(v_proj(learned))."""
+    from glimpseprune.modules.early import QuestionAttention
+
+    torch.manual_seed(0)
+    qa = QuestionAttention(8, heads=2).eval()
+    with torch.no_grad():
+        qa.learned.normal_()
+        x, text = torch.randn(5, 8), [torch.randn(3, 8), torch.zeros(0, 8)]
+        got = qa(x, text, [3, 2])
+        kv = torch.cat([qa.learned, text[0]])
+        q, k, v = (p(t).view(t.shape[0], 2, 4).transpose(0, 1) for p, t in
+                   ((qa.q_proj, x[:3]), (qa.k_proj, kv), (qa.v_proj, kv)))
+        w = torch.softmax(q @ k.transpose(1, 2) / 2.0, dim=-1)  # (2, 3, 4); sqrt(d) = 2
+        want0 = qa.o_proj((w @ v).transpose(0, 1).reshape(3, 8))
+        torch.testing.assert_close(got[:3], want0, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got[3:], qa.o_proj(qa.v_proj(qa.learned)).expand(2, 8), atol=1e-6, rtol=0)
+
+
+def test_every_parameter_of_the_early_module_shapes_its_scores(model, early):
+    """Perturbing any one parameter tensor changes the logits: no part of the module is silently unused (a skipped
+    norm before the question attention passed every other test)."""
+    torch.manual_seed(1)
+    mod = copy.deepcopy(early)
+    cfg = mod.cfg
+    grids = [(3, 4)]
+    S = 12
+    args = (torch.randn(S, cfg.base_hidden_size), [torch.randn(5, cfg.base_hidden_size)], [S],
+            [torch.randn(S, cfg.base_vision_width) for _ in mod.layers], grids)
+    with torch.no_grad():
+        ref = mod(*args)
+        for name, p in mod.named_parameters():
+            before = p.clone()
+            p.add_(0.5 * torch.randn_like(p) + 0.1)
+            changed = (mod(*args) - ref).abs().max() > 1e-6
+            p.copy_(before)
+            assert changed, f"{name} does not affect the early module's scores"
