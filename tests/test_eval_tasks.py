@@ -793,3 +793,20 @@ def test_answers_as_a_string_and_a_question_that_is_no_text_are_refused(tmp_path
     write_json(root / name, data)
     with pytest.raises(ValueError, match=rf"{task}: sample .*: the question must be non-empty text, got 5"):
         get_task(task).load(root)
+
+
+def test_summary_groups_by_subset_before_category_and_averages_times():
+    """Visual-CoT rows carry a subset and a category: the breakdown is by subset (the paper's table); times are the
+    mean of the rows' per-sample milliseconds."""
+    from glimpseprune.eval.runner import summarize_task
+
+    def row(meta, score, ms):
+        return {"meta": meta, "score": score, "kept_frac": 0.5, "kv_len": 10, "prefill_ms": ms, "decode_ms": 2 * ms}
+
+    rows = [row({"subset": "docvqa", "category": "text"}, 1.0, 10.0),
+            row({"subset": "gqa", "category": "text"}, 0.0, 20.0),
+            row({"category": "scene"}, 1.0, 30.0)]
+    summary = summarize_task(get_task("textvqa"), rows)
+    assert summary["per_category"] == {"docvqa": {"n": 1, "score": 1.0}, "gqa": {"n": 1, "score": 0.0},
+                                       "scene": {"n": 1, "score": 1.0}}
+    assert summary["ms_per_sample"] == {"prefill": pytest.approx(20.0), "decode": pytest.approx(40.0)}
