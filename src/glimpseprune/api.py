@@ -164,12 +164,17 @@ def base_generation_config(model, processor=None, generation_config=None):
     return gc
 
 
+def _accelerate_hooks(module) -> list:
+    """The accelerate hooks on ``module`` (a ``SequentialHook`` holds several); [] without one."""
+    hook = getattr(module, "_hf_hook", None)
+    return list(getattr(hook, "hooks", None) or ([hook] if hook is not None else []))
+
+
 def execution_device(model) -> torch.device:
     """Where a batch's tensors go: the input embeddings' device or, for a model spread or offloaded by accelerate
     (``device_map=``, ``cpu_offload``: weights may sit on "meta" between calls), their hook's execution device."""
     emb = model.get_input_embeddings()
-    hook = getattr(emb, "_hf_hook", None)
-    for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):  # a SequentialHook holds several
+    for h in _accelerate_hooks(emb):
         dev = getattr(h, "execution_device", None)
         if dev is not None:
             return torch.device(dev)
@@ -187,12 +192,7 @@ _OFFLOAD_LOCKS_GUARD = threading.Lock()
 def _offloaded(model) -> bool:
     """Whether accelerate loads ``model``'s weights before each forward and sends them back after it (``device_map``
     with "cpu" / "disk" entries, ``cpu_offload``)."""
-    for m in model.modules():
-        hook = getattr(m, "_hf_hook", None)
-        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
-            if getattr(h, "offload", False):
-                return True
-    return False
+    return any(getattr(h, "offload", False) for m in model.modules() for h in _accelerate_hooks(m))
 
 
 def _request_lock(model):
@@ -381,6 +381,7 @@ def load_base(model_dir: str | Path, device: str | torch.device | None = None, d
     name casts. ``device`` (default "cpu") moves the whole model; ``device_map`` ("auto", "balanced", or a dict of
     module name -> device / "cpu" / "disk") instead lets accelerate spread and offload it (``offload_folder`` holds
     the "disk" weights), e.g. ``load_base(dir, device_map="auto")`` for a model larger than one GPU."""
+    from huggingface_hub.errors import StrictDataclassError
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -398,14 +399,10 @@ def load_base(model_dir: str | Path, device: str | torch.device | None = None, d
         raise FileNotFoundError(f"no model at {p}: expected a local Hugging Face directory with config.json "
                                 "(download it first, e.g. `hf download Qwen/Qwen2.5-VL-7B-Instruct --local-dir DIR`)"
                                 + hint)
-    try:
+    try:  # StrictDataclassError: a field of the wrong type (transformers 5 validates configs with huggingface_hub)
         config = AutoConfig.from_pretrained(p, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as err:
         raise ValueError(f"cannot read the model config {p / 'config.json'}: {err}") from None
-    except Exception as err:  # huggingface_hub's StrictDataclassFieldValidationError: a field of the wrong type
-        if type(err).__name__.startswith("StrictDataclass"):
-            raise ValueError(f"cannot read the model config {p / 'config.json'}: {err}") from None
-        raise
     get_adapter(config.model_type)  # fail fast on unsupported families
     merged = read_merged_record(p)  # a lora.merge_and_save folder: its weights hold a GlimpsePrune+ adapter
     spread = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}

@@ -24,7 +24,7 @@ from ..ops.diversity import farthest_point_fill
 from ..ops.select import select_tokens, select_with
 from ..registry import register_method
 from .base import PruningMethod
-from .glimpse import GlimpseMethodConfig
+from .glimpse import GlimpseMethodConfig, module_method_config
 
 FILLS = ("score", "diverse")
 
@@ -85,10 +85,7 @@ class EarlyGlimpseMethod(PruningMethod):
             raise ValueError(f"method 'early_glimpse' needs an early module (kind 'early'), got a "
                              f"{type(module).__name__} of kind {kind!r}; use method 'glimpse' for it, or train an "
                              "early module (stage 1 with module: {kind: early})")
-        if config is not None and selection is not None:
-            raise TypeError("pass either a config (with its selection) or selection=, not both: the selection "
-                            "was ignored")
-        super().__init__(config if config is not None else EarlyGlimpseConfig(selection or SelectionConfig()))
+        super().__init__(module_method_config(EarlyGlimpseConfig, config, selection))
         self.module = module
         self._tap_fn = module.project_condition  # one object on every vision_tap_fn() call (encodings cache by it)
 

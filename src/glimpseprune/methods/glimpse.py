@@ -32,6 +32,15 @@ class GlimpseMethodConfig(MethodConfig):
             raise ValueError(f"video must be 'joint' or 'per_frame', got {self.video!r}")
 
 
+def module_method_config(config_class, config, selection: SelectionConfig | None):
+    """The config of a module method (``glimpse``, ``early_glimpse``): ``config`` as given, else one holding
+    ``selection`` (default selection when None); both at once is refused (the selection would be ignored)."""
+    if config is not None and selection is not None:
+        raise TypeError("pass either a config (with its selection) or selection=, not both: the selection "
+                        "was ignored")
+    return config if config is not None else config_class(selection or SelectionConfig())
+
+
 @register_method
 class GlimpseMethod(PruningMethod):
     """Needs a trained ``GlimpseModule`` (``glimpseprune.load_module``). Example::
@@ -50,10 +59,7 @@ class GlimpseMethod(PruningMethod):
         if kind != "glimpse":
             raise ValueError(f"method 'glimpse' needs a glimpse module, got one of kind {kind!r}: use method "
                              f"'early_glimpse' for an early module")
-        if config is not None and selection is not None:
-            raise TypeError("pass either a config (with its selection) or selection=, not both: the selection "
-                            "was ignored")
-        super().__init__(config if config is not None else GlimpseMethodConfig(selection or SelectionConfig()))
+        super().__init__(module_method_config(GlimpseMethodConfig, config, selection))
         self.module = module
         self._tap_fn = self._project_tap  # one bound method: the same object on every vision_tap_fn() call
 

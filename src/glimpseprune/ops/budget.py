@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .select import _floor
+from .select import _floor, _topk_mask
 
 
 def keep_count(n_vis: int, keep_ratio: float, min_keep: int = 1) -> int:
@@ -29,15 +29,4 @@ def topk_keep(scores: torch.Tensor, k: int, alive: torch.Tensor | None = None) -
     """
     if scores.dim() != 1:
         raise ValueError(f"scores must be 1-D (n,), got shape {tuple(scores.shape)}")
-    s = scores.detach().float().nan_to_num(nan=float("-inf"))
-    alive = torch.ones_like(s, dtype=torch.bool) if alive is None else alive.to(s.device).bool()
-    s = s.masked_fill(~alive, float("-inf"))
-    k = max(0, min(int(k), int(alive.sum())))
-    keep = torch.zeros_like(s, dtype=torch.bool)
-    if k:
-        # sort the alive entries first (a NaN / -inf score of an alive entry ties with the dead ones' -inf), then
-        # by score; stable: ties keep index order
-        order = torch.sort(s, descending=True, stable=True).indices
-        order = order[torch.sort((~alive[order]).to(torch.uint8), stable=True).indices]
-        keep[order[:k]] = True
-    return keep
+    return _topk_mask(scores, k, alive)

@@ -9,16 +9,22 @@ import torch
 from ..config import SelectionConfig
 
 
-def _topk_mask(probs: torch.Tensor, k: int) -> torch.Tensor:
-    """The k highest scores kept; a NaN score ranks below every number (``topk`` alone would rank it first), as it
-    never passes a threshold either. Ties go to the lower index (a stable sort; ``topk``'s tie order is
-    unspecified and differs between devices)."""
-    keep = torch.zeros_like(probs, dtype=torch.bool)
-    k = max(0, min(int(k), probs.numel()))
+def _topk_mask(scores: torch.Tensor, k: int, alive: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool mask of the k highest ``scores`` (n,) among the ``alive`` (n,) bool entries (all when None); k is clipped
+    to the number of alive entries. A NaN score ranks below every number (``topk`` alone would rank it first), as it
+    never passes a threshold either; ties go to the lower index (a stable sort; ``topk``'s tie order is unspecified
+    and differs between devices). Shared by the selection rules here and ``ops.budget.topk_keep``."""
+    s = scores.detach().float().nan_to_num(nan=float("-inf"))
+    if alive is not None:
+        alive = alive.to(s.device).bool()
+        s = s.masked_fill(~alive, float("-inf"))
+    k = max(0, min(int(k), s.numel() if alive is None else int(alive.sum())))
+    keep = torch.zeros_like(s, dtype=torch.bool)
     if k:
-        scores = probs.float()
-        scores = torch.where(scores.isnan(), float("-inf"), scores)
-        keep[torch.sort(scores, descending=True, stable=True).indices[:k]] = True
+        order = torch.sort(s, descending=True, stable=True).indices  # stable: ties keep index order
+        if alive is not None:  # the alive entries first: an alive NaN / -inf score ties with the dead ones' -inf
+            order = order[torch.sort((~alive[order]).to(torch.uint8), stable=True).indices]
+        keep[order[:k]] = True
     return keep
 
 
