@@ -201,8 +201,8 @@ def _request_lock(model):
     still read them (errors, or wrong tokens). Nothing is stored on the model."""
     if not _offloaded(model):
         return contextlib.nullcontext()
-    with _OFFLOAD_LOCKS_GUARD:
-        return _OFFLOAD_LOCKS.setdefault(model, threading.Lock())
+    with _OFFLOAD_LOCKS_GUARD:  # re-entrant: a generate nested in the same thread (from a streamer) never waits on
+        return _OFFLOAD_LOCKS.setdefault(model, threading.RLock())  # itself
 
 
 class PrunedModel:
