@@ -53,7 +53,7 @@ def test_compare_task_equals_the_world_comparison(world_and_task):
     assert len(rows) == 10 and {"entering", "equivalent", "kept_frac"} <= json.loads(rows[0]).keys()
 
 
-def test_compare_task_interrupted_and_resumed_gives_the_same_runs(split, world_and_task, tmp_path):
+def test_compare_task_interrupted_and_resumed_gives_the_same_runs(split, world_and_task, tmp_path, capsys):
     out = tmp_path / "half"
     args = ["compare", "--task", "world", "--data", str(split.parent), "--out", str(out), "--max-new-tokens", "8",
             *ARGS]
@@ -73,6 +73,15 @@ def test_compare_task_interrupted_and_resumed_gives_the_same_runs(split, world_a
     assert got["score"] == whole["random@0.3"]["score"] and got["n"] == 10
     assert len(samples.read_text().splitlines()) == 10
     assert main([*args[:-len(ARGS)], "--methods", "fastv", "--resume"]) == 2  # other settings: refused
+
+    # a summary file that is torn or belongs to another run is named, not trusted or read as a traceback
+    for text, match in (('{"label": "fastv', "not JSON"), (json.dumps({**marked, "label": "random@0.3"}),
+                                                          "not the summary of run 'fastv@0.3'")):
+        (runs / "fastv_0.3.json").write_text(text)
+        capsys.readouterr()
+        assert main([*args, "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert match in err and "fastv_0.3.json" in err and "Traceback" not in err
 
 
 def test_compare_task_bad_input(split, tmp_path, capsys):

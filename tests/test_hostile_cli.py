@@ -287,6 +287,9 @@ def test_api_batch_shapes_and_types(pm, tmp_path):
     for q in (None, 3, b"Q?"):
         with pytest.raises(TypeError, match=r"questions\[0\] must be a string"):
             pm.generate(images=[[str(img)]], questions=[q])
+    for q in ("", " \n"):
+        with pytest.raises(ValueError, match=r"questions\[1\] is blank"):
+            pm.generate(images=[[str(img)], [str(img)]], questions=["Q?", q])
 
 
 @pytest.mark.parametrize("kwargs, err", [

@@ -258,6 +258,11 @@ def test_merge_and_save(family, tmp_path):
         load_plus(base, _plus(family, tmp_path, seed=2)[0])
     with pytest.raises(FileExistsError):
         lora.merge_and_save(family.model_dir, plus, out)
+    broken = tmp_path / "broken_base"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"dtype": "bfloat16"')  # torn: named before any model loads
+    with pytest.raises(ValueError, match=r"config\.json: not JSON"):
+        lora.merge_and_save(broken, plus, tmp_path / "merged2")
 
 
 def test_scaling_fields_and_a_failed_load_leave_the_model_as_it_was(family, tmp_path, monkeypatch):

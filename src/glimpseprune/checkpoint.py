@@ -37,6 +37,7 @@ from .config import (
 )
 from .modules.early import EarlyGlimpseModule
 from .modules.glimpse import GlimpseModule
+from .outputs import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def read_merged_record(model_dir: str | Path) -> str | None:
     f = Path(model_dir) / MERGED_NAME
     if not f.is_file():
         return None
-    raw = _read_json(f)
+    raw = read_json(f)
     sha = raw.get("adapter_sha256") if isinstance(raw, dict) else None
     if not isinstance(sha, str) or len(sha) != 64:
         raise ValueError(f"{f}: adapter_sha256 must be a 64-digit hex string, got {sha!r:.80}")
@@ -171,13 +172,6 @@ def save_module(module: GlimpseModule, out_dir: str | Path, adapter: AdapterReco
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", "library": "glimpseprune"})
     return out
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -225,7 +219,7 @@ def _read_meta(p: Path) -> tuple[dict, GlimpseConfig]:
         elif (p / ADAPTER_CONFIG).is_file():
             hint = " (only a LoRA adapter is here; its glimpse module is missing)"
         raise FileNotFoundError(f"no glimpse module at {p}: expected {CONFIG_NAME} and {WEIGHTS_NAME}{hint}")
-    meta = _read_json(cfg_file)
+    meta = read_json(cfg_file)
     if not isinstance(meta, dict) or not isinstance(meta.get("glimpse"), dict):
         raise ValueError(f"{cfg_file}: expected a JSON object with a 'glimpse' object (written by save_module)")
     try:
@@ -258,7 +252,7 @@ def adapter_record(path: str | Path, meta: dict | None = None) -> AdapterRecord 
     if file_sha256(a_w) != rec.sha256:
         raise ValueError(f"{a_w} is not the adapter this module was trained with (its sha256 differs from the one "
                          f"{cfg_file} records)")
-    raw = _read_json(a_cfg)
+    raw = read_json(a_cfg)
     if not isinstance(raw, dict):
         raise ValueError(f"{a_cfg}: expected a JSON object (a PEFT adapter config)")
     if str(raw.get("peft_type", "")).upper() != "LORA":
@@ -546,7 +540,7 @@ def convert_upstream(src: str | Path, out_dir: str | Path, vision_depth: int | N
     for f in (cfg_file, w_file):
         if not f.is_file():
             raise FileNotFoundError(f"upstream module file missing: {f}")
-    raw = _read_json(cfg_file)
+    raw = read_json(cfg_file)
     if not isinstance(raw, dict):
         raise ValueError(f"{cfg_file}: expected a JSON object, got {type(raw).__name__}")
     try:

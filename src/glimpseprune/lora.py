@@ -44,6 +44,7 @@ from .checkpoint import (
     save_module,
 )
 from .modules.glimpse import GlimpseModule
+from .outputs import read_json
 from .registry import get_adapter
 
 logger = logging.getLogger(__name__)
@@ -244,10 +245,7 @@ def read_adapter(path: str | Path):
         if not f.is_file():
             raise FileNotFoundError(f"no LoRA adapter at {p}: expected {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} "
                                     f"({f.name} missing)")
-    try:
-        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from e
+    raw = read_json(cfg_file)
     if not isinstance(raw, dict) or str(raw.get("peft_type", "")).upper() != "LORA":
         raise ValueError(f"{cfg_file}: not a PEFT LoRA config (peft_type "
                          f"{raw.get('peft_type') if isinstance(raw, dict) else raw!r:.40})")
@@ -428,7 +426,7 @@ def merge_and_save(base_dir: str | Path, plus_dir: str | Path, out_dir: str | Pa
         adapter_record(plus)  # a GlimpsePrune+ folder: its module and adapter must belong together
     read_adapter(plus)  # named errors before the base model is loaded
     if dtype is None:  # the checkpoint's own dtype (loading below in fp32 rewrites the config's)
-        raw = json.loads((base / "config.json").read_text(encoding="utf-8")) if (base / "config.json").is_file() else {}
+        raw = read_json(base / "config.json") if (base / "config.json").is_file() else {}
         name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
         dtype = getattr(torch, name, None) if isinstance(name, str) else None
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:

@@ -76,6 +76,21 @@ def check_writable_file(path: str | Path) -> Path:
     return p
 
 
+def read_json(path: str | Path, what: str = "") -> Any:
+    """The JSON value in ``path``, read as UTF-8. A file that cannot be read or parsed is a ValueError that names it
+    (prefixed by ``what``, e.g. "shape file"); a missing file stays FileNotFoundError."""
+    p = Path(path)
+    label = f"{what} {p}" if what else str(p)
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{label}: not JSON ({err})") from err
+    except OSError as err:  # a folder, no permission, ...
+        raise ValueError(f"{label} cannot be read ({err})") from err
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
     p = Path(path)

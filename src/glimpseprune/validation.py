@@ -23,6 +23,8 @@ def check_batch_args(images, questions, videos=None) -> None:
     for i, q in enumerate(questions):
         if not isinstance(q, str):
             raise TypeError(f"questions[{i}] must be a string, got {type(q).__name__} {q!r:.60}")
+        if not q.strip():  # as `ask` refuses it: the question is what a query-guided method selects tokens by
+            raise ValueError(f"questions[{i}] is blank: give each sample a question")
     if isinstance(images, (str, bytes, Path)) or not isinstance(images, (list, tuple)):
         raise TypeError(f"images must be a list with one list of images per question, got {type(images).__name__}")
     if len(images) != len(questions):

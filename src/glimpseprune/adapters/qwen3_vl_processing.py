@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..outputs import read_json
 from .qwen2_5_vl_processing import QwenVLProcessor
 
 STOCK_CLASS = "Qwen3VLProcessor"
@@ -76,10 +77,7 @@ def read_video_config(model_dir: str | Path) -> dict[str, Any]:
         path = Path(model_dir) / "processor_config.json"
         if not path.is_file():
             return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"cannot parse video processor config {path}: {err}") from err
+    config = read_json(path, "video processor config")
     if nested and isinstance(config, dict):
         config = config.get("video_processor", {})
     if not isinstance(config, dict):

@@ -322,18 +322,15 @@ def reanalyse(run_dir) -> dict[str, Any]:
     """A saved run (``run_dir/result.json``) with its ratios, checks, intervals and ``ok`` recomputed from its raw
     timings by this version's ``ratios``; the timings, peaks and analytic counts are left as they were, and
     ``analysis`` records which version re-analysed it and when."""
-    import json
     from pathlib import Path
 
+    from ..outputs import read_json
     from .meta import environment
 
     path = Path(run_dir) / "result.json"
     if not path.is_file():
         raise ValueError(f"--reanalyse: no {path}")
-    try:
-        result = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--reanalyse: {path} is not JSON: {err}") from None
+    result = read_json(path, "--reanalyse:")
     if not isinstance(result, dict) or result.get("schema") != SCHEMA:
         raise ValueError(f"--reanalyse: {path} is not a `bench overhead` result (schema {SCHEMA!r})")
     for n, r in result.get("rows", {}).items():

@@ -19,12 +19,12 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..config import GlimpseConfig, default_prune_layer, default_vision_taps
+from ..outputs import read_json
 
 # Token ids of the released Qwen2.5-VL vocabulary (used when the vocabulary is large enough to hold them).
 QWEN_IDS = {"pad": 151643, "eos": 151645, "vision_start": 151652, "vision_end": 151653, "image": 151655,
@@ -273,10 +273,7 @@ def load_shape(name_or_path: str | Path) -> ModelShape:
     """A shape from a JSON file, given as a path or as a name in ``configs/shapes/`` (e.g. ``qwen2_5_vl_7b``)."""
     for p in _candidates(str(name_or_path)):
         if p.is_file():
-            try:
-                d = json.loads(p.read_text())
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise ValueError(f"shape file {p}: not JSON ({err})") from None
+            d = read_json(p, "shape file")
             if not isinstance(d, dict):
                 raise ValueError(f"shape file {p}: expected a JSON object, got a {type(d).__name__}")
             try:

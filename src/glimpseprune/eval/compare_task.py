@@ -21,7 +21,7 @@ from typing import Any
 
 from ..bench.accuracy import read_rows
 from ..bench.compare import BUDGETS, DEFAULT_CAP, RUN_VERSION, RunSpec, _method, plan, plot, slug
-from ..outputs import atomic_write_text, atomic_write_text_lines
+from ..outputs import atomic_write_text, atomic_write_text_lines, read_json
 from .runner import run_task, summarize_task
 
 
@@ -55,6 +55,15 @@ def _run_summary(spec: RunSpec, task, rows: list[dict], summary: dict, n_layers:
     }
 
 
+def _done_summary(path: Path, label: str) -> dict:
+    """The summary an earlier run of ``label`` wrote (``--resume``); a file that is not one is named, not trusted."""
+    summary = read_json(path, "compare run summary")
+    if not isinstance(summary, dict) or summary.get("label") != label or summary.get("version") != RUN_VERSION:
+        raise ValueError(f"{path} is not the summary of run {label!r} (version {RUN_VERSION}): delete it to rerun "
+                         "that run, or pass --overwrite to start again")
+    return summary
+
+
 def compare_task(model, processor, module, task, samples: list, out, methods: list[str],
                  budgets: list[float] = BUDGETS, cap: float = DEFAULT_CAP, batch_size: int = 8,
                  max_new_tokens: int = 32, judge=None, meta: dict | None = None, resume: bool = False,
@@ -82,7 +91,7 @@ def compare_task(model, processor, module, task, samples: list, out, methods: li
         done_file = out / "runs" / f"{slug(spec.label)}.json"
         rows_file = out / "runs" / f"{slug(spec.label)}.samples.jsonl"
         if resume and done_file.is_file():
-            results.append(json.loads(done_file.read_text()))
+            results.append(_done_summary(done_file, spec.label))
             log(f"{spec.label:32s} done in the earlier run ({done_file})")
             continue
         done = read_rows(rows_file) if resume else []

@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from ..outputs import read_json
 from .spec import ARCHITECTURE, MODULE_DIR, SECTION, ServeSpec
 
 
@@ -57,10 +58,7 @@ def write_vllm_folder(model_dir: str | Path, out_dir: str | Path, method: str, k
     cfg_file = src / "config.json"
     if not cfg_file.is_file():
         raise ValueError(f"{src} is not a model folder: it has no config.json")
-    try:
-        config = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read {cfg_file}: {err}") from None
+    config = read_json(cfg_file)
     if not isinstance(config, dict):
         raise ValueError(f"{cfg_file}: expected a JSON object, got {type(config).__name__}")
     if config.get("model_type") != "qwen2_5_vl":
