@@ -46,17 +46,11 @@ class TrainForward:
 
 
 def _hide(mask: torch.Tensor, state: PrefillState, vip: list[torch.Tensor] | None) -> torch.Tensor:
-    """``mask`` (B, 1, q, k) plus: glimpse keys hidden, visual keys biased by log keep-probability."""
-    mask = mask.clone()
-    lo = torch.finfo(mask.dtype).min
-    L0, n = state.enc.vis_mask.shape[1], state.n_extra
-    mask[..., L0:L0 + n] = lo
-    if vip is not None:
-        logp = torch.zeros(mask.shape[0], L0, dtype=mask.dtype, device=mask.device)
-        for b, lg in enumerate(vip):
-            logp[b, state.enc.vis_mask[b]] = F.logsigmoid(lg.float()).to(mask.dtype)
-        mask[..., :L0] = torch.clamp(mask[..., :L0] + logp[:, None, None, :], min=lo)
-    return mask
+    """``mask`` (B, 1, q, k) plus ``_key_bias`` over its keys (a dense additive mask, for attention implementations
+    that cannot take the per-key bias on fused kernels)."""
+    every_key = torch.ones(mask.shape[0], mask.shape[-1], dtype=torch.bool, device=mask.device)
+    bias = _key_bias(every_key, state, vip, mask.dtype)[:, None, None, :]
+    return (mask + bias).clamp(min=torch.finfo(mask.dtype).min)
 
 
 KEY_BIAS_ATTENTION = "glimpseprune_key_bias"  # the attention function of chunk 2 under soft keep (registered below)
@@ -87,12 +81,12 @@ def key_bias_attention(module, query, key, value, attention_mask, scaling=None, 
 AttentionInterface.register(KEY_BIAS_ATTENTION, key_bias_attention)
 
 
-def _key_bias(key_mask: torch.Tensor, state: PrefillState, vip: list[torch.Tensor], dtype) -> torch.Tensor:
-    """(B, n_keys): what ``_hide`` adds to a causal mask, per key: padding and the glimpse hidden, visual keys
-    biased by log keep-probability."""
+def _key_bias(key_mask: torch.Tensor, state: PrefillState, vip: list[torch.Tensor] | None, dtype) -> torch.Tensor:
+    """(B, n_keys), per key: padding (``key_mask`` False) and the glimpse hidden, visual keys biased by their log
+    keep-probability (``vip``; None: no bias). Keys past the prompt's (a suffix's) get 0."""
     bias = torch.zeros(key_mask.shape, dtype=torch.float32, device=key_mask.device)
     L0, n = state.enc.vis_mask.shape[1], state.n_extra
-    for b, lg in enumerate(vip):
+    for b, lg in enumerate(vip or []):
         bias[b, :L0][state.enc.vis_mask[b]] = F.logsigmoid(lg.float())
     bias[:, L0:L0 + n] = _MASKED
     return bias.masked_fill(~key_mask.bool(), _MASKED).clamp(min=_MASKED).to(dtype)
