@@ -374,6 +374,7 @@ def test_a_record_line_that_is_not_an_object_is_named(tmp_path, line, match, cap
     (lambda out: (out / "glimpseprune_run.json").write_text('{"command": "eval", "settings": []}'),
      "not a run record"),
     (lambda out: (out / "samples.jsonl").open("a").write("[1, 2]\n"), "not a result row of this run"),
+    (lambda out: (out / "glimpseprune_run.json").write_text('{"command": "ev'), "glimpseprune_run.json: not JSON"),
 ])
 def test_a_damaged_run_folder_is_named_on_resume(split, tmp_path, damage, match, capsys):
     out = tmp_path / "ev"

@@ -132,6 +132,21 @@ def _remove(paths: list[Path]) -> None:
             q.unlink(missing_ok=True)
 
 
+def holds_run(out_dir: str | Path, result: str, command: str, settings: dict, marker: str = RUN_MARKER) -> bool:
+    """True when ``out_dir`` holds ``result`` (a file, written last by the run) and its run record ``marker`` says
+    ``command`` made it with these very ``settings`` (compared as JSON gives them back): a complete run that a
+    deterministic command need not repeat. An unreadable record is False."""
+    out_dir = Path(out_dir)
+    if not (out_dir / result).is_file() or not (out_dir / marker).is_file():
+        return False
+    try:
+        record = read_json(out_dir / marker)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and record.get("command") == command and \
+        record.get("settings") == json.loads(json.dumps(settings, default=str))
+
+
 def claim_run_dir(out: str | Path, command: str, settings: dict, owned: list[str], *, resume: bool = False,
                   overwrite: bool = False, resume_flag: str = "--resume", marker: str = RUN_MARKER) -> dict | None:
     """Make ``out`` this run's folder; returns the earlier run's record when resuming (else None).
@@ -150,10 +165,7 @@ def claim_run_dir(out: str | Path, command: str, settings: dict, owned: list[str
         if not record_file.is_file():
             what = f"results of a run without a {marker} record" if mine else "no earlier run"
             raise ValueError(f"nothing to resume in {p}: it holds {what}")
-        try:
-            earlier = json.loads(record_file.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"cannot read the run record {record_file}: {err}") from err
+        earlier = read_json(record_file, "the run record")
         if not isinstance(earlier, dict) or not isinstance(earlier.get("settings", {}), dict):
             raise ValueError(f"cannot read the run record {record_file}: not a run record (a JSON object with "
                              "'command' and 'settings'); pass --overwrite to start again")

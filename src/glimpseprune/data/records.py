@@ -215,14 +215,10 @@ def _split_marker(out_dir: Path, name: str) -> Path:
 def has_split(out_dir: str | Path, n: int, seed: int, cfg: WorldConfig | None = None,
               name: str = "records.jsonl") -> bool:
     """True when ``out_dir`` already holds this very split, complete (``write_split`` with the same arguments)."""
-    out_dir = Path(out_dir)
-    marker = _split_marker(out_dir, name)
-    if not (out_dir / name).is_file() or not marker.is_file():
-        return False
-    try:
-        return json.loads(marker.read_text()) == _split_record(n, seed, name, cfg or WorldConfig())
-    except (OSError, json.JSONDecodeError):
-        return False
+    from ..outputs import holds_run
+
+    record = _split_record(n, seed, name, cfg or WorldConfig())
+    return holds_run(out_dir, name, record["command"], record["settings"], _split_marker(Path(out_dir), name).name)
 
 
 def _images_of(path: Path) -> list[str]:

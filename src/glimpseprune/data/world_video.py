@@ -144,6 +144,13 @@ class VideoRecord:
         return [p if Path(p).is_absolute() else Path(root) / p for p in map(Path, self.frames)]
 
 
+VIDEO_COMMAND = "make-world --video"
+
+
+def _video_marker(name: str) -> str:
+    return f".{name}.run.json"
+
+
 def _video_settings(n: int, seed: int, cfg: VideoConfig) -> dict:
     return {"n": n, "seed": seed, "frames": cfg.frames, "fps": cfg.fps, "distractors": cfg.distractors,
             "world": asdict(cfg.world)}
@@ -153,16 +160,9 @@ def has_video_split(out_dir: str | Path, n: int, seed: int, cfg: VideoConfig | N
                     name: str = "video_records.jsonl") -> bool:
     """True when ``out_dir`` already holds this very split, complete (``write_video_split`` with the same
     arguments; the records file is written last)."""
-    out_dir = Path(out_dir)
-    marker = out_dir / f".{name}.run.json"
-    if not (out_dir / name).is_file() or not marker.is_file():
-        return False
-    try:
-        record = json.loads(marker.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return record.get("command") == "make-world --video" and \
-        record.get("settings") == json.loads(json.dumps(_video_settings(n, seed, cfg or VideoConfig())))
+    from ..outputs import holds_run
+
+    return holds_run(out_dir, name, VIDEO_COMMAND, _video_settings(n, seed, cfg or VideoConfig()), _video_marker(name))
 
 
 def write_video_split(out_dir: str | Path, n: int, seed: int, cfg: VideoConfig | None = None,
@@ -176,8 +176,8 @@ def write_video_split(out_dir: str | Path, n: int, seed: int, cfg: VideoConfig |
     cfg = cfg or VideoConfig()
     out_dir = Path(out_dir)
     settings = _video_settings(n, seed, cfg)
-    claim_run_dir(out_dir, "make-world --video", settings, [name, f"videos/{seed}-*"], overwrite=overwrite,
-                  resume_flag="", marker=f".{name}.run.json")
+    claim_run_dir(out_dir, VIDEO_COMMAND, settings, [name, f"videos/{seed}-*"], overwrite=overwrite,
+                  resume_flag="", marker=_video_marker(name))
     lines = []
     for i in range(n):
         clip = clip_sample(seed * 1_000_000 + i, FAMILIES[i % len(FAMILIES)], cfg)
