@@ -38,6 +38,31 @@ def test_world_task_equals_the_world_path(split, tmp_path):
         {k: v["score"] for k, v in sb["per_category"].items()})
 
 
+def test_rows_carry_their_batch_time_per_sample(split, tmp_path, monkeypatch):
+    """prefill_ms / decode_ms of a row: its batch's seconds x 1000 / the batch's size (12 samples in batches of 5:
+    5, 5, 2), and the summary's ms_per_sample their mean."""
+    from glimpseprune.api import PrunedModel
+
+    batches, generate = [], PrunedModel.generate
+
+    def timed(self, *args, **kwargs):
+        out = generate(self, *args, **kwargs)
+        out.timing.update(prefill=0.25 * len(out.texts), decode=0.5 + len(out.texts))  # known seconds per batch
+        batches.append((len(out.texts), dict(out.timing)))
+        return out
+
+    monkeypatch.setattr(PrunedModel, "generate", timed)
+    assert main(["eval", "--task", "world", "--data", str(split.parent), "--out", str(tmp_path / "t"),
+                 "--batch-size", "5"]) == 0
+    assert sorted(n for n, _ in batches) == [2, 5, 5]
+    rows = list(_rows(tmp_path / "t" / "samples.jsonl").values())
+    assert sorted(r["prefill_ms"] for r in rows) == pytest.approx([250.0] * 12)
+    want = sorted([1000 * 5.5 / 5] * 10 + [1000 * 2.5 / 2] * 2)
+    assert sorted(r["decode_ms"] for r in rows) == pytest.approx(want)
+    ms = json.loads((tmp_path / "t" / "summary.json").read_text())["ms_per_sample"]
+    assert ms["prefill"] == pytest.approx(250.0) and ms["decode"] == pytest.approx(sum(want) / 12)
+
+
 def test_killed_half_way_and_resumed_gives_the_same_summary(split, tmp_path):
     args = ["eval", "--task", "world", "--data", str(split.parent), "--batch-size", "4"]
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0

@@ -289,6 +289,26 @@ def test_stage1_gradients(model, processor, small_items, mode):
         assert all(rows[i] == 0 for i, layer in enumerate(layers) if layer > K), rows
 
 
+@pytest.mark.parametrize("mode, weights, parts", [
+    ("boxes", dict(loc_weight=2.0, lm_weight=0.25), ("loc_loss", "lm_loss")),
+    ("kl", dict(kl_weight=1.5, sparsity_weight=0.7), ("kl_loss", "keep_prob")),
+])
+def test_stage1_loss_is_the_weighted_sum_of_its_parts(model, processor, small_items, mode, weights, parts):
+    """The weights of the config scale their own term (a weight read for another term, or dropped, changes the
+    sum): loss = w1 * part1 + w2 * part2, the parts as the run logs them."""
+    base = frozen_copy(model)
+    cfg = Stage1Config(model="unused", mode=mode, module=dict(vip_width=32, cond_width=32, vip_heads=4,
+                                                              vip_mlp_width=64), **weights)
+    torch.manual_seed(0)
+    wrapper = Stage1Model(base, build_module(base, cfg), cfg)
+    with torch.no_grad():
+        loss = float(wrapper(**Collator(processor, base)(small_items))["loss"])
+    w1, w2 = weights.values()
+    a, b = (wrapper.metrics[k] for k in parts)
+    assert a > 0 and b > 0
+    assert loss == pytest.approx(w1 * a + w2 * b, rel=1e-5)
+
+
 # --------------------------------------------------------------------------- Trainer: resume
 
 
