@@ -279,12 +279,23 @@ GOOD = {"question": "q?", "answer": "a", "image": "x.png", "width": 10, "height"
     (json.dumps({**GOOD, "width": 10.5}), "width must be a whole number"),
     (json.dumps({**GOOD, "bboxs": [[0, None, 5, 5]]}), r"\(numbers\)"),
     (json.dumps({**GOOD, "bboxs": [[0, "1", 5, 5]]}), r"\(numbers\)"),
+    (json.dumps({**GOOD, "bboxs": [[0, 0, 5, 5], [11, 2, 20, 8]]}), "wholly outside the 10x10 image"),
+    (json.dumps({**GOOD, "bboxs": [[2, 10.5, 8, 30]]}), "wholly outside the 10x10 image"),
+    (json.dumps({**GOOD, "bboxs": [[-9, 2, -1, 8]]}), "wholly outside"),
+    (json.dumps({**GOOD, "bboxs": [[2, -4, 8, -0.5]]}), "wholly outside"),
 ])
 def test_bad_rows_name_file_and_line(tmp_path, bad, match):
     path = write_lines(tmp_path / "bad.jsonl", [json.dumps(GOOD), "", bad, json.dumps(GOOD)])
     with pytest.raises(ValueError, match=match) as err:
         read_records(path)
     assert f"{path}:3:" in str(err.value)
+
+
+def test_boxes_partly_outside_or_on_the_edge_are_read(tmp_path):
+    """Annotations that overhang the image (they are clipped to it) or touch its edge are not errors."""
+    rows = [{**GOOD, "bboxs": box} for box in ([[-3, 8, 4, 14]], [[10, 10, 10, 10]], [[0, 0, 0, 0]])]
+    recs = read_records(write_lines(tmp_path / "ok.jsonl", [json.dumps(r) for r in rows]))
+    assert [r.bboxs for r in recs] == [[[-3.0, 8.0, 4.0, 14.0]], [[10.0] * 4], [[0.0] * 4]]
 
 
 def test_missing_file(tmp_path):

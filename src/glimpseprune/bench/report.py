@@ -7,8 +7,8 @@
     glimpseprune bench run --shape qwen2_5_vl_7b --device cuda --dtype bfloat16 --out runs/bench/table7
     glimpseprune bench ratio-check          (scaled CPU shape: measured vs analytic prefill ratio, < 3 min)
 
-``python -m glimpseprune.bench.report bench ...`` takes the same arguments (``benchmarks/_bench_cmd.sh`` falls back to it
-where no ``glimpseprune`` executable is on PATH).
+``python -m glimpseprune.bench.report bench ...`` takes the same arguments (``benchmarks/_bench_cmd.sh`` falls back to
+it where no ``glimpseprune`` executable is on PATH).
 """
 
 from __future__ import annotations

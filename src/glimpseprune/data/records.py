@@ -84,6 +84,11 @@ def _parse(row: dict, where: str) -> Record:
         if not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box) \
                 or box[2] < box[0] or box[3] < box[1]:
             raise ValueError(f"{where}: box {box} is not [x1, y1, x2, y2] (numbers) with x1 <= x2, y1 <= y2")
+        if box[0] > size["width"] or box[1] > size["height"] or box[2] < 0 or box[3] < 0:
+            # its token mask would be empty (boxes_to_token_mask): the sample would teach "drop every token"
+            raise ValueError(f"{where}: box {box} lies wholly outside the {size['width']}x{size['height']} image: "
+                             "boxes are pixels of the image as its width / height declare it (not normalised, "
+                             "not another size's); a box partly outside is clipped")
     return Record(
         id=str(row.get("id", row.get("question_id", where))), image=str(row["image"]), question=str(row["question"]),
         answer=str(row["answer"]), width=size["width"], height=size["height"],
