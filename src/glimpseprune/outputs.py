@@ -141,7 +141,7 @@ def holds_run(out_dir: str | Path, result: str, command: str, settings: dict, ma
         return False
     try:
         record = read_json(out_dir / marker)
-    except ValueError:
+    except (OSError, ValueError):  # unreadable, or gone since the check above
         return False
     return isinstance(record, dict) and record.get("command") == command and \
         record.get("settings") == json.loads(json.dumps(settings, default=str))
