@@ -219,6 +219,118 @@ def test_render_draws_each_object_in_its_box_only():
         assert not (coloured & ~union).any()  # background and clutter are grey
 
 
+def _apart(a, b):
+    """True when objects a and b have at least one free cell between them (their blocks grown by one cell do not
+    overlap)."""
+    return (a.col + a.size < b.col or b.col + b.size < a.col or a.row + a.size < b.row
+            or b.row + b.size < a.row)
+
+
+def test_objects_keep_a_one_cell_gap():
+    # "a one-cell gap between objects": no two objects touch, not even at a corner (big objects included)
+    for seed in range(60):
+        objs = world.sample(seed).scene.objects
+        for i, a in enumerate(objs):
+            for b in objs[i + 1:]:
+                assert _apart(a, b), (seed, a, b)
+    crowded = world.WorldConfig(big_prob=0.6)
+    specs = [(s, "red") for s in world.SHAPES] * 2
+    for seed in range(60):
+        objs = world.place_objects(7, 7, specs, crowded, np.random.default_rng(seed)) or []
+        for i, a in enumerate(objs):
+            for b in objs[i + 1:]:
+                assert _apart(a, b), (seed, a, b)
+
+
+def test_place_objects_uses_every_spot_and_big_prob():
+    # one 1 x 1 object on a 2 x 2 canvas lands on each of its 4 cells (the last row and column included); one 2 x 2
+    # object on a 3 x 3 canvas at each of its 4 top-left cells; big_prob 0 / 1 gives 1 x 1 / 2 x 2 objects
+    rng = np.random.default_rng(0)
+    small = {(o.col, o.row, o.size) for _ in range(200)
+             for o in world.place_objects(2, 2, [("circle", "red")], world.WorldConfig(big_prob=0.0), rng)}
+    assert small == {(0, 0, 1), (1, 0, 1), (0, 1, 1), (1, 1, 1)}
+    big = {(o.col, o.row, o.size) for _ in range(200)
+           for o in world.place_objects(3, 3, [("square", "blue")], world.WorldConfig(big_prob=1.0), rng)}
+    assert big == {(0, 0, 2), (1, 0, 2), (0, 1, 2), (1, 1, 2)}
+
+
+@pytest.mark.parametrize("shape, colour, glyph, size, ink", [
+    ("square", "cyan", "A", 2, (0, 0, 0)), ("square", "yellow", "T", 1, (0, 0, 0)),
+    ("circle", "red", "E", 1, (255, 255, 255)), ("diamond", "blue", "X", 2, (255, 255, 255)),
+    ("triangle", "green", "A", 2, (255, 255, 255)), ("triangle", "purple", "E", 1, (255, 255, 255)),
+])
+def test_glyph_is_drawn_as_its_bitmap(shape, colour, glyph, size, ink):
+    """The glyph family's answer is readable: the ink pixels (black on yellow / cyan, white otherwise) form the
+    letter's 5 x 5 bitmap, each bit a (3 * size)-px block, inside the object's box and on its own colour."""
+    o = world.Obj(shape, colour, glyph, 2, 1, size)
+    px = np.asarray(world.render(world.Scene(6, 5, [o], clutter_seed=0)))
+    x1, y1, x2, y2 = o.box
+    inked = np.all(px == ink, axis=-1)
+    assert not inked[:, :x1].any() and not inked[:, x2:].any() and not inked[:y1].any() and not inked[y2:].any()
+    ys, xs = np.nonzero(inked)
+    step = 3 * size
+    assert ys.max() - ys.min() + 1 == xs.max() - xs.min() + 1 == 5 * step  # every letter spans its 5 x 5 grid
+    for r, line in enumerate(world.GLYPHS[glyph]):
+        for c, bit in enumerate(line):
+            block = px[ys.min() + r * step:ys.min() + (r + 1) * step, xs.min() + c * step:xs.min() + (c + 1) * step]
+            if bit == "1":
+                assert (block == ink).all(), (r, c, bit)
+            elif shape == "triangle":  # the letter's top corners may lie outside the triangle's slopes
+                assert not np.all(block == ink, axis=-1).any(), (r, c, bit)
+            else:
+                assert (block == world.COLOURS[colour]).all(), (r, c, bit)
+
+
+def test_default_family_covers_every_family_and_answers_are_balanced():
+    assert {world.sample(s).family for s in range(60)} == set(world.FAMILIES)
+    for family in ("relation", "exist"):  # yes / no balanced by construction, not by chance
+        answers = [world.sample(s, family) for s in range(200)]
+        assert 50 <= sum(a.answer == "yes" for a in answers) <= 150, family
+    for s in range(300):  # "no" only when no object has the asked colour and shape
+        a = world.sample(s, "exist")
+        colour, shape = a.question.removeprefix("Is there a ").removesuffix("?").split()
+        assert (a.answer == "yes") == any((o.colour, o.shape) == (colour, shape) for o in a.scene.objects), s
+
+
+def test_world_config_bounds_are_used_and_checked():
+    with pytest.raises(ValueError, match="min_objects"):
+        world.WorldConfig(min_objects=0)
+    with pytest.raises(ValueError, match="min_cells"):
+        world.WorldConfig(min_cells=9, max_cells=8)
+    exact = world.WorldConfig(min_cells=6, max_cells=6, min_objects=3, max_objects=3)
+    for family in world.FAMILIES:
+        for seed in range(4):
+            sc = world.sample(seed, family, exact).scene
+            assert (sc.cols, sc.rows, len(sc.objects)) == (6, 6, 3), (family, seed)
+
+
+def _background(px, objects):
+    """The pixels of ``px`` outside every object's box."""
+    out = np.ones(px.shape[:2], dtype=bool)
+    for o in objects:
+        x1, y1, x2, y2 = o.box
+        out[y1:y2, x1:x2] = False
+    return px[out]
+
+
+def test_clutter_setting_reaches_the_image():
+    """WorldConfig.clutter (grey strokes per 64 cells, grey 90-199) is drawn: 0 leaves the light background noise
+    (225-245) alone outside the objects; the scene is the same either way."""
+    with pytest.raises(ValueError, match="clutter must be >= 0"):
+        world.WorldConfig(clutter=-1)
+    for seed in range(4):
+        plain, busy = world.sample(seed, cfg=world.WorldConfig(clutter=0)), world.sample(seed)
+        assert (plain.question, plain.scene.objects) == (busy.question, busy.scene.objects)
+        assert (_background(np.asarray(world.render(plain.scene)), plain.scene.objects) >= 225).all()
+        assert (_background(np.asarray(world.render(busy.scene)), busy.scene.objects) < 200).any()
+
+
+def test_corpus_uses_its_seed():
+    a = world.corpus(10, seed=1)
+    assert a == world.corpus(10, seed=1) and a != world.corpus(10, seed=0)
+    assert set(world.answer_vocabulary()) <= set(a)
+
+
 # --------------------------------------------------------------------------- records
 
 
@@ -334,3 +446,56 @@ def test_boxes_follow_the_image_as_loaded(tmp_path):
                                                    "bboxs": [[70, 40, 100, 70]]})])
     with pytest.raises(ValueError, match="EXIF orientation applied"):
         RecordDataset(tmp_path / "r.jsonl")[0]
+
+
+def test_visual_cot_keys_ids_and_answer_types(tmp_path):
+    """Visual-CoT rows name their id ``question_id`` and may spell the boxes ``bboxes``; a numeric answer reads as
+    text, a boolean one is refused (``str(True)`` would be a wrong answer)."""
+    row = {"question_id": 7, "question": "q?", "answer": 3, "image": "1.jpg", "width": 10, "height": 10,
+           "bboxes": [[1, 2, 3, 4]], "dataset": "gqa"}
+    (r,) = read_records(write_lines(tmp_path / "cot.jsonl", [json.dumps(row)]))
+    assert (r.id, r.answer, r.bboxs, r.family) == ("7", "3", [[1.0, 2.0, 3.0, 4.0]], "gqa")
+    path = write_lines(tmp_path / "bool.jsonl", [json.dumps({**row, "answer": True})])
+    with pytest.raises(ValueError, match=f"{path}:1: answer must be a string"):
+        read_records(path)
+
+
+def test_image_path_falls_back_to_the_dataset_folder(tmp_path):
+    """A Visual-CoT training row's image lives under ``<root>/<dataset>/``; ``root/image`` wins when it exists."""
+    rec = Record("r", "1.jpg", "q?", "a", 10, 10, family="gqa")
+    assert rec.image_path(tmp_path) == tmp_path / "1.jpg"  # neither exists: the plain path, for the error message
+    (tmp_path / "gqa").mkdir()
+    (tmp_path / "gqa" / "1.jpg").write_bytes(b"x")
+    assert rec.image_path(tmp_path) == tmp_path / "gqa" / "1.jpg"
+    (tmp_path / "1.jpg").write_bytes(b"y")
+    assert rec.image_path(tmp_path) == tmp_path / "1.jpg"
+
+
+def test_boxes_on_an_image_of_another_aspect_are_refused():
+    from glimpseprune.data.records import boxes_on_image
+
+    rec = Record("r2", "a.png", "q?", "a", 224, 112, [[70, 40, 100, 70]])
+    with pytest.raises(ValueError, match="record r2"):  # 224 x 124: the aspect is 10 % off, the boxes would be too
+        boxes_on_image(rec, (224, 124))
+    assert boxes_on_image(rec, (448, 224)) == [[140.0, 80.0, 200.0, 140.0]]
+
+
+def test_split_checks_n_and_cfg_and_keeps_files_outside_its_folder(tmp_path):
+    from glimpseprune.data.records import has_split
+
+    with pytest.raises(ValueError, match="at least one sample"):
+        write_split(tmp_path / "none", n=0, seed=0)
+    out, small = tmp_path / "w", world.WorldConfig(max_cells=8)
+    path = write_split(out, n=1, seed=1, cfg=small)
+    assert has_split(out, 1, 1, small)
+    assert not has_split(out, 1, 1) and not has_split(out, 2, 1, small) and not has_split(out, 1, 2, small)
+    # a records file naming images outside its folder: --overwrite removes the split's own files only (and does
+    # not trip over an absolute path)
+    (tmp_path / "up.png").write_bytes(b"keep")
+    (tmp_path / "abs.png").write_bytes(b"keep")
+    with path.open("a") as f:
+        f.write(json.dumps({**GOOD, "image": "../up.png"}) + "\n")
+        f.write(json.dumps({**GOOD, "image": str(tmp_path / "abs.png")}) + "\n")
+    write_split(out, n=1, seed=2, overwrite=True)
+    assert (tmp_path / "up.png").read_bytes() == (tmp_path / "abs.png").read_bytes() == b"keep"
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["2-000000.png"]

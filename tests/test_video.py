@@ -23,7 +23,7 @@ from glimpseprune.modules.vip import VIP
 from glimpseprune.processing import DEFAULT_SYSTEM_PROMPT, build_inputs
 from glimpseprune.runtime.engine import prefill
 from glimpseprune.testing import random_image
-from glimpseprune.video import Video, as_video, load_video, sample_times, stack_temporal
+from glimpseprune.video import Video, as_video, load_video, sample_times, stack_temporal, video_patches
 
 needs_av = pytest.mark.skipif(importlib.util.find_spec("av") is None, reason="PyAV (the video extra) is missing")
 
@@ -37,14 +37,21 @@ def frames(n, seed=0, size=(W, H)):
     return [random_image(*size, seed=seed + i) for i in range(n)]
 
 
-def write_mp4(path, images, fps=4):
+def write_mp4(path, images, fps=4, start=0):
+    """``images`` as an mp4 at ``fps``; ``start`` > 0: its first frame at ``start / fps`` s (a clip cut from a
+    longer one)."""
+    from fractions import Fraction
+
     import av
 
     with av.open(str(path), "w") as container:
         stream = container.add_stream("mpeg4", rate=fps)
         stream.width, stream.height, stream.pix_fmt = images[0].size[0], images[0].size[1], "yuv420p"
-        for im in images:
-            for packet in stream.encode(av.VideoFrame.from_image(im)):
+        for i, im in enumerate(images):
+            frame = av.VideoFrame.from_image(im)
+            if start:
+                frame.pts, frame.time_base = start + i, Fraction(1, fps)
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
@@ -314,10 +321,48 @@ def test_video_file_round_trip(clip_path, model, processor):
 
 def test_sample_times():
     assert sample_times(2.0, 2.0, 64) == ([0.0, 0.5, 1.0, 1.5], 2.0)
+    assert sample_times(2.2, 2.0, 4) == ([0.0, 0.5, 1.0, 1.5], 2.0)  # exactly max_frames at fps: not respread
     assert sample_times(0.2, 2.0, 64) == ([0.0], 2.0)  # a very short clip still gives one frame
     times, fps = sample_times(10.0, 2.0, 4)
     assert times == [0.0, 2.5, 5.0, 7.5] and fps == 0.4
     assert sample_times(None, 2.0, 3) == ([0.0, 0.5, 1.0], 2.0)
+
+
+def test_file_sampling_follows_fps_the_clock_and_the_pixel_limit(clip_path, tmp_path, monkeypatch):
+    """as_video passes its fps to the decoder; a clip whose first frame is not at 0 s is sampled from that frame;
+    frames over processing.MAX_IMAGE_PIXELS (width x height) are refused by name."""
+    import glimpseprune.processing
+
+    slow = as_video(str(clip_path), fps=1.0)  # 1 fps over 2 s: the frames at 0 and 1 s
+    assert slow.fps == 1.0 and [_colour(f) for f in slow.frames] == [COLORS[0], COLORS[4]]
+    late = write_mp4(tmp_path / "late.mp4", [Image.new("RGB", (W, H), c) for c in COLORS], start=12)  # at 3 s
+    assert [_colour(f) for f in load_video(late).frames] == [COLORS[i] for i in (0, 2, 4, 6)]
+    monkeypatch.setattr(glimpseprune.processing, "MAX_IMAGE_PIXELS", W * H - 1)
+    with pytest.raises(ValueError, match=f"has {W}x{H} frames, over the limit of {W * H - 1} pixels"):
+        load_video(clip_path)
+
+
+def test_video_timestamps_and_max_frames_bounds():
+    assert Video(tuple(frames(3)), fps=4.0).timestamps == [0.0, 0.25, 0.5]
+    assert len(as_video(frames(3), max_frames=3).frames) == 3  # exactly the limit is fine
+    with pytest.raises(ValueError, match="max_frames must be a whole number >= 1, got 0"):
+        as_video(frames(1), max_frames=0)
+
+
+def test_stack_temporal_pads_to_any_temporal_patch_size():
+    per_frame = np.repeat(np.arange(4, dtype=np.float32)[:, None, None, None], 3, axis=2)  # 4 frames, 1 patch, tp 3
+    out = stack_temporal(np.broadcast_to(per_frame, (4, 1, 3, 4)).reshape(4, 12), 4, 3, 2).reshape(2, 1, 3, 4)
+    assert out[:, 0, :, 0].tolist() == [[0, 1, 2], [3, 3, 3]]  # the last frame repeated twice
+
+
+def test_video_frames_are_capped_at_video_max_pixels(processor, monkeypatch):
+    import glimpseprune.video
+
+    clip = frames(2, size=(224, 224))
+    assert video_patches(processor.image_processor, [clip], [2.0])["video_grid_thw"].tolist() == [[1, 16, 16]]
+    monkeypatch.setattr(glimpseprune.video, "VIDEO_MAX_PIXELS", 112 * 112)  # below the image processor's own cap
+    out = video_patches(processor.image_processor, [clip], [2.0])
+    assert out["video_grid_thw"].tolist() == [[1, 8, 8]] and out["pixel_values_videos"].shape[0] == 64
 
 
 # --------------------------------------------------------------------------- bad input

@@ -7,12 +7,14 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from glimpseprune.data.world import FAMILIES
+from glimpseprune.data.world import FAMILIES, sample
 from glimpseprune.data.world_video import (
     TEMPORAL_PATCH,
     VideoConfig,
     clip_sample,
+    has_video_split,
     read_video_records,
     write_video_split,
 )
@@ -125,3 +127,85 @@ def test_glimpse_video_scoring_variants():
     assert joint.shape == alone.shape and (joint - alone).abs().max() > 1e-4
     assert torch.equal(outs["joint_image"].keep_masks[0], outs["per_frame_image"].keep_masks[0])
     assert torch.equal(outs["joint_image"].sequences, outs["per_frame_image"].sequences)
+
+
+def test_config_refuses_one_moment_and_negative_distractors():
+    with pytest.raises(ValueError, match="at least two moments"):
+        VideoConfig(frames=2)  # one moment: the evidence would be in every frame
+    with pytest.raises(ValueError, match="distractors must be >= 0"):
+        VideoConfig(distractors=-1)
+
+
+def _apart(a, b):
+    return (a.col + a.size < b.col or b.col + b.size < a.col or a.row + a.size < b.row
+            or b.row + b.size < a.row)
+
+
+def test_each_moment_shows_the_scene_or_the_others_and_distractors():
+    """The evidence moment shows exactly the image world's scene; every other moment shows the scene's other objects
+    plus the distractors, never the evidence; the evidence moment varies over clips; no two objects shown together
+    touch (distractors keep the one-cell gap too)."""
+    cfg = VideoConfig(frames=6, distractors=4)
+    moments, n_distractors = set(), 0
+    for seed in range(30):
+        family = FAMILIES[seed % len(FAMILIES)]
+        clip, s = clip_sample(seed, family, cfg), sample(seed, family, cfg.world)
+        scene = set(s.scene.objects)
+        absent_no = family == "exist" and s.answer == "no"
+        evidence = set() if absent_no else {o for o in scene if o.box in s.boxes}
+        moments.add(clip.moment)
+        for f, objs in enumerate(clip.visible):
+            shown = set(objs)
+            assert len(shown) == len(objs)
+            if f // TEMPORAL_PATCH == clip.moment:
+                assert shown == scene, (seed, f)
+            else:
+                assert shown & scene == scene - evidence, (seed, f)
+                n_distractors += len(shown - scene)
+            for i, a in enumerate(objs):
+                for b in objs[i + 1:]:
+                    assert _apart(a, b), (seed, f, a, b)
+    assert moments == {0, 1, 2} and n_distractors > 0
+
+
+def test_split_records_match_their_clips(tmp_path):
+    """Record i of a split is clip ``seed * 10^6 + i`` (families in turn): its question, answer, moment and boxes,
+    the frame size as width x height, the config's fps, its frames as PNGs; ``limit``; ``has_video_split`` knows the
+    config it was made with."""
+    cfg = VideoConfig(frames=6, fps=1.0)
+    out = tmp_path / "v"
+    path = write_video_split(out, n=3, seed=4, cfg=cfg)
+    recs = read_video_records(path)
+    assert len(recs) == 3 and len(read_video_records(path, limit=2)) == 2
+    for i, r in enumerate(recs):
+        clip = clip_sample(4 * 1_000_000 + i, FAMILIES[i], cfg)
+        assert (r.question, r.answer, r.family, r.moment) == (clip.question, clip.answer, clip.family, clip.moment)
+        assert r.frame_boxes == clip.frame_boxes and r.fps == 1.0 and len(r.frames) == 6
+        for f, p in enumerate(r.frame_paths(out)):
+            with Image.open(p) as im:
+                assert im.size == (r.width, r.height) == (clip.cols * 28, clip.rows * 28)
+                assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(clip.frame(f)))
+    assert any(r.width != r.height for r in recs)
+    assert has_video_split(out, 3, 4, cfg)
+    assert not has_video_split(out, 3, 4) and not has_video_split(out, 3, 4, VideoConfig(frames=6))
+    assert not has_video_split(out, 2, 4, cfg) and not has_video_split(out, 3, 5, cfg)
+
+
+def test_overwrite_removes_the_earlier_splits_clips(tmp_path):
+    """As for images: --overwrite with another seed leaves none of the earlier split's clips behind."""
+    out = tmp_path / "v"
+    write_video_split(out, n=2, seed=2)
+    write_video_split(out, n=1, seed=5, overwrite=True)
+    assert sorted(p.name for p in (out / "videos").iterdir()) == ["5-000000"]
+
+
+def test_clips_honour_the_clutter_setting():
+    from glimpseprune.data.world import WorldConfig
+
+    clip = clip_sample(5, "lookup", VideoConfig(world=WorldConfig(clutter=0)))
+    for f in range(len(clip.visible)):
+        px = np.asarray(clip.frame(f)).copy()
+        for o in clip.visible[f]:
+            x1, y1, x2, y2 = o.box
+            px[y1:y2, x1:x2] = 255
+        assert (px >= 225).all(), f  # no grey stroke (90-199) anywhere outside the objects

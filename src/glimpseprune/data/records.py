@@ -226,21 +226,28 @@ def has_split(out_dir: str | Path, n: int, seed: int, cfg: WorldConfig | None = 
     return holds_run(out_dir, name, record["command"], record["settings"], _split_marker(Path(out_dir), name).name)
 
 
-def _images_of(path: Path) -> list[str]:
-    """Relative image paths (as glob patterns) of an existing records file; unreadable lines are ignored."""
-    import glob
-
+def relative_paths_in(path: Path, key: str) -> list[Path]:
+    """The relative paths (no ``..``) that an existing JSONL file's rows name under ``key`` (a path or a list of
+    paths): the files a split owns. Unreadable lines, absolute paths and paths leaving the folder are ignored."""
     if not path.is_file():
         return []
     out = []
     for line in path.read_text(errors="replace").splitlines():
         try:
-            image = json.loads(line).get("image")
+            value = json.loads(line).get(key)
         except (json.JSONDecodeError, AttributeError):
             continue
-        if isinstance(image, str) and image and not Path(image).is_absolute() and ".." not in Path(image).parts:
-            out.append(glob.escape(image))
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and item and not Path(item).is_absolute() and ".." not in Path(item).parts:
+                out.append(Path(item))
     return out
+
+
+def _images_of(path: Path) -> list[str]:
+    """Relative image paths (as glob patterns) of an existing records file."""
+    import glob
+
+    return [glob.escape(str(p)) for p in relative_paths_in(path, "image")]
 
 
 def write_split(out_dir: str | Path, n: int, seed: int, cfg: WorldConfig | None = None,

@@ -62,6 +62,7 @@ class Scene:
     rows: int
     objects: list[Obj]
     clutter_seed: int
+    clutter: int = 12  # grey strokes per 64 cells (WorldConfig.clutter)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -91,6 +92,8 @@ class WorldConfig:
             raise ValueError(f"need 2 <= min_cells <= max_cells <= 64, got {self.min_cells}, {self.max_cells}")
         if not 1 <= self.min_objects <= self.max_objects:
             raise ValueError(f"need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
+        if self.clutter < 0:
+            raise ValueError(f"clutter must be >= 0, got {self.clutter}")
 
 
 # --------------------------------------------------------------------------- scenes
@@ -170,7 +173,7 @@ def render(scene: Scene) -> Image.Image:
     base = rng.integers(225, 246, size=(h // 4 + 1, w // 4 + 1, 1)).repeat(3, axis=2).astype(np.uint8)
     img = Image.fromarray(base).resize((w, h), Image.Resampling.NEAREST)
     draw = ImageDraw.Draw(img)
-    for _ in range(int(12 * scene.cols * scene.rows / 64)):
+    for _ in range(int(scene.clutter * scene.cols * scene.rows / 64)):
         x, y = rng.integers(0, w), rng.integers(0, h)
         dx, dy = rng.integers(-20, 21, size=2)
         g = int(rng.integers(90, 200))
@@ -287,7 +290,7 @@ def sample(seed: int, family: str | None = None, cfg: WorldConfig = WorldConfig(
         if q is None:
             continue
         question, answer, chosen = q
-        scene = Scene(cols, rows, objs, int(rng.integers(2**31)))
+        scene = Scene(cols, rows, objs, int(rng.integers(2**31)), cfg.clutter)
         return Sample(scene, question, answer, family, [o.box for o in chosen])
     raise RuntimeError(f"could not build a {family!r} sample for seed {seed}; check the WorldConfig")
 

@@ -64,9 +64,10 @@ class Clip:
     family: str
     moment: int  # the moment (frame pair) holding the evidence
     frame_boxes: list[list[list[int]]]  # per frame
+    clutter: int = 12  # grey strokes per 64 cells (WorldConfig.clutter)
 
     def frame(self, i: int) -> Image.Image:
-        return render(Scene(self.cols, self.rows, self.visible[i], self.clutter_seed))
+        return render(Scene(self.cols, self.rows, self.visible[i], self.clutter_seed, self.clutter))
 
 
 def clip_sample(seed: int, family: str | None = None, cfg: VideoConfig = VideoConfig()) -> Clip:
@@ -93,7 +94,7 @@ def clip_sample(seed: int, family: str | None = None, cfg: VideoConfig = VideoCo
     if s.family == "exist" and s.answer == "no":
         frame_boxes = [[o.box for o in s.scene.objects] for _ in range(cfg.frames)]
     return Clip(s.scene.cols, s.scene.rows, s.scene.clutter_seed, visible, s.question, s.answer, s.family, moment,
-                frame_boxes)
+                frame_boxes, s.scene.clutter)
 
 
 def _question_specs(question: str) -> set:
@@ -165,6 +166,17 @@ def has_video_split(out_dir: str | Path, n: int, seed: int, cfg: VideoConfig | N
     return holds_run(out_dir, name, VIDEO_COMMAND, _video_settings(n, seed, cfg or VideoConfig()), _video_marker(name))
 
 
+def _clip_folders_of(path: Path) -> list[str]:
+    """The clip folders (``videos/<clip>``, as glob patterns) holding the frames of an existing video records file;
+    frames outside that layout are ignored."""
+    import glob
+
+    from .records import relative_paths_in
+
+    return sorted({glob.escape(f"videos/{p.parts[1]}") for p in relative_paths_in(path, "frames")
+                   if len(p.parts) == 3 and p.parts[0] == "videos"})
+
+
 def write_video_split(out_dir: str | Path, n: int, seed: int, cfg: VideoConfig | None = None,
                       name: str = "video_records.jsonl", overwrite: bool = False) -> Path:
     """Render ``n`` clips (families in turn) as PNG frames plus one JSONL; returns its path. A folder holding another
@@ -176,8 +188,9 @@ def write_video_split(out_dir: str | Path, n: int, seed: int, cfg: VideoConfig |
     cfg = cfg or VideoConfig()
     out_dir = Path(out_dir)
     settings = _video_settings(n, seed, cfg)
-    claim_run_dir(out_dir, VIDEO_COMMAND, settings, [name, f"videos/{seed}-*"], overwrite=overwrite,
-                  resume_flag="", marker=_video_marker(name))
+    owned = [name, f"videos/{seed}-*", *_clip_folders_of(out_dir / name)]  # the earlier split's clips go with it
+    claim_run_dir(out_dir, VIDEO_COMMAND, settings, owned, overwrite=overwrite, resume_flag="",
+                  marker=_video_marker(name))
     lines = []
     for i in range(n):
         clip = clip_sample(seed * 1_000_000 + i, FAMILIES[i % len(FAMILIES)], cfg)
