@@ -151,3 +151,128 @@ def test_k_sweep_rows_and_consistency(model, processor, module, split, tmp_path)
     ratios = [r["prefill_ratio_analytic"] for r in res["rows"]]
     assert ratios == sorted(ratios) and all(0 < x <= 1 + 1e-9 for x in ratios)
     assert {"k_sweep.json", "k_sweep.md"} <= {p.name for p in tmp_path.iterdir()}
+
+
+# mutation audit: rules a one-line change could break unnoticed
+
+def test_plan_budgets_per_method():
+    """A budget of 1.0 (keep everything) is a kept fraction; the capped dynamic run's budget is the cap; a method
+    with a ``budget_kwargs`` hook (pdrop: three stages) is planned with it, not with keep_ratio = budget."""
+    runs = plan(["pdrop", "glimpse"], [0.111, 1.0], cap=0.2)
+    assert [r.budget for r in runs if r.method == "pdrop"] == [0.111, 1.0]
+    pdrop = next(r for r in runs if r.label == "pdrop@0.111")
+    assert pdrop.kwargs == budget_kwargs("pdrop", 0.111) and pdrop.kwargs["keep_ratio"] != 0.111
+    cap = next(r for r in runs if r.setting == "dynamic_cap")
+    assert cap.budget == 0.2 and cap.label == "glimpse (dynamic, cap 0.2)"
+    assert next(r for r in runs if r.label == "glimpse@1").selection == {"fixed_keep_ratio": 1.0}
+
+
+def test_run_summary_by_hand():
+    """``_summary`` on hand-made rows: means over samples, equivalent_frac as the mean of per-sample ratios, each
+    family's numbers over its own rows, the method's config as run."""
+    from pathlib import Path
+
+    from glimpseprune.bench.compare import RunSpec
+
+    cmp = Comparison.__new__(Comparison)  # no model: _summary reads the split's name and the depth only
+    cmp.split, cmp.n_layers = Path("/d/records.jsonl"), 4
+    def row(fam, ok, n_vis, n_kept, eq, kv):
+        return dict(family=fam, correct=ok, n_vis=n_vis, n_kept=n_kept, kept_frac=n_kept / n_vis, entering=n_vis,
+                    equivalent=eq, kv_len=kv)
+
+    rows = [row("count", True, 100, 10, 55.0, 30), row("count", False, 50, 25, 37.5, 45),
+            row("lookup", False, 200, 20, 110.0, 40)]
+    s = cmp._summary(RunSpec("pdrop@0.1", "pdrop", "fixed", 0.1, kwargs={"keep_ratio": 0.2, "lam": 0.5}), rows,
+                     1.234, [1, 3])
+    assert s["config"] == {"keep_ratio": 0.2, "lam": 0.5} and s["prune_layers"] == [1, 3] and s["seconds"] == 1.23
+    assert s["n"] == 3 and s["exact_match"] == pytest.approx(1 / 3)
+    assert s["kept_frac"]["mean"] == pytest.approx(0.7 / 3) and (s["kept_frac"]["min"], s["kept_frac"]["max"]) == (
+        0.1, 0.5)
+    assert s["accounting"] == pytest.approx({
+        "mean_n_vis": 350 / 3, "visual_tokens_entering_llm": 350 / 3, "equivalent_visual_tokens": 202.5 / 3,
+        "equivalent_frac": (0.55 + 0.75 + 0.55) / 3, "kv_entries_at_decode": 115 / 3, "visual_kv_at_decode": 55 / 3})
+    assert s["per_family"] == {"count": {"n": 2, "exact_match": 0.5, "kept_frac_mean": pytest.approx(0.3)},
+                               "lookup": {"n": 1, "exact_match": 0.0, "kept_frac_mean": pytest.approx(0.1)}}
+    glimpse = cmp._summary(RunSpec("glimpse@0.1", "glimpse", "fixed", 0.1, selection={"fixed_keep_ratio": 0.1}),
+                           rows, 0.0, [2])
+    assert glimpse["config"] == {"selection": {"fixed_keep_ratio": 0.1}}
+
+
+def _result(label, method, setting, budget, score, fam_score=None):
+    return {"label": label, "method": method, "setting": setting, "budget": budget, "n": 4, "exact_match": score,
+            "kept_frac": {"mean": budget or 0.05}, "per_family": {"count": {"exact_match": fam_score}} if fam_score
+            is not None else {},
+            "accounting": {"mean_n_vis": 100.0, "visual_tokens_entering_llm": 100.0, "equivalent_visual_tokens": 50.0,
+                           "kv_entries_at_decode": 60.0, "visual_kv_at_decode": 10.0}}
+
+
+def test_markdown_by_hand():
+    """The run table's score relative to full (score / full's), and the pivot: budgets ascending as columns, each
+    method's score at each budget, '-' where it has no run."""
+    results = [_result("full", "full", "full", 1.0, 0.8, 0.75), _result("random@0.5", "random", "fixed", 0.5, 0.6),
+               _result("random@0.1", "random", "fixed", 0.1, 0.4, 0.25),
+               _result("glimpse@0.5", "glimpse", "fixed", 0.5, 1.0),
+               _result("glimpse (dynamic)", "glimpse", "dynamic", None, 0.9)]
+    md = markdown(results).splitlines()
+    assert "| random@0.1 | 0.400 | 50.0 % | 10.0 | 100.0 | 50.0 | 60.0 | 0.25 |" in md
+    assert "| full | 0.800 | 100.0 % | 100.0 | 100.0 | 50.0 | 60.0 | 0.75 |" in md
+    assert "| glimpse (dynamic) | 0.900 | 112.5 % | 5.0 | 100.0 | 50.0 | 60.0 | - |" in md
+    pivot = md[md.index("| method | 10.0 % | 50.0 % |"):]
+    assert pivot[2:4] == ["| random | 0.400 | 0.600 |", "| glimpse | - | 1.000 |"]
+
+
+def test_run_scores_normalised_answers(model, processor, module, split, monkeypatch):
+    """A prediction is right when it equals the answer up to case, surrounding space and a final full stop."""
+    from glimpseprune.api import PrunedModel
+    from glimpseprune.bench.compare import RunSpec
+
+    cmp = Comparison(model, processor, module, split, batch_size=3)
+    generate = PrunedModel.generate
+
+    def scripted(self, inputs, **kw):
+        out = generate(self, inputs, **kw)
+        chunk = next(c for c, i, _ in cmp.batches if i is inputs)
+        out.texts = [" nope" if r is cmp.records[0] else f"  {r.answer.upper()}. " for r in chunk]
+        return out
+
+    monkeypatch.setattr(PrunedModel, "generate", scripted)
+    rows, summary = cmp.run(RunSpec("full", "full", "full", 1.0))
+    assert [r["correct"] for r in rows] == [False, True, True, True, True]
+    assert rows[1]["prediction"] == f"{cmp.records[1].answer.upper()}." and summary["exact_match"] == 0.8
+
+
+def test_k_sweep_costs_and_matched_fastv_budget(split, tmp_path, monkeypatch):
+    """k_sweep's analytic prefill cost grows strictly with K (fewer visual tokens kept than seen) and is the full
+    cost at the last layer; its text-token count is the prompt minus the image tokens, by hand; FastV at each K runs
+    at GlimpsePrune's mean kept fraction. On the embedded model and module, which keep a few % of the tokens (the
+    tiny fixture's random module keeps all of them on this split: every K costs the same)."""
+    from glimpseprune.assets import resolve_model, resolve_module
+    from glimpseprune.bench.compare import k_sweep
+    from glimpseprune.checkpoint import load_module
+
+    model, processor = gp.load_base(resolve_model("embedded"))
+    module = load_module(resolve_module("embedded"), gp.get_adapter(model).dims(model))
+
+    runs = []
+    real = Comparison.run
+    monkeypatch.setattr(Comparison, "run", lambda self, spec, *a, **kw: runs.append((spec, real(self, spec, *a, **kw)))
+                        or runs[-1][1])
+    res = k_sweep(model, processor, module, split, tmp_path, batch_size=5, log=lambda *_: None)
+    ratios = [r["prefill_ratio_analytic"] for r in res["rows"]]
+    assert all(a < b for a, b in zip(ratios, ratios[1:])) and ratios[-1] == pytest.approx(1.0)
+    (_, inputs, _), = Comparison(model, processor, module, split, batch_size=5).batches
+    image = inputs["input_ids"] == model.config.image_token_id
+    n_text = (inputs["attention_mask"].sum(1) - image.sum(1)).float().mean()
+    assert res["mean_n_text"] == round(float(n_text))
+    assert res["mean_n_vis"] == pytest.approx(float(image.sum(1).float().mean()))
+    fastv = [(spec, s) for spec, (_, s) in runs if spec.method == "fastv"]
+    assert len(fastv) == res["n_layers"]
+    frac = res["glimpse_kept_frac_mean"]
+    for spec, s in fastv:
+        assert spec.kwargs["keep_ratio"] == frac and s["kept_frac"]["mean"] == pytest.approx(frac, abs=0.01)
+
+
+def test_compare_glimpse_without_a_module_is_refused_before_anything_runs(model, processor, split, tmp_path):
+    with pytest.raises(ValueError, match="method 'glimpse' needs a glimpse module"):
+        compare(model, processor, None, split, tmp_path / "o", ["random", "glimpse"], [0.5], log=lambda *_: None)
+    assert not (tmp_path / "o").exists()

@@ -203,3 +203,17 @@ def test_grid_box_whole_image_or_llava_geometry():
     keep[0, 0] = True  # top-left cell of the padded square: the image's top-left quarter above y = 100 only
     m = kept_pixels(keep, (400, 200), (0.0, -100.0, 400.0, 300.0))
     assert m[:100, :200].all() and not m[100:].any() and not m[:, 200:].any()
+
+
+def test_compare_plot_glimpse_line_in_kept_order_and_sample_range():
+    """Budgets given out of order still draw glimpse's line left to right; runs over different sample counts name
+    the range in the subtitle."""
+    pytest.importorskip("matplotlib")
+    rs = [_run("full", "full", 1.0, 1.0, 1.0, label="full")]
+    rs += [_run("glimpse", "fixed", b, b, s) for b, s in ((0.333, 0.9), (0.056, 0.5), (0.222, 0.8))]
+    rs.append({**_run("random", "fixed", 0.111, 0.111, 0.4), "n": 38})
+    ax = compare_figure(rs).axes[0]
+    glimpse = next(ln for ln in ax.get_lines() if ln.get_label() == "glimpse (GlimpsePrune, fixed budget)")
+    assert list(glimpse.get_xdata()) == pytest.approx([5.6, 22.2, 33.3])
+    assert list(glimpse.get_ydata()) == [0.5, 0.8, 0.9]
+    assert "38-40 samples" in ax.get_title(loc="left")

@@ -5,6 +5,7 @@ run writes a folder that gp.load picks up as a whole (and resumes)."""
 from __future__ import annotations
 
 import json
+import math
 import socket
 from pathlib import Path
 
@@ -509,3 +510,381 @@ def test_a_merged_base_is_not_trained_on(tmp_path):
     with pytest.raises(ValueError, match="holds a merged GlimpsePrune\\+ adapter"):
         train(Stage1Config(model=str(merged), output_dir=str(tmp_path / "s1"), max_steps=1))
     assert not (tmp_path / "again").exists() or not any((tmp_path / "again").iterdir())
+
+
+# mutation audit (stage 2's step): rules a one-line change could break unnoticed
+
+def _fixed_rewards(values):
+    """A reward that scores the i-th completion ``values[i]`` (whatever it says): advantages by hand."""
+    return lambda samples: [float(values[i]) for i in range(len(samples))]
+
+
+def test_rollout_advantages_follow_scale_rewards_and_the_stats_are_by_hand(policy, tmp_path):
+    model, processor, module = policy
+    items = [WorldDataset(8)[i] for i in (0, 1)]
+    std = math.sqrt(3) / 4  # population std of (1, 0, 0, 0)
+    for scale, first in (("none", [0.75, -0.25, -0.25, -0.25]),
+                         ("group", [0.75 / (std + 1e-4), -0.25 / (std + 1e-4), -0.25 / (std + 1e-4),
+                                    -0.25 / (std + 1e-4)])):
+        cfg = _cfg(tmp_path, num_generations=4, scale_rewards=scale)
+        step = GRPOStep(model, processor, module, cfg, [_fixed_rewards([1, 0, 0, 0, 1, 1, 1, 1])])
+        batch = step.rollout(items, seeds=list(range(8)))
+        assert torch.allclose(batch.advantages, torch.tensor(first + [0.0] * 4), atol=1e-5), (scale, batch.advantages)
+        assert batch.stats["reward"] == pytest.approx(5 / 8)
+        assert batch.stats["reward_std"] == pytest.approx(std / 2, rel=1e-5)  # groups' population stds, averaged
+        assert batch.stats["mixed_groups"] == 0.5  # the second group's rewards are all equal
+
+
+def test_the_prompt_suffix_reaches_the_rollout_prompt(policy, tmp_path):
+    model, processor, module = policy
+    items = [WorldDataset(8)[0]]
+    suffix = "Answer with one word."
+    decode = lambda step: processor.tokenizer.decode(step.inputs(items)["input_ids"][0])  # noqa: E731
+    plain = decode(GRPOStep(model, processor, module, _cfg(tmp_path), [make_reward("exact")]))
+    suffixed = decode(GRPOStep(model, processor, module, _cfg(tmp_path, prompt_suffix=suffix), [make_reward("exact")]))
+    assert f"{items[0]['question']}\n{suffix}" in suffixed and suffix not in plain
+
+
+def test_mask_source_boxes_rolls_out_on_the_box_tokens_points_for_point_families(policy, tmp_path):
+    """mask_source boxes: the rollouts see exactly the box tokens (world objects sit on whole 28-px cells), and a
+    family in point_families one token per object (its ``mask_boxes``, not its answer boxes). The model's training
+    mode is what it was before the rollout (it samples in eval mode)."""
+    model, processor, module = policy
+    items = [WorldDataset(8, point_families=["count"])[i] for i in (0, 2)]  # lookup: 1 one-cell box; count: 2 of 2x2
+    assert items[1]["family"] == "count" and len(items[1]["boxes"]) == 2
+    cfg = _cfg(tmp_path, mask_source="boxes", point_families=["count"], num_generations=2)
+    step = GRPOStep(model, processor, module, cfg, [make_reward("exact")])
+    was = model.training
+    try:
+        model.train()
+        batch = step.rollout(items, seeds=list(range(4)))
+        assert model.training
+    finally:
+        model.train(was)
+    lookup = torch.zeros(items[0]["height"] // 28, items[0]["width"] // 28, dtype=torch.bool)
+    lookup[1, 2] = True  # box [56, 28, 84, 56]: column 2, row 1
+    assert torch.equal(batch.keep_masks[0].reshape(lookup.shape), lookup)
+    count = torch.zeros(items[1]["height"] // 28, items[1]["width"] // 28, dtype=torch.bool)
+    for x0, y0, x1, y1 in items[1]["boxes"]:  # one token per object: the cell of its centre
+        count[int((y0 + y1) / 2) // 28, int((x0 + x1) / 2) // 28] = True
+    assert int(count.sum()) == 2 and torch.equal(batch.keep_masks[1].reshape(count.shape), count)
+    assert batch.stats["kept_frac"] == pytest.approx((1 / lookup.numel() + 2 / count.numel()) / 2)
+
+
+def test_logprobs_score_rollouts_at_the_sampling_temperature_and_the_reference_at_1(policy, tmp_path):
+    """The policy's log-probs of its rollouts are taken at the temperature they were sampled at; the reference
+    answer's (the supervised term) at temperature 1: the first token's by hand from the fixed-mask prefill."""
+    model, processor, module = policy
+    step = GRPOStep(model, processor, module, _cfg(tmp_path, temperature=0.5), [make_reward("exact")])
+    items = [WorldDataset(8)[0]]
+    batch = step.rollout(items, seeds=[0, 1])
+    gold, _ = step.reference([items[0]["answer"]])
+    with torch.no_grad():
+        logp, gold_logp = step.logprobs(batch, gold)
+        logits = step.fixed_prefill(batch.inputs, batch.keep_masks).logits.float()[0]  # the first answer token's
+    assert torch.allclose(logp[:, 0], torch.log_softmax(logits / 0.5, -1)[batch.tokens[:, 0]], atol=1e-5)
+    assert float(gold_logp[0, 0]) == pytest.approx(float(torch.log_softmax(logits, -1)[gold[0, 0]]), abs=1e-5)
+
+
+def _perturbed_lora(model, seed=0, scale=0.5):
+    """Give the LoRA's B matrices (0 at creation) random values, so the policy differs from the base; returns the
+    saved parameters to restore."""
+    from glimpseprune.lora import lora_named_parameters
+
+    saved = {k: v.detach().clone() for k, v in lora_named_parameters(model).items()}
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for k, p in lora_named_parameters(model).items():
+            if "lora_B" in k:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return saved
+
+
+def _restore(model, saved):
+    named = dict(model.named_parameters())
+    for k, v in saved.items():
+        named[k].data.copy_(v)
+
+
+def test_the_kl_is_to_the_adapter_disabled_model(policy, tmp_path):
+    """beta > 0: the KL term is k3 of the policy against the same model with its adapter disabled (the base), per
+    row the masked token mean, then the mean over rows; with an adapter that moved the policy it is > 0."""
+    from glimpseprune.lora import disabled_adapter
+    from glimpseprune.training.rl.grpo import k3_kl, masked_mean
+
+    model, processor, module = policy
+    saved = _perturbed_lora(model)
+    try:
+        step = GRPOStep(model, processor, module, _cfg(tmp_path, beta=0.1), [_fixed_rewards([1, 0, 0, 1])])
+        step.optimizer_step = lambda: model.zero_grad(set_to_none=True)  # nothing moves
+        batch = step.rollout([WorldDataset(8)[i] for i in (0, 1)], seeds=list(range(4)))
+        parts = step.update(batch)
+        with torch.no_grad():
+            pol, _ = step.logprobs(batch)
+            with disabled_adapter(model):
+                base, _ = step.logprobs(batch)
+        want = float(masked_mean(k3_kl(pol, base), batch.mask).mean())
+        assert want > 1e-4 and parts["kl"] == pytest.approx(want, rel=1e-4)
+    finally:
+        _restore(model, saved)
+
+
+def test_several_updates_per_batch_keep_the_rollout_policy_as_old_and_clip(policy, tmp_path, monkeypatch):
+    """updates_per_batch > 1 (PPO-style): every update's ratio is against the log-probs of the policy that made the
+    rollouts (the first update's, before any step), clipped at clip_eps; a single update is the unclipped form."""
+    import glimpseprune.training.rl.grpo as grpo_mod
+
+    model, processor, module = policy
+    calls = []
+    real = grpo_mod.grpo_loss
+
+    def spy(logp, old, ref, adv, mask, beta, clip_eps):
+        calls.append((logp.detach().clone(), old.detach().clone(), clip_eps))
+        return real(logp, old, ref, adv, mask, beta, clip_eps)
+
+    monkeypatch.setattr(grpo_mod, "grpo_loss", spy)
+    saved = _perturbed_lora(model)
+    try:
+        for n in (2, 1):
+            calls.clear()
+            cfg = _cfg(tmp_path, updates_per_batch=n, clip_eps=0.3, beta=0.0)
+            step = GRPOStep(model, processor, module, cfg, [_fixed_rewards([1, 0, 0, 1])])
+            opt = torch.optim.SGD(lora_parameters(model), lr=1.0)
+
+            def optimizer_step(opt=opt):
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            step.optimizer_step = optimizer_step
+            step.update(step.rollout([WorldDataset(8)[i] for i in (0, 1)], seeds=list(range(4))))
+            assert len(calls) == n
+            if n == 2:
+                (logp0, old0, clip0), (logp1, old1, clip1) = calls
+                assert torch.equal(old0, logp0) and torch.equal(old1, logp0)  # the rollout policy's, both times
+                assert not torch.allclose(logp1, logp0)  # the first update moved the policy
+                assert clip0 == clip1 == 0.3
+            else:
+                assert calls[0][2] is None
+    finally:
+        _restore(model, saved)
+
+
+def test_sft_weight_scales_the_supervised_gradient(policy, tmp_path):
+    """With every advantage 0 and beta 0 the gradient is sft_weight times the reference's cross-entropy gradient."""
+    model, processor, module = policy
+    items = [{**WorldDataset(8)[i], "answer": "zebra"} for i in (0, 1)]
+    grads = {}
+    batch = None
+    for w in (1.0, 0.25):
+        step = GRPOStep(model, processor, module, _cfg(tmp_path, sft_weight=w, beta=0.0), [_fixed_rewards([0] * 4)])
+
+        def optimizer_step(w=w):
+            grads[w] = [p.grad.clone() for p in lora_parameters(model)]
+            model.zero_grad(set_to_none=True)
+
+        step.optimizer_step = optimizer_step
+        batch = batch or step.rollout(items, seeds=list(range(4)))
+        assert not batch.advantages.any()
+        step.update(batch)
+    assert any(bool(g.abs().sum() > 0) for g in grads[1.0])
+    for g1, gq in zip(grads[1.0], grads[0.25], strict=True):
+        assert torch.allclose(gq, 0.25 * g1, atol=1e-7, rtol=1e-5)
+
+
+def test_dynamic_sampling_stops_at_prompts_per_step_and_merges_the_kept_groups(policy, tmp_path):
+    """mixed_step on scripted rollouts (rewards by hand): batch 0 has one mixed group (prompt 1), batch 1 two; with
+    prompts_per_step 2 the update gets prompt 1 of batch 0 and prompt 0 of batch 1 (not a third), each with its own
+    rows, tokens (right-padded), rewards and keep mask; the statistics are means over both batches."""
+    from glimpseprune.training.rl.grpo import group_advantages
+    from glimpseprune.training.rl.step import Rollouts
+
+    model, processor, module = policy
+    cfg = _cfg(tmp_path, num_generations=2, prompts_per_step=2, dynamic_sampling=3)
+    step = GRPOStep(model, processor, module, cfg, [make_reward("exact")])
+    script = [[0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 1.0, 0.0]]
+    made, seen = [], []
+
+    def rollout(items, seeds):
+        k, T = len(made), 2 + len(made)  # batch k's completions are 2 + k tokens long
+        r = torch.tensor(script[k])
+        toks = 100 * (k + 1) + torch.arange(4 * T).view(4, T)
+        keep = [torch.tensor([k, b]) for b in range(2)]  # markers: (batch, prompt)
+        made.append(Rollouts({}, keep, toks, torch.ones(4, T, dtype=torch.bool), [f"{k}.{i}" for i in range(4)], r,
+                             group_advantages(r, 2), {"reward": float(r.mean())}, [it["answer"] for it in items]))
+        return made[-1]
+
+    step.rollout = rollout
+    step.update = lambda batch: seen.append(batch) or {"policy_loss": 0.0, "kl": 0.0}
+    pool = iter([WorldDataset(8)[i] for i in range(8)])
+    stats = step.mixed_step(lambda: [next(pool), next(pool)], lambda k: [k * 4 + r for r in range(4)])
+    assert stats["rollout_batches"] == 2.0 and stats["update_prompts"] == 2.0 and len(seen) == 1
+    assert stats["reward"] == pytest.approx((0.25 + 0.5) / 2)  # over every rollout made
+    b = seen[0]
+    assert [m.tolist() for m in b.keep_masks] == [[0, 1], [1, 0]]
+    assert b.rewards.tolist() == [1.0, 0.0, 1.0, 0.0] and b.texts == ["0.2", "0.3", "1.0", "1.1"]
+    assert b.tokens.shape == (4, 3) and b.tokens[:2, :2].tolist() == [[104, 105], [106, 107]]
+    assert b.tokens[:2, 2].tolist() == [step.pad] * 2 and not b.mask[:2, 2].any() and b.mask[:2, :2].all()
+    assert b.tokens[2:].tolist() == [[200, 201, 202], [203, 204, 205]] and b.mask[2:].all()
+    assert b.inputs["input_ids"].shape[0] == 2 and b.answers == [WorldDataset(8)[i]["answer"] for i in (1, 2)]
+
+
+# mutation audit (stage 2's loop)
+
+def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path):
+    """Stopped after step 1 and resumed to step 2, a run ends where the same run without the stop ends: the same
+    adapter weights, the same history (what resume restores: step, LoRA, optimizer, RNG). sft_weight > 0 makes every
+    step update (a step whose groups all score the same would otherwise leave nothing to restore)."""
+    def final(name, steps):
+        out = tmp_path / name
+        for n, resume in steps:
+            train_stage2(_cfg(tmp_path, output_dir=str(out), max_steps=n, eval_samples=2, sft_weight=1.0),
+                         resume=resume)
+        state = torch.load(out / "checkpoint-2" / "trainer_state.pt", weights_only=True)
+        return state, json.loads((out / "train_summary.json").read_text())
+
+    whole, whole_summary = final("whole", [(2, False)])
+    split, split_summary = final("split", [(1, False), (2, True)])
+    assert split_summary["resumed_from"].endswith("checkpoint-1") and split_summary["global_step"] == 2
+    assert [h["step"] for h in split_summary["history"]] == [1, 2]
+    assert not any("skipped" in h for h in whole_summary["history"])  # both steps moved the adapter
+    assert split_summary["history"] == whole_summary["history"]
+    assert whole["lora"].keys() == split["lora"].keys()
+    for k, v in whole["lora"].items():
+        assert torch.equal(v, split["lora"][k]), k
+    assert any(bool(v.abs().sum() > 0) for k, v in whole["lora"].items() if "lora_B" in k)  # the adapter moved
+
+
+_STATS = {"reward": 0.0, "reward_std": 0.0, "kl": 0.0, "kept_frac": 0.5, "answer_len": 1.0, "mixed_groups": 0.0}
+
+
+@pytest.fixture
+def indexed_world(monkeypatch):
+    """World items carry their dataset index ``i`` (to see which prompts a step drew)."""
+    get = WorldDataset.__getitem__
+    monkeypatch.setattr(WorldDataset, "__getitem__", lambda self, i: {**get(self, i), "i": i})
+
+
+def test_each_step_takes_the_next_prompts_with_distinct_seeds_and_the_last_step_evals_and_saves(
+        tmp_path, monkeypatch, indexed_world):
+    """Steps walk one shuffled pass over the prompts, prompts_per_step at a time, wrapping around; every rollout of
+    the run samples with its own seed; the last step evaluates and saves a checkpoint even when it is not a multiple
+    of eval_steps / save_steps (a longer run resumes from it)."""
+    calls = []
+
+    def step_call(self, items, seeds):
+        calls.append(([it["i"] for it in items], list(seeds)))
+        return dict(_STATS)
+
+    monkeypatch.setattr(GRPOStep, "__call__", step_call)
+    kw = dict(train_samples=5, eval_samples=2, prompts_per_step=2, num_generations=2, max_steps=3, eval_steps=2)
+    train_stage2(_cfg(tmp_path, save_steps=2, seed=7, output_dir=str(tmp_path / "seed7"), **kw))
+    other = [i for i, _ in calls]
+    calls.clear()
+    train_stage2(_cfg(tmp_path, save_steps=2, **kw))
+    drawn = [i for i, _ in calls]
+    assert drawn != other  # the order is shuffled by the run's seed
+    assert len(drawn) == 3 and sorted(drawn[0] + drawn[1] + drawn[2][:1]) == [0, 1, 2, 3, 4]  # one pass: all 5
+    assert drawn[2][1] == drawn[0][0]  # then the pass starts again
+    seeds = [s for _, ss in calls for s in ss]
+    assert len(seeds) == 12 and len(set(seeds)) == 12  # 3 steps x 2 prompts x G = 2 rollouts, each its own seed
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert [e["step"] for e in summary["evals"]] == [0, 2, 3]
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_dynamic_sampling_draws_continue_across_steps_batches_and_a_resume(tmp_path, monkeypatch, indexed_world):
+    """With dynamic_sampling each draw takes the next prompts_per_step prompts where the last one stopped (within a
+    step, across steps, and after a resume), and every rollout batch of a step has its own seeds."""
+    def mixed_step(self, draw, seeds):
+        calls.append(([[it["i"] for it in draw()] for _ in range(2)], [seeds(0), seeds(1)]))
+        return dict(_STATS)
+
+    monkeypatch.setattr(GRPOStep, "mixed_step", mixed_step)
+    runs = {}
+    for name, steps in (("whole", [(2, False)]), ("split", [(1, False), (2, True)])):
+        calls = []
+        for n, resume in steps:
+            train_stage2(_cfg(tmp_path, output_dir=str(tmp_path / name), train_samples=8, eval_samples=2,
+                              prompts_per_step=2, num_generations=2, dynamic_sampling=1, max_steps=n), resume=resume)
+        runs[name] = calls
+    draws = [d for batches, _ in runs["whole"] for d in batches]
+    assert sorted(i for d in draws for i in d) == list(range(8))  # 4 draws of 2: one pass over the 8 prompts
+    assert runs["split"] == runs["whole"]
+    for _, (s0, s1) in runs["whole"]:
+        assert len(set(s0) | set(s1)) == 8  # 2 batches x 2 prompts x G = 2, each rollout its own seed
+
+
+def test_the_optimizer_step_clips_the_gradient_and_follows_the_lr_schedule(tmp_path, monkeypatch):
+    """lr per step (0-based s, warmup W = int(warmup_ratio * max_steps)): base (s + 1) / W while s < W, then
+    base / 2 (1 + cos(pi (s - W) / (max_steps - W))); here W = 2 of 4 steps: 0.5, 1, 1, 0.5 x base. Each
+    checkpoint-N's optimizer holds the lr of step N's update. The LoRA gradient is clipped to max_grad_norm before
+    the step: AdamW's first moment after one step is (1 - beta1) g, so its norm is 0.1 x max_grad_norm."""
+    def step_call(self, items, seeds):
+        for p in lora_parameters(self.model):
+            p.grad = torch.ones_like(p)  # norm sqrt(#LoRA weights) >> max_grad_norm
+        self.optimizer_step()  # every step updates (no rollout needed to see the schedule)
+        return dict(_STATS)
+
+    monkeypatch.setattr(GRPOStep, "__call__", step_call)
+    train_stage2(_cfg(tmp_path, learning_rate=1e-3, warmup_ratio=0.5, max_steps=4, save_steps=1, eval_steps=4,
+                      eval_samples=2, max_grad_norm=0.5))
+    states = [torch.load(tmp_path / "run" / f"checkpoint-{n}" / "trainer_state.pt", weights_only=True)["optimizer"]
+              for n in range(1, 5)]
+    assert [s["param_groups"][0]["lr"] for s in states] == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4], rel=1e-9)
+    m = torch.cat([v["exp_avg"].flatten() for v in states[0]["state"].values()])
+    assert float(m.norm()) == pytest.approx(0.1 * 0.5, rel=1e-3)
+
+
+def test_the_periodic_eval_applies_the_cap_and_the_prompt_suffix(policy, monkeypatch):
+    """evaluate_exact scores the inference path: the module's masks under ``cap`` (no sample keeps more) and the
+    questions with the prompt suffix appended, as in training."""
+    from glimpseprune.api import PrunedModel
+    from glimpseprune.training.stage2 import evaluate_exact
+
+    model, processor, module = policy
+    items = [WorldDataset(4)[i] for i in range(4)]
+    free = evaluate_exact(model, processor, module, items, None, None)
+    asked = []
+    generate = PrunedModel.generate
+
+    def spy(self, *a, **kw):
+        out = generate(self, *a, **kw)
+        asked.extend(kw["questions"])
+        assert all(k / v <= 0.02 + 1e-9 for k, v in zip(out.n_kept, out.n_vis))  # each sample within the cap
+        return out
+
+    monkeypatch.setattr(PrunedModel, "generate", spy)
+    capped = evaluate_exact(model, processor, module, items, 0.02, "One word.")
+    assert free["kept_frac"] > 0.02 >= capped["kept_frac"] and capped["n"] == free["n"] == 4
+    assert asked == [f"{it['question']}\nOne word." for it in items]
+
+
+def test_cap_1_is_accepted_and_image_root_reaches_the_train_and_eval_data(tmp_path):
+    """cap is a kept fraction in (0, 1]: 1 (no cap in effect) is a valid value; ``image_root`` is where the train and
+    eval records' relative image paths start (Visual-CoT's cot_image_data/)."""
+    from glimpseprune.testing import random_image
+    from glimpseprune.training.stage2 import _datasets
+
+    assert _cfg(tmp_path, cap=1.0).cap == 1.0
+    with pytest.raises(ValueError, match="cap must be in"):
+        _cfg(tmp_path, cap=0.0)
+    (tmp_path / "images" / "gqa").mkdir(parents=True)
+    random_image(64, 48, seed=2).save(tmp_path / "images" / "gqa" / "1.jpg")
+    row = {"question_id": "viscot-1", "image": "gqa/1.jpg", "question": "What is it?", "answer": "a cup",
+           "width": 64, "height": 48, "bboxs": [[1, 1, 20, 20]]}
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "train.jsonl").write_text(json.dumps(row) + "\n")
+    data = str(tmp_path / "meta" / "train.jsonl")
+    train, evals = _datasets(_cfg(tmp_path, train_data=data, eval_data=data, image_root=str(tmp_path / "images")))
+    assert train[0]["image"].size == (64, 48) and evals[0]["image"].size == (64, 48)
+
+
+def test_co_trained_vip_moves_with_dynamic_sampling_too(tmp_path):
+    """mask_source vip_cotrain with dynamic_sampling > 0: the module still takes its stage-1 step every step (the
+    dynamic-sampling path used to skip it, so the module saved was the frozen one, silently)."""
+    before = load_module(resolve_module("embedded")).state_dict()
+    plus = train_stage2(_cfg(tmp_path, mask_source="vip_cotrain", dynamic_sampling=1, max_steps=1, eval_samples=2))
+    after = load_module(plus, allow_without_adapter=True).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    hist = json.loads((tmp_path / "run" / "train_summary.json").read_text())["history"]
+    assert len(hist) == 1 and hist[0]["vip_loc_loss"] > 0 and hist[0]["rollout_batches"] >= 1

@@ -82,11 +82,13 @@ class GRPOStep:
     def mixed_step(self, draw, seeds) -> dict:
         """Dynamic sampling: roll out batches from ``draw()`` (up to 1 + dynamic_sampling of them, seeds from
         ``seeds(k)``), keep the prompts whose G rewards differ, and update once on (at most) prompts_per_step of
-        them. Statistics are over every rollout made."""
+        them. Statistics are over every rollout made. With mask_source vip_cotrain the module takes one stage-1 step
+        on the first batch's prompts, as ``__call__`` does on its own."""
         cfg, G = self.cfg, self.cfg.num_generations
-        kept_items, groups, all_stats = [], [], []
+        kept_items, groups, all_stats, first = [], [], [], None
         for k in range(1 + cfg.dynamic_sampling):
             items = draw()
+            first = first or items
             batch = self.rollout(items, seeds(k))
             all_stats.append(batch.stats)
             for b, it in enumerate(items):
@@ -99,6 +101,7 @@ class GRPOStep:
         stats = {k: sum(st[k] for st in all_stats) / len(all_stats) for k in all_stats[0]}
         stats["rollout_batches"] = float(len(all_stats))
         stats["update_prompts"] = float(len(kept_items))
+        stats |= self.vip_update(first) if cfg.mask_source == "vip_cotrain" else {}
         if not kept_items:
             return {**stats, "policy_loss": 0.0, "kl": 0.0, "skipped": 1.0}
         return {**stats, **self.update(self._merge(kept_items, groups))}
