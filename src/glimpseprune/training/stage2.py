@@ -123,6 +123,8 @@ class Stage2Config:
     seed: int = 42
     threads: int | None = None
 
+    # a resume may change these; a longer max_steps continues the run on the schedule of the new length (warmup and
+    # cosine follow max_steps, as in transformers' Trainer): the learning rate steps up again at the resumed step
     resume_free_fields = frozenset({"output_dir", "threads", "logging_steps", "eval_steps", "save_steps",
                                     "max_steps", "judge_url", "judge_cache"})
 
