@@ -260,3 +260,32 @@ def test_overwrite_clears_the_earlier_runs_plots_when_the_new_run_writes(tmp_pat
     (out / "throughput.png").write_text("this run's")
     results.partial({"complete": True})
     assert (out / "throughput.png").read_text() == "this run's"  # cleared once, at the first write
+
+
+def test_ratios_against_full_hand_computed(model):
+    """run_benchmark's ratios with causal=False: analytic = variant FLOPs / full FLOPs, both counted non-causal;
+    measured = the variant's median prefill seconds / full's. TINY: hidden 64, 3 layers, q width 64, kv width 32,
+    intermediate 96, vocab 512; 36 visual + 10 text = 46 tokens; mask:0.25 keeps 9 after layer 1 (TINY's K)."""
+    s = E.BenchSettings(shape="tiny", grid=GRID, n_text=N_TEXT, variants=("mask:0.25",), causal=False, warmup=0,
+                        reps=1, decode=False, e2e=False)
+    res = E.run_benchmark(s, TINY, model)["results"]
+    per_token = 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 96)  # 61440: q, k, v, o and the SwiGLU
+    layer46 = 46 * per_token + 2 * 2 * 64 * 46 * 46  # 3367936: every one of the 46^2 pairs (causal=False)
+    layer19 = 19 * per_token + 2 * 2 * 64 * 19 * 19  # 1259776: 10 text + 9 kept tokens
+    head = 2 * 64 * 512  # last prompt token
+    full, mask = 3 * layer46 + head, 2 * layer46 + layer19 + head
+    assert (full, mask) == (10169344, 8061184)
+    assert res["full"]["analytic"]["prefill_llm_flops"] == full
+    assert res["mask:0.25"]["analytic"]["prefill_llm_flops"] == mask
+    assert res["mask:0.25"]["prefill_ratio_analytic"] == mask / full  # ~0.79, not inverted, not against a causal full
+    assert res["full"]["prefill_ratio_analytic"] == 1.0
+    full_s, mask_s = res["full"]["prefill_s"]["median"], res["mask:0.25"]["prefill_s"]["median"]
+    assert res["mask:0.25"]["prefill_ratio_measured"] == mask_s / full_s
+
+
+def test_ratio_check_is_two_sided_and_reports_kept_fraction(result):
+    assert not E.RatioCheck("x", measured=0.5, analytic=0.75).ok  # 33 % below the analytic ratio fails too
+    assert E.RatioCheck("x", measured=0.7, analytic=0.75).ok  # -6.7 %
+    checks = {c.variant: c for c in E.ratio_checks(result)}
+    assert checks["glimpse:0.25"].extra == {"kept_frac": 9 / 36}  # kept / visual tokens, not kept / KV length
+    assert E.near_square_grid(1050) == (32, 33)  # 1056 tokens: nearer 1050 than 32 x 32 = 1024

@@ -296,3 +296,71 @@ def test_kv_cache_bytes_counts_keys_and_values():
 def test_n_kept_for_never_exceeds_the_visual_tokens():
     assert n_kept_for(3, 0.5, min_keep=5) == 3
     assert n_kept_for(10, 0.25) == 2
+
+
+def test_vip_with_two_attention_layers_hand_computed():
+    """A module fed by two LLM layers (upstream ``selected_layers``, e.g. attn_layers=(0, 1)): the VIP's input
+    projection reads 2 layers x 2 heads = 4 attention columns, and the glimpse query's logits are recomputed at both
+    layers."""
+    g = GlimpseConfig(base_model_type="qwen2_5_vl", base_hidden_size=8, base_num_layers=2, base_num_heads=2,
+                      base_vision_width=4, base_vision_depth=2, prune_layer=1, attn_layers=(0, 1), vision_taps=(1,),
+                      vip_width=8, cond_width=8, vip_heads=2, vip_mlp_width=16)
+    f = F.vip_flops(g, grids=[(2, 2)], n_keys=10, text=T)  # S = 4 tokens, 4^2 = 16 pairs
+    inputs = 2 * 4 * (2 * 2) * 8  # 256: (S x 4 attention columns) @ (4 x 8)
+    block = 2 * (2 * 4 * 16 * 16) + 2 * (2 * 4 * 8 * 8) + 2 * 16 * (16 + 16) + 3 * 2 * 4 * 8 * 16  # 9216, one block
+    assert f["vip"] == inputs + block + 2 * 4 * 8 == 9536
+    assert f["glimpse_scores"] == 2 * (2 * 8 * 8 + 2 * 8 * 10) == 576  # q projection + logits, at each of 2 layers
+    assert f["glimpse_vectors"] == 2 * (2 * 8 * 8) == 256  # glimpse layers 0 and 1, both <= K = 1
+    assert f["total"] == 9536 + 576 + 256
+
+
+def test_text_layer_with_head_dim_not_hidden_over_heads_hand_computed():
+    """head_dim 8 with hidden 8 and 2 heads (as Qwen3-VL-4B / 32B: q width 4096 / 8192 != hidden 2560 / 5120):
+    q and o have width num_heads * head_dim = 16, k and v num_kv_heads * head_dim = 8, the attention products 16."""
+    t = TextShape(hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=16, vocab_size=32,
+                  head_dim=8)
+    f = F.text_layer_flops(t, n_new=3, n_past=0, causal=True)
+    assert f.proj == 2 * 3 * 8 * 16 + 2 * (2 * 3 * 8 * 8) + 2 * 3 * 16 * 8 == 2304  # q (8 -> 16), k, v (8 -> 8), o
+    assert f.attn == 2 * 2 * 16 * 6 == 384  # (QK^T + AV) at q width 16, 6 causal pairs
+    assert f.ffn == 3 * 2 * 3 * 8 * 16 == 2304
+
+
+def test_sweep_rows_hand_computed():
+    """prune_layer_sweep on SMALL (2 layers), 2 text + 4 visual tokens, 1 kept, causal. Per layer on n tokens:
+    linear 2 * (8*8 + 2*8*4 + 8*8 + 3*8*16) = 1152 per token, attention 2 * 2 * 8 = 32 per pair (n (n+1) / 2 pairs):
+    n = 7: 8064 + 32 * 28 = 8960; n = 6: 6912 + 32 * 21 = 7584; n = 3: 3456 + 32 * 6 = 3648. LM head 2 * 8 * 32."""
+    head = 2 * 8 * 32  # 512
+    full = 2 * 7584 + head  # 15680
+    # VIP of SMALL.glimpse_config(K): taps (1, 0) -> 2 blocks; one grid of 1 x 4, S = 4, 16 pairs; 7 keys (6 + glimpse)
+    block = 2 * (2 * 4 * 16 * 16) + 2 * (2 * 4 * 8 * 8) + 2 * 16 * (16 + 16) + 3 * 2 * 4 * 8 * 16  # 9216
+    vip = 2 * 4 * 2 * 8 + 2 * block + 2 * 4 * 8  # attention inputs (1 layer x 2 heads), 2 blocks, output
+    assert vip == 18624
+    scores = 2 * 8 * 8 + 2 * 8 * 7  # 240
+    rows = F.prune_layer_sweep(SMALL, n_text=2, n_vis=4, keep_frac=0.25, causal=True)
+    assert [(r["prune_layer"], r["n_kept"], r["kv_len"], r["equivalent_tokens"]) for r in rows] == [
+        (-1, 1, 3, 3.0), (0, 1, 3, (7 + 3) / 2), (1, 1, 3, 7.0)]  # the cache holds 2 + 1 whatever K, even K = L - 1
+    assert rows[0]["prefill_flops"] == 2 * 3648 + head == 7808  # K = -1: no glimpse token, no VIP
+    assert rows[1]["prefill_flops"] == 8960 + 3648 + head + vip + scores + 128 == 32112  # one glimpse vector (layer 0)
+    assert rows[2]["prefill_flops"] == 2 * 8960 + head + vip + scores + 2 * 128 == 37552  # two glimpse vectors
+    assert rows[1]["vip_flops"] == vip + scores + 128
+    assert [r["ratio"] for r in rows] == [7808 / full, 32112 / full, 37552 / full]
+
+
+def test_variant_decode_step_and_vit_in_prefill_hand_computed():
+    """variant_cost's decode step runs on the compacted cache (kv_len), and prefill_flops(include_vit=True) adds the
+    ViT on the merged grid's patches (2 x 2 merged -> 4 x 4 patches) plus the VIP's condition projections."""
+    # one decode token on SMALL with c cached: per layer 1152 (linear) + 32 * (c + 1) (pairs); 2 layers; head 512
+    glimpse = F.variant_cost(SMALL, "glimpse", 0.25, 0, 2, (2, 2), causal=True)
+    assert glimpse["kv_len"] == 2 + 1
+    assert glimpse["decode_step_flops"] == 2 * (1152 + 32 * (3 + 1)) + 512 == 3072
+    full = F.variant_cost(SMALL, "full", None, None, 2, (2, 2), causal=True)
+    assert full["decode_step_flops"] == 2 * (1152 + 32 * (6 + 1)) + 512 == 3264
+    # ViT on (1, 4, 4) patches, P = 16: patch embed, 2 blocks of qkv / proj / SwiGLU, one 2 x 2 merged window (16
+    # patches, 256 pairs) in block 0 and the full image (256 pairs) in block 1, merger on 4 merged tokens of width 16
+    vit = (2 * 16 * (3 * 2 * 14 * 14) * 4 + 2 * (2 * 16 * 4 * 12 + 2 * 16 * 4 * 4 + 3 * 2 * 16 * 4 * 8)
+           + 2 * 2 * 4 * 256 + 2 * 2 * 4 * 256 + 2 * 4 * 16 * 16 + 2 * 4 * 16 * 8)
+    assert vit == 172032 == F.vit_flops(V, [(1, 4, 4)])["total"]
+    cond = 2 * (2 * 4 * 4 * 8)  # 2 taps, 4 visual tokens, tap width 4 -> condition width 8
+    cost = F.prefill_flops(SMALL, 2, 4, 1, 0, n_extra=1, glimpse=SMALL.glimpse_config(0), grids=[(2, 2)],
+                           include_vit=True)
+    assert cost.conditions == cond and cost.vit == vit + cond == 172544
