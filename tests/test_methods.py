@@ -788,3 +788,118 @@ def test_cdpruner_negate_relevance_flips_the_relevance(family):
     assert want != plain  # the check can fail: the sign changes the pick on this input
     out = gp.apply(family.model, "cdpruner", keep_ratio=0.2, negate_relevance=True).generate(inputs, max_new_tokens=1)
     assert out.keep_masks[0].nonzero().flatten().tolist() == want
+
+
+# mutation audit of ops/ and the peer methods: hand-worked examples a one-line change could break unnoticed
+
+# Rows of V are the feature vectors; L = V V^T, so det(L_S) = det(V_S)^2 for three picks.
+DPP_V = torch.tensor([[0.0, 2.0, 2.0], [0.0, 2.0, 1.0], [2.0, -1.0, 0.0], [-1.0, 2.0, 1.0]], dtype=torch.float64)
+
+
+def test_dpp_third_pick_uses_the_residual_of_every_earlier_pick():
+    """L = V V^T = [[8, 6, -2, 6], [6, 5, -2, 5], [-2, -2, 5, -4], [6, 5, -4, 6]]. Greedy MAP by hand:
+    pick 0 (largest diagonal, 8); then det{0, j} = 8 L_jj - L_0j^2 = 4 / 36 / 12 for j = 1 / 2 / 3: pick 2; then
+    det{0, 2, 1} = det(V_{0,2,1})^2 = (-4)^2 = 16 beats det{0, 2, 3} = 2^2 = 4: pick 1. Projecting the third
+    candidate on the SECOND pick's direction alone (forgetting the first pick's part of it) picks 3 instead."""
+    L = DPP_V @ DPP_V.T
+    assert L.tolist() == [[8, 6, -2, 6], [6, 5, -2, 5], [-2, -2, 5, -4], [6, 5, -4, 6]]
+    assert dpp_greedy_map(L, 3).tolist() == [0, 2, 1]
+    # the lazy conditional form: unit rows times relevance = the rows of V, so its kernel is the same L
+    assert conditional_dpp_select(DPP_V.float(), DPP_V.norm(dim=1).float(), 3).tolist() == [0, 2, 1]
+
+
+def test_dpp_greedy_is_scale_invariant():
+    """Scaling a kernel scales every marginal gain alike, so the picks stay [0, 2, 1]; the degeneracy floor is
+    relative (eps * max diagonal): an absolute one would call every gain of L * 1e-8 degenerate and fill by the
+    diagonal alone ([0, 3, 1]: 8, 6, 5 ...)."""
+    L = DPP_V @ DPP_V.T
+    assert dpp_greedy_map(L * 1e-8, 3).tolist() == [0, 2, 1]
+    assert dpp_greedy_map(L * 1e8, 3).tolist() == [0, 2, 1]
+
+
+def test_nearest_target_maps_every_target_to_itself_even_for_duplicates():
+    """Rows 0 and 1 point the same way (cosine 1 to each other): each, being a target, still maps to ITSELF, not to
+    the lower-positioned duplicate. Otherwise a kept token of a merge plan (vscan: kept[nearest_target(vis, kept)])
+    folds into another and stops being kept: fewer tokens than the budget. Non-targets tie to the lower position."""
+    pts = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [3.0, 0.0]])
+    assert nearest_target(pts, torch.tensor([0, 1])).tolist() == [0, 1, 0, 0]
+    assert nearest_target(pts, torch.tensor([1, 0])).tolist() == [1, 0, 0, 0]
+
+
+def test_window_quota_rounds_the_quota_up():
+    """k = 3 over 2 windows: the quota is ceil(3 / 2) = 2 per window, so 3 tokens come back (the two best of window 0,
+    0.9 and 0.8, then the best of window 1, 0.3), not floor(3 / 2) = 1 per window and only 2 tokens."""
+    s = torch.tensor([0.9, 0.8, 0.7, 0.1, 0.2, 0.3])
+    keep = window_quota_keep(s, torch.tensor([0, 0, 0, 1, 1, 1]), 3)
+    assert keep.tolist() == [True, True, False, False, False, True]
+
+
+def test_ratio_budget_keeps_at_least_one_token():
+    """Every ratio-based method keeps max(1, floor(keep_ratio * n_vis)): 0.01 of 36 tokens is one token, not none."""
+    from glimpseprune.methods.common import ratio_count
+
+    assert ratio_count(36, 0.01) == 1 and ratio_count(0, 0.01) == 0 and ratio_count(36, 0.5) == 18
+    for name in ("fastv", "divprune", "cdpruner", "visionzip", "downsample", "random", "vscan"):
+        assert gp.make_method(name, keep_ratio=0.01).budget(36) == 1, name
+
+
+# vscan's before-LLM scan on hand-made embeddings. The parameter-free attention received: two identical tokens split
+# their own queries evenly (1 each within their group); two mirror-image tokens ([0, 1], [0, -1]) also receive 1
+# each; a large token aligned with others draws most of the attention of the group.
+
+
+def test_vscan_local_frac_is_the_share_picked_by_the_local_scan():
+    """One 1 x 4 image, 2-token windows {0, 1}, {2, 3}. Within each window every token receives exactly 1 (a mirror
+    pair, an identical pair): the local scan takes the lower index of each window, {0, 2}. Over the whole image the
+    two large aligned tokens 2 and 3 receive the most (about 1.44 each): the global scan takes {2, 3}."""
+    from glimpseprune.methods.vscan import scan_keep
+
+    v = torch.tensor([[0.0, 1.0], [0.0, -1.0], [3.0, 0.0], [3.0, 0.0]])
+    assert scan_keep(v, [(1, 4)], 2, 0.0, 2).tolist() == [False, False, True, True]  # global scan only
+    assert scan_keep(v, [(1, 4)], 2, 1.0, 2).tolist() == [True, False, True, False]  # local scan only
+    assert scan_keep(v, [(1, 4)], 2, 0.5, 2).tolist() == [True, False, True, False]  # 1 local (token 0), 1 global
+
+
+def test_vscan_windows_of_different_images_are_numbered_apart():
+    """Two 1 x 2 images, window 2: one window per image. The local scan with m = 2 takes one token per window, the
+    lower index of each identical / mirror pair: {0, 2}. Were both images one window (ids not offset by the first
+    image's window count), its quota would be 2 and the large image-0 tokens would take both places."""
+    from glimpseprune.methods.vscan import scan_keep
+
+    v = torch.tensor([[3.0, 0.0], [3.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    assert scan_keep(v, [(1, 2), (1, 2)], 2, 1.0, 2).tolist() == [True, False, True, False]
+
+
+# Image 0: two identical large tokens (each receives exactly 1 within its image). Image 1: token 2 = [2, 0] and a
+# near-zero token 3: token 2's own query pays it e^(4/sqrt 2) / (e^(4/sqrt 2) + 1) = 0.944 and token 3's query
+# about 0.498 (logits 0 and 0.007), so token 2 receives 1.44 > 1, the most of any token WITHIN its image. Pooled
+# over both images, the large tokens 0 and 1 would receive the most (about 1.63 each).
+TWO_IMAGES = torch.tensor([[3.0, 0.0], [3.0, 0.0], [2.0, 0.0], [0.0, 0.1]])
+
+
+def test_vscan_global_scan_attends_within_each_image():
+    from glimpseprune.methods.vscan import scan_keep
+
+    assert attention_received(TWO_IMAGES, torch.tensor([0, 0, 1, 1])).tolist() == \
+        pytest.approx([1.0, 1.0, 1.442, 0.558], abs=1e-3)
+    assert scan_keep(TWO_IMAGES, [(1, 2), (1, 2)], 1, 0.0, 2).tolist() == [False, False, True, False]
+
+
+def test_visionzip_dominant_tokens_attend_within_each_image():
+    """dominant_frac = 1, k = 1: the one kept token is the top attention received within its own image (token 2),
+    nothing is merged and the rest are dropped."""
+    from types import SimpleNamespace
+
+    enc = SimpleNamespace(grids=[(1, 2), (1, 2)], image_owner=[0, 0], n_vis=[4])
+    method = gp.make_method("visionzip", keep_ratio=0.25, dominant_frac=1.0)
+    assert method.plan(SimpleNamespace(enc=enc), 0, TWO_IMAGES, 1).tolist() == [-1, -1, 2, -1]
+
+
+def test_downsample_plan_by_hand():
+    """Two 1 x 3 images pooled to 3 cells: split_budget([3, 3], 3) = [2, 1] (the tie to the lower index). Image 0 in
+    2 cells, columns {0} and {1, 2}, kept as tokens 0 and 1 (the left of the two middles); image 1 in one cell, its
+    centre token 1, i.e. token 4 of the sample."""
+    from glimpseprune.methods.downsample import pooling_plan
+
+    assert pooling_plan([(1, 3), (1, 3)], 3).tolist() == [0, 1, 1, 4, 4, 4]
+    assert pooling_plan([(1, 3), (1, 3)], 1).tolist() == [1, 1, 1, -1, -1, -1]  # fewer cells than images

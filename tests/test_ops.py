@@ -404,3 +404,19 @@ def test_farthest_point_fill_holds_no_rows_by_seeds_matrix():
     u = unit_rows(x)  # the whole-matrix reference of the first pick
     dist = (1.0 - u @ u[seed].T).amin(dim=1).masked_fill(seed, float("-inf"))
     assert bool(keep[int(dist.argmax())]) and int(keep.sum()) == s + 3 and bool(keep[seed].all())
+
+
+def test_rope2d_angles_by_hand():
+    """head_dim 8: two frequencies per axis, theta^(-0/4) = 1 and theta^(-2/4) = 1/100 for theta = 10^4. Position
+    (row 2, col 3): [2, 0.02 | 3, 0.03] (row angles, then column angles), the whole duplicated for the two halves."""
+    ang = rope2d_angles(torch.tensor([[2, 3]]), 8)
+    torch.testing.assert_close(ang, torch.tensor([[2.0, 0.02, 3.0, 0.03, 2.0, 0.02, 3.0, 0.03]]))
+
+
+def test_apply_rope_rotates_each_pair_forwards():
+    """head_dim 4 pairs dimension i with i + 2 (rotate-half layout). A quarter turn of the pair (0, 2) sends e_0 to
+    e_2 and e_2 to -e_0 (x cos + rotate_half(x) sin, rotate_half([a, b, c, d]) = [-c, -d, a, b]); the pair (1, 3) at
+    angle 0 is untouched."""
+    ang = torch.tensor([[torch.pi / 2, 0.0, torch.pi / 2, 0.0]])
+    out = apply_rope(torch.tensor([[1.0, 5.0, 0.0, 7.0], [0.0, 5.0, 1.0, 7.0]])[:, None], ang)
+    torch.testing.assert_close(out[:, 0], torch.tensor([[0.0, 5.0, 1.0, 7.0], [-1.0, 5.0, 0.0, 7.0]]))
