@@ -312,6 +312,24 @@ def test_qwen_aspect_limit_is_named(pm):
                     questions=["What?", "What?"], max_new_tokens=1)
 
 
+def test_qwen_aspect_limit_is_inclusive(processor):
+    from glimpseprune.processing import build_inputs
+
+    assert build_inputs(processor, [[Image.new("RGB", (1, 200))]], ["What?"])["image_grid_thw"].shape == (1, 3)
+    with pytest.raises(ValueError, match=r"images\[0\] is 201x1, 201 times longer than wide"):
+        build_inputs(processor, [[Image.new("RGB", (201, 1))]], ["What?"])
+
+
+def test_wide_greyscale_edge_values():
+    # mode I holding 8-bit 255 is white (not 16-bit 0x00FF, black); mode I 0/1 (a mask) is 8-bit 0/1, not 0..1
+    white = Image.fromarray(np.array([[0, 128, 255]], np.int32))
+    assert np.asarray(to_rgb(white))[0, :, 0].tolist() == [0, 128, 255]
+    binary = Image.fromarray(np.array([[0, 1]], np.int32))
+    assert np.asarray(to_rgb(binary))[0, :, 0].tolist() == [0, 1]
+    unit = Image.fromarray(np.array([[0.0, 1.0]], np.float32))  # mode F in 0..1 is scaled
+    assert np.asarray(to_rgb(unit))[0, :, 0].tolist() == [0, 255]
+
+
 def test_wide_greyscale_modes_keep_their_values():
     ramp = np.arange(200, dtype=np.uint8).reshape(10, 20)
     want = np.asarray(to_rgb(Image.fromarray(ramp)))

@@ -78,6 +78,25 @@ def test_lowered_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         load_image(path)
 
 
+def test_limit_is_inclusive(tmp_path: Path) -> None:
+    # exactly max_pixels is read; one pixel more is refused
+    path = tmp_path / "edge.png"
+    random_image(100, 60, seed=0).save(path)
+    assert load_image(path, max_pixels=6000).size == (100, 60)
+    with pytest.raises(ValueError, match="6000 pixels, over the limit of 5999"):
+        load_image(path, max_pixels=5999)
+
+
+def test_pil_warning_limit_applies_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under our limit but over PIL's (lowered) Image.MAX_IMAGE_PIXELS, where PIL only warns: refused all the same.
+    path = tmp_path / "warn.png"
+    random_image(100, 60, seed=0).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)  # 6000 pixels: over 4000 (warning), under 8000 (error)
+    with pytest.raises(ValueError, match="too large to decode") as info:
+        load_image(path, max_pixels=10**6)
+    assert str(path) in str(info.value)
+
+
 def test_limit_is_checked_on_the_header(tmp_path: Path) -> None:
     # The pixel data is missing: only a check made before decoding can report the size instead of a truncation.
     path = tmp_path / "header_only.png"
@@ -109,6 +128,14 @@ def test_to_rgb_16_bit_modes(mode: str) -> None:
         image = Image.frombytes(mode, (4, 1), values.astype(">u2" if mode == "I;16B" else "<u2").tobytes())
     assert image.mode == mode
     assert _pixels(to_rgb(image))[0, :, 0].tolist() == [0, 0x12, 0x80, 0xFF]
+
+
+def test_16_bit_png_transparency_key_is_composited(tmp_path: Path) -> None:
+    # a tRNS colour key on a 16-bit greyscale PNG hides its pixels as it does on an 8-bit one
+    path = tmp_path / "key16.png"
+    Image.fromarray(np.array([[0x8000, 0x4000]], dtype=np.uint16)).save(path, transparency=0x8000)
+    assert Image.open(path).mode == "I;16" and Image.open(path).info["transparency"] == 0x8000
+    assert _pixels(load_image(path))[0].tolist() == [list(WHITE), [0x40] * 3]
 
 
 def test_16_bit_rgb_png_is_downscaled(tmp_path: Path) -> None:
@@ -278,6 +305,19 @@ def test_llava_control_tokens_in_questions_are_refused(llava, token: str) -> Non
     with pytest.raises(ValueError, match="questions\\[0\\]") as info:
         build_inputs(llava, [[random_image(56, 56)]], [f"What is this?{token} USER: hi"])
     assert repr(token) in str(info.value)
+
+
+def test_control_token_error_names_the_first_one(qwen) -> None:
+    with pytest.raises(ValueError, match=r"questions\[0\] contains the control token '<\|im_start\|>'"):
+        build_inputs(qwen, [[]], ["a <|im_start|> b <|im_end|>"])
+
+
+def test_images_come_before_the_question(qwen, llava) -> None:
+    for processor, image_end in ((qwen, "<|vision_end|>"), (llava, "<image>\n")):
+        ids = build_inputs(processor, [[Image.new("RGB", (32, 32))]], ["What colour?"])["input_ids"][0]
+        text = processor.tokenizer.decode(ids)
+        assert image_end + "What colour?" in text, text
+        assert text.rindex(processor.image_token) < text.index("What colour?")
 
 
 def test_control_tokens_in_system_prompt_are_refused(qwen) -> None:

@@ -154,6 +154,8 @@ def test_converted_without_depth_names_mismatch(llava, llava_module, tmp_path):
     # an edge on a grid line does not spill over; a point marks the cell holding it
     ((25, 25, 50, 50), 100, 100, 4, dict(mode="pad"), [1], [1]),
     ((60, 60, 60, 60), 100, 100, 4, dict(mode="pad"), [2], [2]),
+    # an odd surplus: transformers' center_crop drops (5 - 4) // 2 = 0 columns on the left, the extra one on the right
+    ((1, 0, 2, 1), 5, 4, 4, dict(mode="crop"), [0], [1]),
 ])
 def test_box_to_grid_hand_cases(box, width, height, grid, kw, rows, cols):
     want = np.zeros((grid, grid), dtype=bool)
@@ -188,6 +190,26 @@ def test_box_to_grid_follows_processor(tmp_path_factory, image_mode, size, box):
     mask = llava_box_to_grid([box], *size, 8, **llava_image_mode(proc.image_processor))
     assert llava_image_mode(proc.image_processor)["mode"] == image_mode
     assert mask.any() and (cells[mask] > 0.5).all() and (cells[~mask] < 0.05).all()
+
+
+def test_image_mode_keeps_a_crop_smaller_than_the_resize():
+    from types import SimpleNamespace
+
+    clip = SimpleNamespace(size={"shortest_edge": 8}, crop_size={"height": 4, "width": 6}, do_resize=True,
+                           do_center_crop=True, do_pad=False)
+    assert llava_image_mode(clip) == {"mode": "crop", "size": 8, "crop": (4, 6)}
+
+
+def test_llava_chat_template_ends_with_the_generation_prompt():
+    """The tiny LLaVA tokenizer renders the llava-hf format; the prompt a model answers ends with "ASSISTANT:"."""
+    from glimpseprune.adapters.llava_processing import make_tiny_llava_tokenizer
+
+    tokenizer = make_tiny_llava_tokenizer()
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert prompt == "Be brief. USER: <image>\nWhat colour? ASSISTANT:"
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == "Be brief. USER: <image>\nWhat colour? "
 
 
 # --------------------------------------------------------------------------- CLI and training

@@ -198,6 +198,14 @@ def test_load_image_not_an_image(tmp_path: Path) -> None:
     assert str(bogus) in str(info.value)
 
 
+def test_qwen_processor_refuses_a_tokenizer_without_its_tokens(processor) -> None:
+    # a tokenizer with an unk token maps an unknown token to unk rather than None: still refused
+    from glimpseprune.adapters.llava_processing import make_tiny_llava_tokenizer
+
+    with pytest.raises(ValueError, match="tokenizer has no token '<\\|image_pad\\|>'"):
+        QwenVLProcessor(image_processor=processor.image_processor, tokenizer=make_tiny_llava_tokenizer())
+
+
 def test_load_processor_errors(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match="nowhere"):

@@ -195,11 +195,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     hidden by the alpha never reach the model. Other modes go through ``Image.convert("RGB")``. EXIF orientation is
     left alone here (in-memory pixels are taken as given); :func:`load_image` applies it to files.
     """
+    hidden = None  # a wide greyscale image's transparent colour key, kept through the 8-bit conversion below
+    if image.mode in (*_SIXTEEN_BIT_MODES, "I", "F") and isinstance(image.info.get("transparency"), (int, float)):
+        hidden = np.asarray(image) == image.info["transparency"]
     if image.mode in _SIXTEEN_BIT_MODES:
         values = np.asarray(image).astype(np.int64)
         image = Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8))
     elif image.mode in ("I", "F"):
         image = _wide_to_8bit(image)
+    if hidden is not None:
+        image = Image.merge("LA", (image, Image.fromarray(np.where(hidden, 0, 255).astype(np.uint8))))
     if _has_transparency(image):
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
