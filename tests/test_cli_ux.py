@@ -55,6 +55,13 @@ def test_ask_overlay_json_prints_only_json_on_stdout(tiny_dir, mod_dir, img, tmp
                  "--overlay", str(tmp_path / "k2.png"), "--max-new-tokens", "2", "-q"]) == 0
     cap = capsys.readouterr()
     assert cap.out.splitlines()[-1].startswith("kept ") and "wrote" not in cap.out + cap.err  # -q: no notes
+    # asking again to the same path replaces the overlay drawn before (it carries glimpseprune's mark)
+    overlay.write_bytes(b"")  # (not an image any more: a foreign file, refused)
+    assert main(["ask", "--model", str(tiny_dir), "--module", str(mod_dir), "--image", str(img), "--question", "Q?",
+                 "--overlay", str(overlay), "--max-new-tokens", "2"]) == 2
+    assert "not an overlay glimpseprune drew" in capsys.readouterr().err and overlay.read_bytes() == b""
+    assert main(["ask", "--model", str(tiny_dir), "--module", str(mod_dir), "--image", str(img), "--question", "Q?",
+                 "--overlay", str(tmp_path / "k2.png"), "--max-new-tokens", "2"]) == 0
 
 
 def test_eval_json_and_environment_in_summary(tiny_dir, split, tmp_path, capsys):

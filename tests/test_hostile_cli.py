@@ -111,6 +111,35 @@ def test_ask_overlay_never_overwrites_the_input(tmp_path, capsys):
     assert "unknown image file extension" in capsys.readouterr().err
 
 
+def test_ask_overlay_never_overwrites_a_file_it_did_not_draw(tmp_path, capsys):
+    from PIL import Image
+
+    from glimpseprune.bench.overlay import is_overlay, save_overlay
+    from glimpseprune.cli.commands import _check_overlay
+
+    img = tmp_path / "in.png"
+    random_image(64, 64, seed=1).save(img)
+    photo = tmp_path / "holiday.png"  # the user's own picture at the path given
+    random_image(32, 32, seed=2).save(photo)
+    before = photo.read_bytes()
+    assert main(["ask", str(img), "Q?", "--overlay", str(photo)]) == 2  # refused before the model loads
+    assert "not an overlay glimpseprune drew" in capsys.readouterr().err and photo.read_bytes() == before
+    _check_overlay(str(photo), [str(img)], overwrite=True)  # the user lets it go
+    with pytest.raises(ValueError, match="is the input image"):  # the input never, --overwrite or not
+        _check_overlay(str(img), [str(img)], overwrite=True)
+    drawn = Image.new("RGB", (8, 8), (200, 10, 10))
+    for name in ("o.png", "o.jpg", "o.gif"):  # one glimpseprune drew is replaced when asked again
+        save_overlay(drawn, tmp_path / name)
+        assert is_overlay(tmp_path / name), name
+        _check_overlay(str(tmp_path / name), [str(img)])
+        with Image.open(tmp_path / name) as back:
+            assert back.size == (8, 8)
+    assert not is_overlay(photo) and not is_overlay(tmp_path / "missing.png")
+    (tmp_path / "t.png").write_text("not an image")
+    assert not is_overlay(tmp_path / "t.png")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary files left
+
+
 def test_make_world_and_compare_refuse_another_run(tmp_path, capsys):
     out = tmp_path / "w"
     assert main(["make-world", "--out", str(out), "--n", "3", "--seed", "2"]) == 0

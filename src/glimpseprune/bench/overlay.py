@@ -180,3 +180,43 @@ def contact_sheet(frames: list[Image.Image], keep: np.ndarray, *, temporal_patch
     canvas.paste(sheet, (0, 0))
     canvas.paste(band, (0, sheet.height))
     return canvas
+
+
+MARK = "glimpseprune overlay"  # in the saved file: a later `ask --overlay` to the same path may replace it
+
+
+def save_overlay(image: Image.Image, path) -> None:
+    """Save a drawn overlay with :data:`MARK` in it (a PNG text chunk, a JPEG / GIF comment), through a temporary file
+    in the same folder and ``os.replace`` (an interrupted save leaves the earlier file whole)."""
+    import os
+    import uuid
+    from pathlib import Path
+
+    from PIL.PngImagePlugin import PngInfo
+
+    p = Path(path)
+    fmt = Image.registered_extensions().get(p.suffix.lower())
+    kwargs = {}
+    if fmt == "PNG":
+        kwargs["pnginfo"] = PngInfo()
+        kwargs["pnginfo"].add_text("Software", MARK)
+    elif fmt in ("JPEG", "GIF"):
+        kwargs["comment"] = MARK
+    tmp = p.parent / f".{p.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        image.save(tmp, format=fmt, **kwargs)
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def is_overlay(path) -> bool:
+    """Whether the image file at ``path`` is one :func:`save_overlay` wrote (its mark is there); False for anything
+    else, including a file that is not an image."""
+    try:
+        with Image.open(path) as im:
+            found = [im.info.get("Software"), im.info.get("comment")]
+    except Exception:
+        return False
+    return any(v in (MARK, MARK.encode()) for v in found)

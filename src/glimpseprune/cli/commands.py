@@ -11,12 +11,13 @@ from .common import _is_utf8, _note, _printable, check_device
 from .method_args import SELECTION_FLAGS, _check_method, _load, _show
 
 
-def _check_overlay(path: str, images: list[str]) -> None:
-    """Before the model loads: the overlay must go to a new PNG-able path that is not one of the inputs."""
-    from pathlib import Path
-
+def _check_overlay(path: str, images: list[str], overwrite: bool = False) -> None:
+    """Before the model loads: the overlay must go to an image path that is not one of the inputs, and that holds
+    nothing yet, an overlay glimpseprune drew earlier (re-asking replaces it), or a file the user lets go
+    (``overwrite``)."""
     from PIL import Image
 
+    from ..bench.overlay import is_overlay
     from ..outputs import check_writable_file
 
     if not images:
@@ -29,6 +30,9 @@ def _check_overlay(path: str, images: list[str]) -> None:
     if out.suffix.lower() not in Image.registered_extensions():
         raise ValueError(f"--overlay {path}: unknown image file extension {out.suffix!r} (use .png)")
     check_writable_file(out)
+    if out.exists() and not overwrite and not is_overlay(out):
+        raise ValueError(f"--overlay {path} already exists and is not an overlay glimpseprune drew: refusing to "
+                         "overwrite it; choose another path, or pass --overwrite to replace it")
 
 
 def cmd_ask(args) -> int:
@@ -47,7 +51,7 @@ def cmd_ask(args) -> int:
         raise ValueError(f"the question is not valid UTF-8 text: {_printable(question)}")
     _check_method(args)
     if args.overlay:
-        _check_overlay(args.overlay, [video] if video else images)
+        _check_overlay(args.overlay, [video] if video else images, args.overwrite)
     clip = None
     if video:  # decoded and checked before the model loads
         from ..video import DEFAULT_FPS, MAX_FRAMES, as_video
@@ -76,24 +80,24 @@ def cmd_ask(args) -> int:
 def _write_overlay(pm, image_path, keep, out_path, question: str | None = None, answer: str | None = None) -> None:
     """The input image at its own size, dropped tokens dimmed, kept ones outlined, with the question, the answer and
     this image's kept count in a caption band below."""
-    from ..bench.overlay import grid_box, overlay
+    from ..bench.overlay import grid_box, overlay, save_overlay
     from ..processing import load_image
 
     image = load_image(image_path)
     k = keep.cpu().numpy()
-    overlay(image, k, box=grid_box(pm.adapter, pm.processor, image.size), question=question, answer=answer,
-            kept=int(k.sum()), total=int(k.size)).save(out_path)
+    save_overlay(overlay(image, k, box=grid_box(pm.adapter, pm.processor, image.size), question=question,
+                         answer=answer, kept=int(k.sum()), total=int(k.size)), out_path)
 
 
 def _write_contact_sheet(pm, clip, keep, out_path, question: str | None = None, answer: str | None = None) -> None:
     """The video's frames in a grid, each with its frame-group's kept tokens, and the caption band below."""
-    from ..bench.overlay import contact_sheet, grid_box
+    from ..bench.overlay import contact_sheet, grid_box, save_overlay
 
     k = keep.cpu().numpy()
     tp = getattr(pm.processor.image_processor, "temporal_patch_size", 2)
-    contact_sheet(list(clip.frames), k, temporal_patch_size=tp, fps=clip.fps,
-                  box=grid_box(pm.adapter, pm.processor, clip.size), question=question, answer=answer,
-                  kept=int(k.sum()), total=int(k.size)).save(out_path)
+    save_overlay(contact_sheet(list(clip.frames), k, temporal_patch_size=tp, fps=clip.fps,
+                               box=grid_box(pm.adapter, pm.processor, clip.size), question=question, answer=answer,
+                               kept=int(k.sum()), total=int(k.size)), out_path)
 
 
 def cmd_make_world(args) -> int:

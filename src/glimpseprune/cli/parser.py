@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--question", help="the question text")
     a.add_argument("--overlay", help="write the (first) image with its kept tokens highlighted to this PNG; with "
                    "--video, a contact sheet of its frames, each with its kept tokens")
+    a.add_argument("--overwrite", action="store_true", help="let --overlay replace an existing file that is not an "
+                   "overlay drawn by glimpseprune (one it drew is replaced anyway; the input image never is)")
     _model_args(a)
     a.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens to generate")
     a.add_argument("--json", action="store_true", help="print one JSON line instead of text (notes go to stderr)")
