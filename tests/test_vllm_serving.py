@@ -152,6 +152,22 @@ def check_same(run, i, tokens, logps, kv_len):
     assert run["prompt_len"][i] == kv_len  # vLLM's prompt holds exactly the tokens our pruned cache holds
 
 
+def test_the_plugin_registers_on_a_vllm_without_the_v1_cpu_runner_module():
+    """vLLM 0.34 moved its CPU runner onto the V2 runner (which reads the pruning flag itself) and removed
+    ``vllm.v1.worker.cpu_model_runner``: register() must then wrap nothing and still register, not fail to import."""
+    py = vllm_python()
+    code = ("import sys; sys.modules['vllm.v1.worker.cpu_model_runner'] = None\n"
+            "from glimpseprune.serving import vllm_plugin as p\n"
+            "assert p.enable_pruning_on_cpu_runner() is False\n"
+            "p.register()\n"
+            "from vllm import ModelRegistry\n"
+            "assert p.ARCHITECTURE in ModelRegistry.get_supported_archs()\n"
+            "import vllm; print('tested', p.check_vllm_version(), vllm.__version__)\n")
+    proc = subprocess.run([py, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[:2] == ["tested", "True"]  # the vLLM the serving tests run on is a tested release
+
+
 @pytest.mark.parametrize("i", [0, 1])
 def test_keep_everything_equals_our_full_and_stock_vllm(served, i):
     tokens, logps, keep, kv_len = ours(served, "full", i)

@@ -16,6 +16,11 @@ vLLM's CPU model runner (0.32; 0.33's is the same file) never sets the flag with
 multimodal-pruning path (strip the position channels from the embeddings, rewrite the request's M-RoPE positions),
 so on CPU even vLLM's own EVS video pruning gets wrong positions. ``register()`` makes the CPU runner set it after
 loading a model, exactly as the GPU runner does (only models that support pruning and have it enabled are affected).
+vLLM 0.34 has no such module: its CPU runner is the V2 runner, which builds its pruner from the same flag, so nothing
+is wrapped there.
+
+The serving tests ran on vLLM 0.32 and 0.33 only (``TESTED_VLLM``, the ``vllm`` extra's bounds); ``register()`` logs a
+warning, once, on any other release (vLLM 0.34 removed the V1 GPU model runner these tests went through on GPU).
 """
 
 from __future__ import annotations
@@ -111,6 +116,30 @@ def image_only_processor_fallback() -> bool:
     return True
 
 
+TESTED_VLLM = ((0, 32), (0, 33))  # the vLLM releases (major, minor) the serving tests ran on
+
+
+def check_vllm_version(version: str | None = None) -> bool:
+    """Whether ``version`` (default: the installed vLLM's) is a release the serving tests ran on; logs a warning
+    naming it when it is not (a guess at the release's meaning is not made: it may work)."""
+    from packaging.version import InvalidVersion, Version
+
+    if version is None:
+        import vllm
+
+        version = getattr(vllm, "__version__", "unknown")
+    try:
+        release = Version(version).release[:2]
+    except InvalidVersion:
+        release = None
+    if release in TESTED_VLLM:
+        return True
+    tested = " and ".join(f"{a}.{b}" for a, b in TESTED_VLLM)
+    logger.warning("glimpseprune: the vLLM plugin was tested on vLLM %s only; this is vLLM %s: run "
+                   "tests/test_vllm_serving.py on it before you trust its answers", tested, version)
+    return False
+
+
 def enable_pruning_on_cpu_runner() -> bool:
     """On vLLM's CPU platform, make ``CPUModelRunner.load_model`` set ``is_multimodal_pruning_enabled`` as
     ``GPUModelRunner.load_model`` does. Returns whether the runner was wrapped (once per process)."""
@@ -119,7 +148,11 @@ def enable_pruning_on_cpu_runner() -> bool:
     if not current_platform.is_cpu():
         return False
     from vllm.model_executor.models.interfaces import supports_multimodal_pruning
-    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    try:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    except ModuleNotFoundError:  # vLLM >= 0.34: the V2 CPU runner reads the flag itself (see the module docstring)
+        return False
 
     original = CPUModelRunner.load_model
     if getattr(original, "_glimpseprune", False):
@@ -137,8 +170,15 @@ def enable_pruning_on_cpu_runner() -> bool:
     return True
 
 
+_VERSION_CHECKED = False
+
+
 def register() -> None:
     """Register the pruning Qwen2.5-VL architecture with vLLM (idempotent)."""
+    global _VERSION_CHECKED
+    if not _VERSION_CHECKED:  # vLLM calls register() in every process: warn once per process
+        _VERSION_CHECKED = True
+        check_vllm_version()
     alias_smart_resize()
     image_only_processor_fallback()
     enable_pruning_on_cpu_runner()
