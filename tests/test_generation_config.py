@@ -284,3 +284,20 @@ def test_step_logits_are_float32_like_stock_in_bf16(tiny_dir, processor):
                               return_dict_in_generate=True).logits
     assert len(ours.step_logits) == len(want) and all(x.dtype == torch.float32 for x in ours.step_logits)
     assert all(torch.equal(a, b) for a, b in zip(ours.step_logits, want))
+
+
+def test_load_base_never_asks_transformers_for_hub_kernels(tiny_dir, monkeypatch):
+    """transformers >= 5.25 kernelizes a model in from_pretrained by default, with kernels fetched from the Hub (and
+    refuses to load at all without the `kernels` package): load_base stays offline and on the stock layers."""
+    from transformers import AutoModelForImageTextToText
+
+    real, seen = AutoModelForImageTextToText.from_pretrained, []
+
+    def spy(*args, **kwargs):
+        seen.append(dict(kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", spy)
+    model, _ = gp.load_base(tiny_dir)
+    assert len(seen) == 1 and seen[0]["use_kernels"] is False and seen[0]["local_files_only"] is True
+    assert not getattr(model, "use_kernels", False)

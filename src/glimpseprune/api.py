@@ -407,7 +407,9 @@ def load_base(model_dir: str | Path, device: str | torch.device | None = None, d
     merged = read_merged_record(p)  # a lora.merge_and_save folder: its weights hold a GlimpsePrune+ adapter
     spread = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
     try:
-        model = AutoModelForImageTextToText.from_pretrained(p, dtype=torch_dtype, local_files_only=True, **spread)
+        # use_kernels=False: transformers >= 5.25 kernelizes by default with kernels fetched from the Hub (offline here)
+        model = AutoModelForImageTextToText.from_pretrained(p, dtype=torch_dtype, local_files_only=True,
+                                                            use_kernels=False, **spread)
     except SafetensorError as err:  # a truncated or foreign weights file: name the folder, not the parser
         raise ValueError(f"cannot read the weights in {p}: {err} (a truncated or corrupt .safetensors file? download "
                          "it again)") from err

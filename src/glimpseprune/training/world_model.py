@@ -376,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     model, processor = build(args.seed)
     if args.init:  # continue training a saved model (same architecture and tokenizer)
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32)
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32,
+                                                                   local_files_only=True, use_kernels=False)
     if args.attn_weight > 0:
         model.set_attn_implementation("eager")  # the attention supervision reads attention probabilities
     model.train()
