@@ -56,13 +56,16 @@ class Obj:
         return [self.col * CELL, self.row * CELL, (self.col + self.size) * CELL, (self.row + self.size) * CELL]
 
 
+CLUTTER = 12  # grey strokes per 64 cells: the default of WorldConfig.clutter, Scene.clutter and Clip.clutter
+
+
 @dataclass
 class Scene:
     cols: int
     rows: int
     objects: list[Obj]
     clutter_seed: int
-    clutter: int = 12  # grey strokes per 64 cells (WorldConfig.clutter)
+    clutter: int = CLUTTER  # grey strokes per 64 cells (WorldConfig.clutter)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -85,7 +88,7 @@ class WorldConfig:
     min_objects: int = 2
     max_objects: int = 7
     big_prob: float = 0.4  # chance an object spans 2 x 2 cells
-    clutter: int = 12  # grey strokes per 64 cells
+    clutter: int = CLUTTER  # grey strokes per 64 cells
 
     def __post_init__(self):
         if not 2 <= self.min_cells <= self.max_cells <= 64:

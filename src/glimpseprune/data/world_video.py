@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .world import FAMILIES, Obj, Scene, WorldConfig, _distinct_specs, place_objects, render, sample
+from .world import CLUTTER, FAMILIES, Obj, Scene, WorldConfig, _distinct_specs, place_objects, render, sample
 
 TEMPORAL_PATCH = 2  # frames per visual token of Qwen2.5-VL / Qwen3-VL
 
@@ -64,7 +64,7 @@ class Clip:
     family: str
     moment: int  # the moment (frame pair) holding the evidence
     frame_boxes: list[list[list[int]]]  # per frame
-    clutter: int = 12  # grey strokes per 64 cells (WorldConfig.clutter)
+    clutter: int = CLUTTER  # grey strokes per 64 cells (WorldConfig.clutter)
 
     def frame(self, i: int) -> Image.Image:
         return render(Scene(self.cols, self.rows, self.visible[i], self.clutter_seed, self.clutter))
