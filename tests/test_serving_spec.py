@@ -316,3 +316,27 @@ def test_the_vllm_plugin_warns_on_a_vllm_release_its_tests_did_not_run_on(caplog
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 4 and "tested on vLLM 0.32 and 0.33 only; this is vLLM 0.34.0" in said[0]
     assert "vLLM not-a-version" in said[3]
+
+
+def test_the_fallback_processor_cache_is_bounded_and_least_recently_used_first():
+    from glimpseprune.serving.vllm_plugin import ProcessorCache
+
+    built = []
+
+    def build(key):
+        return lambda: built.append(key) or f"proc-{key}"
+
+    cache = ProcessorCache(maxsize=3)
+    assert [cache.get(k, build(k)) for k in "abc"] == ["proc-a", "proc-b", "proc-c"] and built == list("abc")
+    assert cache.get("a", build("a")) == "proc-a" and built == list("abc")  # cached: not built again
+    cache.get("d", build("d"))  # over the bound: b (least recently used; a was just used) goes
+    assert len(cache) == 3 and built == list("abcd")
+    cache.get("a", build("a")), cache.get("c", build("c"))
+    assert built == list("abcd")
+    cache.get("b", build("b"))
+    assert built == list("abcdb")
+    for i in range(100):  # a stream of ever new request kwargs holds at most maxsize processors
+        cache.get(i, build(i))
+    assert len(cache) == 3 and len(ProcessorCache()._items) == 0 and ProcessorCache().maxsize == 16
+    with pytest.raises(ValueError, match="maxsize"):
+        ProcessorCache(maxsize=0)

@@ -78,6 +78,31 @@ def configure_image_processor(image_processor, kwargs: dict) -> None:
             logger.warning("glimpseprune: the image-only processor (no torchvision) ignores %s=%r", name, value)
 
 
+class ProcessorCache:
+    """The last ``maxsize`` processors built, by key (least recently used dropped first): one per distinct set of
+    processor kwargs, so request-level ``mm_processor_kwargs`` never write onto a shared processor, and a stream of
+    requests with ever new kwargs does not hold ever more processors."""
+
+    def __init__(self, maxsize: int = 16):
+        from collections import OrderedDict
+
+        if maxsize < 1:
+            raise ValueError(f"maxsize must be >= 1, got {maxsize}")
+        self.maxsize, self._items = maxsize, OrderedDict()
+
+    def get(self, key, build):
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        value = self._items[key] = build()
+        while len(self._items) > self.maxsize:
+            self._items.popitem(last=False)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 def image_only_processor_fallback() -> bool:
     """Without a working torchvision, Qwen2.5-VL's processing info (stock and ours) builds our image-only processor
     from the model folder when the stock processor cannot be imported. Returns whether it was installed."""
@@ -95,15 +120,15 @@ def image_only_processor_fallback() -> bool:
         except ImportError:  # the stock processor's video processor needs torchvision
             from ..processing import load_processor
 
+            def build():
+                proc = load_processor(self.ctx.model_config.model)
+                configure_image_processor(proc.image_processor, kwargs)
+                return proc
+
             # one processor per set of kwargs (request-level mm_processor_kwargs too), as vLLM caches its own:
             # kwargs written onto a shared one stayed for every later request of the model
-            cache = self.__dict__.setdefault("_glimpseprune_processors", {})
-            key = repr(sorted((k, v) for k, v in kwargs.items() if v is not None))
-            proc = cache.get(key)
-            if proc is None:
-                proc = cache[key] = load_processor(self.ctx.model_config.model)
-                configure_image_processor(proc.image_processor, kwargs)
-            return proc
+            cache = self.__dict__.setdefault("_glimpseprune_processors", ProcessorCache())
+            return cache.get(repr(sorted((k, v) for k, v in kwargs.items() if v is not None)), build)
 
     limits = Qwen2_5_VLProcessingInfo.get_supported_mm_limits
 
