@@ -80,15 +80,17 @@ def vis_ids(model):
 
 
 def stock_inputs(processor, model, clip, question, times) -> dict:
-    """The stock Qwen3-VL inputs of one video sample, written out: the chat template's <|vision_start|> and
-    <|vision_end|> around the whole video, and per frame-group its time ``times[g]`` (text), <|vision_start|>, its
-    4 x 3 <|video_pad|> and <|vision_end|>; 16 px patches in the stock patchify layout; no second_per_grid_ts."""
+    """The stock Qwen3-VL inputs of one video sample, written out as Qwen3-VL was trained (its processor in
+    transformers 4.57 and again from 5.25): the chat template's <|vision_start|><|video_pad|><|vision_end|> replaced
+    whole by, per frame-group, its time ``times[g]`` (text), <|vision_start|>, its 4 x 3 <|video_pad|> and
+    <|vision_end|> (no pair around all the groups); 16 px patches in the stock patchify layout; no
+    second_per_grid_ts."""
     tok = processor.tokenizer
     t, gh, gw = -(-len(clip) // 2), clip[0].size[1] // 16, clip[0].size[0] // 16
     assert len(times) == t
     groups = "".join(f"<{s} seconds><|vision_start|>{'<|video_pad|>' * (gh * gw // 4)}<|vision_end|>" for s in times)
-    text = (f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n<|vision_start|>{groups}"
-            f"<|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n")
+    text = (f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{groups}"
+            f"{question}<|im_end|>\n<|im_start|>assistant\n")
     ids = torch.tensor([tok(text)["input_ids"]])
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
             "mm_token_type_ids": (ids == model.config.video_token_id).long() * 2,
@@ -151,13 +153,38 @@ def test_prompt_equals_the_stock_processor(processor):
                                              add_generation_prompt=True, tokenize=False)
                for n, q, v in ((1, "a?", 1), (0, "b?", 1), (0, "c?", 0))]
     stock = stock_processor(processor, {k: ours[k] for k in ("pixel_values_videos", "video_grid_thw")})
+    if "get_text_with_replacements" not in Qwen3VLProcessor.__dict__:
+        # transformers 5.0 - 5.24 expand only the <|video_pad|> and keep the template's pair around all the groups,
+        # a prompt Qwen3-VL was not trained on (4.57 and 5.25+ replace the pair too): give those the bare token,
+        # which they (like 4.57) expand into the trained form
+        prompts = [p.replace("<|vision_start|><|video_pad|><|vision_end|>", "<|video_pad|>") for p in prompts]
     ref = stock(text=prompts, images=images, videos=[list(c.frames) for c in clips],
                 video_metadata=[VideoMetadata(total_num_frames=len(c.frames), fps=c.fps) for c in clips],
                 padding=True, padding_side="left", return_tensors="pt")
     for key in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw"):
         assert torch.equal(ours[key], ref[key]), key
     text = processor.tokenizer.decode(ours["input_ids"][1][ours["attention_mask"][1].bool()])
-    assert "<|vision_start|><0.5 seconds><|vision_start|><|video_pad|>" in text and text.count("seconds>") == 2
+    assert "user\n<0.5 seconds><|vision_start|><|video_pad|>" in text and text.count("seconds>") == 2
+    assert text.count("<|vision_start|>") == text.count("<|vision_end|>") == 2  # one pair per frame-group, no more
+
+
+def test_replacement_offsets_point_into_the_text_as_given(processor):
+    """With the template wrapper replaced whole, the offsets transformers returns for each placeholder still name
+    the text given: the video's span covers its whole wrapper, and an image after it is where it was."""
+    wrapper, image = "<|vision_start|><|video_pad|><|vision_end|>", "<|vision_start|><|image_pad|><|vision_end|>"
+    texts = [f"a {wrapper} b {image} c {wrapper} d", f"{image} only"]
+    out = processor(text=texts, images=make_images(IMG, seed=1) * 2, videos=[frames(4), frames(2, seed=3)],
+                    video_metadata=[{"fps": 2.0}, {"fps": 1.0}], return_text_replacement_offsets=True)
+    # pairs: the image's own, then one per frame-group (4 frames: 2 groups; 2 frames: 1), none around a video
+    for given, offsets, ids, pairs in zip(texts, out["text_replacement_offsets"], out["input_ids"], (4, 1),
+                                          strict=True):
+        for entry in offsets:
+            a, b = entry["span"]
+            assert given[a:b] == entry["text"], (given, entry)
+        decoded = processor.tokenizer.decode(ids)
+        assert decoded.count("<|vision_start|>") == decoded.count("<|vision_end|>") == pairs
+    assert [e["type"] for e in out["text_replacement_offsets"][0]] == ["video", "image", "video"]
+    assert [e["text"] for e in out["text_replacement_offsets"][0]] == [wrapper, "<|image_pad|>", wrapper]
 
 
 def test_timestamps_hand_computed():

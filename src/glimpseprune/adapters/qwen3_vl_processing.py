@@ -9,10 +9,12 @@ reproduced here from the installed transformers (``models/qwen3_vl/processing_qw
 * **Prompt.** Time is written into the text, not into M-RoPE: each frame-group of ``temporal_patch_size`` frames
   becomes ``<{t:.1f} seconds><|vision_start|>`` + one ``<|video_pad|>`` per merged token + ``<|vision_end|>``,
   where t is the mean time of the group's first and last frame (``Qwen3VLProcessor._calculate_timestamps``: frame
-  i of a clip sampled at fps is at i / fps; a last group short of frames repeats the last frame). The stock
-  processor replaces only the ``<|video_pad|>`` the chat template writes, so the template's own
-  ``<|vision_start|>`` / ``<|vision_end|>`` stay around the whole expansion (one outer pair, one inner pair per
-  group), exactly as here. ``get_rope_index`` then treats each group as a one-frame image.
+  i of a clip sampled at fps is at i / fps; a last group short of frames repeats the last frame). The expansion
+  replaces the chat template's whole ``<|vision_start|><|video_pad|><|vision_end|>`` (each group carries its own
+  pair), as Qwen3-VL's own processor did at release (transformers 4.57) and does again from transformers 5.25;
+  transformers 5.0 - 5.24 replaced only the ``<|video_pad|>`` and left one extra pair around all the groups, a prompt
+  the model was not trained on: here it is the trained form on every transformers. A bare ``<|video_pad|>`` (no
+  template) is replaced alone. ``get_rope_index`` then treats each group as a one-frame image.
 * **Size.** A clip is resized as a whole (``smart_resize`` of ``video_processing_qwen3_vl``): t * h * w pixels within
   the video processor's ``size`` bounds (``shortest_edge`` / ``longest_edge`` are pixel counts over the clip's
   frames, optionally capped per frame: ``cap_pixels_per_frame``), h and w multiples of 32 px. The bounds come from the
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -125,6 +128,16 @@ def video_placeholder(times: Sequence[float], group_tokens: int, video_token: st
     return "".join(f"<{t:.1f} seconds>{start}{video_token * group_tokens}{end}" for t in times)
 
 
+def _unmarked() -> str:
+    """transformers' look-behind that skips a placeholder ``mark_control_tokens`` marked in user text (none before
+    the transformers that added it)."""
+    try:
+        from transformers.processing_utils import _UNMARKED
+    except ImportError:
+        return ""
+    return _UNMARKED
+
+
 def _meta(metadata: Any, key: str) -> Any:
     return None if metadata is None else metadata.get(key)  # a dict or a transformers VideoMetadata (a Mapping)
 
@@ -168,6 +181,34 @@ class Qwen3VLImageProcessorOnly(QwenVLProcessor):
             placeholders.append(video_placeholder(times, gh * gw // merge**2, self.video_token,
                                                   self.vision_start_token, self.vision_end_token))
         return data, placeholders
+
+    def get_text_with_replacements(self, text: list[str], images_replacements: Sequence[str] = (),
+                                   videos_replacements: Sequence[str] = (),
+                                   audio_replacements: Sequence[str] = ()) -> tuple[list[str], list[dict[str, Any]]]:
+        """The base expansion, with each video's template wrapper ``<|vision_start|><|video_pad|><|vision_end|>``
+        replaced whole (see the module docstring); returned spans refer to ``text`` as given."""
+        if not videos_replacements:
+            return super().get_text_with_replacements(text, images_replacements, videos_replacements,
+                                                      audio_replacements)
+        wrapper = self.vision_start_token + self.video_token + self.vision_end_token
+        pattern = re.compile(_unmarked() + re.escape(wrapper))
+        found = [[m.start() for m in pattern.finditer(sample)] for sample in text]
+        shrink = len(wrapper) - len(self.video_token)
+        out, offsets = super().get_text_with_replacements([pattern.sub(self.video_token, t) for t in text],
+                                                          images_replacements, videos_replacements,
+                                                          audio_replacements)
+        for starts, sample_offsets in zip(found, offsets, strict=True):
+            at = [a - k * shrink for k, a in enumerate(starts)]  # where each wrapper begins in the collapsed text
+            for entry in sample_offsets:
+                if "span" not in entry:
+                    continue
+                a, b = entry["span"]
+                before = sum(c < a for c in at)
+                if a in at:  # a collapsed wrapper: its span and text as given
+                    entry["span"], entry["text"] = (a + before * shrink, a + before * shrink + len(wrapper)), wrapper
+                else:
+                    entry["span"] = (a + before * shrink, b + before * shrink)
+        return out, offsets
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
