@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -322,3 +323,44 @@ def test_every_parameter_of_the_early_module_shapes_its_scores(model, early):
             changed = (mod(*args) - ref).abs().max() > 1e-6
             p.copy_(before)
             assert changed, f"{name} does not affect the early module's scores"
+
+
+# mutation audit
+
+
+def test_early_module_scores_a_video_jointly(early):
+    """With ``groups`` a video's frame-groups share one attention span in every VIP block (a change in frame 1 moves
+    frame 0's scores; without groups it cannot), each frame with the same 2D RoPE (equal frames, equal scores)."""
+    cfg = early.cfg
+    torch.manual_seed(2)
+    grids = [(3, 4)] * 2
+    vis = torch.randn(12, cfg.base_hidden_size).repeat(2, 1)
+    conds = [torch.randn(12, cfg.base_vision_width).repeat(2, 1) for _ in early.layers]
+    text = [torch.randn(5, cfg.base_hidden_size)]
+    moved = vis.clone()
+    moved[12:] += 1.0
+    with torch.no_grad():
+        joint = early(vis, text, [24], conds, grids, groups=[0, 0]).view(2, 12)
+        joint_moved = early(moved, text, [24], conds, grids, groups=[0, 0]).view(2, 12)
+        alone = early(vis, text, [24], conds, grids).view(2, 12)
+        alone_moved = early(moved, text, [24], conds, grids).view(2, 12)
+    torch.testing.assert_close(joint[0], joint[1], atol=1e-5, rtol=0)
+    assert (joint_moved[0] - joint[0]).abs().max() > 1e-3
+    torch.testing.assert_close(alone_moved[0], alone[0], atol=1e-6, rtol=0)
+
+
+def test_early_module_names_each_input_that_misses_the_grids(early):
+    cfg = early.cfg
+    vis, text = torch.randn(12, cfg.base_hidden_size), [torch.randn(5, cfg.base_hidden_size)]
+    conds = [torch.randn(12, cfg.base_vision_width) for _ in early.layers]
+    want = f"cover 12 tokens (visual embeddings), 11 (n_vis) and {[12] * len(conds)} (vision features) but the image " \
+           "grids hold 12"
+    with pytest.raises(ValueError, match=re.escape(want)):
+        early(vis, text, [11], conds, [(3, 4)])
+    with pytest.raises(ValueError, match="early module got 2 questions for 1 samples"):
+        early(vis, text * 2, [12], conds, [(3, 4)])
+
+
+def test_early_module_needs_an_early_config(model):
+    with pytest.raises(ValueError, match="needs a config of kind 'early', got 'glimpse'"):
+        EarlyGlimpseModule(small_glimpse_config(model))

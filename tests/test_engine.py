@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import IMG_A, IMG_B, IMG_C, stock_new_tokens
+from conftest import IMG_A, IMG_B, IMG_C, make_batch, stock_new_tokens
 from oracle import dropped_positions, masking, oracle_model, stock_generate
 from transformers import DynamicCache, Qwen2Config
 
 import glimpseprune as gp
 from glimpseprune.runtime.cache import repeat_cache
 from glimpseprune.runtime.engine import DEFAULT_MAX_NEW_TOKENS, prefill, resolve_generation_config
-from glimpseprune.runtime.masks import check_left_padded
+from glimpseprune.runtime.masks import attention_mask, causal_mask, check_left_padded
 from glimpseprune.runtime.train import forward_train
 
 N_NEW = 8
@@ -288,3 +288,68 @@ def test_default_max_new_tokens_is_32():
     assert resolve_generation_config().max_new_tokens == 32
     assert resolve_generation_config(GenerationConfig(max_new_tokens=5)).max_new_tokens == 5
     assert resolve_generation_config(max_new_tokens=7).max_new_tokens == 7
+
+
+# mutation audit
+
+
+def test_causal_mask_by_hand():
+    """Two queries (the last two of three keys): query i sees key j iff j <= i and key j is real; a row whose keys
+    are all padding stays finite (the dtype's minimum, not -inf)."""
+    m = causal_mask(torch.tensor([[True, True, True], [False, False, False]]), 2, torch.float32)
+    lo = torch.finfo(torch.float32).min
+    assert m.shape == (2, 1, 2, 3)
+    assert m[0, 0].tolist() == [[0.0, 0.0, lo], [0.0, 0.0, 0.0]]
+    assert torch.isfinite(m).all() and bool((m[1] == lo).all())
+
+
+def test_attention_mask_checks_the_key_mask_length(model):
+    cfg = model.config.text_config
+    hidden = torch.zeros(1, 3, cfg.hidden_size)
+    with pytest.raises(ValueError, match="prefill key mask covers 4 keys for 3 queries"):
+        attention_mask(cfg, hidden, torch.ones(1, 4, dtype=torch.bool))
+    cache = DynamicCache(config=cfg)
+    cache.update(torch.zeros(1, cfg.num_key_value_heads, 5, 16), torch.zeros(1, cfg.num_key_value_heads, 5, 16), 0)
+    with pytest.raises(ValueError, match=r"key mask covers 7 keys but the cache holds 5 \+ 1 new"):
+        attention_mask(cfg, hidden[:, :1], torch.ones(1, 7, dtype=torch.bool), cache)
+    attention_mask(cfg, hidden[:, :1], torch.ones(1, 6, dtype=torch.bool), cache)  # 5 + 1: accepted
+
+
+def test_qwen2_5_vl_taps_are_merge_pooled_in_raster_order(model, one, monkeypatch):
+    """With ViT block 0 made the identity, tap 0 is the patch embedding's rows (the processor's order: each 2x2 merge
+    group contiguous, the groups in raster order) averaged over each merge group; the ViT reorders its rows into
+    windows before block 0, so this holds only if the tap is put back into raster order (the tiny ViT's 112 px
+    windows split the 8 x 8-token image into four)."""
+    visual = model.model.visual
+    monkeypatch.setattr(visual.blocks[0], "forward", lambda hidden_states, *a, **k: hidden_states)
+    with torch.no_grad():
+        enc = gp.get_adapter(model).encode(model, dict(one), taps=(0,))
+        rows = visual.patch_embed(one["pixel_values"])
+    torch.testing.assert_close(enc.vision_feats[0], rows.view(-1, 4, rows.shape[-1]).mean(dim=1))
+
+
+def test_qwen2_5_vl_encode_errors_are_named(model, processor, one):
+    adapter, depth = gp.get_adapter(model), len(model.model.visual.blocks)
+    two = dict(make_batch(processor, [IMG_B]))  # images of 24 and 32 tokens: swapping their grids keeps the total
+    two["image_grid_thw"] = two["image_grid_thw"].flip(0)
+    with pytest.raises(ValueError, match="image 0: its grid gives 32 visual tokens but the prompt holds 24"):
+        adapter.encode(model, two)
+    with pytest.raises(ValueError, match=rf"vision tap {depth} outside the ViT's blocks \[0, {depth - 1}\]"):
+        adapter.encode(model, dict(one), taps=(depth,))
+    no_grid = {k: v for k, v in one.items() if k != "image_grid_thw"}
+    with pytest.raises(ValueError, match="pixel_values and image_grid_thw must be given together"):
+        adapter.encode(model, no_grid)
+
+
+def test_placeholder_runs_and_layout_by_hand():
+    """Runs that touch either end of a row count: image id 7 and video id 9, a 2 x 2 merge."""
+    from types import SimpleNamespace
+
+    from glimpseprune.adapters.qwen2_5_vl import _layout, image_runs
+
+    ids = torch.tensor([[7, 7, 1, 9, 9, 1, 7], [1, 1, 1, 1, 1, 1, 1]])
+    assert image_runs(ids, 7) == [[2, 1], []] and image_runs(ids, 9) == [[2], []]
+    cfg = SimpleNamespace(image_token_id=7, video_token_id=9)
+    grids = {"image": torch.tensor([[1, 2, 4], [1, 2, 2]]), "video": torch.tensor([[2, 2, 2]])}
+    # the video (t = 2) lists its two frame-groups in place, between the two images
+    assert _layout(ids, cfg, grids, 2) == ([(1, 2), (1, 1), (1, 1), (1, 1)], [0, 0, 0, 0], [-1, 0, 0, -1])

@@ -64,3 +64,13 @@ def test_grouped_equals_one_padded_batch(family, specs):
             la, lb = decode_step(model, adapter, a, tok, step), decode_step(model, adapter, b, tok, step)
             torch.testing.assert_close(lb, la, atol=1e-5, rtol=0)
             tok = la.argmax(-1)
+
+
+def test_plan_groups_boundaries_by_hand():
+    """[4, 1]: one batch costs 2 * 4 = 8 slots, two groups 4 + 1 = 5: a saving of exactly 3/8, enough for
+    min_saving=0.375 (the bar is inclusive). [21, 19]: one group costs 42, two cost 40; 42 is within the 5 % slack
+    of the best plan (42 <= 40 * 1.05), so the fewer groups win and nothing is split."""
+    assert plan_groups([4, 1], min_saving=0.375) == [[0], [1]]
+    assert plan_groups([4, 1], min_saving=0.376) is None
+    assert plan_groups([21, 19], min_saving=0.0) is None
+    assert plan_groups([22, 19], min_saving=0.0) == [[0], [1]]  # 44 > 42: the two groups win

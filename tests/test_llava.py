@@ -76,6 +76,9 @@ def test_encode_errors(tiny, monkeypatch):
         adapter.encode(model, {**inputs, "pixel_values": inputs["pixel_values"][None]})
     with pytest.raises(ValueError, match="vision tap 9 outside CLIP's hidden states"):
         adapter.encode(model, inputs, taps=(9,))
+    n = model.config.vision_config.num_hidden_layers + 1  # hidden_states[0 .. depth]: tap n is one past the end
+    with pytest.raises(ValueError, match=rf"vision tap {n} outside CLIP's hidden states \[0, {n - 1}\]"):
+        adapter.encode(model, inputs, taps=(n,))
     monkeypatch.setattr(model.config, "vision_feature_select_strategy", "full")
     with pytest.raises(ValueError, match="vision_feature_select_strategy='full' is not supported"):
         adapter.encode(model, inputs)
@@ -306,3 +309,17 @@ def test_collator_follows_llava_geometry(llava):
     assert torch.equal(got["suffix_ids"], want["suffix_ids"]) and torch.equal(got["suffix_mask"], want["suffix_mask"])
     assert all(torch.equal(a, b) for a, b in zip(got["targets"], want["targets"], strict=True))
     assert any(bool(t.any()) for t in got["targets"])
+
+
+def test_token_view_pads_a_wide_image_centred_vertically(tiny):
+    """A 20 x 10 red image under do_pad: pasted at (0, 5) on a grey 20 x 20 square, then resized to the CLIP side:
+    grey at the top and bottom quarter rows, red across the middle."""
+    from types import SimpleNamespace
+
+    model = tiny[0]
+    proc = SimpleNamespace(image_processor=SimpleNamespace(do_pad=True, do_resize=True, size={"shortest_edge": 336}))
+    view = np.asarray(LlavaAdapter().token_view(model, proc, Image.new("RGB", (20, 10), (255, 0, 0))))
+    side = model.config.vision_config.image_size
+    assert view.shape == (side, side, 3)
+    assert view[1, side // 2].tolist() == [127, 127, 127] and view[-2, side // 2].tolist() == [127, 127, 127]
+    assert view[side // 2, 1].tolist() == [255, 0, 0] and view[side // 2, -2].tolist() == [255, 0, 0]

@@ -420,3 +420,102 @@ def test_apply_rope_rotates_each_pair_forwards():
     ang = torch.tensor([[torch.pi / 2, 0.0, torch.pi / 2, 0.0]])
     out = apply_rope(torch.tensor([[1.0, 5.0, 0.0, 7.0], [0.0, 5.0, 1.0, 7.0]])[:, None], ang)
     torch.testing.assert_close(out[:, 0], torch.tensor([[0.0, 5.0, 1.0, 7.0], [-1.0, 5.0, 0.0, 7.0]]))
+
+
+# mutation audit: the VIP against its definition written out by hand
+
+
+def _rms(x, norm):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
+
+
+def _naive_vip(vip, act, attn, conds, grids, groups=None):
+    """The VIP from its definition, one attention span (an image, or a video's frames) and one head at a time, with
+    an explicit softmax; each frame's 2D RoPE from ``rope2d_angles`` / ``apply_rope`` (checked by hand above) on its
+    own (row, col) grid; the activation is transformers' ACT2FN of the config's ``vip_act``."""
+    from transformers.activations import ACT2FN
+
+    groups = list(range(len(grids))) if groups is None else groups
+    spans, start = [], 0  # (token slice, (n, 2) positions) per span
+    for i, (h, w) in enumerate(grids):
+        if i and groups[i] == groups[i - 1]:
+            sl, pos = spans[-1]
+            spans[-1] = (slice(sl.start, start + h * w), torch.cat([pos, grid_positions(h, w)]))
+        else:
+            spans.append((slice(start, start + h * w), grid_positions(h, w)))
+        start += h * w
+    x = attn @ vip.attn_in_proj.weight.T + vip.attn_in_proj.bias
+    for layer, proj, cond in zip(vip.layers, vip.cond_in_projs, conds):
+        c = cond @ proj.weight.T + proj.bias
+        a, H = layer.attn, layer.attn.heads
+        n = _rms(x, layer.norm1)
+        u = torch.cat([n, c], dim=-1)
+        q, k, v = u @ a.q_proj.weight.T, u @ a.k_proj.weight.T, n @ a.v_proj.weight.T
+        dqk, dv = q.shape[-1] // H, v.shape[-1] // H
+        o = torch.zeros_like(v)
+        for sl, pos in spans:
+            ang = rope2d_angles(pos, dqk, a.theta)
+            for j in range(H):
+                qj = apply_rope(q[sl, j * dqk:(j + 1) * dqk][None], ang)[0]
+                kj = apply_rope(k[sl, j * dqk:(j + 1) * dqk][None], ang)[0]
+                p = torch.softmax(qj @ kj.T / dqk**0.5, dim=-1)
+                o[sl, j * dv:(j + 1) * dv] = p @ v[sl, j * dv:(j + 1) * dv]
+        x = x + o @ a.o_proj.weight.T
+        act = ACT2FN[act] if isinstance(act, str) else act
+        n, mlp = _rms(x, layer.norm2), layer.mlp
+        g = act(n @ mlp.gate_proj.weight.T + mlp.gate_proj.bias) * (n @ mlp.up_proj.weight.T + mlp.up_proj.bias)
+        x = x + g @ mlp.down_proj.weight.T + mlp.down_proj.bias
+    return (x @ vip.out_proj.weight.T + vip.out_proj.bias)[:, 0]
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_pytorch_tanh", "relu"])
+def test_vip_equals_its_definition_written_out(act):
+    """Every weight random (norms and biases too), q/k wider than v (2 heads: 16 vs 8 per head), cond_width !=
+    vip_width, non-square grids, and a video span of two frames next to a lone image."""
+    cfg = tiny_vip_config(cond_width=8, vip_act=act)
+    torch.manual_seed(0)
+    vip = VIP(cfg).eval()
+    with torch.no_grad():
+        for p in vip.parameters():
+            p.copy_(torch.randn_like(p) * 0.5 + (1.0 if p.dim() == 1 and p.shape[0] == cfg.vip_width else 0.0))
+    grids, groups = [(2, 3), (3, 2), (3, 2), (1, 4)], [0, 1, 1, 2]
+    attn, conds = vip_inputs(cfg, 22, seed=7)
+    a64, c64 = attn.double(), [c.double() for c in conds]
+    with torch.no_grad():
+        vip.double()
+        want = _naive_vip(vip, act, a64, c64, grids, groups).float()
+        torch.testing.assert_close(vip(a64, c64, grids, groups=groups), want, rtol=1e-5, atol=1e-5)
+        want = _naive_vip(vip, act, a64, c64, grids).float()  # each grid its own span
+        torch.testing.assert_close(vip(a64, c64, grids), want, rtol=1e-5, atol=1e-5)
+        for sl, span, ids in ((slice(0, 6), grids[:1], None), (slice(6, 18), grids[1:3], [5, 5])):  # one span
+            a, c = a64[sl], [x[sl] for x in c64]
+            want = _naive_vip(vip, act, a, c, span, ids).float()
+            torch.testing.assert_close(vip(a, c, span, groups=ids), want, rtol=1e-5, atol=1e-5)
+        out16 = vip.to(torch.bfloat16)(attn, conds, grids, groups=groups)
+    assert out16.dtype == torch.float32  # logits come back in fp32 whatever the module's dtype
+
+
+def test_vip_names_each_input_that_misses_the_grids(vip):
+    cfg = tiny_vip_config()
+    attn, conds = vip_inputs(cfg, 6, seed=4)
+    with pytest.raises(ValueError, match=r"cover 6 tokens \(attention features\) and \[6, 5\] \(vision features\) "
+                                         r"but the image grids hold 6"):
+        vip(attn, [conds[0], conds[1][:5]], [(2, 3)])
+    with pytest.raises(ValueError, match="VIP got 3 group ids for 2 grids"):
+        vip(attn, conds, [(1, 3), (1, 3)], groups=[0, 0, 1])
+
+
+def test_glimpse_vectors_by_hand():
+    """Glimpse layer l's vector is RMSNorm(glimpse_proj(its own row of glimpse_embeddings)) with the norm's weight
+    and ``glimpse_eps``; one layer at a time or batched over the glimpse layers <= ``upto``."""
+    torch.manual_seed(0)
+    mod = GlimpseModule(tiny_vip_config(glimpse_layers=(0, 1, 3), glimpse_norm_eps=0.5)).eval()
+    with torch.no_grad():
+        mod.glimpse_norm.weight.normal_()
+        for row, layer in enumerate((0, 1, 3)):
+            e = mod.glimpse_embeddings[row, 0] @ mod.glimpse_proj.weight.T + mod.glimpse_proj.bias
+            want = e * torch.rsqrt(e.pow(2).mean() + 0.5) * mod.glimpse_norm.weight
+            torch.testing.assert_close(mod.glimpse_vector(layer), want)
+            torch.testing.assert_close(mod.glimpse_vectors()[layer], want)
+        assert mod.glimpse_vector(2) is None
+        assert list(mod.glimpse_vectors(upto=1)) == [0, 1] and list(mod.glimpse_vectors(upto=3)) == [0, 1, 3]

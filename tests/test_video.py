@@ -444,3 +444,16 @@ def test_ask_video(tiny_dir, module, clip_path, tmp_path, capsys):
     # the video options without --video were ignored silently (--fps -3 too)
     assert main([*base, *frame_files, "--question", "Q?", "--fps", "-3", "--max-frames", "2"]) == 2
     assert "--fps and --max-frames apply to --video, which was not given" in capsys.readouterr().err
+
+
+def test_glimpse_module_hands_the_groups_to_its_vip(module):
+    """``GlimpseModule.__call__`` (what the glimpse method runs) scores a video jointly, as ``module.vip`` does."""
+    cfg = module.cfg
+    torch.manual_seed(1)
+    grids = [(3, 4)] * 2
+    attn = torch.randn(24, len(cfg.attn_layers) * cfg.base_num_heads)
+    conds = [torch.randn(24, cfg.base_vision_width) for _ in range(cfg.n_vip_layers)]
+    with torch.no_grad():
+        joint = module.vip(attn, conds, grids, groups=[0, 0])
+        assert not torch.allclose(joint, module.vip(attn, conds, grids), atol=1e-4)
+        torch.testing.assert_close(module(attn, conds, grids, groups=[0, 0]), joint, atol=0, rtol=0)

@@ -93,7 +93,9 @@ class EarlyGlimpseModule(nn.Module):
         embeddings; conds: per block (S, vision_width), or (S, cond_width) with ``projected``. Returns (S,) fp32."""
         n_tok = sum(h * w for h, w in grids)
         if vis.shape[0] != n_tok or sum(n_vis) != n_tok or any(c.shape[0] != n_tok for c in conds):
-            raise ValueError(f"early module inputs cover {vis.shape[0]} tokens but the image grids hold {n_tok}")
+            raise ValueError(f"early module inputs cover {vis.shape[0]} tokens (visual embeddings), {sum(n_vis)} "
+                             f"(n_vis) and {[c.shape[0] for c in conds]} (vision features) but the image grids hold "
+                             f"{n_tok}")
         if len(conds) != len(self.layers):
             raise ValueError(f"early module expects {len(self.layers)} vision features, got {len(conds)}")
         if len(text) != len(n_vis):

@@ -175,7 +175,8 @@ class VIP(nn.Module):
         """conds: raw vision features, or with ``projected`` already passed through ``project_condition``."""
         n_tok = sum(h * w for h, w in grids)
         if attn.shape[0] != n_tok or any(c.shape[0] != n_tok for c in conds):
-            raise ValueError(f"VIP inputs cover {attn.shape[0]} tokens but the image grids hold {n_tok}")
+            raise ValueError(f"VIP inputs cover {attn.shape[0]} tokens (attention features) and "
+                             f"{[c.shape[0] for c in conds]} (vision features) but the image grids hold {n_tok}")
         if len(conds) != len(self.layers):
             raise ValueError(f"VIP expects {len(self.layers)} vision features, got {len(conds)}")
         dtype = self.attn_in_proj.weight.dtype
