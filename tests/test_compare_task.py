@@ -42,8 +42,9 @@ def test_compare_task_equals_the_world_comparison(world_and_task):
         assert t["metric"] == "exact_match" and t["task"] == "world" and t["n"] == w["n"] == 10
         assert t["score"] == pytest.approx(w["exact_match"]), label
         assert t["kept_frac"]["mean"] == pytest.approx(w["kept_frac"]["mean"]), label
-        for key in ("visual_tokens_entering_llm", "equivalent_visual_tokens", "kv_entries_at_decode",
-                    "visual_kv_at_decode"):
+        assert t["model"] == w["model"] and t["module"] == w["module"] and t["judge_model"] is None, label
+        for key in ("visual_tokens_entering_llm", "equivalent_visual_tokens", "equivalent_frac",
+                    "kv_entries_at_decode", "visual_kv_at_decode"):
             assert t["accounting"][key] == pytest.approx(w["accounting"][key]), (label, key)
         assert {f: v["score"] for f, v in t["per_family"].items()} == pytest.approx(
             {f: v["exact_match"] for f, v in w["per_family"].items()}), label
@@ -53,7 +54,10 @@ def test_compare_task_equals_the_world_comparison(world_and_task):
     assert len(rows) == 10 and {"entering", "equivalent", "kept_frac"} <= json.loads(rows[0]).keys()
 
 
-def test_compare_task_interrupted_and_resumed_gives_the_same_runs(split, world_and_task, tmp_path, capsys):
+def test_compare_task_interrupted_and_resumed_gives_the_same_runs(split, world_and_task, tmp_path, capsys,
+                                                                   monkeypatch):
+    from glimpseprune.api import PrunedModel
+
     out = tmp_path / "half"
     args = ["compare", "--task", "world", "--data", str(split.parent), "--out", str(out), "--max-new-tokens", "8",
             *ARGS]
@@ -66,17 +70,28 @@ def test_compare_task_interrupted_and_resumed_gives_the_same_runs(split, world_a
     marked = {**json.loads((runs / "fastv_0.3.json").read_text()), "seconds": -1.0}
     (runs / "fastv_0.3.json").write_text(json.dumps(marked))  # a finished run is read back, not rerun
     assert main(args) == 2  # a folder holding another run is refused without --resume
+    asked, generate = [], PrunedModel.generate
+
+    def counted(self, *a, **kw):
+        asked.extend(kw["questions"])
+        return generate(self, *a, **kw)
+
+    monkeypatch.setattr(PrunedModel, "generate", counted)
     assert main([*args, "--resume"]) == 0
+    assert len(asked) == 4  # only the 4 samples the interrupted run had not written are generated again
+    monkeypatch.undo()
     assert json.loads((runs / "fastv_0.3.json").read_text())["seconds"] == -1.0
     whole = _runs(world_and_task / "task")
     got = json.loads((runs / "random_0.3.json").read_text())
     assert got["score"] == whole["random@0.3"]["score"] and got["n"] == 10
-    assert len(samples.read_text().splitlines()) == 10
+    resumed = [json.loads(line) for line in samples.read_text().splitlines()]  # the torn line is gone, not glued
+    assert len({r["id"] for r in resumed}) == len(resumed) == 10
     assert main([*args[:-len(ARGS)], "--methods", "fastv", "--resume"]) == 2  # other settings: refused
 
     # a summary file that is torn or belongs to another run is named, not trusted or read as a traceback
     for text, match in (('{"label": "fastv', "not JSON"), (json.dumps({**marked, "label": "random@0.3"}),
-                                                          "not the summary of run 'fastv@0.3'")):
+                                                          "not the summary of run 'fastv@0.3'"),
+                        (json.dumps({**marked, "version": marked["version"] - 1}), "not the summary of run")):
         (runs / "fastv_0.3.json").write_text(text)
         capsys.readouterr()
         assert main([*args, "--resume"]) == 2
@@ -123,3 +138,19 @@ def test_world_eval_and_compare_show_progress(split, tmp_path, capsys):
     assert main(["compare", "-q", "--split", str(split), "--out", str(tmp_path / "q"), "--methods", "random",
                  "--budgets", "0.2", "--batch-size", "4"]) == 0
     assert "[1/2]" not in capsys.readouterr().err  # -q: no bars
+
+
+def test_compare_task_refuses_a_bad_plan_before_using_the_model(tmp_path):
+    """Called from Python (the CLI checks its own flags first): the oracle, glimpse without a module, or no samples
+    is refused naming the problem, before the model is touched or the output folder made."""
+    from glimpseprune.eval.compare_task import compare_task
+    from glimpseprune.eval.tasks import get_task
+
+    task = get_task("world")
+    with pytest.raises(ValueError, match="method 'oracle' needs ground-truth boxes; task world has none"):
+        compare_task(None, None, None, task, [object()], tmp_path / "o", ["fastv", "oracle"])
+    with pytest.raises(ValueError, match="method 'glimpse' needs a glimpse module"):
+        compare_task(None, None, None, task, [object()], tmp_path / "o", ["glimpse"])
+    with pytest.raises(ValueError, match="world: no samples to compare on"):
+        compare_task(None, None, None, task, [], tmp_path / "o", ["fastv"])
+    assert not (tmp_path / "o").exists()

@@ -38,9 +38,9 @@ def test_world_task_equals_the_world_path(split, tmp_path):
         {k: v["score"] for k, v in sb["per_category"].items()})
 
 
-def test_rows_carry_their_batch_time_per_sample(split, tmp_path, monkeypatch):
+def test_rows_carry_their_batch_time_per_sample(split, tmp_path, monkeypatch, capsys):
     """prefill_ms / decode_ms of a row: its batch's seconds x 1000 / the batch's size (12 samples in batches of 5:
-    5, 5, 2), and the summary's ms_per_sample their mean."""
+    5, 5, 2), and the summary's ms_per_sample their mean; the progress bar ends at 12/12, not 15/12."""
     from glimpseprune.api import PrunedModel
 
     batches, generate = [], PrunedModel.generate
@@ -55,6 +55,8 @@ def test_rows_carry_their_batch_time_per_sample(split, tmp_path, monkeypatch):
     assert main(["eval", "--task", "world", "--data", str(split.parent), "--out", str(tmp_path / "t"),
                  "--batch-size", "5"]) == 0
     assert sorted(n for n, _ in batches) == [2, 5, 5]
+    err = capsys.readouterr().err
+    assert "12/12" in err and "15/12" not in err
     rows = list(_rows(tmp_path / "t" / "samples.jsonl").values())
     assert sorted(r["prefill_ms"] for r in rows) == pytest.approx([250.0] * 12)
     want = sorted([1000 * 5.5 / 5] * 10 + [1000 * 2.5 / 2] * 2)
@@ -235,16 +237,17 @@ def test_a_judge_that_fails_mid_run_stops_it_and_resume_asks_again(split, tmp_pa
         server.close()
 
 
-def test_skip_leaves_out_only_the_bad_sample_of_a_batch(split, tmp_path):
-    """--on-error skip with one unreadable image in a batch of 4: that sample alone is skipped and named (the whole
-    batch was, with the first sample's id in the message)."""
+@pytest.mark.parametrize("batch_size", ["4", "2"])
+def test_skip_leaves_out_only_the_bad_sample_of_a_batch(split, tmp_path, batch_size):
+    """--on-error skip with one unreadable image in a batch of 4 (or 2): that sample alone is skipped and named (the
+    whole batch was, with the first sample's id in the message)."""
     import shutil
 
     data = tmp_path / "data"
     shutil.copytree(split.parent, data)
     rows = [json.loads(line) for line in (data / "records.jsonl").read_text().splitlines()]
     (data / rows[5]["image"]).write_bytes(b"not a png")
-    assert main(["eval", "--task", "world", "--data", str(data), "--batch-size", "4", "--on-error", "skip",
+    assert main(["eval", "--task", "world", "--data", str(data), "--batch-size", batch_size, "--on-error", "skip",
                  "--out", str(tmp_path / "o")]) == 0
     errors = [json.loads(line) for line in (tmp_path / "o" / "errors.jsonl").read_text().splitlines()]
     assert [e["id"] for e in errors] == [rows[5]["id"]]
@@ -326,3 +329,130 @@ def test_per_sample_score_takes_the_best_reference():
     assert score(get_task("chartqa"), sample(["12", "twelve"]), "twelve") == 1.0
     assert score(get_task("chartqa"), sample(["12", "twelve"]), "13") == 0.0
     assert score(get_task("chartqa"), sample([]), "twelve") is None
+
+
+def _sample(answers, meta=None, id="1"):
+    from pathlib import Path
+
+    from glimpseprune.eval.tasks._base import Sample
+
+    return Sample(id=id, image_paths=[Path("x.png")], question="q", prompt="q", answers=answers, meta=meta or {})
+
+
+def test_per_sample_scores_follow_each_benchmarks_rule():
+    """Hand-worked scores. VQA accuracy: the mean over the 10 leave-one-out subsets of min(#matches / 3, 1), so one
+    matching annotator of ten gives 9/10 x 1/3 = 0.3. ANLS: 1 - edit distance / longer length when that is below
+    0.5, else 0. MME and POPE: the reply read as yes / no against a reference in any case."""
+    from glimpseprune.eval.runner import score
+
+    vqa = ["down"] * 7 + ["at table", "skateboard", "table"]
+    assert score(get_task("vqav2"), _sample(vqa), "Down.") == 1.0
+    assert score(get_task("vqav2"), _sample(vqa), "table") == pytest.approx(0.3)
+    assert score(get_task("textvqa"), _sample(["yes"] * 9 + ["no"]), "no") == pytest.approx(0.3)
+    doc = get_task("docvqa")
+    refs = ["university of california", "University of California"]
+    assert score(doc, _sample(refs), "University of Californa") == pytest.approx(1 - 1 / 24)
+    assert score(doc, _sample(["0.28"]), "0.2") == pytest.approx(0.75)
+    assert score(doc, _sample(["0.28"]), "28") == 0.0  # NL = 2/4: exactly the threshold scores 0
+    mme = get_task("mme")
+    assert score(mme, _sample(["Yes"]), "yes") == 1.0 and score(mme, _sample(["No"]), "No, it is not.") == 1.0
+    assert score(mme, _sample(["Yes"]), "No") == 0.0
+    pope = get_task("pope")
+    assert score(pope, _sample(["Yes "]), "Yes, there is a dog.") == 1.0 and score(pope, _sample(["no"]), "yes") == 0.0
+    assert score(get_task("gqa"), _sample(["man", "person"]), "Person.") == 1.0
+    # a choice answered with the option's text: V* options are a list, MMBench's a letter -> text dict
+    assert score(get_task("vstar_bench"), _sample(["A"], {"choices": ["rubber", "cotton"]}), "rubber") == 1.0
+    mmb = _sample(["C"], {"choices": {"B": "no", "A": "yes", "C": "maybe"}})
+    assert score(get_task("mmbench_en_dev"), mmb, "maybe") == 1.0 and score(get_task("mmbench_en_dev"), mmb, "no") == 0
+
+
+def _row(id, category, pred, answer, image_id=None, score=None):
+    return {"id": id, "prediction": pred, "answers": [answer], "score": score,
+            "meta": {"category": category, **({"image_id": image_id} if image_id else {})},
+            "kept_frac": 0.5, "kv_len": 10, "prefill_ms": 1.0, "decode_ms": 1.0}
+
+
+def test_pope_summary_is_the_mean_f1_over_its_splits():
+    """random: tp 2, fp 1, fn 1 -> precision = recall = F1 = 2/3 (accuracy 1/2); popular: no true positive -> F1 0.
+    POPE's headline is the mean F1: 1/3."""
+    from glimpseprune.eval.runner import summarize_task
+
+    rows = [_row("r1", "random", "Yes", "yes"), _row("r2", "random", "No", "yes"), _row("r3", "random", "yes", "no"),
+            _row("r4", "random", "yes.", "yes"), _row("p1", "popular", "no", "no"), _row("p2", "popular", "no", "yes")]
+    summary = summarize_task(get_task("pope"), rows)
+    assert summary["per_category"]["random"]["f1"] == pytest.approx(2 / 3)
+    assert summary["per_category"]["random"]["accuracy"] == 0.5
+    assert summary["per_category"]["random"]["yes_ratio"] == 0.75
+    assert summary["per_category"]["popular"]["f1"] == 0.0
+    assert summary["score"] == pytest.approx(1 / 3)
+
+
+def test_mme_summary_is_the_sum_of_subtask_scores_with_acc_plus_per_image():
+    """existence: 3 of 4 questions right (acc 0.75), one of two images with both right (acc+ 0.5): 125;
+    code_reasoning: both right: 200. Perception 125 + cognition 200 = 325."""
+    from glimpseprune.eval.runner import summarize_task
+
+    rows = [_row("e1#0", "existence", "Yes", "Yes", "existence/1.png"), _row("e1#1", "existence", "No", "No",
+                                                                             "existence/1.png"),
+            _row("e2#0", "existence", "Yes", "Yes", "existence/2.png"), _row("e2#1", "existence", "Yes", "No",
+                                                                             "existence/2.png"),
+            _row("c1#0", "code_reasoning", "yes", "Yes", "code_reasoning/1.png"),
+            _row("c1#1", "code_reasoning", "no", "No", "code_reasoning/1.png")]
+    summary = summarize_task(get_task("mme"), rows)
+    assert summary["mme"]["subtasks"]["existence"]["score"] == pytest.approx(125.0)
+    assert summary["mme"]["perception"] == pytest.approx(125.0) and summary["mme"]["cognition"] == pytest.approx(200.0)
+    assert summary["score"] == pytest.approx(325.0)
+
+
+def test_markdown_row_and_header():
+    from glimpseprune.eval.runner import markdown_row
+
+    summary = {"task": "gqa", "method": "glimpse", "model": "m", "module": None, "metric": "exact_match",
+               "score": 0.5, "n": 4, "kept_frac": 0.25, "mean_kv_len": 100.0,
+               "ms_per_sample": {"prefill": 12.34, "decode": 5.0}, "judge_model": None}
+    row = "| gqa | glimpse | m | - | exact_match | 0.5000 | 4 | 25.0 | 100.0 | 12.3 | 5.0 | - |\n"
+    assert markdown_row(summary) == row
+    head = ("| task | method | model | module | metric | score | n | kept % | KV at decode | prefill ms | decode ms "
+            "| judge |\n|" + "---|" * 12 + "\n")
+    assert markdown_row(summary, header=True) == head + row
+
+
+def test_run_task_refuses_a_judged_task_without_a_judge():
+    """Called from Python (not the CLI, which checks its flags), a judge-scored task without a judge is refused
+    before anything runs, instead of every row being left unscored."""
+    from glimpseprune.eval.runner import run_task
+
+    class JudgedWorld(WorldTask):
+        name, metric = "world_judged", "judge"
+
+    with pytest.raises(ValueError, match="task world_judged is scored by an LLM judge"):
+        run_task(None, JudgedWorld(), [])
+
+
+def test_a_judged_split_without_answers_asks_the_judge_nothing(split, tmp_path, monkeypatch):
+    """A free-form task's test split without references (as MMBench's test TSV): its predictions are kept unscored and
+    the judge is sent no grading request (there is no reference to grade against)."""
+    import dataclasses
+
+    from test_rewards import JudgeServer
+
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.delenv("GLIMPSEPRUNE_JUDGE_API_KEY", raising=False)
+
+    class UnansweredJudged(WorldTask):
+        name, metric = "world_judged_test", "judge"
+
+        def load(self, data_dir, limit=None):
+            return [dataclasses.replace(s, answers=[]) for s in super().load(data_dir, limit)]
+
+    register_task(UnansweredJudged(), replace=True)
+    server = JudgeServer(lambda body, n: (200, "score: 1", 0.0))
+    try:
+        assert main(["eval", "--task", "world_judged_test", "--data", str(split.parent), "--limit", "3",
+                     "--judge-url", server.url, "--judge-model", "m", "--out", str(tmp_path / "o")]) == 0
+        rows = list(_rows(tmp_path / "o" / "samples.jsonl").values())
+        assert len(rows) == 3 and all(r["score"] is None and r["answers"] == [] for r in rows)
+        assert len(server.requests) == 1  # the health check only
+        assert json.loads((tmp_path / "o" / "summary.json").read_text())["n_scored"] == 0
+    finally:
+        server.close()

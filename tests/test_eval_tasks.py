@@ -810,3 +810,96 @@ def test_summary_groups_by_subset_before_category_and_averages_times():
     assert summary["per_category"] == {"docvqa": {"n": 1, "score": 1.0}, "gqa": {"n": 1, "score": 0.0},
                                        "scene": {"n": 1, "score": 1.0}}
     assert summary["ms_per_sample"] == {"prefill": pytest.approx(20.0), "decode": pytest.approx(40.0)}
+
+
+# ---- loader edge cases of the public releases --------------------------------------------------------------------
+
+def test_pope_reads_one_question_files_blank_lines_jsonl_and_capitalised_labels(tmp_path):
+    """A POPE file of one JSON line parses as one object (not a list), blank lines between records are skipped, a
+    ``.jsonl`` name is found, and a label ``"Yes "`` is read as ``yes``."""
+    root = make_pope(tmp_path)
+    q = {"question_id": 1, "image": "COCO_val2014_000000310196.jpg", "text": "Is there a dog?"}
+    write_jsonl(root / "coco_pope_random.json", [{**q, "label": "Yes "}])  # one line: a JSON object
+    (root / "coco_pope_popular.json").write_text(json.dumps({**q, "label": "no"}) + "\n\n  \n"
+                                                 + json.dumps({**q, "question_id": 2, "label": "NO"}) + "\n")
+    (root / "coco_pope_adversarial.json").rename(root / "coco_pope_adversarial.jsonl")
+    samples = get_task("pope").load(root)
+    assert [(s.id, s.answers) for s in samples] == [
+        ("random-1", ["yes"]), ("popular-1", ["no"]), ("popular-2", ["no"]), ("adversarial-1", ["yes"]),
+        ("adversarial-2", ["no"])]
+
+
+def test_a_blank_question_is_refused(tmp_path):
+    root = make_gqa(tmp_path)
+    data = json.loads((root / "testdev_balanced_questions.json").read_text())
+    data["20968380"]["question"] = "  "
+    write_json(root / "testdev_balanced_questions.json", data)
+    with pytest.raises(ValueError, match=r"gqa: sample 20968380: the question must be non-empty text, got '  '"):
+        get_task("gqa").load(root)
+
+
+def test_mmbench_row_with_a_single_option_is_refused(tmp_path):
+    (tmp_path / "MMBench_DEV_EN.tsv").write_text(
+        f"index\tquestion\tA\tB\tanswer\timage\n0\tq\tonly\t\tA\t{b64_image('PNG', 0)}\n")
+    with pytest.raises(ValueError, match=r"row 1 \(index 0\) has fewer than two options"):
+        get_task("mmbench_en_dev").load(tmp_path)
+
+
+def test_mme_question_file_without_questions_is_refused(tmp_path):
+    root = make_mme(tmp_path)
+    (root / "MME_Benchmark_release_version/count/0002.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match=r"count/0002.txt is not in the expected release layout: no question lines"):
+        get_task("mme").load(root)
+
+
+def test_scienceqa_answer_index_past_the_choices_is_refused(tmp_path):
+    root = make_sqa(tmp_path)
+    problems = json.loads((root / "problems.json").read_text())
+    problems["7"]["answer"] = 2  # two choices: indices 0 and 1
+    write_json(root / "problems.json", problems)
+    with pytest.raises(ValueError, match="problem 7: answer 2 is not a choice index"):
+        get_task("scienceqa_img").load(root)
+
+
+def test_visual_cot_flat_row_keeps_its_box():
+    task = VisualCoTTask(subsets=("cub",))
+    row = {"question": "Is the bird blue?", "answer": "No", "image": "a.jpg", "bboxs": [[1, 2, 30, 40], [0, 0, 1, 1]]}
+    sample = task._sample("cub", row, Path("cub.jsonl"), 3, Path("/nowhere"))
+    assert sample.id == "cub-2" and sample.meta["bbox"] == [1.0, 2.0, 30.0, 40.0]  # the first box, as floats
+
+
+def test_vstar_label_case_category_fallback_and_single_option(tmp_path):
+    from glimpseprune.eval.runner import score
+
+    root = make_vstar(tmp_path)
+    write_jsonl(root / "test_questions.jsonl", [
+        {"image": "direct_attributes/sa_4690.jpg", "text": "What colour is the cup?\n(A) red\n(B) blue",
+         "question_id": 7, "label": " b"}])
+    (sample,) = get_task("vstar_bench").load(root)
+    assert sample.answers == ["B"] and sample.meta["category"] == "direct_attributes"
+    assert score(get_task("vstar_bench"), sample, "B") == 1.0
+    write_jsonl(root / "test_questions.jsonl", [
+        {"image": "direct_attributes/sa_4690.jpg", "text": "What colour is the cup?\n(A) red", "label": "A"}])
+    with pytest.raises(ValueError, match=r"line 1 has no \(A\)/\(B\) options"):
+        get_task("vstar_bench").load(root)
+
+
+
+def test_mme_limit_counts_whole_images(tmp_path):
+    """limit=2 is reached exactly by the first image's two questions (one image per subtask); limit=3 is passed
+    only after the second image."""
+    root = make_mme(tmp_path)
+    two = get_task("mme").load(root, limit=2)
+    assert len(two) == 14 * 2 and {s.meta["image_id"].split("/")[1] for s in two} == {"0001.png", "0001.jpg"}
+    assert len(get_task("mme").load(root, limit=3)) == 14 * 4
+
+
+def test_a_missing_video_frame_is_named(tmp_path):
+    from glimpseprune.data.world_video import write_video_split
+
+    records = write_video_split(tmp_path / "vw", n=1, seed=3)
+    row = json.loads(records.read_text().splitlines()[0])
+    (records.parent / row["frames"][1]).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"world_video: image of sample {row['id']} not found at .*"
+                                                 rf"{Path(row['frames'][1]).name}"):
+        get_task("world_video").load(tmp_path / "vw")

@@ -11,6 +11,7 @@ import textwrap
 # test must run in CI.
 import lmms_eval  # noqa: F401
 import pytest
+from lmms_eval.api.instance import Instance
 
 from glimpseprune.assets import resolve_model, resolve_module
 from glimpseprune.data.records import write_split
@@ -136,3 +137,81 @@ def test_lmms_eval_console_command_runs_the_plugin(task_dir, tmp_path):
     assert "avg_glimpseprune_kept_frac" in r.stdout and "avg_glimpseprune_n_kept" in r.stdout
     (samples,) = (tmp_path / "out").rglob(f"*_samples_{TASK}.jsonl")
     assert len(samples.read_text().splitlines()) == 3
+
+
+def test_unset_model_args_placeholders_and_visuals():
+    from PIL import Image
+
+    from glimpseprune.eval.lmms_plugin import _as_images, _optional
+
+    assert [_optional(v) for v in ("", " None ", "null", None)] == [None] * 4 and _optional("0") == "0"
+    assert clean_context("<image1>Which one?") == "Which one?"
+    assert clean_context("Look: <image>\nWhat is it? <image_2>\nAnswer briefly.") == \
+        "Look:\nWhat is it?\nAnswer briefly."  # no space left dangling before a line break
+    assert truncate_at("red. It is\nred", [".", "\n"]) == "red"  # the earliest stop, whatever its order in until
+    assert truncate_at("red", ["", "\n"]) == "red"  # an empty stop string cuts nothing
+    rgba = Image.new("RGBA", (4, 4))
+    out = _as_images([rgba, "a/b.PNG"])
+    assert out[0].mode == "RGB" and out[1] == "a/b.PNG" and _as_images(None) == []
+    with pytest.raises(ValueError, match="image questions only; got a str visual \\('clip.mp4'\\)"):
+        _as_images("clip.mp4")
+
+
+class _FakePM:
+    """Answers ``"<question> END D"`` for each question and records every generate call."""
+
+    processor = None
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, images, questions, max_new_tokens, **kw):
+        from types import SimpleNamespace
+
+        self.calls.append((list(questions), max_new_tokens, kw))
+        n = len(questions)
+        return SimpleNamespace(texts=[f"{q}? D. END x\nmore" for q in questions], n_kept=[2] * n, n_vis=[8] * n,
+                               kv_len=[20] * n)
+
+
+@pytest.fixture
+def fake_lmms(monkeypatch):
+    """GlimpsePruneLMMS(**model_args) answering with ``_FakePM`` (no model is loaded)."""
+    import glimpseprune
+    import glimpseprune.eval.lmms_plugin as plugin
+
+    monkeypatch.setattr(plugin, "_filelock_compat", lambda: None)  # imports lmms_eval.evaluator: slow, not needed
+    monkeypatch.setattr(glimpseprune, "load", lambda *a, **k: _FakePM())
+    return GlimpsePruneLMMS
+
+
+def test_batch_size_args(fake_lmms):
+    assert fake_lmms().batch_size == 1 and fake_lmms(batch_size="none").batch_size == 1
+    assert fake_lmms(batch_size="auto").batch_size == 8
+    assert fake_lmms(batch_size="auto:4", max_batch_size=3).batch_size == 3
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        fake_lmms(batch_size=0)
+
+
+def test_generate_until_batches_by_generation_kwargs_and_answers_in_request_order(fake_lmms):
+    """Requests of one task with two generation settings, interleaved: each batch holds one setting (its
+    max_new_tokens and until apply), and every answer goes back to its own request."""
+    from PIL import Image
+
+    from glimpseprune.eval.lmms_plugin import _warned
+
+    lm = fake_lmms(batch_size=2, max_new_tokens=9)
+    docs = [{"q": f"q{i}"} for i in range(4)]
+    lm.task_dict = {"t": {"test": docs}}
+    short = {"until": ["\n", "."], "max_new_tokens": 5}
+    free = {"until": "END", "temperature": 0.5, "do_sample": True}
+    visual = lambda doc: [Image.new("RGB", (4, 4))]  # noqa: E731
+    reqs = [Instance("generate_until", (f"<image>\nq{i}", kw, visual, i, "t", "test"), i,
+                     {"task": "t", "doc_id": i, "repeats": 1}) for i, kw in enumerate([short, free, short, free])]
+    _warned.add("do_sample")
+    assert lm.generate_until(reqs) == ["q0? D", "q1? D.", "q2? D", "q3? D."]
+    assert lm.pm.calls == [(["q0", "q2"], 5, {"do_sample": False}),
+                           (["q1", "q3"], 9, {"do_sample": True, "temperature": 0.5})]
+    assert lm.summary() == {"n_kept": 2.0, "n_vis": 8.0, "kv_len": 20.0, "kept_frac": 0.25}
+    assert len(lm.records) == 4 and [r["doc_id"] for r in lm.records] == [0, 2, 1, 3]
+    assert GlimpsePruneLMMS.summarize([]) == {"n_kept": 0.0, "n_vis": 0.0, "kv_len": 0.0, "kept_frac": 0.0}

@@ -457,3 +457,74 @@ def test_first_written_letter_wins():
 def test_option_text_shared_by_two_options_names_no_letter():
     assert extract_choice("cat", ["cat", "dog", "cat"]) is None
     assert extract_choice("dog", ["cat", "dog", "cat"]) == "B"
+
+
+def test_judge_retries_408_and_429(serve):
+    """408 (request timeout) and 429 (rate limited) are retried like a 5xx, unlike other 4xx replies."""
+    for status in (408, 429):
+        server = serve(lambda body, n, status=status: (status, "slow down", 0.0) if n == 1
+                       else (200, "score: 0.4", 0.0))
+        assert judge(server, retries=1)([ri("Paris")]) == [0.4]
+        assert len(server.requests) == 2
+
+
+def test_judge_backoff_doubles_before_each_retry(serve, monkeypatch):
+    import types
+
+    import glimpseprune.rewards.judge as judge_mod
+
+    sleeps: list[float] = []
+    monkeypatch.setattr(judge_mod, "time", types.SimpleNamespace(sleep=sleeps.append, time=time.time))
+    server = serve(lambda body, n: (503, "busy", 0.0))
+    with pytest.raises(JudgeError, match=r"HTTP 503: .*busy.* \(gave up after 4 attempts\)"):
+        judge(server, retries=3, backoff_s=0.5)([ri("Paris")])
+    assert sleeps == [0.5, 1.0, 2.0] and len(server.requests) == 4
+
+
+def test_judge_sends_its_max_tokens(serve):
+    server = serve(score_of("0.5"))
+    judge(server, max_tokens=7)([ri("Paris")])
+    assert server.requests[0]["max_tokens"] == 7
+
+
+def test_judge_zero_malformed_stops_asking_after_a_failed_request(serve):
+    """what training uses: a failed request fails the step, so the requests not yet started are cancelled too."""
+    server = serve(lambda body, n: (500, "boom", 0.0) if n == 1 else (200, "score: 0.6", 0.2))
+    with pytest.raises(JudgeError, match=r"sample 0 .*HTTP 500"):
+        judge(server, concurrency=1, on_error="zero_malformed")([ri("first"), ri("second"), ri("third"),
+                                                                  ri("fourth")])
+    assert len(server.requests) < 4
+
+
+def test_judge_body_that_is_not_a_chat_completion_is_named(monkeypatch):
+    """HTTP 200 whose body has no choices[0].message.content string (a proxy's page, a completions reply): a
+    JudgeError naming the body, not an AttributeError from reading None."""
+    import io
+
+    import glimpseprune.rewards.judge as judge_mod
+
+    for body in (b'{"choices": [{"text": "score: 1"}]}', b"<html>gateway</html>",
+                 b'{"choices": [{"message": {"content": null}}]}'):
+        monkeypatch.setattr(judge_mod.urllib.request, "urlopen", lambda req, timeout, body=body: io.BytesIO(body))
+        with pytest.raises(JudgeError, match=r"returned a body that is not a chat completion: .*"
+                           + body[:8].decode().replace("[", r"\[").replace("{", r"\{")):
+            judge("http://127.0.0.1:9/v1")([ri("Paris")])
+
+
+def test_judge_cache_reads_more_keys_than_one_query_holds(tmp_path):
+    from glimpseprune.rewards.judge import JudgeCache
+
+    cache = JudgeCache(tmp_path)
+    keys = [f"k{i:04d}" for i in range(1203)]  # three SQL queries of at most 500 keys
+    for k in keys:
+        cache.put(k, "m", f"score: {k}")
+    got = cache.get_many(keys + ["absent"])
+    assert len(got) == 1203 and got["k0499"] == "score: k0499" and got["k0500"] == "score: k0500"
+    assert got["k1202"] == "score: k1202" and "absent" not in got
+    cache.close()
+
+
+def test_judge_config_checks_max_tokens_and_api_key():
+    for bad in ({"max_tokens": 0}, {"api_key": 5}, {"timeout_s": float("inf")}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            JudgeConfig(**{"url": "http://localhost:8000/v1", "model": "m", **bad})
