@@ -274,7 +274,11 @@ def test_gqa_errors(tmp_path):
     with pytest.raises(ValueError, match="keyed by question id"):
         get_task("gqa").load(root)
     (root / "testdev_balanced_questions.json").write_text("{not json")
-    with pytest.raises(ValueError, match="not JSON"):
+    with pytest.raises(ValueError, match=r"gqa: .*testdev_balanced_questions.json is not in the expected release "
+                       r"layout: not JSON \("):
+        get_task("gqa").load(root)
+    (root / "testdev_balanced_questions.json").write_bytes(b'["\xff"]')  # not UTF-8: named the same way
+    with pytest.raises(ValueError, match="expected release layout: not JSON"):
         get_task("gqa").load(root)
 
 

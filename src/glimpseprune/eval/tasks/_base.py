@@ -80,12 +80,14 @@ class Task(ABC):
         return path
 
     def read_json(self, path: Path) -> Any:
+        """The JSON in ``path`` (outputs.read_json); one that cannot be read or parsed is named with the layout."""
+        from ...outputs import read_json
+
         self.need_file(path)
         try:
-            with path.open(encoding="utf-8") as f:
-                return json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise self.format_error(path, f"not JSON ({err})") from err
+            return read_json(path)
+        except ValueError as err:
+            raise self.format_error(path, str(err).removeprefix(f"{path}: ")) from err
 
     def read_rows(self, path: Path) -> list[dict]:
         """Rows of a JSON array or a JSON-lines file (releases use both, whatever the extension says)."""
