@@ -63,8 +63,56 @@ def test_session_refuses_bad_input(session, scene):
         next(session.ask(None, question))
     with pytest.raises(ValueError, match="question"):
         next(session.ask(str(image_path), "  "))
-    with pytest.raises(ValueError, match="threshold"):
-        next(session.ask(str(image_path), question, threshold=1.5))
+    for threshold in (0.0, 1.0, 1.5):  # in (0, 1): 0 keeps every token, 1 none
+        with pytest.raises(ValueError, match=f"threshold must be between 0 and 1, got {threshold}"):
+            next(session.ask(str(image_path), question, threshold=threshold))
+    for cap in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=f"cap must be a kept fraction between 0 and 1.*got {cap}"):
+            next(session.ask(str(image_path), question, cap=cap))
+
+
+def _kept_row(table: str) -> str:
+    return next(line for line in table.splitlines() if line.startswith("| visual tokens kept"))
+
+
+def test_the_sliders_reach_the_selection_and_cap_zero_is_no_cap(session, scene):
+    """The threshold and cap sliders set the module method's selection; cap 0 (the slider's 0) means no cap, not a
+    refusal."""
+    from glimpseprune.config import SelectionConfig
+
+    assert session._pruned(session.method, 0.3, 0.2).method.config.selection == \
+        SelectionConfig(threshold=0.3, max_keep_ratio=0.2)
+    assert session._pruned(session.method, 0.7, 0.0).method.config.selection == SelectionConfig(threshold=0.7)
+    image_path, question = scene
+    no_cap = _kept_row(list(session.ask(str(image_path), question, cap=None))[-1][2])
+    assert _kept_row(list(session.ask(str(image_path), question, cap=0.0))[-1][2]) == no_cap
+
+
+def test_stats_markdown_by_hand():
+    from types import SimpleNamespace
+
+    from glimpseprune.demo import DemoSession, RunStats, stats_markdown
+
+    g = RunStats("a | b\nc", n_kept=16, n_vis=64, prefill_ms=30.0, decode_ms=10.4, decode_steps=5, kv_len=40)
+    f = RunStats("", n_kept=64, n_vis=64, prefill_ms=120.0, decode_ms=20.0, decode_steps=6, kv_len=92)
+    assert stats_markdown(g, f).splitlines() == [
+        "| | GlimpsePrune | all visual tokens |", "|---|---|---|",
+        "| visual tokens kept | 16/64 (25.0 %) | 64/64 (100.0 %) |",
+        "| prefill (ViT + LLM) | 30.0 ms | 120.0 ms |",
+        "| decode | 10.4 ms (5 steps) | 20.0 ms (6 steps) |",
+        "| KV cache at decode | 40 tokens | 92 tokens |",
+        "| answer | a \\| b c | (empty) |",  # a "|" in the answer does not split the table's row
+        "",
+        "Prefill 0.25x and KV cache 0.43x of the full-token run (wall time of this one request on this machine).",
+    ]  # 30 / 120 = 0.25, 40 / 92 = 0.4348
+    half = stats_markdown(g, None)
+    assert "| visual tokens kept | 16/64 (25.0 %) | … |" in half and "Prefill" not in half
+    assert RunStats("", 0, 0, 0.0, 0.0, 0, 0).kept_frac == 0.0  # no visual tokens: no division by zero
+    out = SimpleNamespace(n_kept=[16], n_vis=[64], kv_len=[40],
+                          timing={"prefill": 0.03, "decode": 0.0104, "decode_steps": 5})
+    s = DemoSession._stats(out, "  yes \n")  # seconds -> ms, the answer stripped
+    assert (s.answer, s.n_kept, s.n_vis, s.decode_steps, s.kv_len) == ("yes", 16, 64, 5, 40)
+    assert s.prefill_ms == pytest.approx(30.0) and s.decode_ms == pytest.approx(10.4)
 
 
 def test_the_app_hands_the_uploaded_file_over_as_it_is(session, scene, tmp_path):
@@ -99,6 +147,37 @@ def _expected_image(session, image, question):
     return out.n_kept[0], out.n_vis[0]
 
 
+def test_the_overlay_shows_the_kept_count(session, scene, monkeypatch):
+    from glimpseprune.bench import overlay as drawing
+
+    drawn = []
+    plain = drawing.overlay
+
+    def spy(image, keep, **kwargs):
+        drawn.append((keep, kwargs))
+        return plain(image, keep, **kwargs)
+
+    monkeypatch.setattr(drawing, "overlay", spy)
+    image_path, question = scene
+    answer, n_kept, n_vis = _expected(session, image_path, question)
+    list(session.ask(str(image_path), question))
+    (keep, kwargs), = drawn
+    assert int(keep.sum()) == kwargs["kept"] == n_kept and keep.size == kwargs["total"] == n_vis
+    assert kwargs["question"] == question and kwargs["answer"] == answer
+
+
+def test_the_app_shows_a_refusal_as_a_message(session):
+    """A refused input reaches the page as a Gradio error with the refusal's own words."""
+    import gradio as gr
+
+    from glimpseprune.demo import build_app
+
+    app = build_app(session)
+    run = next(f.fn for f in app.fns.values() if getattr(f.fn, "__name__", "") == "run")
+    with pytest.raises(gr.Error, match="type a question first"):
+        next(run("picture.png", "  ", 0.5, 0.0))
+
+
 def test_an_early_module_runs_early_glimpse(scene):
     """`demo --module DIR` with an early module ran method 'glimpse' and failed at start; it runs the module's own
     method, as `ask` does, and keeps what that method keeps."""
@@ -118,6 +197,41 @@ def test_an_early_module_runs_early_glimpse(scene):
                processor=processor)
     out = pm.generate(images=[[load_image(image_path)]], questions=[question], max_new_tokens=8)
     assert answer == out.texts[0].strip() and f"| {out.n_kept[0]}/{out.n_vis[0]} (" in table
+
+
+def test_a_failed_generation_is_raised_and_frees_the_session(session, scene, monkeypatch):
+    """The generation thread failing: the stream ends and the caller gets that error (it waited forever on the
+    streamer), and the next request runs."""
+    import threading
+
+    from glimpseprune.api import PrunedModel
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(PrunedModel, "generate", broken)
+    image_path, question = scene
+    caught = []
+
+    def consume():
+        try:
+            list(session.ask(str(image_path), question))
+        except Exception as err:  # noqa: BLE001 - handed to the test thread
+            caught.append(err)
+
+    t = threading.Thread(target=consume, daemon=True)
+    t.start()
+    t.join(timeout=30)
+    assert not t.is_alive(), "ask() hung after its generation failed"
+    assert len(caught) == 1 and isinstance(caught[0], RuntimeError) and "out of memory" in str(caught[0])
+    assert not session._lock.locked()
+
+
+def test_a_session_needs_a_module():
+    from glimpseprune.demo import DemoSession
+
+    with pytest.raises(ValueError, match="give it a glimpse module"):
+        DemoSession(module=None)
 
 
 def test_a_closed_stream_waits_for_its_generation(session, scene, monkeypatch):
@@ -141,6 +255,7 @@ def test_a_closed_stream_waits_for_its_generation(session, scene, monkeypatch):
     before = threading.active_count()
     stream = session.ask(str(image_path), question)
     next(stream)
+    assert session._lock.locked()  # held while the answer streams: a second request waits
     stream.close()
     assert not session._lock.locked() and threading.active_count() == before
 

@@ -34,6 +34,59 @@ def test_servable_methods_are_the_before_llm_fixed_count_ones():
     assert not NOT_SERVABLE & set(names)
 
 
+def test_a_registered_method_is_servable_only_before_the_llm_with_a_fixed_count(monkeypatch):
+    """A method registered by a user goes through the same checks as the built-in ones: a count chosen per input,
+    or a schedule that prunes inside the LLM on some depth (here only on LLMs deeper than 30 layers), is refused."""
+    from dataclasses import dataclass
+
+    from glimpseprune import registry
+    from glimpseprune.methods.random import RandomConfig, RandomMethod
+
+    @dataclass(frozen=True)
+    class DeepConfig(RandomConfig):
+        deep_layer: int | None = None  # prune after this layer on LLMs deeper than it, else before the LLM
+
+    @dataclass(frozen=True)
+    class Deep30Config(DeepConfig):
+        deep_layer: int | None = 30
+
+    class ByInput(RandomMethod):
+        name = "by_input"
+
+        def budget(self, n_vis):
+            return None  # e.g. a threshold
+
+    class Deep(RandomMethod):
+        name = "deep"
+        config_class = DeepConfig
+
+        def prune_layers(self, n_layers):
+            k = self.config.deep_layer
+            return (k,) if k is not None and k < n_layers else (-1,)
+
+    class Deep30(Deep):
+        name = "deep30"
+        config_class = Deep30Config
+
+    @dataclass(frozen=True)
+    class PickyConfig(RandomConfig):
+        def __post_init__(self):
+            if self.keep_ratio > 0.3:
+                raise ValueError("keep_ratio must be at most 0.3")
+
+    class Picky(RandomMethod):  # refuses the probe's keep_ratio 0.5: left out of the list, the listing still works
+        name = "picky"
+        config_class = PickyConfig
+
+    for cls in (ByInput, Deep, Deep30, Picky):
+        monkeypatch.setitem(registry.METHODS, cls.name, cls)
+    assert {"by_input", "deep", "deep30", "picky"} & set(servable_methods()) == {"deep"}
+    _err({"method": "by_input", "keep_ratio": 0.5}, "'by_input' cannot run.*count depends on the input")
+    _err({"method": "deep30", "keep_ratio": 0.5}, "'deep30' cannot run.*prunes inside the LLM")
+    assert ServeSpec.from_section({"method": "deep", "keep_ratio": 0.5}).method_args == {}
+    _err({"method": "deep", "keep_ratio": 0.5, "method_args": {"deep_layer": 30}}, "make 'deep' prune inside the LLM")
+
+
 def _err(section, match, model_dir=None):
     with pytest.raises(ValueError, match=match):
         ServeSpec.from_section(section, model_dir)
@@ -58,10 +111,12 @@ def _err(section, match, model_dir=None):
     ({"method": "random", "keep_ratio": "0.5"}, r"keep_ratio must be a number.*'0\.5'"),
     ({"method": "divprune"}, r"keep_ratio must be a number.*None"),
     ({"method": "full", "keep_ratio": 0.5}, r"keep_ratio must be 1 for method 'full'"),
+    ({"method": "full", "method_args": {"seed": 1}}, r"method 'full' takes none, got \['seed'\]"),
     ({"method": "random", "keep_ratio": 0.5, "method_args": [1]}, "method_args must be a JSON object, got list"),
     ({"method": "random", "keep_ratio": 0.5, "method_args": {"keep_ratio": 0.3}}, "give keep_ratio once"),
     ({"method": "random", "keep_ratio": 0.5, "module": "m"}, "module is given but method 'random' uses no module"),
     ({"method": "early_glimpse", "keep_ratio": 0.5}, "early_glimpse' needs its trained module folder"),
+    ({"method": "early_glimpse", "keep_ratio": 0.5, "module": ""}, "early_glimpse' needs its trained module folder"),
 ])
 def test_bad_sections_are_refused(section, match):
     _err(section, match)
@@ -78,6 +133,15 @@ def test_module_folder_is_checked_and_resolved(module_dir, tmp_path):
     assert ServeSpec.from_section({**sec, "module": str(module_dir)}).module == str(module_dir.resolve())
 
 
+def test_relative_model_folder_resolves_the_module_to_an_absolute_path(module_dir, monkeypatch):
+    """A server may load the module from another working directory: the spec holds the module's absolute path even
+    when the model folder was given relative."""
+    monkeypatch.chdir(module_dir.parent.parent)
+    spec = ServeSpec.from_section({"method": "early_glimpse", "keep_ratio": 0.5, "module": module_dir.name},
+                                  module_dir.parent.name)
+    assert Path(spec.module).is_absolute() and spec.module == str(module_dir.resolve())
+
+
 def test_count_and_reads_question():
     for r in (0.111, 0.25, 0.5, 1.0):
         spec = ServeSpec.from_section({"method": "random", "keep_ratio": r})
@@ -88,8 +152,11 @@ def test_count_and_reads_question():
         sec = {"method": name} if name == "full" else {"method": name, "keep_ratio": 0.5}
         assert not ServeSpec.from_section(sec).reads_question, name
     assert ServeSpec.from_section({"method": "cdpruner", "keep_ratio": 0.5}).reads_question
-    spec = ServeSpec.from_section({"method": "random", "keep_ratio": 0.5, "method_args": {"seed": 1}})
+    args = {"seed": 1}
+    spec = ServeSpec.from_section({"method": "random", "keep_ratio": 0.5, "method_args": args})
     assert spec.method_args == {"seed": 1} and spec.module is None and not spec.needs_module
+    args["seed"] = 2  # the (frozen) spec keeps its own copy of the section's settings
+    assert spec.method_args == {"seed": 1}
 
 
 # --------------------------------------------------------------------------- ImagePruner == runtime
@@ -132,7 +199,9 @@ def test_image_pruner_equals_the_runtime(model, processor, one_image, module_dir
     want = out.keep_masks[0].nonzero().squeeze(-1).cpu()
     pruner = ImagePruner(spec, gp.get_adapter(model).dims(model), torch.device("cpu"))
     embeds, grid, feats, before, after = _pruner_inputs(model, pruner, one_image)
+    given = embeds.clone()
     idx, rows = pruner.prune(embeds, grid, feats, before, after)
+    assert torch.equal(embeds, given)  # the caller's embeddings are not rewritten in place (merged rows are copies)
     n = embeds.shape[0]
     assert idx.numel() == spec.count(n) == out.n_kept[0] and 0 < idx.numel() < n
     assert idx.dtype == torch.long and torch.equal(idx.cpu(), want)
@@ -163,6 +232,12 @@ def test_image_pruner_checks_the_grid():
     pruner = ImagePruner(ServeSpec.from_section({"method": "random", "keep_ratio": 0.5}))
     with pytest.raises(ValueError, match=r"grid \(2, 3\) holds 6 tokens but 8"):
         pruner.prune(torch.zeros(8, 4), (2, 3))
+    embeds = torch.arange(32.0).reshape(8, 4)
+    for grid in ((2, 4), (4, 2), (1, 8)):  # not square: h * w = 8 tokens, of which max(1, floor(0.5 * 8)) = 4 kept
+        idx, rows = pruner.prune(embeds, grid)
+        assert idx.numel() == 4 and bool((idx[1:] > idx[:-1]).all()) and torch.equal(rows, embeds[idx])
+    with pytest.raises(ValueError, match="method_args for 'random'.*colour"):  # a spec made without from_section
+        ImagePruner(ServeSpec("random", 0.5, method_args={"colour": 1}))
     with pytest.raises(ValueError, match="method_args for 'random'.*colour"):  # with the section, not at serve time
         ServeSpec.from_section({"method": "random", "keep_ratio": 0.5, "method_args": {"colour": 1}})
     with pytest.raises(ValueError, match="method_args for 'visionzip'.*dominant_frac"):
@@ -172,6 +247,15 @@ def test_image_pruner_checks_the_grid():
     with pytest.raises(ValueError, match="drop_layer 0 makes it prune inside the LLM"):
         ServeSpec.from_section({"method": "early_glimpse", "keep_ratio": 0.5, "module": "m",
                                 "method_args": {"drop_layer": 0}})
+
+
+def test_image_pruner_refuses_a_count_other_than_the_placeholders():
+    """The prompt was given ``spec.count(n)`` placeholders: a method keeping another number is an error, not a
+    silently misaligned prompt."""
+    pruner = ImagePruner(ServeSpec.from_section({"method": "random", "keep_ratio": 0.5}))
+    pruner.method.select = lambda state: [torch.tensor([True, True, True, False, False, False, False, False])]
+    with pytest.raises(RuntimeError, match=r"'random' kept 3 of 8 tokens but the prompt was given 4 placeholders"):
+        pruner.prune(torch.zeros(8, 4), (2, 4))
 
 
 # --------------------------------------------------------------------------- write_vllm_folder
@@ -199,6 +283,27 @@ def test_write_vllm_folder(tiny_dir, module_dir, tmp_path):
     sec = json.loads((plain / "config.json").read_text())[SECTION]
     assert sec == {"method": "random", "keep_ratio": 0.5, "method_args": {"seed": 1}}
     assert not (plain / MODULE_DIR).exists()
+    full = write_vllm_folder(src, tmp_path / "full", "full", method_args={})  # no ratio: full keeps every token
+    assert json.loads((full / "config.json").read_text())[SECTION] == {"method": "full"}
+
+
+def test_write_vllm_folder_from_a_relative_path_skips_hidden_entries(tiny_dir, tmp_path, monkeypatch):
+    """A model folder given relative to the working directory: the links point at its files wherever the served
+    folder is read from; its hidden entries (a .git, a lock file) are not linked."""
+    base = tmp_path / "base"
+    base.mkdir()
+    names = sorted(f.name for f in Path(tiny_dir).iterdir() if not f.name.startswith("."))
+    for name in names:
+        (base / name).symlink_to(Path(tiny_dir) / name)
+    (base / ".git").mkdir()
+    (base / ".lock").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    out = write_vllm_folder(Path("base"), Path("served"), "random", 0.5)
+    assert sorted(f.name for f in out.iterdir()) == names
+    for name in names:
+        if name != "config.json":
+            assert (tmp_path / "served" / name).resolve() == (Path(tiny_dir) / name).resolve()
+            assert (tmp_path / "served" / name).exists()
 
 
 def test_write_vllm_folder_from_an_opted_in_folder(tiny_dir, module_dir, tmp_path, monkeypatch):
@@ -232,6 +337,18 @@ def test_write_vllm_folder_from_an_opted_in_folder(tiny_dir, module_dir, tmp_pat
         write_vllm_folder(tiny_dir, tmp_path / "v4", "early_glimpse", 0.25, module=module_dir)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other_module", "v1", "v2", "v3"]
 
+    def interrupted(*args, **kwargs):  # Ctrl+C while copying: no half-made folder either
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "copytree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_vllm_folder(tiny_dir, tmp_path / "v5", "early_glimpse", 0.25, module=module_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other_module", "v1", "v2", "v3"]
+    monkeypatch.chdir(tiny_dir)  # an output inside the model folder, given relative to it
+    with pytest.raises(ValueError, match="inside the model folder"):
+        write_vllm_folder(tiny_dir, "served", "random", 0.5)
+    assert not (Path(tiny_dir) / "served").exists()
+
 
 def test_write_vllm_folder_refuses(tiny_dir, llava_dir, tmp_path):
     busy = tmp_path / "busy"
@@ -240,6 +357,9 @@ def test_write_vllm_folder_refuses(tiny_dir, llava_dir, tmp_path):
     with pytest.raises(ValueError, match="already exists and is not an empty folder"):
         write_vllm_folder(tiny_dir, busy, "random", 0.5)
     assert [p.name for p in busy.iterdir()] == ["keep.txt"] and (busy / "keep.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match="already exists and is not an empty folder"):  # a file, not a folder
+        write_vllm_folder(tiny_dir, busy / "keep.txt", "random", 0.5)
+    assert (busy / "keep.txt").read_text() == "mine"
     (tmp_path / "bare").mkdir()
     with pytest.raises(ValueError, match="has no config.json"):
         write_vllm_folder(tmp_path / "bare", tmp_path / "o1", "random", 0.5)
