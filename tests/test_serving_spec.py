@@ -82,7 +82,9 @@ def test_a_registered_method_is_servable_only_before_the_llm_with_a_fixed_count(
         monkeypatch.setitem(registry.METHODS, cls.name, cls)
     assert {"by_input", "deep", "deep30", "picky"} & set(servable_methods()) == {"deep"}
     _err({"method": "by_input", "keep_ratio": 0.5}, "'by_input' cannot run.*count depends on the input")
-    _err({"method": "deep30", "keep_ratio": 0.5}, "'deep30' cannot run.*prunes inside the LLM")
+    # named with a depth where it does prune inside (it keeps the whole sequence on a 28-layer LLM: not that one)
+    _err({"method": "deep30", "keep_ratio": 0.5},
+         r"'deep30' cannot run.*prunes inside the LLM \(on a 36-layer LLM, after layer\(s\) 30\)")
     assert ServeSpec.from_section({"method": "deep", "keep_ratio": 0.5}).method_args == {}
     _err({"method": "deep", "keep_ratio": 0.5, "method_args": {"deep_layer": 30}}, "make 'deep' prune inside the LLM")
 

@@ -66,11 +66,13 @@ def _why_not_servable(name: str) -> str | None:
         method = cls(keep_ratio=0.5)
     except TypeError:
         return "it has no keep_ratio, so the count per image is not known when the prompt is processed"
-    if {tuple(method.prune_layers(n)) for n in _DEPTHS} != {(-1,)}:
-        where = ", ".join(str(k) for k in method.prune_layers(28))
-        return (f"it prunes inside the LLM (on a 28-layer LLM such as Qwen2.5-VL-7B's, after layer(s) {where}), "
-                "using the LLM's attention; a server with one KV length per request for all layers can only prune "
-                "before the LLM")
+    inside = [(n, layers) for n in _DEPTHS if (layers := tuple(method.prune_layers(n))) != (-1,)]
+    if inside:
+        n, layers = next(((n, ks) for n, ks in inside if n == 28), inside[0])  # 28: Qwen2.5-VL-7B's depth
+        where = ", ".join(str(k) for k in layers)
+        such = " such as Qwen2.5-VL-7B's" if n == 28 else ""
+        return (f"it prunes inside the LLM (on a {n}-layer LLM{such}, after layer(s) {where}), using the LLM's "
+                "attention; a server with one KV length per request for all layers can only prune before the LLM")
     if method.budget(100) is None:
         return "its count depends on the input, not on keep_ratio alone"
     return None
