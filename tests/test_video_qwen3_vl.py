@@ -168,6 +168,21 @@ def test_prompt_equals_the_stock_processor(processor):
     assert text.count("<|vision_start|>") == text.count("<|vision_end|>") == 2  # one pair per frame-group, no more
 
 
+def test_build_inputs_gives_the_stock_processor_the_trained_prompt_on_every_transformers(processor):
+    """Where torchvision exists, load_processor returns transformers' own Qwen3VLProcessor, which before 5.25 kept
+    the template's pair around all the frame-groups: build_inputs hands it the prompt from which every version
+    writes the trained form, equal to ours."""
+    images, clips = make_images(IMG, seed=1), [Video(tuple(frames(5, seed=2)), 2.0), Video(tuple(frames(4)), 1.0)]
+    args = ([images, [], []], ["a?", "b?", "c?"])
+    ours = build_inputs(processor, *args, videos=[clips[0], clips[1], None])
+    stock = stock_processor(processor, {k: ours[k] for k in ("pixel_values_videos", "video_grid_thw")})
+    theirs = build_inputs(stock, *args, videos=[clips[0], clips[1], None])  # (this stand-in asks no token types)
+    for key in ("input_ids", "attention_mask", "image_grid_thw", "video_grid_thw"):
+        assert torch.equal(ours[key], theirs[key]), key
+    text = processor.tokenizer.decode(theirs["input_ids"][1][theirs["attention_mask"][1].bool()])
+    assert text.count("<|vision_start|>") == text.count("seconds>") == 2
+
+
 def test_replacement_offsets_point_into_the_text_as_given(processor):
     """With the template wrapper replaced whole, the offsets transformers returns for each placeholder still name
     the text given: the video's span covers its whole wrapper, and an image after it is where it was."""

@@ -482,6 +482,11 @@ def build_inputs(
     flat_images = [to_rgb(image) for sample in images for image in sample]
     present = [clip for clip in clips if clip is not None]
     video_kwargs: dict[str, Any] = {}
+    if present and type(processor).__name__.startswith("Qwen3VL"):
+        # Qwen3-VL wraps each frame-group in its own <|vision_start|> / <|vision_end|>: the template's pair around the
+        # video goes (the trained prompt; transformers' own processor before 5.25 kept it around all the groups)
+        wrapper = "<|vision_start|>" + processor.video_token + "<|vision_end|>"
+        prompts = [prompt.replace(wrapper, processor.video_token) for prompt in prompts]
     if present:
         from transformers.video_utils import VideoMetadata
 

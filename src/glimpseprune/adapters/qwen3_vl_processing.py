@@ -13,8 +13,10 @@ reproduced here from the installed transformers (``models/qwen3_vl/processing_qw
   replaces the chat template's whole ``<|vision_start|><|video_pad|><|vision_end|>`` (each group carries its own
   pair), as Qwen3-VL's own processor did at release (transformers 4.57) and does again from transformers 5.25;
   transformers 5.0 - 5.24 replaced only the ``<|video_pad|>`` and left one extra pair around all the groups, a prompt
-  the model was not trained on: here it is the trained form on every transformers. A bare ``<|video_pad|>`` (no
-  template) is replaced alone. ``get_rope_index`` then treats each group as a one-frame image.
+  the model was not trained on: here it is the trained form on every transformers (and ``build_inputs`` gives
+  transformers' own processor, used where torchvision exists, the template's video as a bare ``<|video_pad|>``, from
+  which every version writes that form). A bare ``<|video_pad|>`` (no template) is replaced alone.
+  ``get_rope_index`` then treats each group as a one-frame image.
 * **Size.** A clip is resized as a whole (``smart_resize`` of ``video_processing_qwen3_vl``): t * h * w pixels within
   the video processor's ``size`` bounds (``shortest_edge`` / ``longest_edge`` are pixel counts over the clip's
   frames, optionally capped per frame: ``cap_pixels_per_frame``), h and w multiples of 32 px. The bounds come from the
