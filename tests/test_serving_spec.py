@@ -462,3 +462,28 @@ def test_the_fallback_processor_cache_is_bounded_and_least_recently_used_first()
     assert len(cache) == 3 and len(ProcessorCache()._items) == 0 and ProcessorCache().maxsize == 16
     with pytest.raises(ValueError, match="maxsize"):
         ProcessorCache(maxsize=0)
+
+
+def test_the_fallback_processor_cache_builds_a_processor_once_when_threads_ask_at_once():
+    import threading
+    import time
+
+    from glimpseprune.serving.vllm_plugin import ProcessorCache
+
+    cache, built, start = ProcessorCache(maxsize=4), [], threading.Barrier(4)
+
+    def build():
+        built.append(1)
+        time.sleep(0.05)  # a processor takes a while to load: the other threads arrive meanwhile
+        return "proc"
+
+    def worker():
+        start.wait()
+        assert cache.get("kwargs", build) == "proc"
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(built) == 1 and len(cache) == 1

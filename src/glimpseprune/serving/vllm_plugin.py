@@ -84,20 +84,22 @@ class ProcessorCache:
     requests with ever new kwargs does not hold ever more processors."""
 
     def __init__(self, maxsize: int = 16):
+        import threading
         from collections import OrderedDict
 
         if maxsize < 1:
             raise ValueError(f"maxsize must be >= 1, got {maxsize}")
-        self.maxsize, self._items = maxsize, OrderedDict()
+        self.maxsize, self._items, self._lock = maxsize, OrderedDict(), threading.Lock()
 
     def get(self, key, build):
-        if key in self._items:
-            self._items.move_to_end(key)
-            return self._items[key]
-        value = self._items[key] = build()
-        while len(self._items) > self.maxsize:
-            self._items.popitem(last=False)
-        return value
+        with self._lock:  # vLLM may process requests on several threads
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            value = self._items[key] = build()
+            while len(self._items) > self.maxsize:
+                self._items.popitem(last=False)
+            return value
 
     def __len__(self) -> int:
         return len(self._items)
