@@ -206,6 +206,7 @@ def test_ask_with_a_method_and_its_settings(tiny_dir, img, capsys):
     (["--method", "early_glimpse", "--module", "embedded", "--method-arg", "fill=diverse"],
      "fill 'diverse' fills a fixed budget: set fixed_keep_ratio (--fixed-keep-ratio R)"),
     (["--max-keep-ratio", "0"], "--max-keep-ratio must be in (0, 1]"),
+    (["--method", "fastv", "--method-arg", "=0.5"], "'=0.5': expected KEY=VALUE"),
 ])
 def test_method_errors_name_flags_before_the_model_loads(argv, message, tmp_path, capsys):
     # the model folder does not exist: every one of these must be refused before it would be loaded
@@ -234,6 +235,58 @@ def test_pruning_flags_are_read_as_typed_settings():
     assert _parse_typed("prune_layer", "-1", int) == -1 and _parse_typed("query", "last_token", str) == "last_token"
     with pytest.raises(ValueError, match="expected bool"):
         _parse_typed("merge", "maybe", bool)
+    assert _parse_typed("merge", "0", bool) is False and _parse_typed("merge", "1", bool) is True
+    assert _parse_typed("layers", "7, ,15,", tuple[int, ...]) == (7, 15)  # blank items are left out
+    assert _parse_typed("names", " a , b", tuple[str, ...]) == ("a", "b")
+    with pytest.raises(ValueError, match="prune_layer=none: expected int"):  # none only where the field allows it
+        _parse_typed("prune_layer", "none", int)
+
+
+def test_defaults_are_shown_as_typed_and_the_embedded_model_brings_its_module():
+    from glimpseprune.assets import EMBEDDED
+    from glimpseprune.cli.method_args import _module_arg, _show
+
+    assert [_show(v) for v in (None, True, False, 1 / 3, 0.5, (7, 15, 23), 4)] == \
+        ["none", "true", "false", "0.333333", "0.5", "7,15,23", "4"]
+    ns = argparse.Namespace
+    assert _module_arg(ns(module=None, model=EMBEDDED)) == EMBEDDED
+    assert _module_arg(ns(module=None, model="some/dir")) is None
+    assert _module_arg(ns(module="m", model=EMBEDDED)) == "m"
+
+
+def test_port_and_ratio_bounds():
+    from glimpseprune.cli.common import port
+    from glimpseprune.cli.evaluate import _ratio
+
+    assert port("65535") == 65535 and port("1") == 1
+    for bad in ("65536", "0"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            port(bad)
+    assert _ratio(0.3, 0.6) == pytest.approx(0.5)
+    assert _ratio(0.3, 0.0) is None and _ratio(0.3, float("nan")) is None  # no ratio against nothing / no number
+
+
+def test_eval_refuses_split_and_task_together(split, tmp_path, capsys):
+    argv = ["eval", "--split", str(split), "--task", "textvqa", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+            "--model", str(tmp_path / "no-model")]
+    assert main(argv) == 2
+    assert "give either --split (a records JSONL) or --task NAME --data DIR" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_leaves_out_rows_of_records_no_longer_in_the_split(capsys):
+    from types import SimpleNamespace as R
+
+    from glimpseprune.cli.evaluate import _matching_rows
+
+    records = [R(id="a", question="q1", answer="x"), R(id="b", question="q2", answer="y")]
+    done = [{"id": "a", "question": "q1", "answer": "x"}, {"id": "gone", "question": "q", "answer": "z"},
+            {"id": "b", "question": "q2", "answer": "y"}]
+    args = argparse.Namespace(split="s.jsonl", quiet=False)
+    assert [r["id"] for r in _matching_rows(done, records, args)] == ["a", "b"]
+    assert "1 saved results belong to records no longer in s.jsonl: left out" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="1 saved results no longer match .* 'b'"):
+        _matching_rows([{"id": "b", "question": "q2", "answer": "other"}], records, args)
 
 
 # ------------------------------------------------------------------ 4. methods

@@ -382,6 +382,30 @@ def test_compare_k_sweep_refuses_settings_it_would_ignore(split, tmp_path, capsy
     assert not (tmp_path / "k").exists()
 
 
+def test_compare_k_sweep_without_a_module_is_refused_before_claiming_the_folder(split, tmp_path, capsys):
+    # a model other than the embedded one brings no module: the sweep's GlimpsePrune masks would have none
+    assert main(["compare", "--split", str(split), "--out", str(tmp_path / "k"), "--k-sweep",
+                 "--model", str(tmp_path / "no-model")]) == 2
+    assert "--k-sweep needs a glimpse module: pass --module DIR" in capsys.readouterr().err
+    assert not (tmp_path / "k").exists()
+
+
+def test_train_merge_with_a_stage1_config_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    from glimpseprune.training import trainer
+
+    def refuse(*a, **kw):
+        raise AssertionError("stage 1 started training although --merge cannot apply to it")
+
+    monkeypatch.setattr(trainer, "train", refuse)
+    config = Path(__file__).resolve().parents[1] / "configs" / "stage1_world.yaml"
+    assert main(["train", "--config", str(config), "--output-dir", str(tmp_path / "run"), "--merge",
+                 str(tmp_path / "merged")]) == 2
+    assert "--merge applies to stage-2 (GlimpsePrune+) configs" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()
+
+
 def test_make_world_frames_without_video_is_refused(tmp_path, capsys):
     assert main(["make-world", "--out", str(tmp_path / "w"), "--n", "2", "--frames", "6"]) == 2
     assert "--frames sets the frames per clip of a --video split" in capsys.readouterr().err

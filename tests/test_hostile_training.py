@@ -176,6 +176,30 @@ def test_resume_of_a_folder_without_run_config_is_refused(tmp_path, make_cfg, no
         T.train(make_cfg(out), resume=True)
 
 
+@pytest.mark.parametrize("text", ['{"format": 1}', '{"config": "boxes"}', "[1, 2]", "{not json"])
+def test_resume_with_a_damaged_run_config_is_refused_by_name(tmp_path, make_cfg, no_load, text):
+    out = tmp_path / "out"
+    (out / "checkpoint-1").mkdir(parents=True)
+    (out / "checkpoint-1" / "trainer_state.json").write_text("{}")
+    (out / T.RUN_CONFIG).write_text(text)
+    with pytest.raises(ValueError, match=f"cannot resume {out}: {out / T.RUN_CONFIG} .*pass --overwrite"):
+        T.check_output_dir(make_cfg(out), resume=True)
+
+
+def test_logged_parts_are_the_mean_over_the_steps_since_the_last_log(monkeypatch):
+    from transformers import Trainer
+
+    seen = []
+    monkeypatch.setattr(Trainer, "log", lambda self, logs, *a, **kw: seen.append(logs))
+    cls = T._trainer_class()
+    tr = cls.__new__(cls)  # no model needed: log only reads and resets the sums
+    tr._sums, tr._counts = {"train": {"loc_loss": 3.0}, "eval": {"iou": 1.0}}, {"train": 2, "eval": 4}
+    tr.log({"loss": 1.0})
+    tr.log({"eval_loss": 2.0})
+    tr.log({"loss": 0.5})  # nothing summed since: no parts, no division by zero
+    assert seen == [{"loss": 1.0, "loc_loss": 1.5}, {"eval_loss": 2.0, "eval_iou": 0.25}, {"loss": 0.5}]
+
+
 def test_resume_with_another_config_lists_the_differences(finished_run, tmp_path, make_cfg, no_load):
     out = copy_run(finished_run, tmp_path / "out")
     with pytest.raises(ValueError, match="config differs") as e:
@@ -211,10 +235,55 @@ def test_unwritable_output_dir_fails_before_loading(tmp_path, make_cfg, no_load)
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     for out in (blocker / "run", blocker):
-        with pytest.raises(ValueError, match="output_dir") as e:
+        with pytest.raises(ValueError, match="^output_dir") as e:  # the setting named (tmp_path holds the word too)
             T.train(make_cfg(out))
         assert str(out) in str(e.value)
     assert blocker.read_text() == "x"
+
+
+def test_resume_into_a_file_is_named_as_one(tmp_path, make_cfg, no_load):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        T.check_output_dir(make_cfg(blocker), resume=True)
+    assert blocker.read_text() == "x"
+
+
+def test_checkpoints_are_ordered_by_step_not_by_name(tmp_path):
+    for n in (2, 9, 10):
+        (tmp_path / f"checkpoint-{n}").mkdir()
+    assert [p.name for p in T._checkpoints(tmp_path)] == ["checkpoint-10", "checkpoint-9", "checkpoint-2"]
+
+
+@pytest.mark.parametrize("inside", ["module/train.jsonl", "checkpoint-1/sub/train.jsonl"])
+def test_overwrite_refuses_a_run_whose_input_lies_in_its_files(tmp_path, make_cfg, no_load, inside):
+    out = tmp_path / "out"
+    data = out / inside
+    data.parent.mkdir(parents=True)
+    data.write_text("{}\n")
+    with pytest.raises(ValueError, match="--overwrite refused: train_data .* lies in"):
+        T.check_output_dir(make_cfg(out, train_data=str(data)), overwrite=True)
+    assert data.read_text() == "{}\n"
+
+
+def test_overwrite_unlinks_a_linked_run_folder_and_keeps_its_target(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("x")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "module").symlink_to(mine, target_is_directory=True)
+    assert [p.name for p in T.remove_run_files(out)] == ["module"]
+    assert names(out) == [] and (mine / "keep.txt").read_text() == "x"
+
+
+def test_run_config_records_the_digest_of_each_input(finished_run, data):
+    import hashlib
+
+    inputs = json.loads((finished_run / T.RUN_CONFIG).read_text())["inputs"]
+    for name, path in (("train_data", data[0]), ("eval_data", data[1])):  # sha256 of the file's name, NUL, bytes
+        assert inputs[name] == hashlib.sha256(path.name.encode() + b"\0" + path.read_bytes()).hexdigest()
+    assert sorted(inputs) == ["eval_data", "train_data"]  # module: a dict of overrides; no adapter, no file
 
 
 # --------------------------------------------------------------------------- Stage1Config
@@ -242,7 +311,8 @@ def test_yaml_numeric_strings_become_numbers(tmp_path):
     ("grad_accum", 0), ("grad_accum", -1), ("max_steps", 0), ("max_steps", -2), ("epochs", 0),
     ("eval_samples", 0), ("threads", 0), ("warmup_ratio", 1.5), ("dice_weight", -1), ("seed", -1),
     ("model", ""), ("model", 3), ("train_data", ""), ("module", [1, 2]), ("module", {"vip_widht": 8}),
-    ("module", {"base_num_layers": 9}), ("mode", "boxez"),
+    ("module", {"base_num_layers": 9}), ("mode", "boxez"), ("warmup_ratio", 1.0), ("seed", 2**32),
+    ("dice_weight", float("inf")), ("epochs", "inf"), ("point_families", "counting"),
 ])
 def test_bad_field_is_named(field, value):
     with pytest.raises(ValueError, match=field):
@@ -268,6 +338,10 @@ def test_bad_yaml_file_is_named(tmp_path, text, match):
     with pytest.raises(ValueError, match=match) as e:
         Stage1Config.from_yaml(p)
     assert str(p) in str(e.value)
+
+
+def test_empty_yaml_file_gives_the_defaults(tmp_path):
+    assert Stage1Config.from_yaml(write_yaml(tmp_path, "# nothing set\n")) == Stage1Config()
 
 
 def test_missing_config_file_is_named(tmp_path):

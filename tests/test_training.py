@@ -104,6 +104,12 @@ def test_kl_loss():
     s2 = a.clone()
     s2[1, 2] = 50 * torch.randn(5, generator=g)
     assert float(kl_loss(s2, a, part)) == pytest.approx(0.0, abs=1e-6)
+    # the token mean runs over the set positions only: teacher (0.5, 0.5) against student (0.25, 0.75) at the one set
+    # position of two gives that position's KL, not half of it; an all-masked batch gives 0, not NaN
+    two_t, two_s = torch.zeros(1, 2, 2), torch.tensor([[[0.0, math.log(3)], [0.0, 0.0]]])
+    one = torch.tensor([[True, False]])
+    assert float(kl_loss(two_s, two_t, one)) == pytest.approx(want, abs=1e-6)
+    assert float(kl_loss(two_s, two_t, torch.zeros_like(one))) == 0.0
 
 
 def test_mask_metrics_hand_example():
@@ -117,6 +123,9 @@ def test_mask_metrics_hand_example():
     assert m["kept"] == pytest.approx((2 / 4 + 1 / 3) / 2)
     empty = mask_metrics([t(-1, -1)], [t(0, 0)])
     assert empty == {"precision": 0.0, "recall": 0.0, "iou": 0.0, "kept": 0.0}
+    # a logit of exactly 0 is sigmoid 0.5, which is not > 0.5: not kept; one sample's kept fraction is its own
+    edge = mask_metrics([t(0.0, 1.0, -1.0, 2.0)], [t(1, 1, 0, 0)])
+    assert edge == {"precision": 0.5, "recall": 0.5, "iou": pytest.approx(1 / 3), "kept": 0.5}
 
 
 # --------------------------------------------------------------------------- forward_train against the stock model
@@ -307,6 +316,19 @@ def test_stage1_loss_is_the_weighted_sum_of_its_parts(model, processor, small_it
     a, b = (wrapper.metrics[k] for k in parts)
     assert a > 0 and b > 0
     assert loss == pytest.approx(w1 * a + w2 * b, rel=1e-5)
+
+
+def test_early_module_loss_is_loc_weight_times_its_mask_loss(model, processor, small_items):
+    """An early module in boxes mode has one term (the LLM does not run): loss = loc_weight * loc_loss."""
+    base = frozen_copy(model)
+    cfg = Stage1Config(model="unused", loc_weight=3.0, module=dict(kind="early", vip_width=32, cond_width=32,
+                                                                   vip_heads=4, vip_mlp_width=64))
+    torch.manual_seed(0)
+    wrapper = Stage1Model(base, build_module(base, cfg), cfg)
+    with torch.no_grad():
+        loss = float(wrapper(**Collator(processor, base)(small_items))["loss"])
+    assert "lm_loss" not in wrapper.metrics and wrapper.metrics["loc_loss"] > 0
+    assert loss == pytest.approx(3.0 * wrapper.metrics["loc_loss"], rel=1e-5)
 
 
 # --------------------------------------------------------------------------- Trainer: resume

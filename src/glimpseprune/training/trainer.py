@@ -219,7 +219,10 @@ def check_output_dir(cfg: Stage1Config, resume: bool = False, overwrite: bool = 
             raise ValueError(f"--overwrite refused: {out} holds {foreign[0]!r}{more}, which glimpseprune did not "
                              "write; --overwrite only replaces a folder that holds nothing but a run. Move it away or "
                              "choose another --output-dir")
-    ensure_writable_dir(out)
+    try:
+        ensure_writable_dir(out)
+    except ValueError as e:  # name the setting: the path alone may not say which of the config's paths it is
+        raise ValueError(f"output_dir: {e}") from None
     return ckpt
 
 
