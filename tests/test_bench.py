@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import pytest
 import torch
@@ -36,6 +37,7 @@ def test_parse_variant():
     assert E.parse_variant("glimpse:0.04") == E.Variant("glimpse:0.04", "glimpse", 0.04, None)
     assert E.parse_variant("mask:0.1@3") == E.Variant("mask:0.1@3", "mask", 0.1, 3)
     assert E.parse_variant("fixed:0.111") == E.Variant("fixed:0.111", "mask", 0.111, -1)  # before the LLM
+    assert E.parse_variant("glimpse:1@0") == E.Variant("glimpse:1@0", "glimpse", 1.0, 0)  # (0, 1]: all kept is valid
     for bad in ("glimpse", "topk:0.1", "mask:0", "mask:1.5", "glimpse:0.1@-1"):
         with pytest.raises(ValueError):
             E.parse_variant(bad)
@@ -63,6 +65,10 @@ def test_synth_inputs_encode(model):
     assert inputs["input_ids"].shape == (2, 36 + N_TEXT)
     enc = get_adapter(model).encode(model, inputs)
     assert enc.n_vis == [36, 36] and enc.grids == [GRID, GRID]
+    # [4 text][vision_start][36 image][vision_end][4 text]: the N_TEXT - 2 text tokens split evenly around the image
+    ids, row = TINY.token_ids(), inputs["input_ids"][0].tolist()
+    assert row[4] == ids["vision_start"] and row[5:41] == [ids["image"]] * 36 and row[41] == ids["vision_end"]
+    assert ids["image"] not in row[:4] + row[42:]
 
 
 def test_frozen_encode_replays_same_prefill(model):
@@ -119,6 +125,9 @@ def test_ratio_checks(result):
     c = E.RatioCheck("x", measured=0.8, analytic=0.75)
     assert c.rel_diff == pytest.approx(0.8 / 0.75 - 1) and c.ok
     assert not E.RatioCheck("x", measured=0.9, analytic=0.75).ok
+    # the tolerance itself passes, on either side: rel_diff exactly +-0.25
+    assert E.RatioCheck("x", measured=1.25, analytic=1.0, tolerance=0.25).ok
+    assert E.RatioCheck("x", measured=0.75, analytic=1.0, tolerance=0.25).ok
 
 
 def test_measure_peak_cpu():
@@ -289,3 +298,297 @@ def test_ratio_check_is_two_sided_and_reports_kept_fraction(result):
     checks = {c.variant: c for c in E.ratio_checks(result)}
     assert checks["glimpse:0.25"].extra == {"kept_frac": 9 / 36}  # kept / visual tokens, not kept / KV length
     assert E.near_square_grid(1050) == (32, 33)  # 1056 tokens: nearer 1050 than 32 x 32 = 1024
+
+
+# ----------------------------------------------------------------------------------- bench.accuracy, by hand
+
+
+class _FakePM:
+    """A PrunedModel stand-in: fixed answers per question, n_vis 100 / n_kept 4 / kv_len 30 per sample, and a call
+    that takes prefill 0.3 s and decode 0.6 s of (reported) wall time whatever its size; a question "bad" is refused
+    (ValueError), as a processor refuses one."""
+
+    def __init__(self, answers: dict):
+        self.answers, self.calls = answers, []
+
+    def generate(self, images, questions, max_new_tokens):
+        from types import SimpleNamespace
+
+        self.calls.append(list(questions))
+        if "bad" in questions:
+            raise ValueError("the processor refuses this question")
+        n = len(questions)
+        return SimpleNamespace(texts=[self.answers[q] for q in questions], n_vis=[100] * n, n_kept=[4] * n,
+                               kv_len=[30] * n, timing={"prefill": 0.3, "decode": 0.6, "decode_steps": 3})
+
+
+def _acc_split(tmp_path, questions, answers=None):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / "a.png")
+    rows = [{"id": f"r{i}", "image": "a.png", "question": q, "answer": (answers or {}).get(q, "cat"), "width": 32,
+             "height": 32, "family": "f"} for i, q in enumerate(questions)]
+    split = tmp_path / "split.jsonl"
+    split.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return split
+
+
+def test_accuracy_summary_by_hand():
+    from glimpseprune.bench.accuracy import summarize
+
+    def row(fam, ok, n_vis, n_kept, kv, pre, dec):
+        return {"family": fam, "correct": ok, "n_vis": n_vis, "n_kept": n_kept, "kept_frac": n_kept / n_vis,
+                "kv_len": kv, "prefill_ms": pre, "decode_ms": dec}
+
+    rows = [row("a", True, 100, 50, 70, 10.0, 1.0), row("a", False, 100, 25, 45, 20.0, 2.0),
+            row("b", True, 50, 5, 17, 60.0, 3.0)]
+    s = summarize(rows, {"method": "m"})
+    assert s["method"] == "m" and s["n"] == 3
+    assert s["exact_match"] == pytest.approx(2 / 3)
+    # kept fractions 0.5, 0.25, 0.1: mean 0.85 / 3, median 0.25
+    assert s["kept_frac"] == pytest.approx({"mean": 0.85 / 3, "median": 0.25, "min": 0.1, "max": 0.5})
+    assert s["mean_n_vis"] == pytest.approx(250 / 3) and s["mean_n_kept"] == pytest.approx(80 / 3)
+    assert s["mean_kv_len"] == pytest.approx(44.0)  # (70 + 45 + 17) / 3; the median would be 45
+    assert s["ms_per_sample"] == pytest.approx({"prefill": 30.0, "decode": 2.0})
+    a, b = s["per_family"]["a"], s["per_family"]["b"]
+    assert a["n"] == 2 and a["exact_match"] == pytest.approx(0.5) and b["n"] == 1 and b["exact_match"] == 1.0
+    assert a["kept_frac"] == pytest.approx({"mean": 0.375, "median": 0.375, "min": 0.25, "max": 0.5})
+    # nothing evaluated (every record skipped): no accuracy figure, not a measured 0 %
+    none = summarize([], {})
+    assert none["n"] == 0 and math.isnan(none["exact_match"]) and math.isnan(none["kept_frac"]["mean"])
+
+
+def test_accuracy_rows_by_hand(tmp_path):
+    from glimpseprune.bench.accuracy import RecordError, evaluate, read_records
+
+    split = _acc_split(tmp_path, ["q0", "q1", "q2"], {"q1": "dog"})
+    pm = _FakePM({"q0": " Cat. ", "q1": "cat", "q2": "CAT"})
+    seen = []
+    rows = evaluate(pm, read_records(split), tmp_path, batch_size=2, on_row=seen.append)
+    assert [r["id"] for r in rows] == ["r0", "r1", "r2"] and seen == rows
+    assert [r["prediction"] for r in rows] == ["Cat.", "cat", "CAT"]
+    assert [r["correct"] for r in rows] == [True, False, True]  # normalised: case, spaces, a final full stop
+    assert all(r["kept_frac"] == pytest.approx(0.04) and r["n_vis"] == 100 and r["kv_len"] == 30 for r in rows)
+    # a batch's wall time shared by its samples: 300 ms / 2 for the first two, 300 ms for the third alone
+    assert [r["prefill_ms"] for r in rows] == pytest.approx([150.0, 150.0, 300.0])
+    assert [r["decode_ms"] for r in rows] == pytest.approx([300.0, 300.0, 600.0])
+    with pytest.raises(ValueError, match="on_error"):
+        evaluate(pm, read_records(split), tmp_path, on_error="ignore")
+    # a refused record in a batch: the batch is retried one record at a time; "stop" raises naming it, "skip"
+    # hands it to on_skip and keeps the good ones
+    split = _acc_split(tmp_path, ["q0", "bad", "q2"])
+    with pytest.raises(RecordError, match="record r1"):
+        evaluate(pm, read_records(split), tmp_path, batch_size=2)
+    skipped = []
+    rows = evaluate(pm, read_records(split), tmp_path, batch_size=2, on_error="skip", on_skip=skipped.append)
+    assert [r["id"] for r in rows] == ["r0", "r2"] and [e.record_id for e in skipped] == ["r1"]
+
+
+def test_accuracy_run_resumes_and_warms_up(tmp_path):
+    from glimpseprune.bench.accuracy import run
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="holds no records"):
+        run(_FakePM({}), empty)
+    split = _acc_split(tmp_path, ["q0", "q1", "q2"])
+    pm = _FakePM({"q0": "cat", "q1": "dog", "q2": "cat"})
+    done = [{"id": "r0", "family": "f", "correct": True, "n_vis": 100, "n_kept": 4, "kept_frac": 0.04, "kv_len": 30,
+             "prefill_ms": 1.0, "decode_ms": 1.0}]
+    rows, summary = run(pm, split, batch_size=2, done=done)
+    # r0 is not run again: one untimed warm-up call of the first batch, then the timed one
+    assert pm.calls == [["q1", "q2"], ["q1", "q2"]]
+    assert [r["id"] for r in rows] == ["r0", "r1", "r2"] and summary["n"] == 3
+    assert summary["exact_match"] == pytest.approx(2 / 3)  # r0 (done) and r2 right, r1 wrong
+
+
+def test_accuracy_read_rows_drops_only_a_torn_last_line(tmp_path):
+    from glimpseprune.bench.accuracy import read_rows
+
+    p = tmp_path / "samples.jsonl"
+    assert read_rows(p) == []
+    p.write_text('{"id": "a"}\n\n{"id": "b"}\n{"id": "c", "pre')  # a crash while writing the last line
+    assert [r["id"] for r in read_rows(p)] == ["a", "b"]
+    p.write_text('{"id": "a"}\n{"id": "b", "pre\n{"id": "c"}\n')  # damaged inside: named, not dropped
+    with pytest.raises(ValueError, match="samples.jsonl:2: not JSON"):
+        read_rows(p)
+    p.write_text('{"id": "a"}\n{"question": "q"}\n')
+    with pytest.raises(ValueError, match=r"samples.jsonl:2: not a result row .* an 'id'"):
+        read_rows(p)
+
+
+@pytest.mark.parametrize("status, want", [("", "abc123"), (" M src/x.py\n", "abc123+dirty")])
+def test_run_metadata_names_the_commit_and_threads(tmp_path, monkeypatch, status, want):
+    from types import SimpleNamespace
+
+    from glimpseprune.bench import meta
+
+    monkeypatch.setattr(meta, "__file__", str(tmp_path / "src" / "glimpseprune" / "bench" / "meta.py"))
+    monkeypatch.setenv("GLIMPSEPRUNE_COMMIT", "from-env")
+    assert meta._git_commit() == "from-env"  # no checkout: the environment names it
+    (tmp_path / ".git").mkdir()
+    monkeypatch.setattr(meta.subprocess, "run", lambda cmd, **kw: SimpleNamespace(
+        stdout="abc123\n" if "rev-parse" in cmd else status))
+    threads = torch.get_num_threads()
+    torch.set_num_threads((torch.get_num_threads() or 1) + 2)
+    try:
+        env = meta.environment("cpu")
+        assert env["git_commit"] == want and env["torch_threads"] == threads + 2 and env["device"] == "cpu"
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_end_to_end_rates_from_medians_by_hand(model, monkeypatch):
+    """tokens/s = B * new_tokens / median seconds per generate; decode ms/step = seconds / steps; decode tokens/s =
+    1000 * B / median ms per step. The clock is replaced: e2e runs 0.2, 0.1, 0.9 s (median 0.2, mean 0.4), decode
+    runs of 4 steps 0.08, 0.04, 0.4 s (20, 10, 100 ms per step: median 20)."""
+    clock = iter([0.2, 0.1, 0.9, 0.08, 0.04, 0.4])
+    monkeypatch.setattr(E, "_timed", lambda fn, device: (next(clock), fn()))
+    monkeypatch.setattr(E, "measure_peak", lambda fn, device: {"method": "fake", "peak_bytes": 3 * 2**20,
+                                                                "delta_bytes": 2**20})
+    s = E.BenchSettings(grid=GRID, n_text=N_TEXT, warmup=0, reps=3, new_tokens=4)
+    inputs = E.synth_inputs(TINY, GRID, N_TEXT, 2)
+    runs = {"full": E.make_variant(E.parse_variant("full"), TINY, [36, 36], "cpu")}
+    r = E._e2e_batch(model, get_adapter(model), runs, inputs, 2, s, torch.device("cpu"))["full"]
+    assert r["seconds"] == {"median": 0.2, "min": 0.1, "max": 0.9, "all": [0.2, 0.1, 0.9]}
+    assert r["tokens_per_s"] == pytest.approx(2 * 4 / 0.2)
+    assert r["decode_ms_per_step"]["all"] == pytest.approx([20.0, 10.0, 100.0])
+    assert r["decode_ms_per_step"]["median"] == pytest.approx(20.0)
+    assert r["decode_tokens_per_s"] == pytest.approx(1000.0 * 2 / 20.0)
+    assert r["memory"]["peak_bytes"] == 3 * 2**20
+
+
+def test_reported_prefill_figures_are_medians_by_hand(model, monkeypatch):
+    """The measured ratio, the table's prefill ms and % of full, and the summary line all come from the medians: full
+    1, 2, 6 s (median 2), mask:0.25 0.5, 1.5, 0.4 s (median 0.5, min 0.4): measured 25 %. Analytic (causal=False,
+    see test_ratios_against_full_hand_computed) 8061184 / 10169344 = 79.3 %; kept 9 of 36 = 25.0 %, KV 10 + 9."""
+    from glimpseprune.bench.report import _summary
+
+    times = {"full": [1.0, 2.0, 6.0], "mask:0.25": [0.5, 1.5, 0.4]}
+    monkeypatch.setattr(E, "time_prefill", lambda *a, **k: (times, {n: {} for n in times}))
+    s = E.BenchSettings(shape="tiny", grid=GRID, n_text=N_TEXT, variants=("mask:0.25",), causal=False, warmup=0,
+                        reps=3, decode=False, e2e=False)
+    result = E.run_benchmark(s, TINY, model)
+    r = result["results"]["mask:0.25"]
+    assert r["prefill_s"]["median"] == 0.5 and r["prefill_ratio_measured"] == 0.25
+    assert result["settings"]["n_vis"] == 36 and result["settings"]["grid"] == [6, 6]  # the grid's, not --n-vis
+    # end-to-end figures of two batch sizes, given as run_benchmark writes them (str keys), larger one first
+    for name, peak in (("full", 7), ("mask:0.25", 3)):
+        result["results"][name]["end_to_end"] = {
+            "16": {"tokens_per_s": 160.0, "decode_tokens_per_s": 320.0,
+                   "memory": {"method": "m", "peak_bytes": 99 * 2**20, "delta_bytes": 98 * 2**20}},
+            "4": {"tokens_per_s": 40.0, "decode_tokens_per_s": 80.0,
+                  "memory": {"method": "m", "peak_bytes": peak * 2**20, "delta_bytes": 2**20}}}
+    lines = markdown_table(result).splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    cells = dict(zip(head, [c.strip() for c in next(x for x in lines if x.startswith("| mask:0.25"))
+                            .strip("|").split("|")], strict=True))
+    assert head[-6:] == ["tok/s B=4", "tok/s B=16", "decode tok/s B=4", "decode tok/s B=16", "peak MiB B=4",
+                         "rise MiB B=4"]  # batch sizes in numeric order; memory of the smallest
+    assert cells["kept %"] == "25.0" and cells["KV len"] == "19" and cells["% of full (analytic)"] == "79.3"
+    assert cells["prefill ms"] == "500.00" and cells["% of full (measured)"] == "25.0"
+    assert cells["tok/s B=4"] == "40.0" and cells["peak MiB B=4"] == "3" and cells["rise MiB B=4"] == "1"
+    line = _summary(result)["results"]["mask:0.25"]
+    assert line["prefill_ms"] == 500.0 and line["prefill_ratio_measured"] == 0.25
+    assert line["peak_mib"] == {"16": 99.0, "4": 3.0} and line["tokens_per_s"] == {"16": 160.0, "4": 40.0}
+
+
+def test_budget_keeps_one_repetition_and_records_skipped_batches():
+    spent = E.Budget(-1.0)  # over from the start
+    assert spent.more(0, "prefill") and spent.skipped == []  # at least one repetition is always measured
+    assert not spent.more(1, "prefill") and spent.skipped == ["prefill"]
+    assert E._order(["a", "b", "c"], 0) == ["a", "b", "c"] and E._order(["a", "b", "c"], 1) == ["c", "b", "a"]
+    s = E.BenchSettings(grid=GRID, n_text=N_TEXT, batch_sizes=(4, 1))
+    budget = E.Budget(-1.0)
+    out = E.time_end_to_end(None, None, TINY, [E.parse_variant("full")], s, "cpu", budget)
+    assert out == {"full": {4: {"error": "skipped: time budget"}, 1: {"error": "skipped: time budget"}}}
+    assert budget.skipped == ["end-to-end batch 1", "end-to-end batch 4"]  # smallest first, each recorded
+
+
+def test_measure_peak_cpu_figures_by_hand(monkeypatch):
+    """CPU: delta = the replayed tensor peak (16 MiB); peak = RSS before (100 MiB) + it; rss_delta = VmHWM after
+    (150 MiB) - RSS before."""
+    ran = []
+    monkeypatch.setattr(E, "_reset_peak_rss", lambda: True)
+    monkeypatch.setattr(E, "_proc_status_kb", lambda name: {"VmRSS": 100, "VmHWM": 150}[name] * 2**20)
+    monkeypatch.setattr(E, "tensor_peak_bytes", lambda fn: (fn(), (16 * 2**20, 0))[1])
+    mem = E.measure_peak(lambda: ran.append(1), "cpu")
+    assert ran == [1, 1]  # once for the RSS mark, once replayed
+    assert (mem["peak_bytes"], mem["delta_bytes"], mem["rss_delta_bytes"]) == (116 * 2**20, 16 * 2**20, 50 * 2**20)
+
+
+def test_frozen_encode_is_per_inputs_taps_and_tap_function():
+    class Inner:
+        calls = 0
+
+        def encode(self, model, inputs, taps=(), tap_fn=None):
+            Inner.calls += 1
+            return (id(inputs), taps, tap_fn)
+
+    frozen, inputs = E.FrozenEncodeAdapter(Inner()), {"x": 1}
+
+    def f1(*a):
+        return a
+
+    def f2(*a):
+        return a
+
+    assert frozen.encode(None, inputs, (1,), f1) == (id(inputs), (1,), f1)
+    assert frozen.encode(None, inputs, (1,), f2)[2] is f2  # another module's tap projection: encoded again
+    assert frozen.encode(None, inputs, (1,), f1)[2] is f1 and Inner.calls == 2  # replayed
+
+
+def test_ratio_check_verdict_needs_every_variant_within_tolerance(capsys):
+    from glimpseprune.bench.report import _checks
+
+    def row(measured, analytic):
+        return {"prefill_ratio_measured": measured, "prefill_ratio_analytic": analytic,
+                "analytic": {"n_kept": 1, "n_vis": 4}}
+
+    result = {"results": {"full": row(1.0, 1.0), "a": row(0.5, 0.5), "b": row(0.9, 0.5)}}
+    assert _checks(result, 0.15, True) is False  # b is 80 % off
+    assert [(c["variant"], c["ok"]) for c in result["ratio_checks"]] == [("a", True), ("b", False)]
+    assert result["ratio_checks"][1]["rel_diff"] == pytest.approx(0.8)
+    out = capsys.readouterr().out
+    assert "kept fraction 25.00 %" in out and "+80.0 %" in out and "FAIL" in out
+    assert _checks({"results": {"full": row(1.0, 1.0), "a": row(0.5, 0.5)}}, 0.15, True) is True
+
+
+def test_an_earlier_run_is_refused_without_overwrite(tmp_path, capsys):
+    from glimpseprune.bench.report import check_writable
+    from glimpseprune.cli import main
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "sweep.json").write_text("earlier")
+    check_writable(out)  # no result.json: a run may write here
+    with pytest.raises(ValueError, match=r"already holds a run \(sweep.json\).*--overwrite"):
+        check_writable(out, name="sweep.json")
+    check_writable(out, overwrite=True, name="sweep.json")
+    assert main(["bench", "sweep", "--shape", "qwen2_5_vl_3b", "--layers", "17", "--out", str(out)]) == 2
+    assert "already holds a run (sweep.json)" in capsys.readouterr().err
+    assert (out / "sweep.json").read_text() == "earlier"
+    (out / "result.json").write_text("earlier")
+    with pytest.raises(ValueError, match=r"already holds a run \(result.json\)"):
+        check_writable(out)
+
+
+def test_cli_flops_odd_frames_and_paper_decode_column(capsys):
+    """15 frames at temporal patch 2: ceil(15 / 2) = 8 frame-groups of 16x16 = 2048 visual tokens; the last column is
+    upstream's decode FLOPs: --new-tokens steps from the prompt's KV length, without the LM head."""
+    from glimpseprune.bench import flops as F
+
+    argv = ["bench", "flops", "--shape", "qwen2_5_vl_7b", "--video-frames", "15", "--grid", "16x16", "--n-text",
+            "33", "--keep", "0.1", "--new-tokens", "5", "--json"]
+    assert _cli(argv) == 0
+    out = capsys.readouterr().out
+    rec = _json_line(out)
+    assert rec["video"]["frame_groups"] == 8 and rec["rows"]["full"]["n_vis"] == 2048
+    row = next(line for line in out.splitlines() if line.startswith("full |")).split(" | ")
+    s7 = load_shape("qwen2_5_vl_7b")
+    paper, with_head = F.decode_flops(s7, 2081, 5, lm_head=False), F.decode_flops(s7, 2081, 5)
+    assert row[-1] == f"{paper / 1e9:.1f}" != f"{with_head / 1e9:.1f}"
+    assert _cli(["bench", "flops", "--keep", "1"]) == 0  # all kept: the top of (0, 1]
+    p = argparse.ArgumentParser()
+    add_bench_parser(p.add_subparsers(dest="cmd", required=True))
+    assert p.parse_args(["bench", "ratio-check", "--tolerance", "0"]).tolerance == 0.0  # exact agreement asked

@@ -217,3 +217,75 @@ def test_compare_plot_glimpse_line_in_kept_order_and_sample_range():
     assert list(glimpse.get_xdata()) == pytest.approx([5.6, 22.2, 33.3])
     assert list(glimpse.get_ydata()) == [0.5, 0.8, 0.9]
     assert "38-40 samples" in ax.get_title(loc="left")
+
+
+def test_contact_sheet_layout_and_frame_groups_by_hand(monkeypatch):
+    """3 frames of 40x30 px, keep (t=2, 2, 2), temporal patch 2: frames 0 and 1 show group 0 (all kept: their own
+    colour), frame 2 group 1 (all dropped: dimmed grey). Columns ceil(sqrt(3)) = 2, rows 2, gap 4: 84 x 64 px."""
+    from PIL import ImageDraw
+
+    from glimpseprune.bench.overlay import DIM, contact_sheet
+
+    colours = [(200, 0, 0), (0, 200, 0), (0, 0, 200)]
+    frames = [Image.new("RGB", (40, 30), c) for c in colours]
+    keep = np.zeros((2, 2, 2), dtype=bool)
+    keep[0] = True
+    labels = []
+    text = ImageDraw.ImageDraw.text
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", lambda self, xy, t, *a, **k: (labels.append(t),
+                                                                                   text(self, xy, t, *a, **k)))
+    sheet = contact_sheet(frames, keep, temporal_patch_size=2, fps=2.0)
+    assert sheet.size == (2 * 40 + 4, 2 * 30 + 4)
+    px = np.asarray(sheet, dtype=int)
+    assert tuple(px[20, 30]) == colours[0] and tuple(px[20, 44 + 30]) == colours[1]  # tile (row 0, col 1)
+    grey = round(DIM * 0.114 * 200)  # frame 2, dropped: DIM x its luma
+    assert tuple(px[34 + 20, 30]) == (grey, grey, grey)
+    assert labels == ["#0 0.0s", "#1 0.5s", "#2 1.0s"]  # frame index and time at 2 fps
+    assert contact_sheet(frames + frames[:1], keep).size == (84, 64)  # 4 frames fill 2 groups of 2
+    with pytest.raises(ValueError, match="5 frames do not fit"):
+        contact_sheet(frames + frames[:2], keep)
+
+
+@pytest.mark.parametrize("name", ["o.png", "o.jpg"])
+def test_saved_overlay_is_marked_and_a_failed_save_leaves_the_earlier_file(tmp_path, name):
+    from glimpseprune.bench.overlay import is_overlay, save_overlay
+
+    path = tmp_path / name
+    save_overlay(_image(40, 30), path)
+    assert is_overlay(path) and not is_overlay(tmp_path / "missing.png")
+    before = path.read_bytes()
+
+    class Failing:
+        def save(self, fp, **kw):
+            fp.write_bytes(b"half an image")
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_overlay(Failing(), path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_kept_pixels_by_pixel_centres_and_box_by_hand():
+    # 4 px over 3 cells (edges at 1.33 and 2.67 px): the centres 0.5, 1.5, 2.5, 3.5 fall in cells 0, 1, 1, 2
+    assert kept_pixels(np.array([[False, True, False]]), (4, 1)).tolist() == [[False, True, True, False]]
+    # one kept cell over the box x in [0, 2), y in [-1, 1) of a 4 x 2 image: pixels outside the box are not kept
+    assert kept_pixels(np.ones((1, 1), bool), (4, 2), box=(0.0, -1.0, 2.0, 1.0)).tolist() == [
+        [True, True, False, False], [False, False, False, False]]
+
+
+def test_dilate_grows_both_ways_by_hand():
+    dot = np.zeros((5, 5), bool)
+    dot[2, 2] = True
+    want = np.zeros((5, 5), bool)
+    want[1:4, 1:4] = True  # a 3 x 3 square around it
+    assert np.array_equal(_dilate(dot, 1), want) and np.array_equal(_dilate(dot, 0), dot)
+    assert _dilate(np.array([[True, False, False]]), 5).tolist() == [[True, True, True]]  # r past the edge
+    assert _dilate(np.array([[False, False, True]]), 1).tolist() == [[False, True, True]]
+
+
+def test_dropped_tokens_are_dimmed_grey_by_hand():
+    from glimpseprune.bench.overlay import DIM
+
+    got = np.asarray(overlay(Image.new("RGB", (20, 20), (200, 0, 0)), np.zeros((2, 2), bool)), dtype=int)
+    v = round(DIM * 0.299 * 200)  # 25: the luma of pure red 200, times DIM; no outline around nothing
+    assert DIM < 1 and (got == v).all()

@@ -129,7 +129,8 @@ def summarize(rows: list[dict], meta: dict) -> dict:
                   "kept_frac": _stats([r["kept_frac"] for r in sel])}
     return {
         "version": SUMMARY_VERSION, **meta, "n": len(rows),
-        "exact_match": sum(r["correct"] for r in rows) / max(len(rows), 1),
+        # no rows (every record skipped): not a measured 0 % but no figure, as for the statistics below
+        "exact_match": sum(r["correct"] for r in rows) / len(rows) if rows else float("nan"),
         "kept_frac": _stats([r["kept_frac"] for r in rows]),
         "mean_n_vis": statistics.fmean(r["n_vis"] for r in rows) if rows else float("nan"),
         "mean_n_kept": statistics.fmean(r["n_kept"] for r in rows) if rows else float("nan"),
