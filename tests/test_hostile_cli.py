@@ -125,6 +125,8 @@ def test_ask_overlay_never_overwrites_a_file_it_did_not_draw(tmp_path, capsys):
     assert main(["ask", str(img), "Q?", "--overlay", str(photo)]) == 2  # refused before the model loads
     assert "not an overlay glimpseprune drew" in capsys.readouterr().err and photo.read_bytes() == before
     _check_overlay(str(photo), [str(img)], overwrite=True)  # the user lets it go
+    assert main(["ask", str(img), "Q?", "--overwrite"]) == 2  # without --overlay it would do nothing: refused
+    assert "--overwrite applies to --overlay" in capsys.readouterr().err
     with pytest.raises(ValueError, match="is the input image"):  # the input never, --overwrite or not
         _check_overlay(str(img), [str(img)], overwrite=True)
     drawn = Image.new("RGB", (8, 8), (200, 10, 10))

@@ -41,6 +41,8 @@ def cmd_ask(args) -> int:
         given = [f for f, v in (("--fps", args.fps), ("--max-frames", args.max_frames)) if v is not None]
         if given:
             raise ValueError(f"{' and '.join(given)} apply to --video, which was not given")
+    if args.overwrite and not args.overlay:  # it would be ignored: the only file ask writes is the overlay
+        raise ValueError("--overwrite applies to --overlay, which was not given")
     if video and image_pos and question_pos is None and not args.question:
         image_pos, question_pos = None, image_pos  # `ask --video clip.mp4 "question"`
     images = list(args.image or []) + ([image_pos] if image_pos else [])
