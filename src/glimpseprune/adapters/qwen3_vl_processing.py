@@ -199,7 +199,7 @@ class Qwen3VLImageProcessorOnly(QwenVLProcessor):
         out, offsets = super().get_text_with_replacements([pattern.sub(self.video_token, t) for t in text],
                                                           images_replacements, videos_replacements,
                                                           audio_replacements)
-        for starts, sample_offsets in zip(found, offsets, strict=True):
+        for starts, sample_offsets in zip(found, offsets, strict=False):  # (no offsets: nothing to map)
             at = [a - k * shrink for k, a in enumerate(starts)]  # where each wrapper begins in the collapsed text
             for entry in sample_offsets:
                 if "span" not in entry:
