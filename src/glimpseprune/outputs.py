@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,20 +92,30 @@ def read_json(path: str | Path, what: str = "") -> Any:
         raise ValueError(f"{label} cannot be read ({err})") from err
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+def atomic_replace(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """Make ``path`` with ``write(tmp)`` on a temporary file in the same folder, then ``os.replace``: an interrupted
+    write leaves the earlier file whole and no temporary file behind."""
     p = Path(path)
     tmp = p.parent / f".{p.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"  # created with the umask's mode
     try:
+        write(tmp)
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return p
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+
+    def write(tmp: Path) -> None:
         with open(tmp, "x") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+
+    return atomic_replace(path, write)
 
 
 def atomic_write_text_lines(path: str | Path, rows: list[dict]) -> Path:

@@ -186,29 +186,22 @@ MARK = "glimpseprune overlay"  # in the saved file: a later `ask --overlay` to t
 
 
 def save_overlay(image: Image.Image, path) -> None:
-    """Save a drawn overlay with :data:`MARK` in it (a PNG text chunk, a JPEG / GIF comment), through a temporary file
-    in the same folder and ``os.replace`` (an interrupted save leaves the earlier file whole)."""
-    import os
-    import uuid
+    """Save a drawn overlay with :data:`MARK` in it (a PNG text chunk, a JPEG / GIF comment), atomically
+    (``outputs.atomic_replace``: an interrupted save leaves the earlier file whole)."""
     from pathlib import Path
 
     from PIL.PngImagePlugin import PngInfo
 
-    p = Path(path)
-    fmt = Image.registered_extensions().get(p.suffix.lower())
+    from ..outputs import atomic_replace
+
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
     kwargs = {}
     if fmt == "PNG":
         kwargs["pnginfo"] = PngInfo()
         kwargs["pnginfo"].add_text("Software", MARK)
     elif fmt in ("JPEG", "GIF"):
         kwargs["comment"] = MARK
-    tmp = p.parent / f".{p.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        image.save(tmp, format=fmt, **kwargs)
-        os.replace(tmp, p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_replace(path, lambda tmp: image.save(tmp, format=fmt, **kwargs))
 
 
 def is_overlay(path) -> bool:
