@@ -485,8 +485,9 @@ def build_inputs(
     if present and type(processor).__name__.startswith("Qwen3VL"):
         # Qwen3-VL wraps each frame-group in its own <|vision_start|> / <|vision_end|>: the template's pair around the
         # video goes (the trained prompt; transformers' own processor before 5.25 kept it around all the groups)
-        wrapper = "<|vision_start|>" + processor.video_token + "<|vision_end|>"
-        prompts = [prompt.replace(wrapper, processor.video_token) for prompt in prompts]
+        from .adapters.qwen3_vl_processing import video_wrapper
+
+        prompts = [prompt.replace(video_wrapper(processor), processor.video_token) for prompt in prompts]
     if present:
         from transformers.video_utils import VideoMetadata
 

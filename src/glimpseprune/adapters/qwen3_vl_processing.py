@@ -130,6 +130,14 @@ def video_placeholder(times: Sequence[float], group_tokens: int, video_token: st
     return "".join(f"<{t:.1f} seconds>{start}{video_token * group_tokens}{end}" for t in times)
 
 
+def video_wrapper(processor: Any) -> str:
+    """The chat template's video, ``<|vision_start|><|video_pad|><|vision_end|>``, in ``processor``'s tokens: what the
+    trained prompt replaces whole (see the module docstring)."""
+    start = getattr(processor, "vision_start_token", None) or "<|vision_start|>"
+    end = getattr(processor, "vision_end_token", None) or "<|vision_end|>"
+    return start + processor.video_token + end
+
+
 def _unmarked() -> str:
     """transformers' look-behind that skips a placeholder ``mark_control_tokens`` marked in user text (none before
     the transformers that added it)."""
@@ -192,7 +200,7 @@ class Qwen3VLImageProcessorOnly(QwenVLProcessor):
         if not videos_replacements:
             return super().get_text_with_replacements(text, images_replacements, videos_replacements,
                                                       audio_replacements)
-        wrapper = self.vision_start_token + self.video_token + self.vision_end_token
+        wrapper = video_wrapper(self)
         pattern = re.compile(_unmarked() + re.escape(wrapper))
         found = [[m.start() for m in pattern.finditer(sample)] for sample in text]
         shrink = len(wrapper) - len(self.video_token)
