@@ -199,15 +199,15 @@ def enable_pruning_on_cpu_runner() -> bool:
     return True
 
 
-_VERSION_CHECKED = False
+@functools.lru_cache(maxsize=1)
+def _installed_vllm_supported() -> bool:
+    """check_vllm_version() once per process (vLLM calls register() in every process, and again in some)."""
+    return check_vllm_version()
 
 
 def register() -> None:
     """Register the pruning Qwen2.5-VL architecture with vLLM (idempotent)."""
-    global _VERSION_CHECKED
-    if not _VERSION_CHECKED:  # vLLM calls register() in every process: warn once per process
-        _VERSION_CHECKED = True
-        check_vllm_version()
+    _installed_vllm_supported()
     alias_smart_resize()
     image_only_processor_fallback()
     enable_pruning_on_cpu_runner()
