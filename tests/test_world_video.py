@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from test_data import _apart  # at least one free cell between two objects
 
 from glimpseprune.data.world import FAMILIES, sample
 from glimpseprune.data.world_video import (
@@ -134,11 +135,6 @@ def test_config_refuses_one_moment_and_negative_distractors():
         VideoConfig(frames=2)  # one moment: the evidence would be in every frame
     with pytest.raises(ValueError, match="distractors must be >= 0"):
         VideoConfig(distractors=-1)
-
-
-def _apart(a, b):
-    return (a.col + a.size < b.col or b.col + b.size < a.col or a.row + a.size < b.row
-            or b.row + b.size < a.row)
 
 
 def test_each_moment_shows_the_scene_or_the_others_and_distractors():
