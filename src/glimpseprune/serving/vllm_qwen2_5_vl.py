@@ -11,7 +11,9 @@ How a request flows:
    each kept row carries its ORIGINAL M-RoPE (t, h, w) position in 4 extra channels.
 3. **Positions**: vLLM's runner strips those channels and rewrites the request's M-RoPE positions from them
    (``recompute_mrope_positions``, the path vLLM built for EVS video pruning), so kept tokens sit where they were in
-   the image and the text after the image continues as in the unpruned prompt; decoding goes on from there.
+   the image and the text after the image continues as in the unpruned prompt; decoding goes on from there. The
+   fourth channel (where the text after the image starts) is the image's largest side, not vLLM's grid width, and
+   the positions before encoding lay each image over its kept placeholders (``get_mrope_input_positions``).
 
 vLLM 0.32 (and 0.33) turns step 3 on only when video pruning is configured. This model turns it on for its own worker
 by answering ``True`` from that process's ``MultiModalConfig.is_multimodal_pruning_enabled`` (an instance attribute: no
@@ -138,6 +140,33 @@ class GlimpsePruneQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGen
             object.__setattr__(mm_config, "is_multimodal_pruning_enabled", lambda: True)
         self._kept_log = os.environ.get(KEPT_LOG_ENV) or None
 
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features) -> tuple[torch.Tensor, int]:
+        """The request's M-RoPE positions (3, N) before its images are encoded, and their delta.
+
+        vLLM's Qwen2.5-VL lays each image over its whole grid (t·h·w tokens), but here an image holds only its kept
+        count of placeholders (``mm_position.length``): from the second image on, that layout ran past the image
+        and numpy raised (the engine stopped on any request with two images). Here each image spans its own
+        placeholders, and the text around it gets the unpruned prompt's positions (after an image, one past its
+        largest position, as stock); the image rows get grid positions as stand-ins, which the runner replaces by the
+        kept tokens' own (``recompute_mrope_positions``, from the embeddings' position channels) before they are
+        used."""
+        merge = self.config.vision_config.spatial_merge_size
+        parts, st, nxt = [], 0, 0  # st: next prompt index to lay out; nxt: the position id it gets if text
+        for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
+            if feature.modality != "image":
+                raise ValueError(f"{ARCHITECTURE} serves images only; got a {feature.modality} input")
+            offset, length = feature.mm_position.offset, feature.mm_position.length
+            _, h, w = (int(x) // s for x, s in zip(feature.data["image_grid_thw"].data.tolist(), (1, merge, merge)))
+            text = offset - st
+            parts.append(torch.arange(text).expand(3, text) + nxt)
+            base = nxt + text
+            parts.append(torch.from_numpy(np.indices((1, h, w)).reshape(3, -1)[:, :length]) + base)
+            nxt, st = base + max(h, w), offset + length  # the unpruned image's positions end at base + max(h, w) - 1
+        tail = len(input_tokens) - st
+        parts.append(torch.arange(tail).expand(3, tail) + nxt)
+        positions = torch.cat(parts, dim=1).long()
+        return positions, int(positions.max()) + 1 - len(input_tokens)
+
     def embed_multimodal(self, **kwargs: object):
         prompts = kwargs.pop(PROMPT_KEY, None)
         by_modality = self._parse_and_validate_multimodal_inputs(**kwargs)
@@ -221,6 +250,10 @@ class GlimpsePruneQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGen
             before, after = self._question(prompts[i] if prompts is not None else None, rows.device)
             idx, kept = self.pruner.prune(rows, (h // merge, w // merge), [f[i] for f in per_feat], before, after)
             pos = compute_mrope_for_media(torch.tensor([t, h, w]), merge)[idx.cpu()].to(kept.device)
+            # channel 3 is where the text after the image starts, relative to the image's first position: vLLM
+            # writes the grid's width there, but the unpruned prompt goes on one past the image's largest position,
+            # max(h, w) (t = 1): after a taller-than-wide image the text's positions were too small
+            pos[:, 3] = max(h, w) // merge
             if int(pos.max()) > _EXACT_INT.get(kept.dtype, 1 << 24):  # (t, h, w, grid width)
                 raise ValueError(f"image {i}: a {h // merge}x{w // merge} token grid has positions beyond what "
                                  f"{kept.dtype} holds exactly; serve this model in float32 or use smaller images")
