@@ -487,3 +487,22 @@ def test_the_fallback_processor_cache_builds_a_processor_once_when_threads_ask_a
     for t in threads:
         t.join()
     assert len(built) == 1 and len(cache) == 1
+
+
+def test_processor_kwargs_reach_the_image_only_processor(caplog):
+    """min_pixels / max_pixels go into the image processor's ``size`` (shortest / longest edge, as integers),
+    attributes it has are set, and an unset (None) kwarg is neither set nor reported."""
+    from types import SimpleNamespace
+
+    from glimpseprune.serving.vllm_plugin import configure_image_processor
+
+    ip = SimpleNamespace(size={"shortest_edge": 3136, "longest_edge": 12845056}, do_resize=True)
+    with caplog.at_level("WARNING", logger="glimpseprune.serving.vllm_plugin"):
+        configure_image_processor(ip, {"min_pixels": 784.0, "max_pixels": 200704, "do_resize": False,
+                                       "fps": None})
+    assert ip.size == {"shortest_edge": 784, "longest_edge": 200704} and type(ip.size["shortest_edge"]) is int
+    assert ip.do_resize is False and not hasattr(ip, "fps") and not caplog.records
+    no_size = SimpleNamespace(size=None)  # a processor without a size dict: the bound is reported as ignored
+    with caplog.at_level("WARNING", logger="glimpseprune.serving.vllm_plugin"):
+        configure_image_processor(no_size, {"min_pixels": 784})
+    assert no_size.size is None and "ignores min_pixels=784" in caplog.text
