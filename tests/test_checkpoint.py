@@ -139,3 +139,93 @@ def test_upstream_reduce_layer_must_be_a_layer_of_the_llm():
     assert _upstream_config(_upstream_raw(3)).prune_layer == 3
     with pytest.raises(ValueError, match=r"reduce_layer=4 is outside the LLM's layers \[0, 3\]"):
         _upstream_config(_upstream_raw(4))
+
+
+def test_check_compatible_names_every_field_that_differs():
+    from dataclasses import replace
+
+    from glimpseprune.adapters.base import ModelDims
+    from glimpseprune.checkpoint import check_compatible, config_for_model
+
+    dims = ModelDims("qwen2_5_vl", hidden_size=64, num_layers=4, num_heads=4, vision_width=32, vision_depth=4)
+    cfg = config_for_model(dims)
+    check_compatible(cfg, dims)
+    for field, label, other in (("model_type", "model type", "llava"), ("hidden_size", "hidden size", 128),
+                                ("num_layers", "layer count", 8), ("num_heads", "attention heads", 8),
+                                ("vision_width", "vision width", 48), ("vision_depth", "vision depth", 6)):
+        want = f"{label}: module {getattr(dims, field)} vs model {other}"
+        with pytest.raises(ValueError, match=want) as err:
+            check_compatible(cfg, replace(dims, **{field: other}))
+        assert str(err.value).count(" vs model ") == 1  # only the field that differs
+
+
+def test_adapter_record_sha256_is_64_digits_compared_in_lower_case(tmp_path):
+    from glimpseprune.checkpoint import AdapterRecord
+
+    digest = "ab" * 32
+    rec = AdapterRecord.from_dict({"format": "peft-lora", "sha256": digest.upper(), "r": 4, "alpha": 8}, tmp_path)
+    assert rec.sha256 == digest  # file_sha256 gives lower case: an upper-case record is the same file
+    for bad in (digest + "0", digest[:-1]):
+        with pytest.raises(ValueError, match="64-digit hex string"):
+            AdapterRecord.from_dict({"format": "peft-lora", "sha256": bad, "r": 4, "alpha": 8}, tmp_path)
+    with pytest.raises(ValueError, match="base_model_name must be a string or null"):
+        AdapterRecord.from_dict({"format": "peft-lora", "sha256": digest, "r": 4, "alpha": 8, "base_model_name": 3},
+                                tmp_path)
+    meta = _plus_folder(tmp_path)
+    meta["adapter"]["sha256"] = meta["adapter"]["sha256"].upper()
+    assert adapter_record(tmp_path, meta).sha256 == file_sha256(tmp_path / "adapter_model.safetensors")
+
+
+def test_read_merged_record(tmp_path):
+    from glimpseprune.checkpoint import MERGED_NAME, read_merged_record
+
+    assert read_merged_record(tmp_path) is None  # a stock base folder
+    digest = "cd" * 32
+    (tmp_path / MERGED_NAME).write_text(json.dumps({"adapter_sha256": digest.upper(), "adapter_dir": "x"}))
+    assert read_merged_record(tmp_path) == digest
+    for bad in ({"adapter_sha256": digest[:-1]}, {"sha256": digest}, [digest]):
+        (tmp_path / MERGED_NAME).write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match="adapter_sha256 must be a 64-digit hex string"):
+            read_merged_record(tmp_path)
+
+
+@pytest.mark.parametrize("held", ["adapter_config.json", "adapter_model.safetensors"])
+def test_save_module_refuses_a_folder_with_either_adapter_file(model, tmp_path, held):
+    from conftest import random_module
+
+    (tmp_path / held).write_text("{}")
+    with pytest.raises(ValueError, match=f"holds a LoRA adapter \\({held}\\)"):
+        gp.save_module(random_module(model), tmp_path)
+    assert not (tmp_path / CONFIG_NAME).exists()
+
+
+def test_upstream_boundary_values_are_accepted_and_the_ones_past_them_refused():
+    first = _upstream_config({**_upstream_raw(0), "selected_layers": [0]})
+    assert first.prune_layer == 0  # the first LLM layer is a layer
+    with pytest.raises(ValueError, match=r"reduce_layer=-1 is outside"):
+        _upstream_config(_upstream_raw(-1))
+    one_block = {**_upstream_raw(1), "selected_visual_layers": [0]}
+    assert _upstream_config(one_block, vision_depth=1).base_vision_depth == 1
+    with pytest.raises(ValueError, match="vision depth must be at least 1, got 0"):
+        _upstream_config(_upstream_raw(1), vision_depth=0)
+    edge = {"reduce_threshold": 0.0, "min_remain_num": 0, "max_remain_ratio": 1.0, "fixed_remain_ratio": 1.0}
+    sel = _upstream_config({**_upstream_raw(1), **edge}).extra["upstream_selection"]
+    assert sel == {"threshold": 0.0, "min_keep": 0, "max_keep_ratio": 1.0, "fixed_keep_ratio": 1.0}
+    for key, value in (("reduce_threshold", -0.1), ("min_remain_num", -1), ("max_remain_ratio", 0.0),
+                       ("fixed_remain_ratio", 0.0), ("rms_norm_eps", 0.0)):
+        with pytest.raises(ValueError, match=key):
+            _upstream_config({**_upstream_raw(1), key: value})
+
+
+def test_a_module_folder_missing_its_weights_is_named(model, tmp_path):
+    from conftest import random_module
+
+    folder = gp.save_module(random_module(model), tmp_path / "m")
+    (folder / WEIGHTS_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match=f"no glimpse module at {folder}: expected {CONFIG_NAME} and "
+                                                f"{WEIGHTS_NAME}$"):
+        gp.load_module(folder)
+    (folder / CONFIG_NAME).unlink()
+    (folder / "adapter_config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="only a LoRA adapter is here"):
+        gp.load_module(folder)

@@ -353,3 +353,19 @@ def test_placeholder_runs_and_layout_by_hand():
     grids = {"image": torch.tensor([[1, 2, 4], [1, 2, 2]]), "video": torch.tensor([[2, 2, 2]])}
     # the video (t = 2) lists its two frame-groups in place, between the two images
     assert _layout(ids, cfg, grids, 2) == ([(1, 2), (1, 1), (1, 1), (1, 1)], [0, 0, 0, 0], [-1, 0, 0, -1])
+
+
+def test_a_module_pruning_after_layer_0_gets_its_glimpse_at_inference(model, processor):
+    """K = 0 is a layer: the glimpse token is appended at inference as in training (the VIP scores agree)."""
+    from conftest import small_glimpse_config
+
+    torch.manual_seed(0)
+    module = gp.GlimpseModule(small_glimpse_config(model, prune_layer=0, attn_layers=(0,))).eval()
+    adapter, method = gp.get_adapter(model), gp.make_method("glimpse", module)
+    inputs = make_batch(processor, [IMG_A, IMG_C])
+    with torch.no_grad():
+        pre = prefill(model, adapter, method, inputs)
+        train = forward_train(model, adapter, method, inputs, torch.full((2, 1), 5), torch.ones(2, 1, dtype=torch.bool))
+    assert pre.prune_layer == 0
+    for ours, trained in zip(pre.scratch["vip_logits"], train.vip_logits, strict=True):
+        torch.testing.assert_close(ours, trained, atol=1e-4, rtol=0)

@@ -377,3 +377,157 @@ def test_load_adapter_leaves_requires_grad_alone_and_trainable_makes_lora_traina
     toy2 = load_adapter(_Toy(), folder, merge=False, trainable=True)
     params = lora_parameters(toy2)
     assert params and all(p.requires_grad for p in params)
+
+
+def test_load_plus_casts_the_module_to_the_dtype_asked(family, tmp_path):
+    if family.name != "qwen2_5_vl":
+        pytest.skip("one family suffices")
+    plus, _ = _plus(family, tmp_path)
+    plain = gp.save_module(family.module, tmp_path / "plain")
+    for folder in (plus, plain):
+        _, module = load_plus(_fresh(family), folder, dtype=torch.float16)
+        assert {p.dtype for p in module.parameters()} == {torch.float16}, folder
+        assert not module.training  # loaded for inference
+
+
+def test_load_plus_checks_the_module_against_the_model_before_applying_the_adapter(family, tmp_path):
+    if family.name != "qwen2_5_vl":
+        pytest.skip("one family suffices")
+    from dataclasses import replace
+
+    dims = gp.get_adapter(family.model).dims(family.model)
+    alien = gp.GlimpseModule(gp.config_for_model(replace(dims, num_layers=dims.num_layers + 2), vip_width=32,
+                                                 cond_width=32, vip_heads=2))
+    adapted = _perturb(lora.add_lora(_fresh(family)))
+    for folder in (lora.save_plus(alien, adapted, tmp_path / "plus"), gp.save_module(alien, tmp_path / "plain")):
+        model = _fresh(family)
+        with pytest.raises(ValueError, match="another base model.*layer count: module 6 vs model 4"):
+            load_plus(model, folder)
+        assert not lora.has_lora(model) and not hasattr(model, MERGED_ATTR)  # the model was not touched
+
+
+def test_lora_settings_boundaries():
+    assert lora.LoraSettings(r=1, dropout=0.0).r == 1
+    for kw, match in ((dict(r=0), "rank r must be an integer >= 1"), (dict(alpha=0), "alpha must be a number > 0"),
+                      (dict(dropout=1.0), r"dropout must be in \[0, 1\)"), (dict(targets=()), "targets is empty")):
+        with pytest.raises(ValueError, match=match):
+            lora.LoraSettings(**kw)
+
+
+def _toy_folder(path, state, **config):
+    from peft import LoraConfig
+
+    LoraConfig(r=2, lora_alpha=4, target_modules=["q"], **config).save_pretrained(str(path))
+    save_file({"base_model.model." + k: v for k, v in state.items()}, str(path / ADAPTER_WEIGHTS))
+    return path
+
+
+def test_read_adapter_refuses_what_it_cannot_apply_as_plain_lora(tmp_path):
+    from glimpseprune.lora import read_adapter
+
+    a, b = torch.randn(2, 4), torch.randn(6, 2)
+    read_adapter(_toy_folder(tmp_path / "ok", {"q.lora_A.weight": a, "q.lora_B.weight": b}))
+    cases = [
+        ("nan", {"q.lora_A.weight": a.clone().fill_(float("nan")), "q.lora_B.weight": b}, {}, "non-finite"),
+        ("flat", {"q.lora_A.weight": a.flatten(), "q.lora_B.weight": b}, {}, "must be a 2-D floating-point matrix"),
+        ("empty", {}, {}, "holds no LoRA weights"),
+        ("dora", {"q.lora_A.weight": a, "q.lora_B.weight": b}, {"use_dora": True}, r"DoRA \(use_dora\)"),
+    ]
+    for name, state, config, match in cases:
+        with pytest.raises(ValueError, match=match):
+            read_adapter(_toy_folder(tmp_path / name, state, **config))
+
+
+def test_an_adapter_of_another_input_width_is_refused():
+    from peft import LoraConfig
+
+    from glimpseprune.lora import check_adapter_fits
+
+    state = {"q.lora_A.weight": torch.zeros(2, 5), "q.lora_B.weight": torch.zeros(6, 2)}  # the layer takes 4
+    with pytest.raises(ValueError, match=r"q is 4 -> 6 here, the adapter has A \[2, 5\], B \[6, 2\]"):
+        check_adapter_fits(_Toy(), LoraConfig(r=2), state, "x")
+
+
+def test_add_lora_on_a_half_precision_model_in_eval_mode(tiny_dir):
+    model = gp.load_base(tiny_dir, dtype=torch.bfloat16)[0].eval()
+    lora.add_lora(model, lora.LoraSettings(r=2, dropout=0.5, targets=("q_proj",)))
+    assert {p.dtype for p in lora.lora_parameters(model)} == {torch.float32}  # trained in fp32
+    assert model.get_submodule("model.language_model.layers.0.self_attn.q_proj").base_layer.weight.dtype == \
+        torch.bfloat16
+    assert not any(m.training for m in model.modules())  # the new LoRA dropouts are off, as the model's
+
+
+def test_merge_and_save_dtype_checks_and_cleanup(family, tmp_path, monkeypatch):
+    if family.name != "qwen2_5_vl":
+        pytest.skip("one family suffices")
+    import shutil
+
+    import glimpseprune.processing as processing
+
+    plus, adapted = _plus(family, tmp_path)
+    half_base = tmp_path / "half_base"  # the base checkpoint records float16: the merged folder keeps it
+    shutil.copytree(family.model_dir, half_base)
+    raw = json.loads((half_base / "config.json").read_text())
+    (half_base / "config.json").write_text(json.dumps({**raw, "dtype": "float16"}))
+    for base, kw in ((half_base, {}), (family.model_dir, {"dtype": torch.float16})):
+        out = lora.merge_and_save(base, plus, tmp_path / f"merged_{base.name}", **kw)
+        assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+        assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.float16}
+    ints = tmp_path / "int_base"
+    ints.mkdir()
+    (ints / "config.json").write_text('{"dtype": "int64"}')
+    with pytest.raises(ValueError, match="'int64' is not a torch floating-point dtype"):
+        lora.merge_and_save(ints, plus, tmp_path / "m_int")
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(processing, "save_processor", broken)
+    with pytest.raises(OSError, match="disk full"):
+        lora.merge_and_save(family.model_dir, plus, tmp_path / "m_broken")
+    assert not (tmp_path / "m_broken").exists()  # no half-written model folder
+    monkeypatch.undo()
+    lora.save_adapter(_perturb(adapted, seed=2), tmp_path / "other")
+    (plus / ADAPTER_WEIGHTS).write_bytes((tmp_path / "other" / ADAPTER_WEIGHTS).read_bytes())
+    monkeypatch.setattr(api, "load_base", lambda *a, **k: pytest.fail("the base was loaded before the check"))
+    with pytest.raises(ValueError, match="not the adapter this module was trained with"):
+        lora.merge_and_save(family.model_dir, plus, tmp_path / "m_other")
+
+
+def test_disabled_adapter_restores_frozen_lora_weights_as_frozen(tmp_path):
+    from glimpseprune.lora import disabled_adapter, load_adapter, lora_named_parameters
+
+    toy = load_adapter(_Toy(), _lora_folder(tmp_path / "a"), merge=False, trainable=True)
+    frozen = {n for n in lora_named_parameters(toy) if ".lora_A." in n}
+    for n in frozen:
+        lora_named_parameters(toy)[n].requires_grad_(False)
+    with disabled_adapter(toy):
+        pass
+    assert {n for n, p in lora_named_parameters(toy).items() if not p.requires_grad} == frozen
+
+
+class _Toy2(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(4, 6), nn.Linear(4, 6)
+        self.config = SimpleNamespace(_name_or_path=None)
+
+
+def test_merge_lora_refuses_a_merge_that_overflows_the_base_dtype_and_changes_nothing(tmp_path):
+    from peft import LoraConfig
+
+    from glimpseprune.lora import has_lora, load_adapter, lora_named_parameters, merge_lora
+
+    LoraConfig(r=2, lora_alpha=4, target_modules=["q", "k"]).save_pretrained(str(tmp_path))
+    save_file({f"base_model.model.{m}.lora_{ab}.weight": torch.full(shape, 0.1)
+               for m in "qk" for ab, shape in (("A", (2, 4)), ("B", (6, 2)))}, str(tmp_path / ADAPTER_WEIGHTS))
+    toy = load_adapter(_Toy2().half(), tmp_path, merge=False)
+    with torch.no_grad():
+        for name, p in lora_named_parameters(toy).items():
+            if name.startswith("k."):  # only the second layer: delta scale 2 x rank 2 x 300 x 300 = 360000 > 65504
+                p.fill_(300.0)
+    q_before = toy.q.get_base_layer().weight.clone()
+    with pytest.raises(ValueError, match=r"the model's LoRA adapter gives non-finite weights in k when merged into "
+                                         r"this torch.float16 model"):
+        merge_lora(toy)
+    assert has_lora(toy) and torch.equal(toy.q.get_base_layer().weight, q_before)  # q was not merged either

@@ -350,7 +350,7 @@ def load_adapter(model: nn.Module, path: str | Path, merge: bool = True, trainab
             for k, v in keyed.items():
                 named[k].copy_(v)
         if merge:  # every layer's merged weight checked before any is written: a merge fails whole or not at all
-            _check_mergeable(model, p)
+            _check_mergeable(model, f"the LoRA adapter in {p}", "load it with merge=False, or the base in float32")
     except BaseException:
         _remove_lora(model)
         for q in model.parameters():
@@ -360,22 +360,23 @@ def load_adapter(model: nn.Module, path: str | Path, merge: bool = True, trainab
         for q in model.parameters():
             q.requires_grad_(before.get(id(q), False))
     if merge:
-        merge_lora(model)
+        _unwrap(model, merge=True)  # checked above
         setattr(model, MERGED_ATTR, sha)
     return model
 
 
 @torch.no_grad()
-def _check_mergeable(model: nn.Module, path: Path) -> None:
+def _check_mergeable(model: nn.Module, source: str, hint: str) -> None:
     """Raise ValueError unless every LoRA layer's merged weight (base + delta, in the base dtype) is finite: what
-    peft's ``safe_merge`` checks layer by layer while it writes, checked here for all before any is written."""
+    peft's ``safe_merge`` checks layer by layer while it writes, checked here for all before any is written (a
+    failing merge would leave the layers before the failing one merged)."""
     for name, layer in _outer_lora_layers(model):
         base = layer.get_base_layer().weight
         for adapter in layer.active_adapters:
             merged = base + layer.get_delta_weight(adapter).to(base.dtype)
             if not bool(torch.isfinite(merged).all()):
-                raise ValueError(f"the LoRA adapter in {path} gives non-finite weights in {name} when merged into "
-                                 f"this {base.dtype} model: load it with merge=False, or the base in float32")
+                raise ValueError(f"{source} gives non-finite weights in {name} when merged into this {base.dtype} "
+                                 f"model: {hint}")
 
 
 def _outer_lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -403,9 +404,11 @@ def _remove_lora(model: nn.Module) -> None:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Merge the active LoRA adapter into the base weights and remove the LoRA layers (in place; returned)."""
+    """Merge the active LoRA adapter into the base weights and remove the LoRA layers (in place; returned). Every
+    layer's merged weight is checked first: a merge that would give non-finite weights changes nothing."""
     if not _tuner_layers(model):
         raise ValueError("the model has no LoRA adapter to merge")
+    _check_mergeable(model, "the model's LoRA adapter", "keep it unmerged, or merge into the base in float32")
     _unwrap(model, merge=True)
     return model
 
