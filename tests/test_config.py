@@ -56,6 +56,12 @@ def test_selection_rejects_bad_knobs(kwargs, message):
         SelectionConfig(**kwargs)
 
 
+@pytest.mark.parametrize("field", ["threshold", "max_keep_ratio", "fixed_keep_ratio"])
+def test_selection_refuses_a_bool_for_a_number(field):
+    with pytest.raises(TypeError, match=f"{field} must be a number, got bool True"):
+        SelectionConfig(**{field: True})
+
+
 def test_selection_is_frozen():
     cfg = SelectionConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -124,6 +130,17 @@ def test_from_dict_without_version_defaults_to_current():
     assert GlimpseConfig.from_dict(d).version == CONFIG_VERSION
 
 
+def test_from_dict_fills_fields_older_files_lack_and_names_a_missing_one():
+    d = preset("qwen2_5_vl_7b").to_dict()
+    for name in ("extra", "glimpse_norm_eps", "vip_act", "kind"):
+        del d[name]
+    back = GlimpseConfig.from_dict(d)
+    assert (back.extra, back.glimpse_norm_eps, back.vip_act, back.kind) == ({}, None, "silu", "glimpse")
+    del d["prune_layer"]
+    with pytest.raises(ValueError, match=re.escape("missing GlimpseConfig fields: ['prune_layer']")):
+        GlimpseConfig.from_dict(d)
+
+
 def test_from_dict_rejects_unknown_fields_and_newer_versions():
     d = preset("qwen2_5_vl_7b").to_dict()
     with pytest.raises(ValueError, match=re.escape("unknown GlimpseConfig fields: ['bogus']")):
@@ -143,11 +160,14 @@ def test_from_dict_rejects_unknown_fields_and_newer_versions():
         (dict(attn_layers=(18, 19)), "attention layer 19 must be in [0, prune_layer=18]"),
         (dict(glimpse_layers=(1, 2, 3)), "glimpse_layers must include layer 0"),
         (dict(glimpse_layers=(0, 28)), "glimpse layer 28 outside the LLM's layers [0, 27]"),
+        (dict(glimpse_layers=(0, -1)), "glimpse layer -1 outside the LLM's layers [0, 27]"),
+        (dict(attn_layers=(-1, 18)), "attention layer -1 must be in [0, prune_layer=18]"),
         (dict(attn_score="softmax"), "attn_score must be 'logits' or 'log_softmax', got 'softmax'"),
         (dict(vision_taps=()), "vision_taps must name at least one vision-encoder block"),
         (dict(vision_taps=(32, 7)), "vision tap 32 outside the encoder's blocks [0, 31]"),
         (dict(vip_heads=5), "must split into 5 heads"),
         (dict(vip_width=16, cond_width=8, vip_heads=4), "query head size divisible by 4"),  # 24/4 = 6
+        (dict(vip_width=18, cond_width=14, vip_heads=4), "vip_width (18) must split into 4 heads"),  # 32/4 = 8
         (dict(vip_heads=0), "vip_heads must be a positive integer, got 0"),
         (dict(vip_width=-256), "vip_width must be a positive integer, got -256"),
         (dict(glimpse_layers=(0, 0, 5)), "glimpse_layers lists a layer twice: [0, 0, 5]"),

@@ -110,7 +110,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
 
     def write(tmp: Path) -> None:
-        with open(tmp, "x") as f:
+        with open(tmp, "x", encoding="utf-8") as f:  # as read_json reads, whatever the locale's encoding
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

@@ -29,7 +29,7 @@ def write_json(result: dict, out_dir: str | Path, name: str = "result.json") -> 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / name
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return path
 
 
@@ -315,7 +315,7 @@ def _finish(args, result: dict, results: _Results) -> None:
         return
     results.start()
     path = write_json(result, args.out)
-    (Path(args.out) / "table.md").write_text(markdown_table(result))
+    (Path(args.out) / "table.md").write_text(markdown_table(result), encoding="utf-8")
     print(f"wrote {path} and {Path(args.out) / 'table.md'}")
     if getattr(args, "no_plots", False):
         return
@@ -430,7 +430,7 @@ def cmd_overhead(args) -> int:
     if out:
         results.start()
         path = write_json(result, out)
-        (Path(out) / "table.md").write_text(table(result))
+        (Path(out) / "table.md").write_text(table(result), encoding="utf-8")
         print(f"wrote {path} and {Path(out) / 'table.md'}")
     print(json.dumps(summary(result)))
     return 1 if args.strict and not result["ok"] else 0
