@@ -17,6 +17,7 @@ from transformers.generation.streamers import BaseStreamer
 
 import glimpseprune as gp
 from glimpseprune.api import execution_device, resolve_dtype
+from glimpseprune.runtime.engine import generate
 
 N_NEW = 16
 
@@ -111,6 +112,22 @@ def test_a_model_without_pad_pads_finished_rows_like_stock(model, processor, thr
         got = gp.apply(model, "full", processor=p).generate(three, max_new_tokens=N_NEW, eos_token_id=[extra])
         assert torch.equal(got.sequences, want)
     assert (want[0, plain.sequences[0].tolist().index(extra):] == extra).all()  # padded with that EOS id
+
+
+def test_stop_string_without_eos_leaves_finished_rows_unpadded_like_stock(model, processor, pm, three, monkeypatch):
+    """No EOS ids, only a stop string: stock pads finished rows only when an EOS criterion is set, so a row that met
+    the stop string keeps its own tokens while the other rows go on (padding there changed row 0 from stock)."""
+    tok, pad = processor.tokenizer, model.generation_config.pad_token_id
+    monkeypatch.setattr(model.generation_config, "eos_token_id", None)  # stock fills unset fields from it
+    gc = GenerationConfig(max_new_tokens=N_NEW, do_sample=False, pad_token_id=pad)
+    plain = stock_new_tokens(model, three, generation_config=gc)
+    stop = tok.decode(plain[0, 2:3])  # row 0 meets it at step 2, row 1 later
+    stop_gc = GenerationConfig(max_new_tokens=N_NEW, do_sample=False, pad_token_id=pad, stop_strings=[stop])
+    ref = stock_new_tokens(model, three, generation_config=stop_gc, tokenizer=tok)
+    assert stop not in tok.decode(plain[0, :2]) and ref.shape[1] > 4  # the batch runs on after row 0 stopped
+    assert torch.equal(ref[0], plain[0, :ref.shape[1]]) and (ref[0, 3:] != pad).all()  # row 0 is not padded
+    out, _, _ = generate(model, pm.adapter, pm.method, three, generation_config=stop_gc, tokenizer=tok)
+    assert torch.equal(out, ref)
 
 
 # --------------------------------------------------------------------------- streamers

@@ -7,8 +7,9 @@ import math
 
 import pytest
 import torch
-from conftest import make_batch
+from conftest import make_batch, stock_new_tokens
 
+import glimpseprune as gp
 from glimpseprune.methods.glimpse import GlimpseMethod
 from glimpseprune.registry import get_adapter
 from glimpseprune.runtime.engine import decode_step, prefill
@@ -192,3 +193,56 @@ def test_expanded_prefill_lists_and_logprob_temperature(model, processor, module
         hot = completion_logprobs(model, adapter, expand_prefill(model, adapter, pre, G), toks, temperature=0.5)
     want0 = torch.log_softmax(ex.logits.float() / 0.5, dim=-1).gather(-1, toks[:, :1]).squeeze(-1)
     torch.testing.assert_close(hot[:, 0], want0, atol=1e-5, rtol=1e-5)
+
+
+# mutation audit, round 3: rules a one-line change could break unnoticed
+
+def test_zero_temperature_rollouts_equal_stock_greedy_per_prompt(model, processor, three):
+    """At temperature 0 ``sample_group`` is greedy: with every token kept (method ``full``), each of a prompt's G
+    copies equals stock ``generate`` on the left-padded batch, row by row (its first token from that prompt's
+    prefill logits, later ones at the right positions), and stops at either of the model's EOS ids. The mask runs up
+    to and including the first EOS; no decode step runs after the last token, and the cache holds every token at
+    its position."""
+    adapter = get_adapter(model)
+    eos, pad = list(model.generation_config.eos_token_id), model.generation_config.pad_token_id
+    n_new, G = 12, 2
+    ref = stock_new_tokens(model, three, max_new_tokens=n_new, do_sample=False)
+    with torch.no_grad():
+        pre = prefill(model, adapter, gp.make_method("full"), dict(three))
+        ex = expand_prefill(model, adapter, pre, G)
+        toks, mask = sample_group(model, adapter, ex, n_new, eos, pad, 0.0, list(range(3 * G)))
+        cache_len = ex.key_mask.shape[1]
+        # one more step over the extended cache: the stock forward on prompt + tokens (the tiny model's logits move
+        # by ~2e-3 when the decoded tokens sit one position off, too little to change its greedy tokens)
+        last = decode_step(model, adapter, ex, toks[:, -1], n_new - 1)
+        full = dict(three)
+        for key, fill in (("input_ids", ref), ("attention_mask", torch.ones_like(ref)),
+                          ("mm_token_type_ids", torch.zeros_like(ref))):
+            full[key] = torch.cat([three[key], fill.to(three[key].dtype)], dim=1)
+        want = model(**full).logits[:, -1]
+    assert ref.shape == (3, n_new) and len({tuple(r[:1].tolist()) for r in ref}) == 3  # prompts start apart
+    ends = [next((t for t, x in enumerate(r.tolist()) if x in eos), None) for r in ref]
+    assert ends[0] is None and ends[2] is not None and ref[2, ends[2]] == eos[1]  # one row stops mid-way
+    assert torch.equal(toks, ref.repeat_interleave(G, dim=0))
+    for r in range(3 * G):
+        n = n_new if ends[r // G] is None else ends[r // G] + 1
+        assert mask[r, :n].all() and not mask[r, n:].any(), r
+    assert cache_len == pre.key_mask.shape[1] + n_new - 1
+    torch.testing.assert_close(last, want.repeat_interleave(G, dim=0), atol=1e-4, rtol=0)
+
+
+def test_group_size_and_seed_count_are_checked_and_stage_masks_repeated(setup):
+    """``expand_prefill`` refuses G < 1 by name and repeats each compaction's per-sample keep masks G times in a row;
+    ``sample_group`` refuses a seed list of another length than its rows (too few or too many)."""
+    model, adapter, method, inputs = setup
+    with torch.no_grad():
+        pre = prefill(model, adapter, method, inputs)
+        with pytest.raises(ValueError, match="G must be >= 1, got 0"):
+            expand_prefill(model, adapter, pre, 0)
+        ex = expand_prefill(model, adapter, pre, 2)
+        for seeds in ([1, 2, 3], [1, 2, 3, 4, 5]):
+            with pytest.raises(ValueError, match=f"{len(seeds)} seeds for 4 rollouts"):
+                sample_group(model, adapter, ex, 2, [-1], 0, 1.0, seeds)
+    assert len(pre.stage_keep_masks) == 1 and len(ex.stage_keep_masks) == 1
+    a, b = pre.stage_keep_masks[0]
+    assert [m.tolist() for m in ex.stage_keep_masks[0]] == [a.tolist(), a.tolist(), b.tolist(), b.tolist()]

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 import glimpseprune as gp
 from glimpseprune.data import world
 from glimpseprune.data.records import boxes_to_token_mask, write_split
+from glimpseprune.methods.base import PruningMethod
 from glimpseprune.methods.full import FullMethod
 from glimpseprune.runtime.train import forward_train
 from glimpseprune.testing import build_tiny_qwen2_5_vl
@@ -530,3 +531,102 @@ def test_soft_keep_key_bias_by_hand():
                           F.logsigmoid(torch.tensor(2.0)).item(), _MASKED]])
     torch.testing.assert_close(got, want)
     assert float(got[0, 2]) < -29.0 and float(got[1, 2]) > -1e-6
+    # a logit far below -1e4 gets the hiding bias itself, finite in fp16 (its log sigmoid would overflow to -inf)
+    vip[0][1] = -1e5
+    half = _key_bias(key_mask, state, vip, torch.float16)
+    assert half.dtype == torch.float16 and float(half[0, 2]) == float(torch.tensor(_MASKED, dtype=torch.float16))
+
+
+# --------------------------------------------------------------------------- mutation audit, round 3
+
+
+class TokenGlimpse(PruningMethod):
+    """Prunes after layer 0 (K = 0) with no predictor; its extra token is the embedding of vocabulary token ``token``.
+    Records the layers its hooks see."""
+
+    name = "token_glimpse"
+
+    def __init__(self, token: int):
+        super().__init__()
+        self.token, self.before, self.after = token, [], []
+
+    def prune_layer(self, n_layers):
+        return 0
+
+    def extra_tokens(self, state):
+        ids = torch.full((state.enc.embeds.shape[0], 1), self.token)
+        return state.adapter.embed_tokens(state.model, ids)
+
+    def before_layer(self, state, layer_idx, hidden):
+        self.before.append(layer_idx)
+        return hidden
+
+    def after_layer(self, state, layer_idx, hidden_in):
+        self.after.append(layer_idx)
+
+
+class ScoredTokenGlimpse(TokenGlimpse):
+    """The same, with a predictor that keeps every visual token with probability 1/2 (its logits are leaves)."""
+
+    def predict_logits(self, state):
+        self.logits = [torch.zeros(n, requires_grad=True) for n in state.enc.n_vis]
+        return self.logits
+
+
+def test_upstream_mode_reads_the_first_answer_logits_at_the_glimpse(model, processor):
+    """soft_keep=False is one causal pass over prompt | glimpse: suffix token 0 is predicted at the glimpse (the
+    prompt's next position), i.e. the stock model's logits at token X appended to the prompt, for a glimpse that is
+    X's embedding. A method pruning after layer 0 needs no predictor; its before_layer runs on every prefix layer,
+    its after_layer on layers <= K only (as at inference)."""
+    x = 100
+    inputs = dict(make_batch(processor, [IMG_A, IMG_C]))
+    suffix, smask = suffix_batch(processor, ["The square is blue", "no"])
+    method = TokenGlimpse(x)
+    with torch.no_grad():
+        out = forward_train(model, gp.get_adapter(model), method, inputs, suffix, smask)
+    ref = stock_suffix_logits(model, inputs, torch.full((2, 2), x), torch.ones(2, 2, dtype=torch.bool))[:, 1]
+    torch.testing.assert_close(out.suffix_logits[:, 0], ref, atol=1e-4, rtol=0)
+    assert out.vip_logits is None
+    assert method.before == [0, 1, 2, 3] and method.after == [0]
+
+
+def test_soft_keep_runs_the_hooks_like_upstream_and_trains_the_scores(model, processor):
+    """Under soft_keep (SDPA: the fused chunk 2), before_layer still runs on every prefix layer and after_layer on
+    layers <= K; the answer's loss reaches the predictor's logits through the keep biases."""
+    inputs = dict(make_batch(processor, [IMG_A, IMG_C]))
+    suffix, smask = suffix_batch(processor, ["The square is blue", "no"])
+    method = ScoredTokenGlimpse(100)
+    out = forward_train(model, gp.get_adapter(model), method, inputs, suffix, smask, soft_keep=True)
+    assert model.config.text_config._attn_implementation == "sdpa"
+    assert method.before == [0, 1, 2, 3] and method.after == [0]
+    loss = out.suffix_logits[smask].float().pow(2).mean()
+    grads = torch.autograd.grad(loss, method.logits, allow_unused=True)  # the model's own weights get no .grad
+    assert all(g is not None and float(g.abs().max()) > 0 for g in grads)
+
+
+def test_key_bias_attention_by_hand():
+    """The fused per-key-bias attention of chunk 2 equals softmax(q.k x scaling + bias, causal) @ v written out:
+    grouped-query heads shared as transformers does (query head h reads key head h // (H / Hkv)), the caller's
+    ``scaling`` used, later keys hidden. A key length other than the query length is refused by name."""
+    from types import SimpleNamespace
+
+    from glimpseprune.runtime.train import key_bias_attention
+
+    torch.manual_seed(0)
+    B, H, Hkv, L, D, scaling = 2, 4, 2, 5, 8, 0.7
+    q, k, v = torch.randn(B, H, L, D), torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D)
+    bias = torch.randn(B, L) * 3
+    got, weights = key_bias_attention(SimpleNamespace(training=False), q, k, v, bias, scaling=scaling)
+    assert weights is None and got.shape == (B, L, H, D)
+    for b in range(B):
+        for h in range(H):
+            for i in range(L):
+                s = torch.stack([q[b, h, i] @ k[b, h // 2, j] * scaling + bias[b, j] for j in range(i + 1)])
+                want = torch.softmax(s, dim=0) @ v[b, h // 2, :i + 1]
+                torch.testing.assert_close(got[b, i, h], want, atol=1e-5, rtol=1e-5)
+    dropped, _ = key_bias_attention(SimpleNamespace(training=True), q, k, v, bias, scaling=scaling, dropout=0.5)
+    assert (dropped - got).abs().max() > 1e-2  # attention dropout while training, none in eval
+    same, _ = key_bias_attention(SimpleNamespace(training=False), q, k, v, bias, scaling=scaling, dropout=0.5)
+    torch.testing.assert_close(same, got)
+    with pytest.raises(ValueError, match="whole prompt: 5 queries but 4 keys"):
+        key_bias_attention(SimpleNamespace(training=False), q, k[:, :, :4], v[:, :, :4], bias[:, :4])
