@@ -379,3 +379,33 @@ def test_eos_id_equal_to_the_vocabulary_size_is_refused():
     check_decoding(model, GenerationConfig(eos_token_id=99, max_new_tokens=4), 1, 5, None)
     with pytest.raises(ValueError, match="not a token id"):
         check_decoding(model, GenerationConfig(eos_token_id=100, max_new_tokens=4), 1, 5, None)
+
+
+def test_both_prompt_paths_refuse_a_prompt_that_fills_the_context(pm, one, monkeypatch):
+    """The glimpse token needs one more position: a prompt of exactly the context's length is refused before the
+    model runs, on the questions= path (prepare) and the inputs= path alike; one position more is accepted."""
+    import glimpseprune.api as api
+
+    n = int(one["input_ids"].shape[1])
+    image = make_images(IMG_A, seed=0)[0]
+    assert int(pm.prepare([[image]], [QUESTIONS[0]])["input_ids"].shape[1]) == n  # the same prompt either way
+    monkeypatch.setattr(api, "context_length", lambda model: n)
+    with pytest.raises(ValueError, match=f"longer than max_length={n - 1}"):
+        pm.prepare([[image]], [QUESTIONS[0]])
+    with pytest.raises(ValueError, match=f"the prompt is {n} tokens \\(\\+ 1 glimpse token\\) but the model's "
+                                         f"context is {n}"):
+        pm.generate(one, max_new_tokens=1)
+    monkeypatch.setattr(api, "context_length", lambda model: n + 1)
+    assert int(pm.prepare([[image]], [QUESTIONS[0]])["input_ids"].shape[1]) == n
+    assert pm.generate(one, max_new_tokens=1).sequences.shape == (1, 1)
+
+
+def test_a_failed_check_ends_the_streamer(pm, one):
+    """A consumer iterating a TextIteratorStreamer in another thread would wait for ever on a generate that failed
+    its checks: the streamer is ended first."""
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(pm.processor.tokenizer, timeout=5)
+    with pytest.raises(ValueError, match="temperature"):
+        pm.generate(one, streamer=streamer, do_sample=True, temperature=-1.0, max_new_tokens=2)
+    assert "".join(streamer) == ""  # ended: the iteration stops at once (a timeout would raise queue.Empty)
