@@ -156,7 +156,8 @@ class GlimpsePruneQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGen
             if feature.modality != "image":
                 raise ValueError(f"{ARCHITECTURE} serves images only; got a {feature.modality} input")
             offset, length = feature.mm_position.offset, feature.mm_position.length
-            _, h, w = (int(x) // s for x, s in zip(feature.data["image_grid_thw"].data.tolist(), (1, merge, merge)))
+            _, h, w = feature.data["image_grid_thw"].data.tolist()
+            h, w = h // merge, w // merge  # the merged token grid
             text = offset - st
             parts.append(torch.arange(text).expand(3, text) + nxt)
             base = nxt + text
@@ -254,7 +255,7 @@ class GlimpsePruneQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGen
             # writes the grid's width there, but the unpruned prompt goes on one past the image's largest position,
             # max(h, w) (t = 1): after a taller-than-wide image the text's positions were too small
             pos[:, 3] = max(h, w) // merge
-            if int(pos.max()) > _EXACT_INT.get(kept.dtype, 1 << 24):  # (t, h, w, grid width)
+            if int(pos.max()) > _EXACT_INT.get(kept.dtype, 1 << 24):  # (t, h, w, largest side)
                 raise ValueError(f"image {i}: a {h // merge}x{w // merge} token grid has positions beyond what "
                                  f"{kept.dtype} holds exactly; serve this model in float32 or use smaller images")
             out.append(torch.cat([kept, pos.to(kept.dtype)], dim=1))
