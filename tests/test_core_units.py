@@ -260,7 +260,7 @@ def test_claim_run_dir_records_refuses_and_resumes(tmp_path):
         claim_run_dir(out, "eval", {"n": 1}, ["*.jsonl"], resume=True, overwrite=True)
     with pytest.raises(ValueError, match=r"its settings differ \(m: None -> 3; n: 1 -> 2\)"):
         claim_run_dir(out, "eval", {"n": 2, "m": 3}, ["*.jsonl"], resume=True)
-    with pytest.raises(ValueError, match="holds a `eval` run, not a `compare` run"):
+    with pytest.raises(ValueError, match="holds a run of `eval`, not of `compare`; cannot resume it"):
         claim_run_dir(out, "compare", {"n": 1}, ["*.jsonl"], resume=True)
     assert claim_run_dir(out, "eval", {"n": 1}, ["*.jsonl"], resume=True) == {"command": "eval", "settings": {"n": 1}}
     (out / RUN_MARKER).write_text('{"command": "eval", "settings": [1]}')

@@ -181,7 +181,7 @@ def claim_run_dir(out: str | Path, command: str, settings: dict, owned: list[str
             raise ValueError(f"cannot read the run record {record_file}: not a run record (a JSON object with "
                              "'command' and 'settings'); pass --overwrite to start again")
         if earlier.get("command") != command:
-            raise ValueError(f"{p} holds a `{earlier.get('command')}` run, not a `{command}` run; cannot resume it")
+            raise ValueError(f"{p} holds a run of `{earlier.get('command')}`, not of `{command}`; cannot resume it")
         before = earlier.get("settings", {})
         diff = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
         if diff:
