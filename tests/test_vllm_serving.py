@@ -44,6 +44,7 @@ IMAGES = [(448, 448, 1), (280, 392, 2), (336, 336, 3), (280, 448, 4)]
 # new images in one prompt (budgets per image; positions of the text between and after two pruned images)
 REQUESTS = [((0,), 0), ((1,), 1), ((0,), 1), ((2, 3), 0)]
 SINGLE = [i for i, (imgs, _) in enumerate(REQUESTS) if len(imgs) == 1]  # where our per-sample budget is vLLM's
+CHUNK = 48  # prefill chunk (tokens) of the "chunked" run: 2 or 3 chunks per pruned prompt
 
 
 def vllm_python() -> str:
@@ -122,6 +123,9 @@ def served(tmp_path_factory):
         (folders["random"] / "config.json").read_text())["glimpseprune"]}
     runs.append({"name": "overrides", "model": str(model_dir), "requests": requests, "max_tokens": NEW_TOKENS,
                  "engine_args": {"hf_overrides": overrides}})
+    # the same folder with the prompt prefilled in chunks of CHUNK tokens: chunks end inside a pruned image's rows
+    runs.append({"name": "chunked", "model": str(folders["random"]), "requests": requests, "max_tokens": NEW_TOKENS,
+                 "engine_args": {"enable_chunked_prefill": True, "max_num_batched_tokens": CHUNK}})
     runs += [{"name": n, "model": str(d), "expect_error": True} for n, d in bad_folders(root, model_dir).items()]
     job = {"runs": runs}
     (root / "job.json").write_text(json.dumps(job))
@@ -221,6 +225,18 @@ def test_hf_overrides_opt_in_equals_the_opt_in_folder(served):
     assert a["kept"] == b["kept"] and a["tokens"] == b["tokens"] and a["prompt_len"] == b["prompt_len"]
     for x, y in zip(a["logprobs"], b["logprobs"]):
         assert x == pytest.approx(y, abs=1e-5)
+
+
+def test_a_prompt_prefilled_in_chunks_equals_one_prefilled_whole(served):
+    """vLLM rewrites a request's positions from the kept rows' position channels chunk by chunk (``in the middle of
+    media``): with chunks that end inside the pruned images the generation is the single-chunk one."""
+    a, b = served["out"]["chunked"], served["out"]["random"]
+    assert a["max_scheduled_tokens"] == CHUNK < min(b["prompt_len"])  # every prompt in 2 or 3 chunks
+    assert b["max_scheduled_tokens"] > max(b["prompt_len"])  # the run it is compared with: one chunk
+    assert a["prompt_len"] == b["prompt_len"]
+    assert a["kept"] == b["kept"] and a["tokens"] == b["tokens"]
+    for x, y in zip(a["logprobs"], b["logprobs"]):
+        assert x == pytest.approx(y, abs=2e-3)
 
 
 @pytest.mark.parametrize("i", SINGLE)

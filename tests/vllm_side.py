@@ -67,6 +67,7 @@ def run_one(run: dict, log_dir: Path) -> dict:
         out["kept"].append([json.loads(line) for line in lines[logged:]])  # this request's images, in order
         logged = len(lines)
     out["block_size"] = _scheduler(llm).cache_config.block_size
+    out["max_scheduled_tokens"] = _scheduler(llm).max_num_scheduled_tokens  # a step's token budget (prefill chunk)
     engine.engine_core.shutdown()
     del llm, engine, pool
     gc.collect()

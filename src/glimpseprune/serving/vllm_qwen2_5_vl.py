@@ -9,11 +9,13 @@ How a request flows:
 2. **Encoding** (``embed_multimodal``): the ViT runs on the whole image (the blocks a module reads are caught as
    they run), the method picks the kept tokens with our runtime's own method object (``spec.ImagePruner``), and
    each kept row carries its ORIGINAL M-RoPE (t, h, w) position in 4 extra channels.
-3. **Positions**: vLLM's runner strips those channels and rewrites the request's M-RoPE positions from them
-   (``recompute_mrope_positions``, the path vLLM built for EVS video pruning), so kept tokens sit where they were in
-   the image and the text after the image continues as in the unpruned prompt; decoding goes on from there. The
-   fourth channel (where the text after the image starts) is the image's largest side, not vLLM's grid width, and
-   the positions before encoding lay each image over its kept placeholders (``get_mrope_input_positions``).
+3. **Positions**: before encoding, the request's M-RoPE positions lay each image over its kept placeholders and
+   give the text the unpruned prompt's positions (``get_mrope_input_positions``); vLLM's runner then calls
+   ``recompute_mrope_positions`` (the hook vLLM built for EVS video pruning) with each prefill chunk's image rows,
+   which strips the channels and writes each kept token's position where it was in the image; decoding goes on
+   from there. Both are this class's own: vLLM's versions lay images over their whole grids (a second image ran
+   past the first), start the text after an image at the grid's width (too early after a taller-than-wide image)
+   and, with a chunk holding one image's tail and a second image, put the second over the first.
 
 vLLM 0.32 (and 0.33) turns step 3 on only when video pruning is configured. This model turns it on for its own worker
 by answering ``True`` from that process's ``MultiModalConfig.is_multimodal_pruning_enabled`` (an instance attribute: no
@@ -45,6 +47,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.processing import PromptReplacement
 from vllm.multimodal.video_prune.evs import compute_mrope_for_media
+from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
 from .spec import ARCHITECTURE, SECTION, ImagePruner, ServeSpec, qwen2_5_vl_dims
 
@@ -168,6 +171,33 @@ class GlimpsePruneQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGen
         positions = torch.cat(parts, dim=1).long()
         return positions, int(positions.max()) + 1 - len(input_tokens)
 
+    def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
+        """Strip the position channels from this prefill chunk's image rows and write the kept tokens' positions.
+
+        vLLM's version (built for EVS video pruning) re-derives where each row sits from chunk-state heuristics: when
+        a chunk held the tail of one image and a second image, it put the second image's rows over the first's
+        (the generation changed as soon as a prompt with two images was prefilled in chunks). Here nothing is
+        inferred: the chunk's rows are the image placeholders from ``num_computed_tokens`` on, in prompt order; each
+        gets its kept token's (t, h, w) plus one past its image's ``<|vision_start|>`` position. Text positions are
+        already the unpruned prompt's (``get_mrope_input_positions``) and are left as they are."""
+        cleaned = [mm[:, :-4] for mm in multimodal_embeddings]
+        positions = mrope_positions.clone()
+        cfg = self.config
+        ids = torch.as_tensor(input_ids, device=positions.device).long()
+        with gpu_sync_allowed():  # nonzero syncs (vLLM's own version allows it the same way)
+            if multimodal_embeddings:
+                rows = torch.cat([mm[:, -4:-1] for mm in multimodal_embeddings]).to(positions.device).long().T
+                media = (ids == cfg.image_token_id) | (ids == cfg.video_token_id)
+                media[:num_computed_tokens] = False
+                at = media.nonzero().squeeze(-1)[:rows.shape[1]]  # the prompt indices of this chunk's rows
+                if at.numel() != rows.shape[1]:
+                    raise RuntimeError(f"{rows.shape[1]} image rows from prompt index {num_computed_tokens} on, but "
+                                       f"the prompt holds {at.numel()} image placeholders there")
+                starts = (ids == cfg.vision_start_token_id).nonzero().squeeze(-1)
+                owner = starts[torch.searchsorted(starts, at) - 1]  # each row's image: the last vision start before
+                positions[:, at] = rows + positions[0, owner] + 1
+            return cleaned, positions, int(positions.max()) + 1 - ids.numel()
+
     def embed_multimodal(self, **kwargs: object):
         prompts = kwargs.pop(PROMPT_KEY, None)
         by_modality = self._parse_and_validate_multimodal_inputs(**kwargs)
@@ -251,9 +281,10 @@ class GlimpsePruneQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGen
             before, after = self._question(prompts[i] if prompts is not None else None, rows.device)
             idx, kept = self.pruner.prune(rows, (h // merge, w // merge), [f[i] for f in per_feat], before, after)
             pos = compute_mrope_for_media(torch.tensor([t, h, w]), merge)[idx.cpu()].to(kept.device)
-            # channel 3 is where the text after the image starts, relative to the image's first position: vLLM
-            # writes the grid's width there, but the unpruned prompt goes on one past the image's largest position,
-            # max(h, w) (t = 1): after a taller-than-wide image the text's positions were too small
+            # channel 3: where the text after the image starts, relative to its first position (vLLM's layout of the
+            # channels); the unpruned prompt goes on one past the image's largest position, max(h, w) (t = 1), not at
+            # the grid width vLLM writes. recompute_mrope_positions above does not read it (the text's positions are
+            # laid out before encoding); vLLM's own version would
             pos[:, 3] = max(h, w) // merge
             if int(pos.max()) > _EXACT_INT.get(kept.dtype, 1 << 24):  # (t, h, w, largest side)
                 raise ValueError(f"image {i}: a {h // merge}x{w // merge} token grid has positions beyond what "
