@@ -11,7 +11,8 @@ three hand-broken folders, which vLLM must refuse at load. Here our runtime runs
 stock vLLM give the same tokens as our ``full``; vLLM's random mask, fed to our ``mask`` method at K = -1, gives vLLM's
 tokens (so positions of kept tokens and of the text after them are right, after one pruned image or two); the early
 glimpse and VisionZip pick the same tokens in both and generate the same, the early glimpse again for an image it
-has pruned before but with another question; a pruned request holds fewer KV blocks.
+has pruned before but with another question; the ``random`` folder prefilled in chunks that end inside the images
+generates as in one chunk; a pruned request holds fewer KV blocks.
 """
 
 from __future__ import annotations
