@@ -159,6 +159,14 @@ def test_converted_without_depth_names_mismatch(llava, llava_module, tmp_path):
     ((60, 60, 60, 60), 100, 100, 4, dict(mode="pad"), [2], [2]),
     # an odd surplus: transformers' center_crop drops (5 - 4) // 2 = 0 columns on the left, the extra one on the right
     ((1, 0, 2, 1), 5, 4, 4, dict(mode="crop"), [0], [1]),
+    # a point on the far edge marks the last cell; a point on a grid line the cell it starts
+    ((100, 100, 100, 100), 100, 100, 4, dict(mode="pad"), [3], [3]),
+    ((50, 50, 50, 50), 100, 100, 4, dict(mode="pad"), [2], [2]),
+    # 5 x 3 resized to shortest edge 4: 6 x 4 (transformers' int(4 * 5 / 3) = 6, not round's 7), centre-cropped to 4
+    # (1 px off the left): x 4..5 -> 4.8..6 -> 3.8..5 -> column 3 of 4
+    ((4, 0, 5, 3), 5, 3, 4, dict(mode="crop", size=4, crop=4), [0, 1, 2, 3], [3]),
+    # a (height, width) = (4, 8) resize of 100 x 100, centre-cropped to 4 x 4 (2 px off the left): x 50..75 -> 2..4
+    ((50, 0, 75, 25), 100, 100, 4, dict(mode="crop", size=(4, 8)), [0], [2, 3]),
 ])
 def test_box_to_grid_hand_cases(box, width, height, grid, kw, rows, cols):
     want = np.zeros((grid, grid), dtype=bool)
@@ -170,12 +178,14 @@ def test_box_to_grid_edges():
     # cropped away entirely: nothing; partly: clipped
     assert not llava_box_to_grid([(0, 0, 40, 100)], 200, 100, 4, "crop", size=100).any()
     assert llava_box_to_grid([(0, 0, 60, 100)], 200, 100, 4, "crop", size=100)[:, 0].all()
+    assert not llava_box_to_grid([(0, 0, 50, 100)], 200, 100, 4, "crop", size=100).any()  # ends on the crop edge
     assert llava_box_to_grid([], 10, 10, 3).shape == (3, 3)
     for bad, match in [(dict(mode="squash"), "mode must be one of"), (dict(grid=0), "grid must be positive")]:
         with pytest.raises(ValueError, match=match):
             llava_box_to_grid([(0, 0, 1, 1)], 10, 10, **{"grid": 2, **bad})
-    with pytest.raises(ValueError, match="x2 < x1"):
-        llava_box_to_grid([(5, 0, 1, 1)], 10, 10, 2)
+    for box in [(5, 0, 1, 1), (0, 5, 1, 1)]:
+        with pytest.raises(ValueError, match="x2 < x1"):
+            llava_box_to_grid([box], 10, 10, 2)
 
 
 @pytest.mark.parametrize("image_mode", ["pad", "crop"])
@@ -193,6 +203,28 @@ def test_box_to_grid_follows_processor(tmp_path_factory, image_mode, size, box):
     mask = llava_box_to_grid([box], *size, 8, **llava_image_mode(proc.image_processor))
     assert llava_image_mode(proc.image_processor)["mode"] == image_mode
     assert mask.any() and (cells[mask] > 0.5).all() and (cells[~mask] < 0.05).all()
+
+
+def test_box_to_grid_follows_unresized_processors_pixel_by_pixel():
+    """Without a resize every pixel stays one pixel: a 10 x 7 image padded (an odd 3 px surplus: 1 row on top, as
+    LlavaImageProcessor pads) and a 9 x 7 image centre-cropped to a non-square 4 x 6; with a grid of one cell per
+    pixel, each painted pixel's mask is exactly where the real processor puts it."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    raw = dict(do_resize=False, do_rescale=False, do_normalize=False)
+    pad = LlavaImageProcessorPil(do_pad=True, do_center_crop=False, **raw)
+    crop = CLIPImageProcessorPil(do_center_crop=True, crop_size={"height": 4, "width": 6}, **raw)
+    assert llava_image_mode(pad) == {"mode": "pad", "size": None, "crop": None}
+    assert llava_image_mode(crop) == {"mode": "crop", "size": None, "crop": (4, 6)}
+    for processor, (width, height), grid in [(pad, (10, 7), (10, 10)), (crop, (9, 7), (4, 6))]:
+        for y in range(height):
+            for x in range(width):
+                pixels = np.zeros((height, width, 3), dtype=np.uint8)
+                pixels[y, x, 0] = 255
+                out = processor(images=[Image.fromarray(pixels)], return_tensors="np")["pixel_values"][0]
+                mask = llava_box_to_grid([(x, y, x + 1, y + 1)], width, height, grid, **llava_image_mode(processor))
+                assert np.array_equal(mask, np.asarray(out[0]) > 200), (processor, x, y)
 
 
 def test_image_mode_keeps_a_crop_smaller_than_the_resize():

@@ -206,6 +206,30 @@ def test_qwen_processor_refuses_a_tokenizer_without_its_tokens(processor) -> Non
         QwenVLProcessor(image_processor=processor.image_processor, tokenizer=make_tiny_llava_tokenizer())
 
 
+def test_qwen_processor_refuses_unknown_keywords(processor) -> None:
+    with pytest.raises(TypeError, match="unexpected keyword arguments: \\['feature_extractor'\\]"):
+        QwenVLProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer, feature_extractor=1)
+
+
+def test_fallback_processor_recognises_every_qwen3_vl_folder(tiny_dir: Path, tmp_path: Path) -> None:
+    """A Qwen3-VL-MoE model config (model_type "qwen3_vl_moe") or a processor config naming Qwen3VLProcessor makes the
+    fallback the Qwen3-VL processor; the Qwen2.5-VL folder itself keeps the Qwen2.5-VL one."""
+    import json
+    import shutil
+
+    from glimpseprune.adapters.qwen2_5_vl_processing import build_fallback_processor
+    from glimpseprune.adapters.qwen3_vl_processing import Qwen3VLImageProcessorOnly
+
+    assert not isinstance(build_fallback_processor(tiny_dir), Qwen3VLImageProcessorOnly)
+    for name, key, value in [("config.json", "model_type", "qwen3_vl_moe"),
+                             ("processor_config.json", "processor_class", "Qwen3VLProcessor")]:
+        folder = tmp_path / key
+        shutil.copytree(tiny_dir, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+        config = json.loads((folder / name).read_text())
+        (folder / name).write_text(json.dumps({**config, key: value}))
+        assert isinstance(build_fallback_processor(folder), Qwen3VLImageProcessorOnly), name
+
+
 def test_load_processor_errors(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match="nowhere"):

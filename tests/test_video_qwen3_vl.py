@@ -228,10 +228,18 @@ def test_frame_sizes_follow_the_stock_video_resize(processor):
     # beta = sqrt(4915200 / 137616) = 5.98; floor(480 / beta / 32) = 2, floor(640 / beta / 32) = 3
     capped = {"size": TINY_SIZE, "cap_pixels_per_frame": True, "max_video_tokens": 4}
     assert frame_size(16, 480, 640, capped, *args) == (64, 96)
+    # the cap binding: 16 tokens * 32^2 = 16384 px per frame (not 16 * 32), 16 frames: smart_resize to 262144 px
+    assert frame_size(16, 480, 640, {**capped, "max_video_tokens": 16}, *args) == (96, 128)
+    # the floor binding: 2 x 84 x 92 = 15456 px fits 2 * 8601 = 17202 (not 2 * 8192 = 16384): the 96 x 96 rounding is
+    # over budget, so beta = sqrt(15456 / 17202) = 0.948; floor(84 / 0.948 / 32) = 2, floor(92 / 0.948 / 32) = 3
+    assert frame_size(2, 84, 92, {**capped, "max_video_tokens": 1}, *args) == (64, 96)
     inputs = build_inputs(processor, [[]], ["Q?"], videos=[frames(4, size=(300, 200))])
     assert inputs["video_grid_thw"].tolist() == [[2, 12, 18]]  # resized to 288 x 192 px
-    with pytest.raises(ValueError, match="shortest_edge"):
-        video_sizing({"size": {"longest_edge": 10}})
+    for bad in [{"longest_edge": 10}, {"shortest_edge": 0, "longest_edge": 10},
+                {"shortest_edge": 11, "longest_edge": 10}]:
+        with pytest.raises(ValueError, match="shortest_edge"):
+            video_sizing({"size": bad})
+    assert video_sizing({"size": {"shortest_edge": 10, "longest_edge": 10}})["size"]["longest_edge"] == 10
 
 
 def _video_size(processor) -> dict:
